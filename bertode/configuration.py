@@ -1,0 +1,139 @@
+"""`BertODEConfig`: BERT's configuration plus the choices that make its encoder an ODE.
+
+Every field added here is one orthogonal choice (the vector field, the solver, the
+gradient method, the backend, weight tying, the ODE-Transformer block, the mode) and is
+checked when the config is built: a bad value raises a one-line ValueError naming the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import BertConfig
+
+MODES = ("ode", "discrete")
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
+ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
+SOLVERS = FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS
+SENSITIVITIES = ("autograd", "adjoint", "interpolated_adjoint")
+ODE_BACKENDS = ("torchdyn", "torchdiffeq")
+BLOCKS = ("none", "rk2", "rk2_gated", "rk4")
+# torchdiffeq 0.2.5 names for our solvers; it has no tsit5.
+TORCHDIFFEQ_METHODS = {"euler": "euler", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5"}
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"BertODEConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_choice(field: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(field, value, ", ".join(repr(c) for c in choices))
+
+
+def _check_positive(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(field, value, "a finite number > 0")
+
+
+class BertODEConfig(BertConfig):
+    r"""Configuration of an ODE-BERT (``model_type="bertode"``).
+
+    All of `transformers.BertConfig`'s fields, plus:
+
+    mode: ``"ode"`` solves every Add & Norm residual as an ODE; ``"discrete"`` is plain
+        BERT through the same code.
+    vector_field: name in the vector-field registry (``residual``, ``add_norm``,
+        ``time_residual`` or one registered with `bertode.register_vector_field`).
+    vector_field_kwargs: extra keyword arguments for the vector field's constructor.
+    solver: ``euler``, ``midpoint``, ``rk4`` (fixed step) or ``dopri5``, ``tsit5`` (adaptive).
+    steps: number of steps of a fixed-step solver on ``[0, t_end]``.
+    t_end: integration horizon of each residual; layer ``l`` integrates over
+        ``[l * t_end, (l + 1) * t_end]`` (only time-dependent fields can tell).
+    atol, rtol: tolerances of adaptive solvers.
+    sensitivity: ``autograd`` (backprop through the solver), ``adjoint`` (backsolve
+        adjoint) or ``interpolated_adjoint`` (adjoint on a cubic spline of the forward
+        trajectory). With fixed-step solvers both adjoints are the continuous adjoint
+        discretised on the step grid: they approach autograd's gradient only as
+        ``steps`` grows.
+    adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of the adjoint
+        (``adjoint_solver=None`` reuses ``solver``).
+    ode_backend: ``torchdyn`` (default, through ``NeuralODE``) or ``torchdiffeq`` (the peer).
+    weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
+    block: ``none`` or an ODE-Transformer block (``rk2``, ``rk2_gated``, ``rk4``; Li et al.
+        2021) taking one step of the whole layer's increment ``F(y) = Layer(y) - y``.
+    """
+
+    model_type = "bertode"
+
+    mode: str = "ode"
+    vector_field: str = "residual"
+    vector_field_kwargs: dict | None = None
+    solver: str = "euler"
+    steps: int = 1
+    t_end: float = 1.0
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    sensitivity: str = "autograd"
+    adjoint_solver: str | None = None
+    adjoint_atol: float = 1e-4
+    adjoint_rtol: float = 1e-4
+    ode_backend: str = "torchdyn"
+    weight_tying: bool = False
+    block: str = "none"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_ode()
+
+    def validate_ode(self) -> None:
+        """Raise ValueError naming the first invalid ODE field."""
+        from .vector_fields import available_vector_fields
+
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("vector_field", self.vector_field, available_vector_fields())
+        if self.vector_field_kwargs is not None and not isinstance(self.vector_field_kwargs, dict):
+            _fail("vector_field_kwargs", self.vector_field_kwargs, "a dict or None")
+        _check_choice("solver", self.solver, SOLVERS)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            _fail("steps", self.steps, "an integer >= 1")
+        for name in ("t_end", "atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+            _check_positive(name, getattr(self, name))
+        _check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
+        if self.adjoint_solver is not None:
+            _check_choice("adjoint_solver", self.adjoint_solver, SOLVERS + (None,))
+        _check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
+        if not isinstance(self.weight_tying, bool):
+            _fail("weight_tying", self.weight_tying, "True or False")
+        _check_choice("block", self.block, BLOCKS)
+        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 1:
+            _fail("num_hidden_layers", self.num_hidden_layers, "an integer >= 1")
+        if self.hidden_size % self.num_attention_heads != 0:
+            _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+
+        if self.ode_backend == "torchdiffeq":
+            if self.solver not in TORCHDIFFEQ_METHODS:
+                _fail("solver", self.solver, f"{', '.join(map(repr, TORCHDIFFEQ_METHODS))} with ode_backend='torchdiffeq'")
+            if self.sensitivity == "interpolated_adjoint":
+                _fail("sensitivity", self.sensitivity, "'autograd', 'adjoint' with ode_backend='torchdiffeq'")
+        adjoint = self.sensitivity != "autograd"
+        if adjoint and self.block != "none":
+            _fail("sensitivity", self.sensitivity, "'autograd' when block is an ODE-Transformer block (one discrete step)")
+        if adjoint and self.attention_probs_dropout_prob > 0:
+            # The adjoint re-evaluates the field backwards in time; attention dropout
+            # would draw new masks there (hidden dropout keeps one mask per solve).
+            _fail(
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+                f"0.0 with sensitivity={self.sensitivity!r} (the adjoint re-evaluates the field)",
+            )
+
+    @property
+    def adaptive(self) -> bool:
+        """True when `solver` chooses its own steps from `atol`/`rtol`."""
+        return self.solver in ADAPTIVE_SOLVERS
+
+
+__all__ = ["BertODEConfig"]

@@ -1,0 +1,62 @@
+"""The two sublayer branches of a BERT layer, G_A (attention) and G_F (feed-forward).
+
+A branch is the part of an Add & Norm residual that is neither the addition nor the
+LayerNorm: ``a = LN_A(x + G_A(x))``, ``y = LN_F(a + G_F(a))``. Branches return their
+output *before* hidden dropout; whoever adds the residual applies dropout (a fresh
+mask in discrete mode, one mask per solve inside an ODE, see `ode.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class AttentionBranch(nn.Module):
+    """G_A(x) = W_O · MultiHeadSelfAttention(x) with PyTorch's fused SDPA kernel."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, width = hidden.shape
+        heads = (batch, seq, self.num_heads, self.head_size)
+        q = self.query(hidden).view(heads).transpose(1, 2)
+        k = self.key(hidden).view(heads).transpose(1, 2)
+        v = self.value(hidden).view(heads).transpose(1, 2)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, width))
+
+
+class FeedForwardBranch(nn.Module):
+    """G_F(x) = W_2 · act(W_1 x + b_1) + b_2."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dense(self.activation(self.intermediate(hidden)))
+
+
+def sdpa_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, seq) 1/0 padding mask -> boolean (batch, 1, 1, seq) SDPA mask (True = attend); None if nothing is masked.
+
+    Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask[:, None, None, :].to(torch.bool)

@@ -1,0 +1,133 @@
+"""The vector-field registry: what dz/dt is at one Add & Norm residual.
+
+A vector field sees the sublayer branch ``G`` (attention or feed-forward, hidden
+dropout included) and that residual's LayerNorm ``LN``, and defines
+
+* ``forward(t, z, branch, norm)`` -> dz/dt, evaluated by the solver, and
+* ``finish(z, norm)`` -> the site's output, applied once to the solution at ``t_end``.
+
+It owns only its *own* extra parameters (e.g. a time embedding); the branch and the
+norm belong to the layer. ``uses_norm`` says whether the dynamics use the norm's
+parameters, so that an adjoint differentiates exactly what the dynamics use.
+
+Built in, each reproducing BERT with one Euler step on [0, 1]:
+
+* ``residual``       dz/dt = G(z), LN after the solve (the ODE-Transformer view);
+* ``add_norm``       dz/dt = LN(z + G(z)) - z (its equilibria are DEQ fixed points);
+* ``time_residual``  dz/dt = G(z + W phi(t)), phi sinusoidal features of t, W zero at
+                     initialisation (so it starts as ``residual``), LN after the solve.
+
+Users add their own with ``@bertode.register_vector_field("name")``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+Branch = Callable[[torch.Tensor], torch.Tensor]
+_REGISTRY: dict[str, type["VectorField"]] = {}
+
+
+class VectorField(nn.Module, abc.ABC):
+    """Base class of vector fields; subclass it and register it by name."""
+
+    uses_norm: bool = False
+
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        if kwargs:
+            raise ValueError(
+                f"BertODEConfig.vector_field_kwargs={kwargs!r} is invalid for vector_field="
+                f"{type(self).registry_name!r}; allowed: no extra arguments"
+            )
+
+    @abc.abstractmethod
+    def forward(self, t: torch.Tensor, z: torch.Tensor, branch: Branch, norm: nn.LayerNorm) -> torch.Tensor:
+        """dz/dt at time t for the state z of shape (batch, seq, hidden)."""
+
+    def finish(self, z: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """Map the solution at t_end to the residual site's output (default: the identity)."""
+        return z
+
+
+def register_vector_field(name: str):
+    """Class decorator: make a `VectorField` subclass selectable as ``vector_field=name``."""
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, VectorField)):
+            raise TypeError(f"register_vector_field({name!r}) needs a bertode.VectorField subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"vector field {name!r} is already registered to {_REGISTRY[name].__qualname__}")
+        cls.registry_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_vector_fields() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build_vector_field(config) -> VectorField:
+    return _REGISTRY[config.vector_field](config, **(config.vector_field_kwargs or {}))
+
+
+@register_vector_field("residual")
+class ResidualField(VectorField):
+    """dz/dt = G(z); the LayerNorm is applied after the solve."""
+
+    def forward(self, t, z, branch, norm):
+        return branch(z)
+
+    def finish(self, z, norm):
+        return norm(z)
+
+
+@register_vector_field("add_norm")
+class AddNormField(VectorField):
+    """dz/dt = LN(z + G(z)) - z: Euler with step h is the damped map z <- (1-h) z + h LN(z + G(z))."""
+
+    uses_norm = True
+
+    def forward(self, t, z, branch, norm):
+        return norm(z + branch(z)) - z
+
+
+@register_vector_field("time_residual")
+class TimeResidualField(VectorField):
+    """dz/dt = G(z + W phi(t)): the branch sees depth through a learned time embedding.
+
+    phi(t) = [sin(w_k t), cos(w_k t)] with w_k geometric in [1, max_frequency]; W starts at
+    zero so a fresh (or converted) model begins as the autonomous ``residual`` field.
+    """
+
+    def __init__(self, config, time_features: int = 16, max_frequency: float = 100.0):
+        super().__init__(config)
+        if time_features < 2 or time_features % 2:
+            raise ValueError(
+                f"BertODEConfig.vector_field_kwargs['time_features']={time_features!r} is invalid; allowed: an even integer >= 2"
+            )
+        self.time_features = time_features
+        self.max_frequency = float(max_frequency)
+        self.time_proj = nn.Linear(time_features, config.hidden_size, bias=False)
+        self.time_proj._bertode_zero_init = True
+        nn.init.zeros_(self.time_proj.weight)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.time_features // 2
+        weight = self.time_proj.weight
+        freqs = torch.exp(torch.linspace(0.0, math.log(self.max_frequency), half, device=weight.device, dtype=torch.float32))
+        angles = t.to(device=weight.device, dtype=torch.float32) * freqs
+        return self.time_proj(torch.cat([angles.sin(), angles.cos()]).to(weight.dtype))
+
+    def forward(self, t, z, branch, norm):
+        return branch(z + self.time_embedding(t).to(z.dtype))
+
+    def finish(self, z, norm):
+        return norm(z)
