@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ._torchdyn import SOLVER_DICT, NeuralODE
+from .configuration import ADAPTIVE_SOLVERS, TORCHDIFFEQ_METHODS
 from .schemes import BLOCK_SCHEMES
 from .stats import SolveRecord
 
@@ -147,9 +148,11 @@ class ODESolve:
         if self._node is None:
             # torchdyn warns when tolerances are set on fixed-step solvers: pass its defaults then.
             atol, rtol = (self.atol, self.rtol) if self.adaptive else (1e-3, 1e-3)
+            adjoint_adaptive = self.adjoint_solver in ADAPTIVE_SOLVERS
+            atol_adjoint, rtol_adjoint = (self.adjoint_atol, self.adjoint_rtol) if adjoint_adaptive else (1e-3, 1e-3)
             self._node = NeuralODE(
                 self._adapter, solver=forward_solver, sensitivity="autograd", atol=atol, rtol=rtol,
-                atol_adjoint=self.adjoint_atol, rtol_adjoint=self.adjoint_rtol, return_t_eval=False,
+                atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint, return_t_eval=False,
             )
         return self._node
 
@@ -194,8 +197,6 @@ class ODESolve:
 
     def _torchdiffeq(self, x0, t_span, adjoint, trainable):
         import torchdiffeq
-
-        from .configuration import TORCHDIFFEQ_METHODS
 
         options = dict(method=TORCHDIFFEQ_METHODS[self.solver], atol=self.atol, rtol=self.rtol)
         if not adjoint:

@@ -1,0 +1,38 @@
+"""Shared tiny configurations and inputs: hidden 16-32, 1-2 layers, seq <= 12, on CPU."""
+
+import pytest
+import torch
+from transformers import BertConfig
+
+TINY = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    return BertConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def batch():
+    """Two sequences, the second padded after 7 tokens, with two token types."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, TINY["vocab_size"], (2, 10), generator=generator)
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    token_type_ids = torch.zeros(2, 10, dtype=torch.long)
+    token_type_ids[:, 5:] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+
+def projection_loss(hidden: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient reaches every position (sum(LN(z)^2) would be constant)."""
+    weights = torch.linspace(-1.0, 1.0, hidden.numel(), dtype=hidden.dtype, device=hidden.device)
+    return (hidden * weights.view_as(hidden)).sum()
+
+
+def tiny_ode_config(**overrides):
+    import bertode
+
+    return bertode.BertODEConfig(**{**TINY, **overrides})
