@@ -38,12 +38,10 @@ class GatedHeun(DiffEqSolver):
     set by the caller before each solve; the state is (batch, seq * hidden).
     """
 
-    gate = None
-    hidden_size = None
-
     def __init__(self, dtype=torch.float32):
         super().__init__(order=2, stepping_class="fixed")
         self.dtype = dtype
+        self.gate, self.hidden_size = None, None
 
     def step(self, f, x, t, dt, k1=None, args=None):
         k1 = f(t, x) if k1 is None else k1

@@ -1,0 +1,66 @@
+"""Every bad ODE config value raises a one-line ValueError naming field, value and what is allowed."""
+
+import json
+
+import pytest
+
+import bertode
+from conftest import tiny_ode_config
+
+BAD_VALUES = [
+    ("mode", "deeq", "'ode', 'discrete'"),
+    ("vector_field", "nope", "'add_norm'"),
+    ("vector_field_kwargs", [1], "a dict or None"),
+    ("solver", "heun", "'dopri5'"),
+    ("steps", 0, "integer >= 1"),
+    ("steps", 2.5, "integer >= 1"),
+    ("t_end", -1.0, "> 0"),
+    ("atol", -1e-3, "> 0"),
+    ("rtol", 0.0, "> 0"),
+    ("atol", float("nan"), "> 0"),
+    ("adjoint_atol", -1.0, "> 0"),
+    ("adjoint_rtol", "small", "> 0"),
+    ("sensitivity", "backprop", "'interpolated_adjoint'"),
+    ("adjoint_solver", "rk45", "'dopri5'"),
+    ("ode_backend", "scipy", "'torchdiffeq'"),
+    ("weight_tying", "yes", "True or False"),
+    ("block", "rk3", "'rk2_gated'"),
+    ("num_hidden_layers", 0, "integer >= 1"),
+    ("num_attention_heads", 5, "divisor of hidden_size=32"),
+]
+
+
+@pytest.mark.parametrize("field, value, allowed", BAD_VALUES)
+def test_bad_value_is_named(field, value, allowed):
+    with pytest.raises(ValueError) as error:
+        tiny_ode_config(**{field: value})
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{field}={value!r}" in message and allowed in message
+
+
+@pytest.mark.parametrize("combination, field", [
+    (dict(ode_backend="torchdiffeq", solver="tsit5"), "solver"),
+    (dict(ode_backend="torchdiffeq", sensitivity="interpolated_adjoint"), "sensitivity"),
+    (dict(block="rk2", sensitivity="adjoint"), "sensitivity"),
+    (dict(sensitivity="adjoint", attention_probs_dropout_prob=0.1), "attention_probs_dropout_prob"),
+])
+def test_impossible_combinations_are_named(combination, field):
+    with pytest.raises(ValueError, match=f"BertODEConfig.{field}="):
+        tiny_ode_config(**combination)
+
+
+def test_time_field_kwargs_are_checked():
+    with pytest.raises(ValueError, match="time_features"):
+        bertode.BertODEModel(tiny_ode_config(vector_field="time_residual", vector_field_kwargs={"time_features": 3}))
+    with pytest.raises(ValueError, match="vector_field_kwargs"):
+        bertode.BertODEModel(tiny_ode_config(vector_field="residual", vector_field_kwargs={"unknown": 1}))
+
+
+def test_config_json_round_trip(tmp_path):
+    config = tiny_ode_config(solver="dopri5", atol=1e-5, sensitivity="adjoint", vector_field="add_norm", block="none")
+    config.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["model_type"] == "bertode" and stored["solver"] == "dopri5" and stored["atol"] == 1e-5
+    loaded = bertode.BertODEConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
