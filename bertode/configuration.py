@@ -58,8 +58,10 @@ class BertODEConfig(BertConfig):
         trajectory). With fixed-step solvers both adjoints are the continuous adjoint
         discretised on the step grid: they approach autograd's gradient only as
         ``steps`` grows.
-    adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of the adjoint
-        (``adjoint_solver=None`` reuses ``solver``).
+    adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of the (backsolve)
+        adjoint (``adjoint_solver=None`` reuses ``solver``). torchdyn's interpolated adjoint
+        ignores them and uses ``solver``, ``atol``, ``rtol``; a fixed-step adjoint solver
+        takes one backward step per forward interval (inaccurate after adaptive forwards).
     ode_backend: ``torchdyn`` (default, through ``NeuralODE``) or ``torchdiffeq`` (the peer).
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
     block: ``none`` or an ODE-Transformer block (``rk2``, ``rk2_gated``, ``rk4``; Li et al.
@@ -116,6 +118,8 @@ class BertODEConfig(BertConfig):
         if self.ode_backend == "torchdiffeq":
             if self.solver not in TORCHDIFFEQ_METHODS:
                 _fail("solver", self.solver, f"{', '.join(map(repr, TORCHDIFFEQ_METHODS))} with ode_backend='torchdiffeq'")
+            if self.adjoint_solver is not None and self.adjoint_solver not in TORCHDIFFEQ_METHODS:
+                _fail("adjoint_solver", self.adjoint_solver, f"{', '.join(map(repr, TORCHDIFFEQ_METHODS))} or None with ode_backend='torchdiffeq'")
             if self.sensitivity == "interpolated_adjoint":
                 _fail("sensitivity", self.sensitivity, "'autograd', 'adjoint' with ode_backend='torchdiffeq'")
         adjoint = self.sensitivity != "autograd"

@@ -64,15 +64,18 @@ class FieldAdapter(nn.Module):
         self.state_shape: torch.Size | None = None
         self.record: SolveRecord | None = None
 
-    def bind(self, dynamics: Dynamics, state_shape, parameters: list, record: SolveRecord) -> None:
+    def bind(self, dynamics: Dynamics, state_shape, state_dtype, parameters: list, record: SolveRecord) -> None:
         self.dynamics, self.state_shape, self.record = dynamics, state_shape, record
+        self.state_dtype = state_dtype
         self._parameters.clear()
         for index, parameter in enumerate(parameters):
             self._parameters[f"p{index}"] = parameter
 
     def forward(self, t, x, args=None):
         self.record.count_evaluation()
-        dz = self.dynamics(t, x.view(self.state_shape))
+        # torchdyn's fp32 t_span promotes a half/bf16 state inside adaptive steps: hand the
+        # field the state's own dtype, and give torchdyn back the dtype it integrates in.
+        dz = self.dynamics(t, x.view(self.state_shape).to(self.state_dtype))
         return dz.reshape(x.shape).to(x.dtype)
 
 
@@ -154,6 +157,9 @@ class ODESolve:
                 self._adapter, solver=forward_solver, sensitivity="autograd", atol=atol, rtol=rtol,
                 atol_adjoint=atol_adjoint, rtol_adjoint=rtol_adjoint, return_t_eval=False,
             )
+            # With no trainable parameters bound at construction torchdyn registers a CPU
+            # dummy parameter for good; bertode binds parameters per solve instead.
+            self._node.vf._parameters.pop("dummy_parameter", None)
         return self._node
 
     def t_span(self, t0: float, t1: float, device, dtype) -> torch.Tensor:
@@ -167,7 +173,7 @@ class ODESolve:
         adjoint = self.sensitivity != "autograd" and torch.is_grad_enabled() and bool(trainable)
         sensitivity = self.sensitivity if adjoint else "autograd"
         adapter = self._adapter
-        adapter.bind(dynamics, z0.shape, trainable, record)
+        adapter.bind(dynamics, z0.shape, z0.dtype, trainable, record)
         x0 = z0.reshape(z0.shape[0], -1)
         t_span = self.t_span(t0, t1, z0.device, torch.float64 if z0.dtype == torch.float64 else torch.float32)
 
@@ -188,12 +194,12 @@ class ODESolve:
 
         if adjoint and x1.requires_grad:
             def rebind_for_backward(grad):
-                adapter.bind(dynamics, z0.shape, trainable, record)
+                adapter.bind(dynamics, z0.shape, z0.dtype, trainable, record)
                 record.phase = "backward"
                 return grad
 
             x1.register_hook(rebind_for_backward)
-        return x1.view(z0.shape)
+        return x1.view(z0.shape).to(z0.dtype)
 
     def _torchdiffeq(self, x0, t_span, adjoint, trainable):
         import torchdiffeq

@@ -42,6 +42,7 @@ def test_bad_value_is_named(field, value, allowed):
 @pytest.mark.parametrize("combination, field", [
     (dict(ode_backend="torchdiffeq", solver="tsit5"), "solver"),
     (dict(ode_backend="torchdiffeq", sensitivity="interpolated_adjoint"), "sensitivity"),
+    (dict(ode_backend="torchdiffeq", adjoint_solver="tsit5"), "adjoint_solver"),
     (dict(block="rk2", sensitivity="adjoint"), "sensitivity"),
     (dict(sensitivity="adjoint", attention_probs_dropout_prob=0.1), "attention_probs_dropout_prob"),
 ])

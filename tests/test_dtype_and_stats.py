@@ -60,3 +60,16 @@ def test_weight_tying_reuses_one_layer():
     assert len(tied.solver_stats()["layers"]) == 6
     untied = _model(num_hidden_layers=3)
     assert sum(p.numel() for p in untied.encoder.parameters()) == 3 * sum(p.numel() for p in tied.encoder.parameters())
+
+
+def test_bf16_model_then_fp32_keeps_solvers_per_dtype():
+    """A bf16-weight model solves in bf16 (adaptive steps included), then fp32 is untouched."""
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(6))
+    used, fresh = _model(solver="dopri5", atol=1e-4, rtol=1e-4), _model(solver="dopri5", atol=1e-4, rtol=1e-4)
+    fresh.to(torch.bfloat16).to(torch.float32)  # the same rounded weights, never run in bf16
+    with torch.no_grad():
+        low = used.to(torch.bfloat16)(ids).last_hidden_state
+        assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+        after = used.to(torch.float32)(ids).last_hidden_state
+        assert torch.equal(after, fresh(ids).last_hidden_state)
+        assert used.solver_stats()["nfe_forward"] == fresh.solver_stats()["nfe_forward"]
