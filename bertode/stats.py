@@ -72,12 +72,14 @@ class SolverStats:
         per_site: dict[str, dict] = {}
         for record in self.records:
             row = record.as_dict()
-            into = per_site.setdefault(row["name"], dict(row, solves=0))
+            into = per_site.get(row["name"])
+            if into is None:
+                per_site[row["name"]] = dict(row, solves=1)
+                continue
             into["solves"] += 1
-            if into is not row and into["solves"] > 1:
-                for key in ("nfe_forward", "nfe_backward", "accepted_steps", "rejected_steps"):
-                    if row[key] is not None and into[key] is not None:
-                        into[key] += row[key]
+            for key in ("nfe_forward", "nfe_backward", "accepted_steps", "rejected_steps"):
+                if row[key] is not None and into[key] is not None:
+                    into[key] += row[key]
         layers = list(per_site.values())
 
         def total(key):
