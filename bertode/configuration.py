@@ -13,13 +13,18 @@ from typing import Any
 
 from transformers import BertConfig
 
-MODES = ("ode", "discrete")
+MODES = ("ode", "discrete", "deq")
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
 ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
 SOLVERS = FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS
 SENSITIVITIES = ("autograd", "adjoint", "interpolated_adjoint")
 ODE_BACKENDS = ("torchdyn", "torchdiffeq")
 BLOCKS = ("none", "rk2", "rk2_gated", "rk4")
+DEQ_SOLVERS = ("anderson", "broyden", "fixed_point")
+DEQ_GRADS = ("ift", "phantom", "unrolled")
+DEQ_STOP_MODES = ("rel", "abs")
+DEQ_INJECTIONS = ("add", "qkv")
+DEQ_ON_NONFINITE = ("raise", "skip")
 # torchdiffeq 0.2.5 names for our solvers; it has no tsit5.
 TORCHDIFFEQ_METHODS = {"euler": "euler", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5"}
 
@@ -33,9 +38,18 @@ def _check_choice(field: str, value: Any, choices) -> None:
         _fail(field, value, ", ".join(repr(c) for c in choices))
 
 
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_number(value) or value <= 0:
         _fail(field, value, "a finite number > 0")
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"an integer >= {minimum}")
 
 
 class BertODEConfig(BertConfig):
@@ -66,6 +80,28 @@ class BertODEConfig(BertConfig):
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
     block: ``none`` or an ODE-Transformer block (``rk2``, ``rk2_gated``, ``rk4``; Li et al.
         2021) taking one step of the whole layer's increment ``F(y) = Layer(y) - y``.
+
+    DEQ mode (``mode="deq"``; the map f is the stack of ``num_hidden_layers`` layers, with
+    the embedding output injected at every evaluation; see `deq.py`):
+
+    deq_solver: ``anderson``, ``broyden`` or ``fixed_point`` (forward, no graph, fp32).
+    deq_max_iter, deq_tol, deq_stop_mode: stop when every sample's residual
+        ``|f(z) - z|`` (``abs``) or ``|f(z) - z| / |f(z)|`` (``rel``) is below ``deq_tol``.
+    deq_damping: tau of fixed-point, phantom and unrolled steps z <- (1 - tau) z + tau f(z);
+        Anderson's mixing beta.
+    deq_memory: history length of Anderson and Broyden.
+    deq_grad: ``ift`` (implicit function theorem), ``phantom`` (``deq_phantom_steps``
+        damped steps from z*), ``unrolled`` (backprop through fixed-point iterations).
+    deq_backward_solver, deq_backward_max_iter, deq_backward_tol: the IFT linear solve.
+    deq_injection: ``add`` (f sees z + U e(x)) or ``qkv`` (U e(x) added to Q, K, V).
+    jac_reg_weight, jac_reg_freq: Hutchinson Jacobian penalty weight and the probability
+        of computing it on a training step.
+    deq_weight_norm: weight-normalise the map's linear layers.
+    deq_pretrain_steps, deq_pretrain_depth: first training forwards run the map unrolled
+        ``deq_pretrain_depth`` times from z0 = 0 (with ordinary backprop).
+    deq_on_nonfinite: ``raise`` a `DEQSolveError` naming the layer, iteration and residual,
+        or ``skip`` the batch (zero loss, no gradients) and count it.
+    deq_spectral_radius: estimate the spectral radius of J_f(z*) at eval (power iteration).
     """
 
     model_type = "bertode"
@@ -85,6 +121,25 @@ class BertODEConfig(BertConfig):
     ode_backend: str = "torchdyn"
     weight_tying: bool = False
     block: str = "none"
+    deq_solver: str = "anderson"
+    deq_max_iter: int = 30
+    deq_tol: float = 1e-3
+    deq_stop_mode: str = "rel"
+    deq_damping: float = 1.0
+    deq_memory: int = 5
+    deq_grad: str = "ift"
+    deq_phantom_steps: int = 1
+    deq_backward_solver: str = "anderson"
+    deq_backward_max_iter: int = 30
+    deq_backward_tol: float = 1e-5
+    deq_injection: str = "add"
+    jac_reg_weight: float = 0.0
+    jac_reg_freq: float = 1.0
+    deq_weight_norm: bool = False
+    deq_pretrain_steps: int = 0
+    deq_pretrain_depth: int = 4
+    deq_on_nonfinite: str = "raise"
+    deq_spectral_radius: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -99,8 +154,7 @@ class BertODEConfig(BertConfig):
         if self.vector_field_kwargs is not None and not isinstance(self.vector_field_kwargs, dict):
             _fail("vector_field_kwargs", self.vector_field_kwargs, "a dict or None")
         _check_choice("solver", self.solver, SOLVERS)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            _fail("steps", self.steps, "an integer >= 1")
+        _check_int("steps", self.steps, 1)
         for name in ("t_end", "atol", "rtol", "adjoint_atol", "adjoint_rtol"):
             _check_positive(name, getattr(self, name))
         _check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
@@ -110,10 +164,32 @@ class BertODEConfig(BertConfig):
         if not isinstance(self.weight_tying, bool):
             _fail("weight_tying", self.weight_tying, "True or False")
         _check_choice("block", self.block, BLOCKS)
-        if isinstance(self.num_hidden_layers, bool) or not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 1:
-            _fail("num_hidden_layers", self.num_hidden_layers, "an integer >= 1")
+        _check_int("num_hidden_layers", self.num_hidden_layers, 1)
         if self.hidden_size % self.num_attention_heads != 0:
             _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+
+        _check_choice("deq_solver", self.deq_solver, DEQ_SOLVERS)
+        _check_choice("deq_backward_solver", self.deq_backward_solver, DEQ_SOLVERS)
+        _check_choice("deq_grad", self.deq_grad, DEQ_GRADS)
+        _check_choice("deq_stop_mode", self.deq_stop_mode, DEQ_STOP_MODES)
+        _check_choice("deq_injection", self.deq_injection, DEQ_INJECTIONS)
+        _check_choice("deq_on_nonfinite", self.deq_on_nonfinite, DEQ_ON_NONFINITE)
+        for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("deq_pretrain_steps", self.deq_pretrain_steps, 0)
+        for name in ("deq_tol", "deq_backward_tol"):
+            _check_positive(name, getattr(self, name))
+        if not _is_number(self.deq_damping) or not 0 < self.deq_damping <= 1:
+            _fail("deq_damping", self.deq_damping, "a number in (0, 1]")
+        if not _is_number(self.jac_reg_weight) or self.jac_reg_weight < 0:
+            _fail("jac_reg_weight", self.jac_reg_weight, "a number >= 0")
+        if not _is_number(self.jac_reg_freq) or not 0 <= self.jac_reg_freq <= 1:
+            _fail("jac_reg_freq", self.jac_reg_freq, "a number in [0, 1]")
+        for name in ("deq_weight_norm", "deq_spectral_radius"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if self.mode == "deq" and self.block != "none":
+            _fail("block", self.block, "'none' with mode='deq'")
 
         if self.ode_backend == "torchdiffeq":
             if self.solver not in TORCHDIFFEQ_METHODS:

@@ -61,6 +61,8 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
     fields = {k: v for k, v in source.config.to_dict().items() if k not in _NOT_CONFIG}
     fields.update(overrides)
     config = BertODEConfig(**fields)
+    weight_norm = config.mode == "deq" and config.deq_weight_norm
+    config.deq_weight_norm = False  # load plain weights first, then reparametrise
     if config.weight_tying and source.config.num_hidden_layers != 1:
         raise ValueError(
             f"from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers={source.config.num_hidden_layers}; "
@@ -81,10 +83,15 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
     missing = [k for k in result.missing_keys if k in own and not _is_bertode_only(k)]
     if missing:
         raise ValueError(f"from_bert: the source lacks parameters bertode needs: {missing[:5]}")
+    if weight_norm:
+        from .deq import apply_weight_norm
+
+        apply_weight_norm(target.base_model.encoder.layer)
+        target.config.deq_weight_norm = True
     parameter = next(source.parameters())
     return target.to(device=parameter.device, dtype=parameter.dtype).train(source.training)
 
 
 def _is_bertode_only(key: str) -> bool:
-    """Parameters with no HF counterpart: vector-field parameters and block gates."""
-    return ".field." in key or key.endswith((".gate.weight", ".gate.bias"))
+    """Parameters with no HF counterpart: vector-field parameters, block gates, DEQ injection."""
+    return ".field." in key or key.endswith((".gate.weight", ".gate.bias")) or ".encoder.injection." in key or key.startswith("encoder.injection.")

@@ -22,10 +22,14 @@ from .vector_fields import build_vector_field
 
 @dataclass
 class Pass:
-    """What one forward pass tells every site: where statistics go and which layer this is."""
+    """What one forward pass tells every site: where statistics go, which layer this is,
+    and, in DEQ mode, the Q/K/V input injection and the dropout masks reused by every
+    evaluation of the map during this forward (variational dropout)."""
 
-    stats: SolverStats
+    stats: SolverStats | None
     layer_index: int
+    qkv_injection: torch.Tensor | None = None
+    dropout_masks: dict | None = None
 
 
 class ResidualSite(nn.Module):
@@ -39,6 +43,7 @@ class ResidualSite(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden_dropout = config.hidden_dropout_prob
         self.ode = config.mode == "ode"
+        self.variational = config.mode == "deq"
         if self.ode:
             self.field = build_vector_field(config)
             self.solve = ODESolve.from_config(config)
@@ -52,7 +57,14 @@ class ResidualSite(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass) -> torch.Tensor:
         if not self.ode:
-            update = F.dropout(self.branch(x, attn_mask), self.hidden_dropout, self.training)
+            update = self.branch(x, attn_mask, run.qkv_injection)
+            if self.variational and run.dropout_masks is not None and self.training and self.hidden_dropout > 0:
+                key = (run.layer_index, self.name)
+                if key not in run.dropout_masks:
+                    run.dropout_masks[key] = torch.empty_like(update).bernoulli_(1 - self.hidden_dropout) / (1 - self.hidden_dropout)
+                update = update * run.dropout_masks[key]
+            else:
+                update = F.dropout(update, self.hidden_dropout, self.training)
             return self.norm(x + update)
 
         # One dropout mask per solve: the field stays one deterministic function of (t, z).
@@ -113,6 +125,9 @@ class BertODEEncoder(nn.Module):
         distinct = 1 if config.weight_tying else config.num_hidden_layers
         self.layer = nn.ModuleList(BertODELayer(config) for _ in range(distinct))
         self.stats = SolverStats()
+
+    def solver_stats(self) -> dict:
+        return self.stats.summary()
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
         self.stats.reset()

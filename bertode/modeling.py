@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.utils import logging
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
@@ -26,8 +27,12 @@ from transformers.modeling_outputs import (
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLMPredictionHead, BertOnlyMLMHead, BertPooler
 
 from .configuration import BertODEConfig
+from .deq import BertDEQEncoder
+from .deq_solvers import DEQSolveError
 from .encoder import BertODEEncoder
 from .sublayers import sdpa_mask
+
+logger = logging.get_logger(__name__)
 
 
 class BertODEPreTrainedModel(PreTrainedModel):
@@ -43,6 +48,9 @@ class BertODEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and getattr(module, "_bertode_identity_init", False):
+            init.eye_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, BertLMPredictionHead):
             init.zeros_(module.bias)
         elif isinstance(module, BertEmbeddings):
@@ -50,15 +58,31 @@ class BertODEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.token_type_ids)
 
     def solver_stats(self) -> dict:
-        """NFE (forward and backward), accepted/rejected steps, per site and in total."""
-        return self.base_model.encoder.stats.summary()
+        """ODE: NFE (forward and backward), accepted/rejected steps, per site and in total.
+        DEQ: iterations, residuals, converged fraction, backward iterations, counters."""
+        return self.base_model.encoder.solver_stats()
+
+    def _regularised(self, loss):
+        """Add the DEQ Jacobian penalty of the latest forward, when one was computed."""
+        jac_loss = getattr(self.base_model.encoder, "jac_loss", None)
+        if loss is None or jac_loss is None:
+            return loss
+        return loss + self.config.jac_reg_weight * jac_loss
+
+    def _skip_batch(self, error: DEQSolveError, logits_shape, device):
+        """deq_on_nonfinite='skip': a zero loss with no path to any parameter, counted."""
+        if self.config.deq_on_nonfinite != "skip":
+            raise error
+        self.base_model.encoder.skipped_batches += 1
+        logger.warning("skipping a batch: %s", error)
+        return torch.zeros((), device=device, requires_grad=True), torch.zeros(logits_shape, device=device)
 
 
 class BertODEModel(BertODEPreTrainedModel):
     def __init__(self, config: BertODEConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
-        self.encoder = BertODEEncoder(config)
+        self.encoder = BertDEQEncoder(config) if config.mode == "deq" else BertODEEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
 
@@ -117,13 +141,19 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+        try:
+            outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                output_hidden_states=output_hidden_states, return_dict=True)
+        except DEQSolveError as error:
+            shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
+            loss, logits = self._skip_batch(error, shape, self.device)
+            return MaskedLMOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size).float(), labels.view(-1))
+            loss = self._regularised(loss)
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
@@ -143,13 +173,18 @@ class BertODEForSequenceClassification(BertODEPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+        try:
+            outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                output_hidden_states=output_hidden_states, return_dict=True)
+        except DEQSolveError as error:
+            shape = ((input_ids if input_ids is not None else inputs_embeds).shape[0], self.num_labels)
+            loss, logits = self._skip_batch(error, shape, self.device)
+            return SequenceClassifierOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
-            loss = self._loss(logits, labels)
+            loss = self._regularised(self._loss(logits, labels))
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest

@@ -27,12 +27,16 @@ class AttentionBranch(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                qkv_injection: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv_injection`` (batch, seq, 3 * hidden) is added to the Q, K, V projections (DEQ input injection)."""
         batch, seq, width = hidden.shape
         heads = (batch, seq, self.num_heads, self.head_size)
-        q = self.query(hidden).view(heads).transpose(1, 2)
-        k = self.key(hidden).view(heads).transpose(1, 2)
-        v = self.value(hidden).view(heads).transpose(1, 2)
+        q, k, v = self.query(hidden), self.key(hidden), self.value(hidden)
+        if qkv_injection is not None:
+            dq, dk, dv = qkv_injection.chunk(3, dim=-1)
+            q, k, v = q + dq, k + dk, v + dv
+        q, k, v = (x.view(heads).transpose(1, 2) for x in (q, k, v))
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
@@ -48,7 +52,7 @@ class FeedForwardBranch(nn.Module):
         self.activation = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None, qkv_injection=None) -> torch.Tensor:
         return self.dense(self.activation(self.intermediate(hidden)))
 
 

@@ -1,0 +1,158 @@
+"""Fixed-point solvers for z = f(z) on batched flat states (batch, dim).
+
+Each solver tracks, per sample, the iterate with the lowest residual and returns that
+iterate (not its image f(z), unlike torchdeq's Anderson). It stops once every sample's
+residual is below ``tol``, or after ``max_iter`` evaluations of f, and raises
+`DEQSolveError` as soon as f produces a non-finite value. Residuals are
+``|f(z) - z|`` (``abs``) or ``|f(z) - z| / |f(z)|`` (``rel``), per sample.
+
+* ``fixed_point``: z <- (1 - tau) z + tau f(z).
+* ``anderson``: Anderson acceleration with a history of ``memory`` iterates: mix past
+  images with weights a (sum a = 1) minimising |sum a_i (f(z_i) - z_i)|^2 + lam |a|^2.
+* ``broyden``: Broyden's "good" method on g(z) = f(z) - z, with the inverse Jacobian kept
+  as -I plus a low-rank sum of the last ``memory`` updates.
+
+torchdeq is the oracle these are tested against (tests/test_deq.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+
+
+class DEQSolveError(FloatingPointError):
+    """A non-finite value appeared in a fixed-point solve."""
+
+
+@dataclass
+class SolveInfo:
+    iterations: int
+    abs_residual: torch.Tensor  # (batch,) of the returned iterate
+    rel_residual: torch.Tensor
+    converged: torch.Tensor  # (batch,) bool
+
+
+class _Tracker:
+    """Best iterate per sample, the stopping test, and the non-finite check."""
+
+    def __init__(self, z0, tol, stop_mode, name):
+        batch = z0.shape[0]
+        self.best = z0.clone()
+        self.best_abs = torch.full((batch,), float("inf"), device=z0.device, dtype=z0.dtype)
+        self.best_rel = self.best_abs.clone()
+        self.tol, self.stop_mode, self.name = tol, stop_mode, name
+        self.iterations = 0
+
+    def observe(self, z, fz) -> bool:
+        """Record f(z) for z; return True when every sample is below tolerance."""
+        self.iterations += 1
+        difference = (fz - z).norm(dim=1)
+        relative = difference / (fz.norm(dim=1) + 1e-9)
+        if not bool(torch.isfinite(fz).all()):
+            worst = self.best_rel.max().item() if self.iterations > 1 else float("nan")
+            raise DEQSolveError(
+                f"{self.name}: non-finite value in f(z) at iteration {self.iterations} "
+                f"(best relative residual so far {worst:.3e})"
+            )
+        residual = relative if self.stop_mode == "rel" else difference
+        current = self.best_rel if self.stop_mode == "rel" else self.best_abs
+        better = residual < current
+        self.best = torch.where(better[:, None], z, self.best)
+        self.best_abs = torch.where(better, difference, self.best_abs)
+        self.best_rel = torch.where(better, relative, self.best_rel)
+        return bool((torch.where(better, residual, current) < self.tol).all())
+
+    def info(self) -> SolveInfo:
+        residual = self.best_rel if self.stop_mode == "rel" else self.best_abs
+        return SolveInfo(self.iterations, self.best_abs, self.best_rel, residual < self.tol)
+
+
+def fixed_point(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=None, name="deq"):
+    track = _Tracker(z0, tol, stop_mode, name)
+    z = z0
+    for _ in range(max_iter):
+        fz = f(z)
+        if track.observe(z, fz):
+            break
+        z = (1 - damping) * z + damping * fz
+    return track.best, track.info()
+
+
+def anderson(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=5, name="deq", lam=1e-4):
+    track = _Tracker(z0, tol, stop_mode, name)
+    batch, dim = z0.shape
+    m = max(memory, 2)
+    xs = z0.new_zeros(batch, m, dim)
+    fs = z0.new_zeros(batch, m, dim)
+    z = z0
+    for k in range(max_iter):
+        fz = f(z)
+        if track.observe(z, fz):
+            break
+        xs[:, k % m], fs[:, k % m] = z, fz
+        n = min(k + 1, m)
+        residuals = fs[:, :n] - xs[:, :n]  # (batch, n, dim)
+        # Bordered normal equations of min |R^T a|^2 + lam |a|^2 subject to sum(a) = 1.
+        system = z0.new_zeros(batch, n + 1, n + 1)
+        system[:, 0, 1:] = system[:, 1:, 0] = 1
+        gram = residuals @ residuals.transpose(1, 2)
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None, None]
+        system[:, 1:, 1:] = gram / scale + lam * torch.eye(n, dtype=z0.dtype, device=z0.device)
+        rhs = z0.new_zeros(batch, n + 1, 1)
+        rhs[:, 0] = 1
+        weights = torch.linalg.solve(system, rhs)[:, 1:, 0]  # (batch, n)
+        mixed_images = (weights[:, :, None] * fs[:, :n]).sum(1)
+        mixed_points = (weights[:, :, None] * xs[:, :n]).sum(1)
+        z = damping * mixed_images + (1 - damping) * mixed_points
+    return track.best, track.info()
+
+
+def broyden(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=30, name="deq"):
+    track = _Tracker(z0, tol, stop_mode, name)
+    us, vs = [], []  # inverse Jacobian estimate B = -I + sum_i u_i v_i^T
+
+    def apply(x):  # B x
+        out = -x
+        for u, v in zip(us, vs):
+            out = out + u * (v * x).sum(1, keepdim=True)
+        return out
+
+    def apply_transposed(x):  # B^T x
+        out = -x
+        for u, v in zip(us, vs):
+            out = out + v * (u * x).sum(1, keepdim=True)
+        return out
+
+    z = z0
+    fz = f(z)
+    if track.observe(z, fz):
+        return track.best, track.info()
+    g = fz - z
+    step = damping * g  # B = -I at first: a (damped) fixed-point step
+    for _ in range(max_iter - 1):
+        z_new = z + step
+        fz_new = f(z_new)
+        if track.observe(z_new, fz_new):
+            break
+        g_new = fz_new - z_new
+        dz, dg = step, g_new - g
+        b_dg = apply(dg)
+        denominator = (dz * b_dg).sum(1, keepdim=True)
+        safe = denominator.abs() > 1e-30
+        u = torch.where(safe, (dz - b_dg) / torch.where(safe, denominator, torch.ones_like(denominator)), torch.zeros_like(dz))
+        us.append(u)
+        vs.append(apply_transposed(dz))
+        if len(us) > memory:
+            us.pop(0)
+            vs.pop(0)
+        z, g = z_new, g_new
+        step = -apply(g)
+    return track.best, track.info()
+
+
+SOLVERS = {"fixed_point": fixed_point, "anderson": anderson, "broyden": broyden}
