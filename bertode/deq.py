@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .deq_solvers import SOLVERS, DEQSolveError
 from .encoder import BertODELayer, Pass
@@ -55,24 +56,33 @@ class BertDEQEncoder(nn.Module):
         self.skipped_batches = 0
         self.nonconverged_solves = 0
         self._stats: dict = {}
+        self.last_forward_info = self.last_backward_info = None  # SolveInfo, with residual history
 
     # --- the map -----------------------------------------------------------------------
-    def _map(self, embeddings, attn_mask, dtype):
-        """f on flat fp32 (batch, seq * hidden) states, and the per-forward context."""
+    def layer_map(self, embeddings, attn_mask, dtype=torch.float32):
+        """f(.; x) on flat (batch, seq * hidden) states of ``dtype``, for these embeddings.
+
+        One call fixes the per-forward context (injection, dropout masks), so every
+        evaluation of the returned map is the same function."""
         shape = embeddings.shape
-        injected = self.injection(embeddings).to(dtype)
+        injected = self.injection(embeddings)
         masks: dict = {}
         add = injected if self.config.deq_injection == "add" else None
         qkv = injected if self.config.deq_injection == "qkv" else None
 
+        compute_dtype = embeddings.dtype  # the layers' dtype (a bf16 model computes in bf16)
+
         def f(z_flat):
-            z = z_flat.view(shape)
+            z = z_flat.view(shape).to(compute_dtype)
             hidden = z + add if add is not None else z
             for index, layer in enumerate(self.layer):
                 hidden = layer(hidden, attn_mask, Pass(None, index, qkv, masks))
             return hidden.reshape(z_flat.shape).to(dtype)
 
         return f
+
+    def _name(self, what):
+        return f"DEQ {what} solve of the map over layers 0-{len(self.layer) - 1}"
 
     def _solve(self, f, z0, solver, max_iter, tol, name):
         cfg = self.config
@@ -87,7 +97,7 @@ class BertDEQEncoder(nn.Module):
         z0 = embeddings.new_zeros(batch, embeddings[0].numel(), dtype=dtype)
         self._stats = {}
         self.jac_loss = None
-        f = self._map(embeddings, attn_mask, dtype)
+        f = self.layer_map(embeddings, attn_mask, dtype)
 
         if self.training:
             self.training_forwards += 1
@@ -101,7 +111,7 @@ class BertDEQEncoder(nn.Module):
             out = self._unrolled(f, z0)
         else:
             with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-                z_star, info = self._solve(f, z0, cfg.deq_solver, cfg.deq_max_iter, cfg.deq_tol, "DEQ forward solve of the layer map")
+                z_star, info = self._solve(f, z0, cfg.deq_solver, cfg.deq_max_iter, cfg.deq_tol, self._name("forward"))
             self._record_forward(info)
             out = self._attach_gradient(f, z_star) if torch.is_grad_enabled() else z_star
             if self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() and torch.rand(()) < cfg.jac_reg_freq:
@@ -112,11 +122,12 @@ class BertDEQEncoder(nn.Module):
         return hidden, ((embeddings, hidden) if output_hidden_states else None)
 
     def _unrolled(self, f, z0):
-        tau, z = self.config.deq_damping, z0
+        tau, z, relative = self.config.deq_damping, z0, float("nan")
         for iteration in range(1, self.config.deq_max_iter + 1):
             fz = f(z)
             if not bool(torch.isfinite(fz).all()):
-                raise DEQSolveError(f"DEQ unrolled iteration of the layer map: non-finite value at iteration {iteration}")
+                raise DEQSolveError(f"{self._name('unrolled')}: non-finite value in f(z) at iteration {iteration} "
+                                    f"(relative residual before it {relative:.3e})")
             relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
             z = (1 - tau) * z + tau * fz
             if relative < self.config.deq_tol:
@@ -133,9 +144,13 @@ class BertDEQEncoder(nn.Module):
             return z
         z_star = z_star.detach().requires_grad_()
         z_out = f(z_star)
-        if z_out.requires_grad:
-            z_out.register_hook(lambda grad: self._implicit_backward(z_out, z_star, grad))
-        return z_out
+        if not z_out.requires_grad:
+            return z_out
+        # The hook sits on a view of z_out, so the backward solve's own vector-Jacobian
+        # products (which start from z_out) do not re-enter it.
+        out = z_out.view_as(z_out)
+        out.register_hook(lambda grad: self._implicit_backward(z_out, z_star, grad))
+        return out
 
     def _implicit_backward(self, z_out, z_star, grad):
         """Solve g = grad + g J_f(z*) (row vector), J_f(z*) applied by vector-Jacobian products."""
@@ -146,14 +161,17 @@ class BertDEQEncoder(nn.Module):
             return vjp + grad
 
         g, info = self._solve(h, torch.zeros_like(grad), cfg.deq_backward_solver, cfg.deq_backward_max_iter,
-                              cfg.deq_backward_tol, "DEQ backward (implicit-function) solve")
+                              cfg.deq_backward_tol, self._name("backward (implicit-function)"))
+        self.last_backward_info = info
         self._stats.update(backward_iterations=info.iterations,
                            backward_rel_residual=info.rel_residual.max().item())
         return g
 
     def _jacobian_penalty(self, f, z_star):
         z = z_star.detach().requires_grad_()
-        fz = f(z)
+        # The penalty is differentiated twice; fused SDPA kernels have no double backward.
+        with sdpa_kernel(SDPBackend.MATH):
+            fz = f(z)
         eps = torch.randn_like(fz)
         vjp = torch.autograd.grad(fz, z, eps, create_graph=True)[0]
         penalty = vjp.pow(2).sum() / eps.numel()
@@ -174,6 +192,7 @@ class BertDEQEncoder(nn.Module):
         return estimate.max().item()
 
     def _record_forward(self, info):
+        self.last_forward_info = info
         converged = info.converged.float().mean().item()
         if converged < 1:
             self.nonconverged_solves += 1

@@ -35,6 +35,7 @@ class SolveInfo:
     abs_residual: torch.Tensor  # (batch,) of the returned iterate
     rel_residual: torch.Tensor
     converged: torch.Tensor  # (batch,) bool
+    history: list  # worst-sample residual (in the stopping norm) after each evaluation of f
 
 
 class _Tracker:
@@ -47,6 +48,7 @@ class _Tracker:
         self.best_rel = self.best_abs.clone()
         self.tol, self.stop_mode, self.name = tol, stop_mode, name
         self.iterations = 0
+        self.history: list[float] = []
 
     def observe(self, z, fz) -> bool:
         """Record f(z) for z; return True when every sample is below tolerance."""
@@ -62,6 +64,7 @@ class _Tracker:
         residual = relative if self.stop_mode == "rel" else difference
         current = self.best_rel if self.stop_mode == "rel" else self.best_abs
         better = residual < current
+        self.history.append(residual.max().item())
         self.best = torch.where(better[:, None], z, self.best)
         self.best_abs = torch.where(better, difference, self.best_abs)
         self.best_rel = torch.where(better, relative, self.best_rel)
@@ -69,7 +72,7 @@ class _Tracker:
 
     def info(self) -> SolveInfo:
         residual = self.best_rel if self.stop_mode == "rel" else self.best_abs
-        return SolveInfo(self.iterations, self.best_abs, self.best_rel, residual < self.tol)
+        return SolveInfo(self.iterations, self.best_abs, self.best_rel, residual < self.tol, self.history)
 
 
 def fixed_point(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=None, name="deq"):
@@ -134,16 +137,28 @@ def broyden(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=30, 
         return track.best, track.info()
     g = fz - z
     step = damping * g  # B = -I at first: a (damped) fixed-point step
-    for _ in range(max_iter - 1):
+    while track.iterations < max_iter:
         z_new = z + step
         fz_new = f(z_new)
         if track.observe(z_new, fz_new):
             break
         g_new = fz_new - z_new
+        if bool((g_new.norm(dim=1) > 1e3 * g.norm(dim=1).clamp_min(1e-12)).any()):
+            # The low-rank model went bad (a diverging step): restart from the best
+            # iterate with a damped fixed-point step and an empty memory.
+            us.clear()
+            vs.clear()
+            z = track.best
+            g = f(z) - z
+            if track.observe(z, g + z):
+                break
+            step = damping * g
+            continue
         dz, dg = step, g_new - g
         b_dg = apply(dg)
         denominator = (dz * b_dg).sum(1, keepdim=True)
-        safe = denominator.abs() > 1e-30
+        # Skip the update where dz and B dg are nearly orthogonal (a near-singular update).
+        safe = denominator.abs() > 1e-8 * dz.norm(dim=1, keepdim=True) * b_dg.norm(dim=1, keepdim=True)
         u = torch.where(safe, (dz - b_dg) / torch.where(safe, denominator, torch.ones_like(denominator)), torch.zeros_like(dz))
         us.append(u)
         vs.append(apply_transposed(dz))

@@ -21,7 +21,9 @@ class AttentionBranch(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
-        self.attention_dropout = config.attention_probs_dropout_prob
+        # A DEQ map must be one deterministic function during a solve; a fresh attention
+        # dropout mask per evaluation would break that, so DEQ mode drops attention dropout.
+        self.attention_dropout = 0.0 if getattr(config, "mode", None) == "deq" else config.attention_probs_dropout_prob
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)

@@ -27,6 +27,21 @@ BAD_VALUES = [
     ("block", "rk3", "'rk2_gated'"),
     ("num_hidden_layers", 0, "integer >= 1"),
     ("num_attention_heads", 5, "divisor of hidden_size=32"),
+    ("deq_solver", "newton", "'broyden'"),
+    ("deq_backward_solver", "lu", "'fixed_point'"),
+    ("deq_grad", "jfb", "'phantom'"),
+    ("deq_stop_mode", "max", "'rel', 'abs'"),
+    ("deq_injection", "concat", "'qkv'"),
+    ("deq_on_nonfinite", "ignore", "'skip'"),
+    ("deq_max_iter", 0, "integer >= 1"),
+    ("deq_memory", 2.0, "integer >= 1"),
+    ("deq_pretrain_steps", -1, "integer >= 0"),
+    ("deq_tol", -1e-3, "> 0"),
+    ("deq_backward_tol", 0, "> 0"),
+    ("deq_damping", 1.5, "(0, 1]"),
+    ("jac_reg_weight", -0.1, ">= 0"),
+    ("jac_reg_freq", 2, "[0, 1]"),
+    ("deq_weight_norm", 1, "True or False"),
 ]
 
 
@@ -40,6 +55,7 @@ def test_bad_value_is_named(field, value, allowed):
 
 
 @pytest.mark.parametrize("combination, field", [
+    (dict(mode="deq", block="rk2"), "block"),
     (dict(ode_backend="torchdiffeq", solver="tsit5"), "solver"),
     (dict(ode_backend="torchdiffeq", sensitivity="interpolated_adjoint"), "sensitivity"),
     (dict(ode_backend="torchdiffeq", adjoint_solver="tsit5"), "adjoint_solver"),
