@@ -1,0 +1,1 @@
+"""Hydra configs of `python -m bertode.train` and `python -m bertode.evaluate` (package data)."""

@@ -1,0 +1,63 @@
+"""Masked-language-model loss and evaluation, shared by `train` and `evaluate`.
+
+The training loss of a step is the mean cross-entropy over *all* masked tokens of the
+step's global batch (every rank and accumulation micro-batch), so a torchrun run with the
+same global batch computes the same loss and gradient as one process. Evaluation masks
+the held-out rows once with a fixed seed, so numbers are comparable across runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import mask_tokens
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"trainer.precision={precision!r} is invalid; allowed: 'fp32', 'bf16'")
+
+
+def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over masked positions, and the number of correct predictions."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    chosen = flat_labels != -100
+    correct = (flat_logits[chosen].argmax(-1) == flat_labels[chosen]).sum()
+    return loss, correct
+
+
+def fixed_eval_batches(rows: torch.Tensor, tokenizer, probability: float, seed: int, batch_size: int,
+                       max_rows: int | None = None):
+    """The eval rows masked once with ``seed``, cut into batches."""
+    if max_rows:
+        rows = rows[:max_rows]
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = mask_tokens(rows, tokenizer, probability, generator)
+    return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> dict:
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for inputs, labels in batches:
+        with autocast(device, precision):
+            logits = model(input_ids=inputs.to(device)).logits
+        loss, right = masked_ce_sum(logits, labels.to(device))
+        total += loss.item()
+        correct += int(right)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1),
+            "masked_tokens": count}

@@ -1,0 +1,71 @@
+"""Where a training run's numbers go: the console, ``metrics.jsonl`` in the run directory,
+and optionally TensorBoard (``logger=tensorboard``) or Weights & Biases (``logger=wandb``).
+
+One record per call; every record carries ``step`` and a ``kind`` (``train`` or ``eval``).
+Only rank 0 of a distributed run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}{key}/", inner, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out[prefix.rstrip("/")] = value
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, kind: str = "jsonl", enabled: bool = True, project: str = "bertode", config=None):
+        self.enabled = enabled
+        self.stream = None
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.stream = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        elif kind == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(project=project, dir=str(run_dir), config=config)
+        elif kind != "jsonl":
+            raise ValueError(f"logger.kind={kind!r} is invalid; allowed: 'jsonl', 'tensorboard', 'wandb'")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.stream.write(json.dumps(record, default=float) + "\n")
+        self.stream.flush()
+        scalars: dict = {}
+        for key, value in record.items():
+            if key not in ("step", "kind"):
+                _flatten(f"{record['kind']}/{key}/", value, scalars)
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,318 @@
+"""`python -m bertode.train`: Hydra-configured masked-language-model training.
+
+    python -m bertode.train                                   # tiny ODE-BERT on the embedded sample
+    python -m bertode.train solver=dopri5 sensitivity=adjoint solver.atol=1e-4
+    python -m bertode.train model=deq deq.solver=broyden sensitivity=phantom
+    python -m bertode.train -m solver=euler,rk4 seed=1,2      # a sweep, one directory per run
+    torchrun --nproc_per_node=2 -m bertode.train              # DDP (gloo on CPU, NCCL on GPU)
+
+The run directory (Hydra's) receives ``.hydra/`` (the composed config), ``metrics.jsonl``,
+``checkpoints/`` and ``final/`` (model + tokenizer, loadable with the Auto classes).
+Bad input stops the run before anything is written beyond Hydra's config, with one line
+on stderr naming the field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint
+from .cli import hydra_entry, usage_errors
+from .corpus import DataError, mask_tokens, prepare, unigram_cross_entropy
+from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
+from .modeling import BertODEForMaskedLM
+from .run_config import build_model_config
+from .run_log import RunLog
+from .schedule import lr_factor
+
+
+# --- distributed -------------------------------------------------------------------------
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device_choice: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_choice == "auto":
+            device_choice = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_choice == "cuda" and not torch.cuda.is_available():
+            raise ValueError("trainer.device='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
+        if device_choice not in ("cpu", "cuda"):
+            raise ValueError(f"trainer.device={device_choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
+        self.device = torch.device(f"cuda:{local_rank}" if device_choice == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# --- batches -------------------------------------------------------------------------------
+class BatchOrder:
+    """Which packed rows micro-batch m uses: consecutive slices of a per-epoch permutation
+    seeded by (seed, epoch), masked with a generator seeded by (seed, m). A pure function
+    of m, so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, rows: torch.Tensor, micro_batch: int, seed: int):
+        self.rows, self.micro_batch, self.seed = rows, micro_batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.rows), generator=generator)
+        return self._perm
+
+    def micro_batch_rows(self, m: int) -> torch.Tensor:
+        positions = range(m * self.micro_batch, (m + 1) * self.micro_batch)
+        n = len(self.rows)
+        return self.rows[torch.stack([self._permutation(p // n)[p % n] for p in positions])]
+
+    def masked(self, m: int, tokenizer, probability: float):
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
+        return mask_tokens(self.micro_batch_rows(m), tokenizer, probability, generator)
+
+
+# --- the run -------------------------------------------------------------------------------
+def _optimizer(model, trainer, device):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": trainer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas), fused=device.type == "cuda")
+
+
+def _numeric_stats(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _check_trainer(trainer, world: int) -> None:
+    for key in ("batch_size", "grad_accumulation", "max_steps", "log_every", "eval_every", "checkpoint_every"):
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: an integer >= 1")
+    if trainer.batch_size % (trainer.grad_accumulation * world) != 0:
+        raise ValueError(f"trainer.batch_size={trainer.batch_size} is invalid; allowed: a multiple of "
+                         f"grad_accumulation x processes = {trainer.grad_accumulation * world}")
+    if not (isinstance(trainer.lr, (int, float)) and trainer.lr > 0):
+        raise ValueError(f"trainer.lr={trainer.lr!r} is invalid; allowed: a number > 0")
+    if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
+        raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
+
+
+def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
+    """Everything that can reject the input, before any file of ours is written."""
+    trainer = cfg.trainer
+    _check_trainer(trainer, dist.world)
+    config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
+                        f"{config.max_position_embeddings}")
+    if dist.main:
+        corpus = prepare(cfg.data)
+    dist.barrier()
+    if not dist.main:
+        corpus = prepare(cfg.data)  # from the cache rank 0 wrote
+    config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
+    resume_from = None
+    if trainer.resume == "auto":
+        resume_from = checkpoint.latest(run_dir / "checkpoints")
+    elif trainer.resume != "never":
+        resume_from = Path(str(trainer.resume))
+    return corpus, config, resume_from
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    trainer = cfg.trainer
+    if trainer.num_threads:
+        torch.set_num_threads(int(trainer.num_threads))
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    dist = Distributed(trainer.device)
+    run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
+    with usage_errors():
+        corpus, config, resume_from = setup(cfg, run_dir, dist)
+
+    torch.manual_seed(cfg.seed)
+    model = BertODEForMaskedLM(config).to(dist.device)
+    base = model
+    optimizer = _optimizer(model, trainer, dist.device)
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, model)
+        optimizer.load_state_dict(saved["optimizer"])
+        checkpoint.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if trainer.compile:
+        model = torch.compile(model)
+
+    log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
+                 config=OmegaConf.to_container(cfg, resolve=True))
+    seq_len = cfg.data.seq_len
+    micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
+    order = BatchOrder(corpus.train, micro, cfg.seed)
+    eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
+                                      max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
+    baseline = unigram_cross_entropy(corpus.train, corpus.eval, len(corpus.tokenizer))
+    parameters = sum(p.numel() for p in base.parameters())
+    if resume_from is not None:
+        log.print(f"resumed from {resume_from} at step {state['step']}")
+    log.print(f"bertode.train: {config.mode} model, {parameters / 1e6:.2f} M parameters, {dist.world} process(es) on "
+              f"{dist.device}, {len(corpus.train)} train rows x {seq_len} tokens, run dir {run_dir}")
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(base, eval_batches, dist.device, trainer.precision)
+        log.write({"step": step, "kind": "eval", **result, "unigram_baseline": baseline})
+        log.print(f"eval @ step {step}: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                  f"accuracy {result['accuracy']:.3f} (unigram baseline loss {baseline:.4f})")
+        return result
+
+    encoder = base.bert.encoder
+    step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+    result = None
+    started = time.perf_counter() - elapsed
+    window_start, window_tokens = time.perf_counter(), 0
+    while True:
+        if step >= trainer.max_steps or (trainer.max_tokens and tokens >= trainer.max_tokens):
+            break
+        out_of_time = bool(trainer.max_time) and elapsed >= trainer.max_time
+        if dist.broadcast(out_of_time):
+            break
+        factor = lr_factor(step, elapsed, trainer)
+        for group in optimizer.param_groups:
+            group["lr"] = trainer.lr * factor
+        micro_batches = [order.masked(step * trainer.grad_accumulation + a, corpus.tokenizer, cfg.data.mlm_probability)
+                         for a in range(trainer.grad_accumulation)]
+        total_masked = sum(int((labels != -100).sum()) for _, labels in micro_batches)
+        skipped_before = getattr(encoder, "skipped_batches", 0)
+        ce_total, correct_total = 0.0, 0
+        for a, (inputs, labels) in enumerate(micro_batches):
+            inputs = inputs[dist.rank::dist.world].to(dist.device)
+            labels = labels[dist.rank::dist.world].to(dist.device)
+            sync = a == trainer.grad_accumulation - 1 or dist.world == 1
+            context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with context:
+                with autocast(dist.device, trainer.precision):
+                    logits = model(input_ids=inputs).logits
+                ce_sum, correct = masked_ce_sum(logits, labels)
+                # DDP averages gradients over ranks; scale so the result is the global mean.
+                loss = ce_sum * dist.world / max(total_masked, 1)
+                jac = getattr(encoder, "jac_loss", None)
+                if jac is not None:
+                    loss = loss + config.jac_reg_weight * jac / trainer.grad_accumulation
+                loss.backward()
+            ce_total += ce_sum.item()
+            correct_total += int(correct)
+        if getattr(encoder, "skipped_batches", 0) > skipped_before:
+            optimizer.zero_grad(set_to_none=True)  # a DEQ solve failed and was configured to skip
+        grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), trainer.grad_clip or float("inf"))
+        if math.isfinite(grad_norm.item()):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = trainer.batch_size * seq_len
+        tokens += step_tokens
+        window_tokens += step_tokens
+        elapsed = time.perf_counter() - started
+        ce_total, correct_total = dist.all_sum([ce_total, float(correct_total)])
+        record = {"step": step, "kind": "train", "loss": ce_total / max(total_masked, 1),
+                  "accuracy": correct_total / max(total_masked, 1), "lr": trainer.lr * factor,
+                  "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
+                  **_numeric_stats(base.solver_stats())}
+        if step % trainer.log_every == 0 or step == 1:
+            now = time.perf_counter()
+            record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+            record["peak_memory_mb"] = _peak_memory_mb(dist.device)
+            window_start, window_tokens = now, 0
+            log.print(_progress_line(record, trainer, elapsed))
+        log.write(record)
+        if step % trainer.eval_every == 0 and step < trainer.max_steps:
+            result = run_eval(step)
+        if step % trainer.checkpoint_every == 0 and dist.main:
+            checkpoint.save(run_dir / "checkpoints", step, base,
+                            {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                             "step": step, "tokens": tokens, "elapsed": elapsed}, keep=trainer.keep_checkpoints)
+        dist.barrier()
+
+    result = run_eval(step)
+    if dist.main:
+        final = run_dir / "final"
+        base.save_pretrained(final)
+        corpus.tokenizer.save_pretrained(final)
+        summary = {"step": step, "tokens": tokens, "elapsed": elapsed, "eval": result, "unigram_baseline": baseline,
+                   "solver_stats": _numeric_stats(base.solver_stats())}
+        (final / "train_results.json").write_text(json.dumps(summary, indent=2, default=float))
+        log.print(f"final model: {final}")
+    log.close()
+    dist.barrier()
+    dist.close()
+    return {"eval": result, "unigram_baseline": baseline, "step": step, "run_dir": str(run_dir)}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress_line(record: dict, trainer, elapsed: float) -> str:
+    step = record["step"]
+    remaining = []
+    if trainer.max_steps:
+        remaining.append(elapsed / step * (trainer.max_steps - step))
+    if trainer.max_time:
+        remaining.append(trainer.max_time - elapsed)
+    eta = max(0.0, min(remaining)) if remaining else float("nan")
+    extra = ""
+    if "nfe_forward" in record:
+        extra = f" | NFE {record['nfe_forward']}/{record.get('nfe_backward', 0)}"
+    elif "forward_iterations" in record:
+        extra = f" | iters {record['forward_iterations']} res {record.get('forward_rel_residual', float('nan')):.1e}"
+    return (f"step {step}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")
+
+
+main = hydra_entry("train", train)
+
+if __name__ == "__main__":
+    main()

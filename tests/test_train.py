@@ -1,0 +1,223 @@
+"""`python -m bertode.train` and `python -m bertode.evaluate`: composition of every config
+option, short runs of every model/solver/gradient, exact resume, atomic checkpoints,
+torchrun, sweeps, bad input, and the final model in transformers' Auto classes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from bertode import checkpoint
+from bertode.cli import CONFIG_DIR, group_options
+from bertode.run_config import build_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["model", "size", "solver", "sensitivity", "vector_field", "block", "deq", "data", "trainer", "logger", "experiment"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bertode-cache")
+
+
+def small(cache_dir, *overrides):
+    """Overrides of a seconds-long run: tiny model, short rows, 3 steps."""
+    return [f"data.cache_dir={cache_dir}", "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=8",
+            "trainer.batch_size=4", "trainer.max_steps=3", "trainer.warmup_steps=1", "trainer.log_every=1",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_attention_heads=2",
+            "model.hidden_dropout_prob=0.0", *overrides]
+
+
+def compose_train(overrides):
+    with initialize_config_module("bertode.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_train(tmp_path, overrides):
+    from bertode.train import train
+
+    result = train(compose_train(overrides), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return result, [r for r in records if r["kind"] == "train"]
+
+
+def test_every_config_option_composes_into_a_valid_model_config():
+    seen = 0
+    with initialize_config_module("bertode.configs", version_base="1.3"):
+        for group in GROUPS:
+            for option in group_options(group):
+                cfg = compose("train", overrides=[f"{group}={option}"] + (["data.files=[x.txt]"] if option == "text" else []))
+                build_model_config(cfg, vocab_size=100)
+                seen += 1
+    assert seen >= 35
+
+
+RUNS = (
+    [[f"solver={s}", f"sensitivity={g}"] for s in ("euler", "midpoint", "rk4", "dopri5", "tsit5") for g in ("autograd", "adjoint")]
+    + [["model=bert"], ["model=deq"], ["model=deq", "sensitivity=phantom", "deq.solver=broyden"],
+       ["model=deq", "sensitivity=unrolled", "deq.jac_reg_weight=0.5", "deq.pretrain_steps=1"],
+       ["model=deq", "deq.injection=qkv", "deq.solver=fixed_point", "deq.damping=0.5"],
+       ["sensitivity=interpolated_adjoint", "solver=rk4"],
+       ["vector_field=add_norm"], ["vector_field=time_residual", "solver=rk4", "solver.steps=2"],
+       ["block=rk2"], ["block=rk2_gated"], ["block=rk4"], ["solver.backend=torchdiffeq", "solver=dopri5"],
+       ["model.weight_tying=true"], ["logger=tensorboard"], ["trainer.grad_accumulation=2"]]
+)
+
+
+@pytest.mark.parametrize("overrides", RUNS, ids=lambda o: ",".join(o))
+def test_three_step_run(tmp_path, cache_dir, overrides):
+    result, records = run_train(tmp_path, small(cache_dir, *overrides))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert math.isfinite(result["eval"]["loss"])
+    if "model=deq" in overrides:
+        assert all(r["forward_iterations"] >= 1 for r in records)
+    elif "model=bert" not in overrides:
+        assert all(r["nfe_forward"] >= 2 for r in records)
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_default_size_learns_beyond_the_unigram_baseline_and_loads_in_a_pipeline(tmp_path, cache_dir):
+    """The main job's recipe at a third of its steps: eval loss below the unigram baseline."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    result, records = run_train(tmp_path, [f"data.cache_dir={cache_dir}", "trainer.max_steps=150",
+                                           "trainer.eval_every=1000", "trainer.log_every=50"])
+    assert result["eval"]["loss"] < result["unigram_baseline"] - 0.2, result
+    final = tmp_path / "final"
+    model = AutoModelForMaskedLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    predictions = pipeline("fill-mask", model=model, tokenizer=tokenizer)("call me [MASK].")
+    assert len(predictions) == 5 and all(0 <= p["score"] <= 1 for p in predictions)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
+    common = small(cache_dir, "trainer.max_steps=6", "trainer.checkpoint_every=3", "model.hidden_dropout_prob=0.1",
+                   "model=deq", "deq.jac_reg_weight=0.1", "deq.jac_reg_freq=0.5")
+    _, straight = run_train(tmp_path / "straight", common)
+    # "Interrupted" after step 3 by a token budget, then resumed in the same directory.
+    interrupted = tmp_path / "interrupted"
+    run_train(interrupted, common + [f"trainer.max_tokens={3 * 4 * 16}"])
+    _, records = run_train(interrupted, common + ["trainer.resume=auto"])
+    resumed = [r for r in records if r["step"] > 3][-3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(straight[3:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    script = f"""
+import sys, time, torch
+from pathlib import Path
+from bertode import checkpoint
+model = torch.nn.Linear(4, 4)
+folder = Path({str(tmp_path)!r})
+checkpoint.save(folder, 1, model, {{"step": 1}})
+real_save = torch.save
+def slow_save(obj, path, *a, **k):
+    with open(path, "wb") as stream:
+        stream.write(b"partial")
+        stream.flush()
+        (folder / "writing").touch()
+        time.sleep(60)
+torch.save = slow_save
+checkpoint.save(folder, 2, model, {{"step": 2}})
+"""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not (tmp_path / "writing").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    target = checkpoint.latest(tmp_path)
+    assert target is not None and target.name == "step_00000001"
+    assert checkpoint.load(target, torch.nn.Linear(4, 4))["step"] == 1
+
+
+def _python(*args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
+def test_torchrun_two_processes_match_one(tmp_path, cache_dir):
+    overrides = small(cache_dir, "trainer.device=cpu", "model=ode", "solver=rk4")
+    one = _python("-m", "bertode.train", f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _python("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "bertode.train",
+                  f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+
+
+def test_multirun_sweep_writes_one_directory_per_run(tmp_path, cache_dir):
+    result = _python("-m", "bertode.train", "-m", "solver=euler,rk4", f"hydra.sweep.dir={tmp_path}",
+                     *small(cache_dir, "trainer.max_steps=2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    finals = sorted(p.parent.name for p in tmp_path.glob("*/final"))
+    assert len(finals) == 2 and any("solver=euler" in f for f in finals) and any("solver=rk4" in f for f in finals)
+
+
+def _bad(tmp_path, cache_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    return [
+        (["data=text", f"data.files=[{tmp_path / 'missing.txt'}]"], "data.files: '"),
+        (["data=text", f"data.files=[{empty}]"], "contain no text"),
+        (["data=text", f"data.files=[{latin}]"], "is not UTF-8 text"),
+        (["data.seq_len=1024"], "data.seq_len=1024 is invalid; allowed: <= model.max_position_embeddings=512"),
+        (["solver=heun"], "solver='heun' is invalid; allowed: 'dopri5', 'euler'"),
+        (["solver=dopri5", "solver.atol=-1e-3"], "solver.atol=-0.001 is invalid; allowed: a finite number > 0"),
+        (["trainer.batch_size=3", "trainer.grad_accumulation=2"], "trainer.batch_size=3 is invalid"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, cache_dir, monkeypatch, capsys):
+    from bertode.train import main
+
+    for index, (overrides, expected) in enumerate(_bad(tmp_path, cache_dir)):
+        run_dir = tmp_path / f"run{index}"
+        before = set(cache_dir.iterdir())
+        monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2, (overrides, error)
+        assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (overrides, error)
+        assert set(cache_dir.iterdir()) == before
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch, capsys):
+    result, _ = run_train(tmp_path, small(cache_dir))
+    from bertode.evaluate import main
+
+    monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"checkpoint={tmp_path / 'final'}", f"data.cache_dir={cache_dir}",
+                                      "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=8",
+                                      f"hydra.run.dir={tmp_path / 'eval'}"])
+    main()
+    written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert abs(written["loss"] - result["eval"]["loss"]) <= 1e-5
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_configs_ship_inside_the_package():
+    assert CONFIG_DIR.parent.name == "bertode" and (CONFIG_DIR / "train.yaml").is_file()
+    assert (ROOT / "configs").resolve() == CONFIG_DIR
