@@ -74,7 +74,8 @@ def _hub_lines(cfg, split: str) -> list[str]:
     except ImportError as error:  # pragma: no cover - datasets is a dependency
         raise DataError("data.source='hub' needs the `datasets` package: pip install datasets") from error
     try:
-        dataset = datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split)
+        cache = os.path.join(os.path.expanduser(str(cfg.cache_dir)), "datasets")
+        dataset = datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, cache_dir=cache)
     except Exception as error:  # the hub is often unreachable; say which dataset
         raise DataError(f"data.hub_path={cfg.hub_path!r} (name {cfg.hub_name!r}, split {split!r}) could not be loaded: "
                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None

@@ -30,7 +30,7 @@ def cache_dir(tmp_path_factory):
 
 def small(cache_dir, *overrides):
     """Overrides of a seconds-long run: tiny model, short rows, 3 steps."""
-    return [f"data.cache_dir={cache_dir}", "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=8",
+    return [f"data.cache_dir={cache_dir}", "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=4",
             "trainer.batch_size=4", "trainer.max_steps=3", "trainer.warmup_steps=1", "trainer.log_every=1",
             "model.hidden_size=32", "model.intermediate_size=64", "model.num_attention_heads=2",
             "model.hidden_dropout_prob=0.0", *overrides]
@@ -74,7 +74,9 @@ RUNS = (
 
 @pytest.mark.parametrize("overrides", RUNS, ids=lambda o: ",".join(o))
 def test_three_step_run(tmp_path, cache_dir, overrides):
-    result, records = run_train(tmp_path, small(cache_dir, *overrides))
+    speed = (["solver.atol=1e-2", "solver.rtol=1e-2"] if any(s in overrides for s in ("solver=dopri5", "solver=tsit5")) else []
+             ) + (["deq.max_iter=12"] if "model=deq" in overrides else [])
+    result, records = run_train(tmp_path, small(cache_dir, *overrides, *speed))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     assert math.isfinite(result["eval"]["loss"])
@@ -85,13 +87,17 @@ def test_three_step_run(tmp_path, cache_dir, overrides):
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
-def test_default_size_learns_beyond_the_unigram_baseline_and_loads_in_a_pipeline(tmp_path, cache_dir):
-    """The main job's recipe at a third of its steps: eval loss below the unigram baseline."""
+def test_main_job_learns_beyond_the_unigram_baseline_and_loads_in_a_pipeline(tmp_path, cache_dir):
+    """`python -m bertode.train` with no arguments (the run directory and cache aside)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-    result, records = run_train(tmp_path, [f"data.cache_dir={cache_dir}", "trainer.max_steps=150",
-                                           "trainer.eval_every=1000", "trainer.log_every=50"])
-    assert result["eval"]["loss"] < result["unigram_baseline"] - 0.2, result
+    env = dict(os.environ, BERTODE_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    run = subprocess.run([sys.executable, "-m", "bertode.train", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MLM loss" in run.stdout and "perplexity" in run.stdout
+    summary = json.loads((tmp_path / "final" / "train_results.json").read_text())
+    assert summary["eval"]["loss"] < summary["unigram_baseline"] - 0.25, summary
     final = tmp_path / "final"
     model = AutoModelForMaskedLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
@@ -169,8 +175,10 @@ def test_multirun_sweep_writes_one_directory_per_run(tmp_path, cache_dir):
     result = _python("-m", "bertode.train", "-m", "solver=euler,rk4", f"hydra.sweep.dir={tmp_path}",
                      *small(cache_dir, "trainer.max_steps=2"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    finals = sorted(p.parent.name for p in tmp_path.glob("*/final"))
-    assert len(finals) == 2 and any("solver=euler" in f for f in finals) and any("solver=rk4" in f for f in finals)
+    runs = sorted(p.parent for p in tmp_path.glob("*/final"))
+    assert [r.name for r in runs] == ["0", "1"]
+    chosen = [(r / ".hydra" / "overrides.yaml").read_text() for r in runs]
+    assert "solver=euler" in chosen[0] and "solver=rk4" in chosen[1]
 
 
 def _bad(tmp_path, cache_dir):
@@ -210,7 +218,7 @@ def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch
     from bertode.evaluate import main
 
     monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"checkpoint={tmp_path / 'final'}", f"data.cache_dir={cache_dir}",
-                                      "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=8",
+                                      "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=4",
                                       f"hydra.run.dir={tmp_path / 'eval'}"])
     main()
     written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -221,3 +229,27 @@ def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch
 def test_configs_ship_inside_the_package():
     assert CONFIG_DIR.parent.name == "bertode" and (CONFIG_DIR / "train.yaml").is_file()
     assert (ROOT / "configs").resolve() == CONFIG_DIR
+
+
+WIKITEXT = ROOT / ".." / "shared" / "data" / "wikitext-2"
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason="../shared/data/wikitext-2 is not beside the repository")
+def test_hub_data_path_through_datasets_with_local_files(tmp_path, cache_dir):
+    """data=wikitext2 goes through `datasets.load_dataset`; offline, a local folder with
+    train/validation text files stands in for the hub dataset."""
+    from bertode.corpus import prepare
+
+    folder = tmp_path / "wikitext_local"
+    folder.mkdir()
+    for source, split in (("valid.txt", "train"), ("test.txt", "validation")):
+        lines = (WIKITEXT / source).read_text(encoding="utf-8").splitlines()[:800]
+        (folder / f"{split}.txt").write_text("\n".join(lines), encoding="utf-8")
+    cfg = compose_train(["data=wikitext2", f"data.hub_path={folder}", "data.hub_name=null",
+                         f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=800", "data.seq_len=32"])
+    corpus = prepare(cfg.data)
+    assert corpus.train.shape[1] == 32 and len(corpus.train) > 100 and len(corpus.eval) > 50
+    text = corpus.tokenizer.decode(corpus.train[0, 1:-1])
+    assert text.startswith("= homarus gammarus =")  # the first line of WikiText-2 valid
+    again = prepare(cfg.data)
+    assert again.cache == corpus.cache and torch.equal(again.train, corpus.train)
