@@ -138,20 +138,32 @@ def broyden(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=30, 
     g = fz - z
     step = damping * g  # B = -I at first: a (damped) fixed-point step
     while track.iterations < max_iter:
+        # A step far longer than the state (or non-finite) means the low-rank model went
+        # bad: restart from the best iterate with a damped fixed-point step, empty memory.
+        step_norm = step.norm(dim=1)
+        if not bool(torch.isfinite(step_norm).all()) or bool((step_norm > 10 * (z.norm(dim=1) + g.norm(dim=1) + 1)).any()):
+            us.clear()
+            vs.clear()
+            z = track.best
+            fz = f(z)
+            if track.observe(z, fz):
+                break
+            g = fz - z
+            step = damping * g
+            continue
         z_new = z + step
         fz_new = f(z_new)
         if track.observe(z_new, fz_new):
             break
         g_new = fz_new - z_new
         if bool((g_new.norm(dim=1) > 1e3 * g.norm(dim=1).clamp_min(1e-12)).any()):
-            # The low-rank model went bad (a diverging step): restart from the best
-            # iterate with a damped fixed-point step and an empty memory.
             us.clear()
             vs.clear()
             z = track.best
-            g = f(z) - z
-            if track.observe(z, g + z):
+            fz = f(z)
+            if track.observe(z, fz):
                 break
+            g = fz - z
             step = damping * g
             continue
         dz, dg = step, g_new - g

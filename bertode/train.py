@@ -238,7 +238,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 jac = getattr(encoder, "jac_loss", None)
                 if jac is not None:
                     loss = loss + config.jac_reg_weight * jac / trainer.grad_accumulation
-                loss.backward()
+                if loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
+                    loss.backward()
             ce_total += ce_sum.item()
             correct_total += int(correct)
         if getattr(encoder, "skipped_batches", 0) > skipped_before:

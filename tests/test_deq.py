@@ -332,3 +332,17 @@ def test_short_training_on_wikitext_lowers_the_mlm_loss():
     after = held_out_loss()
     assert after <= before - 1.0, (before, after)
     assert all(1 < n <= 20 for n in iterations) and model.solver_stats()["skipped_batches"] == 0
+
+
+def test_broyden_restarts_instead_of_overflowing(batch):
+    """A hard map (qkv injection, weights x3): Broyden's low-rank model can propose huge
+    steps; it must restart rather than evaluate f at an overflowing state."""
+    for seed in range(3):
+        model = deq_model(seed=seed, deq_injection="qkv").eval()
+        with torch.no_grad():
+            for parameter in model.encoder.parameters():
+                parameter.mul_(3)
+        f, z0 = map_and_state(model, batch)
+        with torch.no_grad():
+            z, info = SOLVERS["broyden"](f, z0, max_iter=100, tol=1e-4)
+        assert bool(torch.isfinite(z).all()) and info.history[-1] < info.history[0], (seed, info.history[-3:])
