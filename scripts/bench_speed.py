@@ -1,0 +1,145 @@
+"""Training-step speed of bertode against HF BERT: tokens/s, ms/step, NFE, activation bytes, MFU.
+
+    python scripts/bench_speed.py --size tiny --device cpu --out results/bench_speed_cpu_tiny.json
+    python scripts/bench_speed.py --size base --device cuda --dtype bf16 [--compile]
+
+Owns the speed comparison of issue 6. In one process, on one config, one batch and one
+dtype, it times a full training step (MLM forward, backward, AdamW step) of HF
+`transformers.BertForMaskedLM` (``attn_implementation="sdpa"``, the reference, always run)
+and of bertode converted from it with `from_bert` (same weights): the discrete mode,
+Euler with one step (= BERT), an RK2 ODE-Transformer block, RK4 with 1 and 4 steps,
+dopri5 at tolerances 1e-3 and 1e-5 with autograd, dopri5 at 1e-3 with the adjoint
+(backward tolerance 1e-3), and the DEQ (one layer from a one-layer source, Anderson,
+max 30 iterations, tol 1e-3) with IFT and with a 5-step phantom gradient.
+
+Columns: tokens/s = batch * seq / median step time; ratio = step time / HF's;
+nfe fwd/bwd from ``model.solver_stats()`` (vector-field evaluations summed over sites;
+block rows also count the block's own stages; DEQ rows: forward_iterations and
+backward_iterations; HF and discrete: 2 per layer); branch evals = sublayer
+evaluations counted by hooks (comparable across all rows); activation bytes and CUDA
+peak as in `_bench_common`. Encoder matrices are scaled by ``--weight-scale`` (default 4,
+as ``bertode.demo``) so adaptive solvers' NFE depends on the tolerance.
+
+MFU (CUDA, fixed-step autograd rows only; null on CPU or for an unknown GPU):
+
+    f     = forward branch evaluations / (2 * layers)      (1 for BERT, 4 for rk4 1 step, 2 for rk2)
+    FLOPs = 6 * tokens * (N_enc * f + N_head + hidden * vocab) + 12 * layers * seq * hidden * tokens * f
+    MFU   = FLOPs / step time / peak
+
+with N_enc the encoder's parameters, N_head the MLM head's transform (dense + LayerNorm),
+hidden * vocab the tied decoder matmul run on every token (embedding lookups are not
+FLOPs), 12 * layers * seq * hidden per token the attention scores and values (forward
+and backward), and peak the dense bf16 peak of the GPU from `PEAK_BF16_FLOPS` (H100,
+H200 989e12; A100 312e12), whatever ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import _bench_common as common
+
+# name -> (source: "hf" | "layers" | "one_layer", from_bert overrides)
+ROWS = {
+    "hf_bert": ("hf", {}),
+    "discrete": ("layers", dict(mode="discrete")),
+    "euler_1": ("layers", dict(solver="euler", steps=1)),
+    "block_rk2": ("layers", dict(block="rk2")),
+    "rk4_1": ("layers", dict(solver="rk4", steps=1)),
+    "rk4_4": ("layers", dict(solver="rk4", steps=4)),
+    "dopri5_1e-3": ("layers", dict(solver="dopri5", atol=1e-3, rtol=1e-3)),
+    "dopri5_1e-5": ("layers", dict(solver="dopri5", atol=1e-5, rtol=1e-5)),
+    "dopri5_1e-3_adjoint": ("layers", dict(solver="dopri5", atol=1e-3, rtol=1e-3, sensitivity="adjoint",
+                                           adjoint_atol=1e-3, adjoint_rtol=1e-3)),
+    "deq_anderson_ift": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="ift")),
+    "deq_phantom": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="phantom", deq_phantom_steps=5)),
+}
+FIXED_STEP = ("hf_bert", "discrete", "euler_1", "block_rk2", "rk4_1", "rk4_4")
+
+
+def mfu(row: dict, sizes: dict, counts: dict, device_name: str) -> float | None:
+    """The formula in the module docstring; None off CUDA, for unknown GPUs, adaptive/DEQ rows."""
+    peak = next((v for k, v in common.PEAK_BF16_FLOPS.items() if k in device_name), None)
+    if peak is None or row["name"] not in FIXED_STEP:
+        return None
+    tokens = sizes["batch"] * sizes["seq"]
+    f = row["branch_evals_forward"] / (2 * sizes["layers"])
+    flops = (6 * tokens * (counts["encoder"] * f + counts["head"] + sizes["hidden"] * sizes["vocab"])
+             + 12 * sizes["layers"] * sizes["seq"] * sizes["hidden"] * tokens * f)
+    return flops / (row["ms_per_step"] / 1e3) / peak
+
+
+def run_row(name, model, batch, args, device, sizes) -> dict:
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    row = dict(name=name, error=None)
+    runner = model
+    if args.compile:
+        try:
+            runner = torch.compile(model)
+            common.make_step(runner, batch, optimizer, device, args.dtype)()
+        except Exception as error:  # noqa: BLE001 - a row that does not compile is reported, not fatal
+            return dict(row, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+    step = common.make_step(runner, batch, optimizer, device, args.dtype)
+    for _ in range(args.warmup):
+        step()
+    row.update(common.instrumented_step(model, batch, optimizer, device, args.dtype, sizes["layers"]))
+    row["ms_per_step"] = common.time_calls(step, args.steps, 0, device)
+    row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
+    return row
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (rows that fail record the error)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--weight-scale", type=float, default=4.0)
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    sizes = common.SIZES[args.size]
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
+    names = ["hf_bert"] + [n for n in names if n != "hf_bert"]  # HF is the reference of every ratio
+
+    batch, data = common.mlm_batch(sizes, device, args.seed)
+    source = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
+    one_layer = common.hf_source(sizes, args.seed, layers=1, weight_scale=args.weight_scale)
+    counts = dict(encoder=sum(p.numel() for p in source.bert.encoder.parameters()),
+                  head=sum(p.numel() for p in source.cls.predictions.transform.parameters()))
+    payload = common.header(args, device, sizes, data=data, weight_scale=args.weight_scale, compile=args.compile,
+                            parameters=counts, rows=[])
+    common.print_header(payload)
+
+    for name in names:
+        kind, overrides = ROWS[name]
+        torch.manual_seed(args.seed)
+        if kind == "hf":
+            model = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
+        else:
+            model = common.bertode_model(source if kind == "layers" else one_layer, **overrides)
+        row = run_row(name, model, batch, args, device, sizes)
+        row["config"] = overrides
+        payload["rows"].append(row)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    reference = payload["rows"][0].get("ms_per_step")  # HF's; None if it failed to compile
+    for row in payload["rows"]:
+        if row["error"] is None:
+            row["ratio"] = row["ms_per_step"] / reference if reference else None
+            row["mfu"] = mfu(row, sizes, counts, payload["device"])
+    print(common.markdown_table(payload["rows"], [
+        ("name", "row", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
+        ("ratio", "× HF", ".2f"), ("nfe_forward", "nfe fwd", "d"), ("nfe_backward", "nfe bwd", "d"),
+        ("branch_evals_forward", "branch evals fwd", "d"), ("activation_bytes", "activation bytes", ",d"),
+        ("peak_bytes", "CUDA peak bytes", ",d"), ("mfu", "MFU", ".1%"),
+    ]))
+    print("wrote", common.write_json(args.out, payload, "bench_speed", device))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
