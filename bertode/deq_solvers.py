@@ -138,25 +138,18 @@ def broyden(f: Map, z0, max_iter, tol, stop_mode="rel", damping=1.0, memory=30, 
     g = fz - z
     step = damping * g  # B = -I at first: a (damped) fixed-point step
     while track.iterations < max_iter:
-        # A step far longer than the state (or non-finite) means the low-rank model went
-        # bad: restart from the best iterate with a damped fixed-point step, empty memory.
+        # A step far longer than the state (or non-finite), or a residual that jumps 1000x,
+        # means the low-rank inverse-Jacobian model went bad.
         step_norm = step.norm(dim=1)
-        if not bool(torch.isfinite(step_norm).all()) or bool((step_norm > 10 * (z.norm(dim=1) + g.norm(dim=1) + 1)).any()):
-            us.clear()
-            vs.clear()
-            z = track.best
-            fz = f(z)
-            if track.observe(z, fz):
+        diverging = not bool(torch.isfinite(step_norm).all()) or bool((step_norm > 10 * (z.norm(dim=1) + g.norm(dim=1) + 1)).any())
+        if not diverging:
+            z_new = z + step
+            fz_new = f(z_new)
+            if track.observe(z_new, fz_new):
                 break
-            g = fz - z
-            step = damping * g
-            continue
-        z_new = z + step
-        fz_new = f(z_new)
-        if track.observe(z_new, fz_new):
-            break
-        g_new = fz_new - z_new
-        if bool((g_new.norm(dim=1) > 1e3 * g.norm(dim=1).clamp_min(1e-12)).any()):
+            g_new = fz_new - z_new
+            diverging = bool((g_new.norm(dim=1) > 1e3 * g.norm(dim=1).clamp_min(1e-12)).any())
+        if diverging:  # restart from the best iterate: a damped fixed-point step, empty memory
             us.clear()
             vs.clear()
             z = track.best
