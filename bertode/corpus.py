@@ -150,6 +150,13 @@ def pack(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
     return torch.cat([cls, table, sep], dim=1)
 
 
+def vocabulary_hash(tokenizer) -> str:
+    """A tokenizer's identity for the cache: its vocabulary, lower-casing and special tokens."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                       getattr(tokenizer, "do_lower_case", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _cache_key(cfg, identities) -> str:
     fields = {k: cfg[k] for k in ("source", "hub_path", "hub_name", "eval_fraction", "seq_len", "vocab_size",
                                   "lowercase", "tokenizer")}
@@ -164,9 +171,13 @@ def prepare(cfg, tokenizer=None) -> Corpus:
     A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 8:
         raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
+    if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
+        raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
     train_lines, eval_lines, identities = read_splits(cfg)
     if tokenizer is not None:
-        identities = identities + [f"tokenizer:{tokenizer.name_or_path}:{len(tokenizer)}"]
+        identities = identities + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
+    elif cfg.tokenizer:
+        identities = identities + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
     cache = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, identities)
     if (cache / "rows.safetensors").is_file():
         rows = load_file(cache / "rows.safetensors")
@@ -190,10 +201,11 @@ def prepare(cfg, tokenizer=None) -> Corpus:
 
 # --- masking ---------------------------------------------------------------------------
 def mask_tokens(rows: torch.Tensor, tokenizer, probability: float, generator: torch.Generator):
-    """BERT's MLM corruption: choose ``probability`` of the non-special tokens; of those,
+    """BERT's MLM corruption: choose ``probability`` of the tokens that are not special
+    ([CLS], [SEP], [PAD], [UNK], [MASK]); of those,
     80 % become [MASK], 10 % a random token, 10 % stay. Labels are -100 elsewhere."""
     labels = rows.clone()
-    special = (rows == tokenizer.cls_token_id) | (rows == tokenizer.sep_token_id) | (rows == tokenizer.pad_token_id)
+    special = torch.isin(rows, torch.tensor(tokenizer.all_special_ids, dtype=rows.dtype))  # as HF's collator
     chosen = (torch.rand(rows.shape, generator=generator) < probability) & ~special
     labels[~chosen] = -100
     inputs = rows.clone()

@@ -163,6 +163,8 @@ class BertDEQEncoder(nn.Module):
         g, info = self._solve(h, torch.zeros_like(grad), cfg.deq_backward_solver, cfg.deq_backward_max_iter,
                               cfg.deq_backward_tol, self._name("backward (implicit-function)"))
         self.last_backward_info = info
+        if not bool(info.converged.all()):
+            self.nonconverged_solves += 1
         self._stats.update(backward_iterations=info.iterations,
                            backward_rel_residual=info.rel_residual.max().item())
         return g
@@ -202,6 +204,16 @@ class BertDEQEncoder(nn.Module):
             forward_rel_residual=info.rel_residual.max().item(),
             converged_fraction=converged,
         )
+
+    COUNTERS = ("training_forwards", "nonconverged_solves", "skipped_batches")
+
+    def counters(self) -> dict:
+        """Training-progress counters a checkpoint must carry (the warm-up depends on them)."""
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def load_counters(self, counters: dict) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, int(counters[name]))
 
     def solver_stats(self) -> dict:
         return dict(self._stats, nonconverged_solves=self.nonconverged_solves, skipped_batches=self.skipped_batches)

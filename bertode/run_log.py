@@ -21,6 +21,9 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix.rstrip("/")] = value
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
 class RunLog:
     def __init__(self, run_dir: Path, kind: str = "jsonl", enabled: bool = True, project: str = "bertode", config=None):
         self.enabled = enabled
@@ -39,8 +42,8 @@ class RunLog:
             import wandb
 
             self.wandb = wandb.init(project=project, dir=str(run_dir), config=config)
-        elif kind != "jsonl":
-            raise ValueError(f"logger.kind={kind!r} is invalid; allowed: 'jsonl', 'tensorboard', 'wandb'")
+        elif kind not in LOGGERS:
+            raise ValueError(f"logger.kind={kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .cli import hydra_entry, usage_errors
 from .corpus import DataError, mask_tokens, prepare, unigram_cross_entropy
+from .deq_solvers import DEQSolveError
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .modeling import BertODEForMaskedLM
 from .run_config import build_model_config
-from .run_log import RunLog
+from .run_log import LOGGERS, RunLog
 from .schedule import lr_factor
 
 
@@ -132,6 +132,9 @@ def _check_trainer(trainer, world: int) -> None:
                          f"grad_accumulation x processes = {trainer.grad_accumulation * world}")
     if not (isinstance(trainer.lr, (int, float)) and trainer.lr > 0):
         raise ValueError(f"trainer.lr={trainer.lr!r} is invalid; allowed: a number > 0")
+    for key, allowed in (("precision", ("fp32", "bf16")), ("schedule", ("linear", "cosine"))):
+        if trainer[key] not in allowed:
+            raise ValueError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {', '.join(map(repr, allowed))}")
     if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
         raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
 
@@ -140,6 +143,8 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     """Everything that can reject the input, before any file of ours is written."""
     trainer = cfg.trainer
     _check_trainer(trainer, dist.world)
+    if cfg.logger.kind not in LOGGERS:
+        raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
@@ -153,6 +158,9 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     resume_from = None
     if trainer.resume == "auto":
         resume_from = checkpoint.latest(run_dir / "checkpoints")
+        if resume_from is None and dist.main:
+            print(f"trainer.resume=auto: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0 "
+                  "(give the interrupted run's hydra.run.dir to resume it)", flush=True)
     elif trainer.resume != "never":
         resume_from = Path(str(trainer.resume))
     return corpus, config, resume_from
@@ -179,6 +187,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         checkpoint.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
+        if "encoder_counters" in saved:
+            base.bert.encoder.load_counters(saved["encoder_counters"])
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if trainer.compile:
@@ -239,7 +249,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 if jac is not None:
                     loss = loss + config.jac_reg_weight * jac / trainer.grad_accumulation
                 if loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
-                    loss.backward()
+                    try:
+                        loss.backward()
+                    except DEQSolveError:  # non-finite in the implicit backward solve
+                        if config.deq_on_nonfinite != "skip":
+                            raise
+                        encoder.skipped_batches += 1
             ce_total += ce_sum.item()
             correct_total += int(correct)
         if getattr(encoder, "skipped_batches", 0) > skipped_before:
@@ -270,7 +285,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if step % trainer.checkpoint_every == 0 and dist.main:
             checkpoint.save(run_dir / "checkpoints", step, base,
                             {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                             "step": step, "tokens": tokens, "elapsed": elapsed}, keep=trainer.keep_checkpoints)
+                             "step": step, "tokens": tokens, "elapsed": elapsed,
+                             **({"encoder_counters": encoder.counters()} if hasattr(encoder, "counters") else {})},
+                            keep=trainer.keep_checkpoints)
         dist.barrier()
 
     result = run_eval(step)

@@ -7,7 +7,6 @@ import torch
 import torchdiffeq
 
 import bertode
-from bertode.encoder import Pass
 from bertode.stats import SolverStats
 from conftest import tiny_ode_config
 

@@ -107,7 +107,8 @@ def test_main_job_learns_beyond_the_unigram_baseline_and_loads_in_a_pipeline(tmp
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
     common = small(cache_dir, "trainer.max_steps=6", "trainer.checkpoint_every=3", "model.hidden_dropout_prob=0.1",
-                   "model=deq", "deq.jac_reg_weight=0.1", "deq.jac_reg_freq=0.5")
+                   "model=deq", "deq.jac_reg_weight=0.1", "deq.jac_reg_freq=0.5",
+                   "deq.pretrain_steps=4")  # the warm-up spans the interruption
     _, straight = run_train(tmp_path / "straight", common)
     # "Interrupted" after step 3 by a token budget, then resumed in the same directory.
     interrupted = tmp_path / "interrupted"
@@ -194,6 +195,8 @@ def _bad(tmp_path, cache_dir):
         (["solver=heun"], "solver='heun' is invalid; allowed: 'dopri5', 'euler'"),
         (["solver=dopri5", "solver.atol=-1e-3"], "solver.atol=-0.001 is invalid; allowed: a finite number > 0"),
         (["trainer.batch_size=3", "trainer.grad_accumulation=2"], "trainer.batch_size=3 is invalid"),
+        (["trainer.schedule=foo"], "trainer.schedule='foo' is invalid; allowed: 'linear', 'cosine'"),
+        (["data.mlm_probability=1.5"], "data.mlm_probability=1.5 is invalid; allowed: a number in (0, 1)"),
     ]
 
 
@@ -253,3 +256,31 @@ def test_hub_data_path_through_datasets_with_local_files(tmp_path, cache_dir):
     assert text.startswith("= homarus gammarus =")  # the first line of WikiText-2 valid
     again = prepare(cfg.data)
     assert again.cache == corpus.cache and torch.equal(again.train, corpus.train)
+
+
+def test_mlm_masking_follows_bert_and_skips_special_tokens(cache_dir):
+    from bertode.corpus import mask_tokens, prepare
+
+    corpus = prepare(compose_train(small(cache_dir)).data)
+    tokenizer = corpus.tokenizer
+    rows = corpus.train[:64].clone()
+    rows[:, 5] = tokenizer.unk_token_id
+    rows[:, 6] = tokenizer.mask_token_id
+    inputs, labels = mask_tokens(rows, tokenizer, 0.15, torch.Generator().manual_seed(0))
+    special = torch.isin(rows, torch.tensor(tokenizer.all_special_ids))
+    assert bool((labels[special] == -100).all())
+    chosen = labels != -100
+    assert abs(chosen.sum().item() / (~special).sum().item() - 0.15) < 0.02
+    masked = (inputs[chosen] == tokenizer.mask_token_id).float().mean().item()
+    kept = (inputs[chosen] == rows[chosen]).float().mean().item()
+    assert abs(masked - 0.8) < 0.05 and 0.07 < kept < 0.16  # 10 % kept, plus random draws of the same id
+    assert torch.equal(inputs[~chosen], rows[~chosen])
+
+
+def test_cache_entry_depends_on_the_tokenizer(cache_dir, tmp_path):
+    from bertode.corpus import prepare
+
+    cfg = compose_train(small(cache_dir)).data
+    own = prepare(cfg)
+    other = prepare(compose_train(small(cache_dir, "data.vocab_size=300")).data)
+    assert prepare(cfg, tokenizer=other.tokenizer).cache != prepare(cfg, tokenizer=own.tokenizer).cache
