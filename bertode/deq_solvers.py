@@ -55,20 +55,23 @@ class _Tracker:
         self.iterations += 1
         difference = (fz - z).norm(dim=1)
         relative = difference / (fz.norm(dim=1) + 1e-9)
-        if not bool(torch.isfinite(fz).all()):
-            worst = self.best_rel.max().item() if self.iterations > 1 else float("nan")
-            raise DEQSolveError(
-                f"{self.name}: non-finite value in f(z) at iteration {self.iterations} "
-                f"(best relative residual so far {worst:.3e})"
-            )
         residual = relative if self.stop_mode == "rel" else difference
         current = self.best_rel if self.stop_mode == "rel" else self.best_abs
         better = residual < current
-        self.history.append(residual.max().item())
+        done = (torch.where(better, residual, current) < self.tol).all()
+        # One device-to-host transfer per iteration: finiteness, worst residual, stop test.
+        finite, worst, stop = torch.stack([torch.isfinite(fz).all(), residual.max(), done]).tolist()
+        if not finite:
+            best = self.best_rel.max().item() if self.iterations > 1 else float("nan")
+            raise DEQSolveError(
+                f"{self.name}: non-finite value in f(z) at iteration {self.iterations} "
+                f"(best relative residual so far {best:.3e})"
+            )
+        self.history.append(worst)
         self.best = torch.where(better[:, None], z, self.best)
         self.best_abs = torch.where(better, difference, self.best_abs)
         self.best_rel = torch.where(better, relative, self.best_rel)
-        return bool((torch.where(better, residual, current) < self.tol).all())
+        return bool(stop)
 
     def info(self) -> SolveInfo:
         residual = self.best_rel if self.stop_mode == "rel" else self.best_abs
