@@ -17,6 +17,10 @@ callable, the parameters that callable uses, and an interval. It handles the tor
   autocast; the field's bf16 output is cast back to it).
 * ``vf.nfe`` mixes forward and backward and never resets: evaluations are counted per
   solve in a `SolveRecord` instead.
+* the fixed-step loop tests the device-side ``t`` at every step (a host synchronisation)
+  and the adjoint saves the solution at every grid point (memory linear in the steps):
+  fixed-step solves hand torchdyn [t0, t1] on the host and a `SubSteps` solver whose one
+  step is all N steps, except for the interpolated adjoint, whose spline needs the grid.
 * ``copy.deepcopy`` of a NeuralODE fails while ``vf_params`` holds a graph: it is cleared
   after every solve, and the cached NeuralODE is not part of the pickled state.
 """
@@ -32,6 +36,7 @@ from ._torchdyn import SOLVER_DICT, NeuralODE
 from .configuration import ADAPTIVE_SOLVERS, TORCHDIFFEQ_METHODS
 from .schemes import BLOCK_SCHEMES
 from .stats import SolveRecord
+from .substeps import SubSteps
 
 Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _RECORDING_CLASSES: dict[type, type] = {}
@@ -134,13 +139,23 @@ class ODESolve:
         self.__dict__.update(state)
         self._reset_cache()
 
+    @property
+    def sub_stepped(self) -> bool:
+        """Fixed-step solves run as one torchdyn step over [t0, t1] (`substeps.py`); the
+        interpolated adjoint keeps torchdyn's grid because its spline needs every step."""
+        return not self.adaptive and self.sensitivity != "interpolated_adjoint"
+
     def _build_solver(self, solver: str, dtype):
         if solver in BLOCK_SCHEMES:
-            return BLOCK_SCHEMES[solver](dtype)
-        return recording_solver_class(SOLVER_DICT[solver])(dtype)
+            built = BLOCK_SCHEMES[solver](dtype)
+        else:
+            built = recording_solver_class(SOLVER_DICT[solver])(dtype)
+        if self.sub_stepped and solver not in ADAPTIVE_SOLVERS:
+            return SubSteps(built, self.steps)
+        return built
 
     def _solver_pair(self, dtype, device):
-        key = (dtype, device)
+        key = (dtype, device, self.sub_stepped)
         if key not in self._solvers:
             forward = self._build_solver(self.solver, dtype)
             backward = self._build_solver(self.adjoint_solver, dtype)
@@ -163,6 +178,9 @@ class ODESolve:
         return self._node
 
     def t_span(self, t0: float, t1: float, device, dtype) -> torch.Tensor:
+        """The grid handed to torchdyn: the endpoints, on the host for sub-stepped solves."""
+        if self.sub_stepped and self.backend == "torchdyn":
+            return torch.tensor([t0, t1], dtype=dtype)
         points = 2 if self.adaptive else self.steps + 1
         return torch.linspace(t0, t1, points, device=device, dtype=dtype)
 
@@ -180,8 +198,12 @@ class ODESolve:
         if self.backend == "torchdyn":
             forward_solver, backward_solver = self._solver_pair(z0.dtype, z0.device)
             forward_solver.record = record if self.adaptive else None
+            for solver in (forward_solver, backward_solver):
+                if isinstance(solver, SubSteps):
+                    solver.n = self.steps  # `steps` may have been changed since the solver was built
+            scheme_target = forward_solver.base if isinstance(forward_solver, SubSteps) else forward_solver
             for key, value in (scheme_state or {}).items():
-                setattr(forward_solver, key, value)
+                setattr(scheme_target, key, value)
             node = self._neural_ode(forward_solver)
             node.solver, node.solver_adjoint, node.sensalg = forward_solver, backward_solver, sensitivity
             try:

@@ -1,0 +1,95 @@
+"""Fixed-step solves as one torchdyn step (`bertode/substeps.py`): same numbers as
+torchdyn's own grid loop, adjoint memory flat in the steps, no device synchronisation.
+
+"No synchronisation" is checked on the meta device: a meta tensor has no data, so any
+read of a device value on the host (``.item()``, ``bool(tensor)``, ``if tensor:``) raises.
+A training step that runs on meta therefore never waits on a GPU inside its solves.
+"""
+
+import pytest
+import torch
+from torchdyn.numerics.odeint import odeint
+from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+import bertode
+from bertode.substeps import SubSteps
+from conftest import projection_loss, tiny_ode_config
+
+
+def _field(t, x):
+    return torch.tanh(x @ _field.weight) * torch.cos(3 * t) - 0.5 * x
+
+
+_field.weight = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4"])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_substeps_equal_torchdyns_grid_loop(solver, steps):
+    x0 = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grid = torch.linspace(0.2, 1.4, steps + 1, dtype=torch.float64)
+    _, reference = odeint(_field, x0, grid, SOLVER_DICT[solver](torch.float64))
+    wrapped = SubSteps(SOLVER_DICT[solver](torch.float64), steps)
+    _, ours = odeint(_field, x0, torch.tensor([0.2, 1.4], dtype=torch.float64), wrapped)
+    assert ours.shape[0] == 2  # only the endpoints are kept
+    assert (ours[-1] - reference[-1]).abs().max() <= 1e-12
+
+
+def test_substeps_rejects_adaptive_solvers_and_bad_counts():
+    with pytest.raises(ValueError, match="fixed-step solver"):
+        SubSteps(SOLVER_DICT["dopri5"](torch.float32), 2)
+    with pytest.raises(ValueError, match="n=0 is invalid"):
+        SubSteps(SOLVER_DICT["euler"](torch.float32), 0)
+
+
+def _saved_bytes_and_grads(sensitivity, steps):
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(solver="rk4", steps=steps, sensitivity=sensitivity)).double()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(ids).last_hidden_state
+    projection_loss(out).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return sum(saved), grads, model.solver_stats()
+
+
+def test_fixed_step_adjoint_memory_is_flat_in_the_steps_and_its_gradients_match_autograd():
+    bytes_1, _, _ = _saved_bytes_and_grads("adjoint", 1)
+    bytes_16, adjoint_grads, stats = _saved_bytes_and_grads("adjoint", 16)
+    autograd_bytes, autograd_grads, _ = _saved_bytes_and_grads("autograd", 16)
+    assert bytes_16 == bytes_1 and bytes_16 < autograd_bytes / 20, (bytes_1, bytes_16, autograd_bytes)
+    # The backward solve still takes 16 rk4 steps per site (4 sites): 16 * 4 evaluations,
+    # plus torchdyn's two evaluations of the field for dL/dt at the interval's ends.
+    assert stats["nfe_backward"] == 4 * (16 * 4 + 2)
+    relative = ((adjoint_grads - autograd_grads).norm() / autograd_grads.norm()).item()
+    assert relative <= 1e-6, relative
+
+
+@pytest.mark.parametrize("sensitivity", ["autograd", "adjoint"])
+@pytest.mark.parametrize("vector_field", ["residual", "add_norm", "time_residual"])
+def test_a_fixed_step_training_step_never_reads_a_device_value(sensitivity, vector_field):
+    config = tiny_ode_config(solver="rk4", steps=3, sensitivity=sensitivity, vector_field=vector_field)
+    model = bertode.BertODEForMaskedLM(config).to("meta")
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    model(ids, labels=ids).loss.backward()
+    stats = model.solver_stats()
+    assert stats["nfe_forward"] == 4 * 3 * 4
+    assert stats["nfe_backward"] == (0 if sensitivity == "autograd" else 4 * (3 * 4 + 2))
+
+
+def test_the_meta_check_does_catch_a_host_read():
+    """The oracle of the test above fails where a solve does read the device: an adaptive solver."""
+    model = bertode.BertODEForMaskedLM(tiny_ode_config(solver="dopri5")).to("meta")
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        model(ids, labels=ids)
