@@ -95,7 +95,7 @@ class BertODELayer(nn.Module):
         self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward")
         self.block = config.block
         if self.block != "none":
-            self.block_solve = ODESolve(solver=self.block, steps=1)
+            self.block_solve = ODESolve(solver=self.block, steps=1, loop=config.fixed_step_loop)
             self.hidden_size = config.hidden_size
         if self.block == "rk2_gated":
             self.gate = nn.Linear(2 * config.hidden_size, 1)

@@ -84,6 +84,10 @@ class FieldAdapter(nn.Module):
         return dz.reshape(x.shape).to(x.dtype)
 
 
+def _time_dtype(state: torch.Tensor) -> torch.dtype:
+    return torch.float64 if state.dtype == torch.float64 else torch.float32
+
+
 class ODESolve:
     """Integrates ``dz/dt = dynamics(t, z)`` from ``t0`` to ``t1`` with fixed options.
 
@@ -104,9 +108,11 @@ class ODESolve:
         adjoint_rtol: float = 1e-4,
         backend: str = "torchdyn",
         adaptive: bool = False,
+        loop: str = "direct",
     ):
         self.solver, self.steps, self.atol, self.rtol = solver, steps, atol, rtol
         self.sensitivity, self.backend, self.adaptive = sensitivity, backend, adaptive
+        self.loop = loop
         self.adjoint_solver = adjoint_solver or solver
         self.adjoint_atol, self.adjoint_rtol = adjoint_atol, adjoint_rtol
         self._reset_cache()
@@ -124,6 +130,7 @@ class ODESolve:
             adjoint_rtol=config.adjoint_rtol,
             backend=config.ode_backend,
             adaptive=config.adaptive,
+            loop=config.fixed_step_loop,
         )
 
     # --- cached torchdyn objects: rebuilt lazily, never pickled or deep-copied ---------
@@ -146,19 +153,19 @@ class ODESolve:
         return not self.adaptive and self.sensitivity != "interpolated_adjoint"
 
     def _build_solver(self, solver: str, dtype):
-        if solver in BLOCK_SCHEMES:
-            built = BLOCK_SCHEMES[solver](dtype)
-        else:
-            built = recording_solver_class(SOLVER_DICT[solver])(dtype)
-        if self.sub_stepped and solver not in ADAPTIVE_SOLVERS:
-            return SubSteps(built, self.steps)
-        return built
+        if solver in ADAPTIVE_SOLVERS:  # only adaptive steps need recording (accepted/rejected)
+            return recording_solver_class(SOLVER_DICT[solver])(dtype)
+        built = BLOCK_SCHEMES[solver](dtype) if solver in BLOCK_SCHEMES else SOLVER_DICT[solver](dtype)
+        return SubSteps(built, self.steps) if self.sub_stepped else built
 
     def _solver_pair(self, dtype, device):
         key = (dtype, device, self.sub_stepped)
         if key not in self._solvers:
             forward = self._build_solver(self.solver, dtype)
             backward = self._build_solver(self.adjoint_solver, dtype)
+            like = torch.empty(0, dtype=dtype, device=device)
+            for solver in (forward, backward):  # the tableau on the state's device, once
+                solver.sync_device_dtype(like, torch.zeros(2))
             self._solvers[key] = (forward, backward)
         return self._solvers[key]
 
@@ -189,23 +196,19 @@ class ODESolve:
                  t0: float, t1: float, record: SolveRecord, scheme_state: dict | None = None) -> torch.Tensor:
         trainable = [p for p in parameters if p.requires_grad]
         adjoint = self.sensitivity != "autograd" and torch.is_grad_enabled() and bool(trainable)
-        sensitivity = self.sensitivity if adjoint else "autograd"
+        if self.backend == "torchdyn":
+            forward_solver, backward_solver = self._prepared_solvers(z0, record, scheme_state)
+            if not adjoint and self.loop == "direct" and isinstance(forward_solver, SubSteps):
+                return self._direct(z0, dynamics, t0, t1, record, forward_solver)
+
         adapter = self._adapter
         adapter.bind(dynamics, z0.shape, z0.dtype, trainable, record)
         x0 = z0.reshape(z0.shape[0], -1)
-        t_span = self.t_span(t0, t1, z0.device, torch.float64 if z0.dtype == torch.float64 else torch.float32)
-
+        t_span = self.t_span(t0, t1, z0.device, _time_dtype(z0))
         if self.backend == "torchdyn":
-            forward_solver, backward_solver = self._solver_pair(z0.dtype, z0.device)
-            forward_solver.record = record if self.adaptive else None
-            for solver in (forward_solver, backward_solver):
-                if isinstance(solver, SubSteps):
-                    solver.n = self.steps  # `steps` may have been changed since the solver was built
-            scheme_target = forward_solver.base if isinstance(forward_solver, SubSteps) else forward_solver
-            for key, value in (scheme_state or {}).items():
-                setattr(scheme_target, key, value)
             node = self._neural_ode(forward_solver)
-            node.solver, node.solver_adjoint, node.sensalg = forward_solver, backward_solver, sensitivity
+            node.solver, node.solver_adjoint = forward_solver, backward_solver
+            node.sensalg = self.sensitivity if adjoint else "autograd"
             try:
                 trajectory = node(x0, t_span)
             finally:
@@ -222,6 +225,31 @@ class ODESolve:
 
             x1.register_hook(rebind_for_backward)
         return x1.view(z0.shape).to(z0.dtype)
+
+    def _prepared_solvers(self, z0, record, scheme_state):
+        """The (forward, backward) torchdyn solvers for this state, set up for this solve."""
+        forward_solver, backward_solver = self._solver_pair(z0.dtype, z0.device)
+        if self.adaptive:
+            forward_solver.record = record
+        for solver in (forward_solver, backward_solver):
+            if isinstance(solver, SubSteps) and solver.n != self.steps:
+                solver.n = self.steps  # `steps` was changed after the solver was built
+        scheme_target = forward_solver.base if isinstance(forward_solver, SubSteps) else forward_solver
+        for key, value in (scheme_state or {}).items():
+            setattr(scheme_target, key, value)
+        return forward_solver, backward_solver
+
+    @staticmethod
+    def _direct(z0, dynamics, t0, t1, record, solver: SubSteps) -> torch.Tensor:
+        """torchdyn's solver steps, called from here: what `NeuralODE` computes on [t0, t1]
+        with a `SubSteps` solver, without its per-solve checks (``loop="direct"``)."""
+
+        def field(t, z):
+            record.count_evaluation()
+            # Under autocast the branch returns bf16: keep integrating in the state's dtype.
+            return dynamics(t, z).to(z.dtype)
+
+        return solver.integrate(field, z0, t0, t1, _time_dtype(z0))
 
     def _torchdiffeq(self, x0, t_span, adjoint, trainable):
         import torchdiffeq

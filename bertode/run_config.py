@@ -35,6 +35,8 @@ def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tup
             put(key, solver[key], f"solver.{key}")
     if "backend" in solver:
         put("ode_backend", solver.backend, "solver.backend")
+    if "loop" in solver:
+        put("fixed_step_loop", solver.loop, "solver.loop")
     sensitivity = cfg.sensitivity
     put("sensitivity", sensitivity.method, "sensitivity")
     if sensitivity.get("solver") is not None:

@@ -61,8 +61,12 @@ class FeedForwardBranch(nn.Module):
 def sdpa_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(batch, seq) 1/0 padding mask -> boolean (batch, 1, 1, seq) SDPA mask (True = attend); None if nothing is masked.
 
-    Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention.
+    Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention. The
+    all-ones test reads the mask on the host; a compiled model keeps the mask instead, so
+    its graph does not break there.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask[:, None, None, :].to(torch.bool)

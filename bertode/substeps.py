@@ -42,8 +42,13 @@ class SubSteps(DiffEqSolver):
         return x, t_span
 
     def step(self, f, x, t, dt, k1=None, args=None):
-        t0, h = float(t), float(dt) / self.n  # host tensors: no device synchronisation
+        # t and dt are host tensors (see `sync_device_dtype`): reading them does not synchronise.
+        return None, self.integrate(f, x, float(t), float(t) + float(dt), t.dtype, args), None
+
+    def integrate(self, f, x, t0: float, t1: float, time_dtype=torch.float32, args=None):
+        """``n`` base steps from ``t0`` to ``t1``; each time is filled on the state's device."""
+        h = (t1 - t0) / self.n
         for index in range(self.n):
-            t_here = torch.full((), t0 + index * h, dtype=t.dtype, device=x.device)
+            t_here = torch.full((), t0 + index * h, dtype=time_dtype, device=x.device)
             _, x, _ = self.base.step(f, x, t_here, h, args=args)
-        return None, x, None
+        return x

@@ -75,10 +75,11 @@ def test_fixed_step_adjoint_memory_is_flat_in_the_steps_and_its_gradients_match_
     assert relative <= 1e-6, relative
 
 
-@pytest.mark.parametrize("sensitivity", ["autograd", "adjoint"])
+@pytest.mark.parametrize("sensitivity,loop", [("autograd", "direct"), ("autograd", "neural_ode"), ("adjoint", "direct")])
 @pytest.mark.parametrize("vector_field", ["residual", "add_norm", "time_residual"])
-def test_a_fixed_step_training_step_never_reads_a_device_value(sensitivity, vector_field):
-    config = tiny_ode_config(solver="rk4", steps=3, sensitivity=sensitivity, vector_field=vector_field)
+def test_a_fixed_step_training_step_never_reads_a_device_value(sensitivity, loop, vector_field):
+    config = tiny_ode_config(solver="rk4", steps=3, sensitivity=sensitivity, vector_field=vector_field,
+                             fixed_step_loop=loop)
     model = bertode.BertODEForMaskedLM(config).to("meta")
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
     model(ids, labels=ids).loss.backward()
@@ -93,3 +94,36 @@ def test_the_meta_check_does_catch_a_host_read():
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
     with pytest.raises(RuntimeError, match="meta"):
         model(ids, labels=ids)
+
+
+def _output_and_grads(loop, batch, **overrides):
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(fixed_step_loop=loop, **overrides)).double()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    out = model(**batch).last_hidden_state
+    projection_loss(out).backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, model.solver_stats()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(solver="euler", steps=1),
+    dict(solver="midpoint", steps=3),
+    dict(solver="rk4", steps=2, vector_field="time_residual"),
+    dict(solver="euler", steps=1, block="rk2_gated"),
+])
+def test_direct_loop_equals_torchdyns_neural_ode(batch, overrides):
+    out_direct, grads_direct, stats_direct = _output_and_grads("direct", batch, **overrides)
+    out_node, grads_node, stats_node = _output_and_grads("neural_ode", batch, **overrides)
+    assert (out_direct - out_node).abs().max() <= 1e-12
+    assert set(grads_direct) == set(grads_node)
+    for name in grads_node:
+        assert (grads_direct[name] - grads_node[name]).abs().max() <= 1e-12, name
+    assert stats_direct == stats_node
+
+
+def test_fixed_step_loop_is_validated():
+    with pytest.raises(ValueError, match=r"fixed_step_loop='torchdyn' is invalid; allowed: 'direct', 'neural_ode'"):
+        tiny_ode_config(fixed_step_loop="torchdyn")
