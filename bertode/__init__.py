@@ -2,9 +2,11 @@
 
 Public API: `BertODEConfig`, the models (`BertODEModel`, `BertODEForMaskedLM`,
 `BertODEForSequenceClassification`), `from_bert` (conversion from any transformers
-BERT), and the vector-field registry (`VectorField`, `register_vector_field`).
+BERT), the vector-field registry (`VectorField`, `register_vector_field`) and
+`compile_model` (torch.compile at the scope that gives whole graphs).
 """
 
+from .compile import compile_model
 from .configuration import BertODEConfig
 from .convert import from_bert
 from .modeling import (
@@ -25,6 +27,7 @@ __all__ = [
     "BertODEPreTrainedModel",
     "VectorField",
     "available_vector_fields",
+    "compile_model",
     "from_bert",
     "register_vector_field",
 ]

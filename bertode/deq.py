@@ -52,6 +52,7 @@ class BertDEQEncoder(nn.Module):
             nn.init.zeros_(self.injection.bias)
         if config.deq_weight_norm:
             apply_weight_norm(self.layer)
+        self.compiled_map = None  # torch.compile(BertDEQEncoder.evaluate_map), set by compile_model
         self.training_forwards = 0
         self.skipped_batches = 0
         self.nonconverged_solves = 0
@@ -72,14 +73,24 @@ class BertDEQEncoder(nn.Module):
 
         compute_dtype = embeddings.dtype  # the layers' dtype (a bf16 model computes in bf16)
 
-        def f(z_flat):
-            z = z_flat.view(shape).to(compute_dtype)
-            hidden = z + add if add is not None else z
-            for index, layer in enumerate(self.layer):
-                hidden = layer(hidden, attn_mask, Pass(None, index, qkv, masks))
-            return hidden.reshape(z_flat.shape).to(dtype)
+        evaluate = self.compiled_map or type(self).evaluate_map
 
+        def f(z_flat):
+            return evaluate(self, z_flat, shape, add, qkv, attn_mask, masks, compute_dtype, dtype)
+
+        def f_eager(z_flat):  # compiled graphs have no double backward (Jacobian penalty)
+            return self.evaluate_map(z_flat, shape, add, qkv, attn_mask, masks, compute_dtype, dtype)
+
+        f.eager = f_eager
         return f
+
+    def evaluate_map(self, z_flat, shape, add, qkv, attn_mask, masks: dict, compute_dtype, dtype):
+        """One evaluation of f (what ``compile_model(scope="fields")`` compiles)."""
+        z = z_flat.view(shape).to(compute_dtype)
+        hidden = z + add if add is not None else z
+        for index, layer in enumerate(self.layer):
+            hidden = layer(hidden, attn_mask, Pass(None, index, qkv, masks))
+        return hidden.reshape(z_flat.shape).to(dtype)
 
     def _name(self, what):
         return f"DEQ {what} solve of the map over layers 0-{len(self.layer) - 1}"
@@ -115,7 +126,7 @@ class BertDEQEncoder(nn.Module):
             self._record_forward(info)
             out = self._attach_gradient(f, z_star) if torch.is_grad_enabled() else z_star
             if self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() and torch.rand(()) < cfg.jac_reg_freq:
-                self.jac_loss = self._jacobian_penalty(f, z_star)
+                self.jac_loss = self._jacobian_penalty(f.eager, z_star)
             if not self.training and cfg.deq_spectral_radius:
                 self._stats["spectral_radius"] = self._spectral_radius(f, z_star)
         hidden = out.view(embeddings.shape).to(embeddings.dtype)

@@ -44,6 +44,7 @@ class ResidualSite(nn.Module):
         self.hidden_dropout = config.hidden_dropout_prob
         self.ode = config.mode == "ode"
         self.variational = config.mode == "deq"
+        self.compiled_evaluate = None  # torch.compile(ResidualSite.evaluate), set by compile_model
         if self.ode:
             self.field = build_vector_field(config)
             self.solve = ODESolve.from_config(config)
@@ -54,6 +55,17 @@ class ResidualSite(nn.Module):
         """Exactly the parameters the dynamics use (what an adjoint must differentiate)."""
         modules = [self.branch, self.field] + ([self.norm] if self.field.uses_norm else [])
         return [p for module in modules for p in module.parameters()]
+
+    def evaluate(self, t: torch.Tensor, z: torch.Tensor, attn_mask: torch.Tensor | None,
+                 keep: torch.Tensor | None) -> torch.Tensor:
+        """dz/dt at (t, z): the vector field on this site's branch, with the solve's dropout
+        mask ``keep`` (one evaluation; what ``compile_model(scope="fields")`` compiles)."""
+
+        def branch(state):
+            update = self.branch(state, attn_mask)
+            return update if keep is None else update * keep
+
+        return self.field(t, z, branch, self.norm)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass) -> torch.Tensor:
         if not self.ode:
@@ -72,12 +84,10 @@ class ResidualSite(nn.Module):
         if self.training and self.hidden_dropout > 0:
             keep = torch.empty_like(x).bernoulli_(1 - self.hidden_dropout).div_(1 - self.hidden_dropout)
 
-        def branch(z):
-            update = self.branch(z, attn_mask)
-            return update if keep is None else update * keep
+        evaluate = self.compiled_evaluate or type(self).evaluate
 
         def dynamics(t, z):
-            return self.field(t, z, branch, self.norm)
+            return evaluate(self, t, z, attn_mask, keep)
 
         record = run.stats.new_record(f"layer.{run.layer_index}.{self.name}", self.fixed_steps)
         t0 = run.layer_index * self.t_end

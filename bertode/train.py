@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .cli import hydra_entry, usage_errors
+from .compile import SCOPES, compile_model
 from .corpus import DataError, mask_tokens, prepare, unigram_cross_entropy
 from .deq_solvers import DEQSolveError
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
@@ -122,6 +123,9 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _check_trainer(trainer, world: int) -> None:
     for key in ("batch_size", "grad_accumulation", "max_steps", "log_every", "eval_every", "checkpoint_every"):
         value = trainer[key]
@@ -135,6 +139,16 @@ def _check_trainer(trainer, world: int) -> None:
     for key, allowed in (("precision", ("fp32", "bf16")), ("schedule", ("linear", "cosine"))):
         if trainer[key] not in allowed:
             raise ValueError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {', '.join(map(repr, allowed))}")
+    if not isinstance(trainer.compile, bool) and trainer.compile not in SCOPES:
+        raise ValueError(f"trainer.compile={trainer.compile!r} is invalid; allowed: true, false, "
+                         f"{', '.join(map(repr, SCOPES))}")
+    backends = sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})
+    if trainer.compile_backend not in backends:
+        raise ValueError(f"trainer.compile_backend={trainer.compile_backend!r} is invalid; allowed: "
+                         f"{', '.join(map(repr, backends))}")
+    if trainer.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid; allowed: "
+                         f"{', '.join(map(repr, COMPILE_MODES))}")
     if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
         raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
 
@@ -146,6 +160,9 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
+    if trainer.compile == "fields" and config.mode == "discrete":
+        raise ValueError("trainer.compile='fields' is invalid with model=bert (no ODE sites or DEQ map); "
+                         "allowed: true, false, 'auto', 'model'")
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")
@@ -192,7 +209,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if trainer.compile:
-        model = torch.compile(model)
+        options = dict(backend=trainer.compile_backend, mode=trainer.compile_mode)
+        model = compile_model(model, "auto" if trainer.compile is True else trainer.compile, **options)
 
     log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
                  config=OmegaConf.to_container(cfg, resolve=True))

@@ -68,7 +68,9 @@ RUNS = (
        ["sensitivity=interpolated_adjoint", "solver=rk4"],
        ["vector_field=add_norm"], ["vector_field=time_residual", "solver=rk4", "solver.steps=2"],
        ["block=rk2"], ["block=rk2_gated"], ["block=rk4"], ["solver.backend=torchdiffeq", "solver=dopri5"],
-       ["model.weight_tying=true"], ["logger=tensorboard"], ["trainer.grad_accumulation=2"]]
+       ["model.weight_tying=true"], ["logger=tensorboard"], ["trainer.grad_accumulation=2"],
+       ["model=deq", "trainer.compile=true", "trainer.compile_backend=aot_eager"],
+       ["solver=rk4", "trainer.compile=model", "trainer.compile_backend=aot_eager"]]
 )
 
 
@@ -196,6 +198,9 @@ def _bad(tmp_path, cache_dir):
         (["solver=dopri5", "solver.atol=-1e-3"], "solver.atol=-0.001 is invalid; allowed: a finite number > 0"),
         (["trainer.batch_size=3", "trainer.grad_accumulation=2"], "trainer.batch_size=3 is invalid"),
         (["trainer.schedule=foo"], "trainer.schedule='foo' is invalid; allowed: 'linear', 'cosine'"),
+        (["trainer.compile=maybe"], "trainer.compile='maybe' is invalid; allowed: true, false, 'auto', 'model', 'fields'"),
+        (["model=bert", "trainer.compile=fields"], "trainer.compile='fields' is invalid with model=bert"),
+        (["trainer.compile_backend=tensorrt"], "trainer.compile_backend='tensorrt' is invalid; allowed: 'aot_eager',"),
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5 is invalid; allowed: a number in (0, 1)"),
     ]
 

@@ -1,0 +1,59 @@
+"""`compile_model`: torch.compile for bertode models, at the scope that gives whole graphs.
+
+* ``scope="model"``: ``torch.compile(model)``. Fixed-step solves with autograd
+  (``fixed_step_loop="direct"``), the discrete mode and ODE-Transformer blocks trace into
+  one graph per forward. torchdyn's adaptive loop and adjoint, and the DEQ's solver loop,
+  read values on the host to decide what to do next; there the graph breaks at every such
+  read (dozens of graphs per forward, and the first steps recompile as step counts change).
+* ``scope="fields"``: compile one evaluation of the dynamics instead: each ODE site's
+  vector field with its branch (`ResidualSite.evaluate`), or the DEQ's map
+  (`BertDEQEncoder.evaluate_map`). The solver loops stay eager Python around compiled
+  evaluations. The DEQ's Jacobian penalty, which needs a double backward (not supported
+  by compiled graphs), uses the eager map.
+* ``scope="auto"`` (default): ``model`` where that gives one graph (discrete mode; ODE
+  mode with fixed steps, autograd, torchdyn's direct loop), ``fields`` otherwise.
+
+The compiled functions are the classes' functions compiled once and called with the
+module as first argument, so a deep copy of a compiled model stays correct.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .deq import BertDEQEncoder
+from .encoder import ResidualSite
+
+SCOPES = ("auto", "model", "fields")
+
+
+def whole_graph(config) -> bool:
+    """True when ``torch.compile(model)`` traces a forward of this config as one graph."""
+    if config.mode == "discrete":
+        return True
+    return (config.mode == "ode" and not config.adaptive and config.sensitivity == "autograd"
+            and config.ode_backend == "torchdyn" and config.fixed_step_loop == "direct")
+
+
+def compile_model(model: nn.Module, scope: str = "auto", **options) -> nn.Module:
+    """The module to call: ``torch.compile(model, **options)`` or ``model`` with compiled fields."""
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope={scope!r} is invalid; allowed: {', '.join(map(repr, SCOPES))}")
+    config = getattr(getattr(model, "module", model), "config", None)  # through DistributedDataParallel
+    if scope == "auto":
+        scope = "model" if config is None or whole_graph(config) else "fields"
+    if scope == "model":
+        return torch.compile(model, **options)
+    evaluate_site = torch.compile(ResidualSite.evaluate, **options)
+    evaluate_map = torch.compile(BertDEQEncoder.evaluate_map, **options)
+    found = False
+    for module in model.modules():
+        if isinstance(module, ResidualSite) and module.ode:
+            module.compiled_evaluate, found = evaluate_site, True
+        elif isinstance(module, BertDEQEncoder):
+            module.compiled_map, found = evaluate_map, True
+    if not found:
+        raise ValueError(f"compile scope='fields' is invalid for {type(model).__name__}: it has no ODE sites or DEQ map; "
+                         "allowed: 'model' or 'auto'")
+    return model
