@@ -7,7 +7,9 @@ Owns the speed comparison of issue 6. In one process, on one config, one batch a
 dtype, it times a full training step (MLM forward, backward, AdamW step) of HF
 `transformers.BertForMaskedLM` (``attn_implementation="sdpa"``, the reference, always run)
 and of bertode converted from it with `from_bert` (same weights): the discrete mode,
-Euler with one step (= BERT), an RK2 ODE-Transformer block, RK4 with 1 and 4 steps,
+Euler with one step (= BERT) through bertode's direct loop and through torchdyn's
+`NeuralODE` loop (``fixed_step_loop``; the difference is torchdyn's per-solve host
+work), an RK2 ODE-Transformer block, RK4 with 1 and 4 steps,
 dopri5 at tolerances 1e-3 and 1e-5 with autograd, dopri5 at 1e-3 with the adjoint
 (backward tolerance 1e-3), and the DEQ (one layer from a one-layer source, Anderson,
 max 30 iterations, tol 1e-3) with IFT and with a 5-step phantom gradient.
@@ -20,7 +22,12 @@ evaluations counted by hooks (comparable across all rows); activation bytes and 
 peak as in `_bench_common`. Encoder matrices are scaled by ``--weight-scale`` (default 4,
 as ``bertode.demo``) so adaptive solvers' NFE depends on the tolerance.
 
-MFU (CUDA, fixed-step autograd rows only; null on CPU or for an unknown GPU):
+With ``--compile`` every bertode row runs through `bertode.compile_model` (whole model
+where `whole_graph` holds, compiled fields otherwise; the row's ``compiled`` says which),
+HF runs eager (the reference) and compiled (row ``hf_bert_compiled``), and counts come
+from one eager step before compiling.
+
+MFU (fixed-step autograd rows only; null for an unknown GPU):
 
     f     = forward branch evaluations / (2 * layers)      (1 for BERT, 4 for rk4 1 step, 2 for rk2)
     FLOPs = 6 * tokens * (N_enc * f + N_head + hidden * vocab) + 12 * layers * seq * hidden * tokens * f
@@ -30,7 +37,9 @@ with N_enc the encoder's parameters, N_head the MLM head's transform (dense + La
 hidden * vocab the tied decoder matmul run on every token (embedding lookups are not
 FLOPs), 12 * layers * seq * hidden per token the attention scores and values (forward
 and backward), and peak the dense bf16 peak of the GPU from `PEAK_BF16_FLOPS` (H100,
-H200 989e12; A100 312e12), whatever ``--dtype``.
+H200 989e12; A100 312e12), whatever ``--dtype``. On CPU, peak is the fp32 matmul rate
+measured in the same process (1024 x 1024, median of 5, at the run's thread count): an
+attainable peak, not a datasheet one.
 """
 
 from __future__ import annotations
@@ -38,12 +47,14 @@ from __future__ import annotations
 import torch
 
 import _bench_common as common
+from bertode.compile import compile_model, whole_graph
 
 # name -> (source: "hf" | "layers" | "one_layer", from_bert overrides)
 ROWS = {
     "hf_bert": ("hf", {}),
     "discrete": ("layers", dict(mode="discrete")),
     "euler_1": ("layers", dict(solver="euler", steps=1)),
+    "euler_1_neural_ode": ("layers", dict(solver="euler", steps=1, fixed_step_loop="neural_ode")),
     "block_rk2": ("layers", dict(block="rk2")),
     "rk4_1": ("layers", dict(solver="rk4", steps=1)),
     "rk4_4": ("layers", dict(solver="rk4", steps=4)),
@@ -54,12 +65,20 @@ ROWS = {
     "deq_anderson_ift": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="ift")),
     "deq_phantom": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="phantom", deq_phantom_steps=5)),
 }
-FIXED_STEP = ("hf_bert", "discrete", "euler_1", "block_rk2", "rk4_1", "rk4_4")
+FIXED_STEP = ("hf_bert", "hf_bert_compiled", "discrete", "euler_1", "euler_1_neural_ode", "block_rk2", "rk4_1", "rk4_4")
 
 
-def mfu(row: dict, sizes: dict, counts: dict, device_name: str) -> float | None:
-    """The formula in the module docstring; None off CUDA, for unknown GPUs, adaptive/DEQ rows."""
-    peak = next((v for k, v in common.PEAK_BF16_FLOPS.items() if k in device_name), None)
+def peak_flops(device: torch.device, device_name: str) -> float | None:
+    """The GPU's dense bf16 peak from the table, or the CPU's measured fp32 matmul rate."""
+    if device.type == "cuda":
+        return next((v for k, v in common.PEAK_BF16_FLOPS.items() if k in device_name), None)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / (common.time_calls(lambda: a @ b, 5, 2, device) / 1e3)
+
+
+def mfu(row: dict, sizes: dict, counts: dict, peak: float | None) -> float | None:
+    """The formula in the module docstring; None for unknown GPUs and adaptive/DEQ rows."""
     if peak is None or row["name"] not in FIXED_STEP:
         return None
     tokens = sizes["batch"] * sizes["seq"]
@@ -70,21 +89,24 @@ def mfu(row: dict, sizes: dict, counts: dict, device_name: str) -> float | None:
 
 
 def run_row(name, model, batch, args, device, sizes) -> dict:
+    """Counts from one eager instrumented step, then the median time of (compiled) steps."""
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    row = dict(name=name, error=None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    row = dict(name=name, error=None, compiled=None)
+    row.update(common.instrumented_step(model, batch, optimizer, device, args.dtype, sizes["layers"]))
     runner = model
-    if args.compile:
+    if args.compile and name != "hf_bert":  # HF eager stays the reference of every ratio
         try:
-            runner = torch.compile(model)
+            if name == "hf_bert_compiled":
+                runner, row["compiled"] = torch.compile(model), "model"
+            else:
+                row["compiled"] = "model" if whole_graph(model.config) else "fields"
+                runner = compile_model(model, row["compiled"])
             common.make_step(runner, batch, optimizer, device, args.dtype)()
         except Exception as error:  # noqa: BLE001 - a row that does not compile is reported, not fatal
             return dict(row, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
     step = common.make_step(runner, batch, optimizer, device, args.dtype)
-    for _ in range(args.warmup):
-        step()
-    row.update(common.instrumented_step(model, batch, optimizer, device, args.dtype, sizes["layers"]))
-    row["ms_per_step"] = common.time_calls(step, args.steps, 0, device)
+    row["ms_per_step"] = common.time_calls(step, args.steps, args.warmup, device)
     row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
     return row
 
@@ -101,7 +123,9 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
-    names = ["hf_bert"] + [n for n in names if n != "hf_bert"]  # HF is the reference of every ratio
+    names = ["hf_bert"] + [n for n in names if n != "hf_bert"]  # HF eager is the reference of every ratio
+    if args.compile:
+        names.insert(1, "hf_bert_compiled")
 
     batch, data = common.mlm_batch(sizes, device, args.seed)
     source = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
@@ -110,11 +134,12 @@ def main(argv=None) -> dict:
                   head=sum(p.numel() for p in source.cls.predictions.transform.parameters()))
     payload = common.header(args, device, sizes, data=data, weight_scale=args.weight_scale, compile=args.compile,
                             parameters=counts, rows=[])
+    payload["peak_flops"] = peak_flops(device, payload["device"])
     common.print_header(payload)
 
     for name in names:
-        kind, overrides = ROWS[name]
         torch.manual_seed(args.seed)
+        kind, overrides = ROWS.get(name, ("hf", {}))
         if kind == "hf":
             model = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
         else:
@@ -130,7 +155,7 @@ def main(argv=None) -> dict:
     for row in payload["rows"]:
         if row["error"] is None:
             row["ratio"] = row["ms_per_step"] / reference if reference else None
-            row["mfu"] = mfu(row, sizes, counts, payload["device"])
+            row["mfu"] = mfu(row, sizes, counts, payload["peak_flops"])
     print(common.markdown_table(payload["rows"], [
         ("name", "row", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
         ("ratio", "× HF", ".2f"), ("nfe_forward", "nfe fwd", "d"), ("nfe_backward", "nfe bwd", "d"),
