@@ -14,6 +14,10 @@ dopri5 at tolerances 1e-3 and 1e-5 with autograd, dopri5 at 1e-3 with the adjoin
 (backward tolerance 1e-3), and the DEQ (one layer from a one-layer source, Anderson,
 max 30 iterations, tol 1e-3) with IFT and with a 5-step phantom gradient.
 
+Timing: median of ``--steps`` steps per row after ``--warmup``, row after row (one model
+in memory at a time); with ``--interleave`` every model is kept and each round times one
+step of every row, so that a shared machine's drifting load falls on all rows alike.
+
 Columns: tokens/s = batch * seq / median step time; ratio = step time / HF's;
 nfe fwd/bwd from ``model.solver_stats()`` (vector-field evaluations summed over sites;
 block rows also count the block's own stages; DEQ rows: forward_iterations and
@@ -43,6 +47,8 @@ attainable peak, not a datasheet one.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -88,8 +94,8 @@ def mfu(row: dict, sizes: dict, counts: dict, peak: float | None) -> float | Non
     return flops / (row["ms_per_step"] / 1e3) / peak
 
 
-def run_row(name, model, batch, args, device, sizes) -> dict:
-    """Counts from one eager instrumented step, then the median time of (compiled) steps."""
+def prepare_row(name, model, batch, args, device, sizes):
+    """(row, step): counts from one eager instrumented step, then the (compiled) step to time."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     row = dict(name=name, error=None, compiled=None)
@@ -104,11 +110,29 @@ def run_row(name, model, batch, args, device, sizes) -> dict:
                 runner = compile_model(model, row["compiled"])
             common.make_step(runner, batch, optimizer, device, args.dtype)()
         except Exception as error:  # noqa: BLE001 - a row that does not compile is reported, not fatal
-            return dict(row, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+            return dict(row, error=f"{type(error).__name__}: {error}".splitlines()[0][:300]), None
     step = common.make_step(runner, batch, optimizer, device, args.dtype)
-    row["ms_per_step"] = common.time_calls(step, args.steps, args.warmup, device)
-    row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
-    return row
+    for _ in range(args.warmup):
+        step()
+    return row, step
+
+
+def time_rows(prepared: list, args, device, sizes) -> None:
+    """Median ms/step of each row: row after row, or (``--interleave``) one step of each
+    row per round, so that drifting machine load affects every row alike."""
+    timed = [(row, step) for row, step in prepared if step is not None]
+    if args.interleave:
+        samples = {id(row): [] for row, _ in timed}
+        for _ in range(args.steps):
+            for row, step in timed:
+                samples[id(row)].append(common.time_calls(step, 1, 0, device))
+        for row, _ in timed:
+            row["ms_per_step"] = statistics.median(samples[id(row)])
+    else:
+        for row, step in timed:
+            row["ms_per_step"] = common.time_calls(step, args.steps, 0, device)
+    for row, _ in timed:
+        row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
 
 
 def main(argv=None) -> dict:
@@ -116,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile every model (rows that fail record the error)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     p.add_argument("--weight-scale", type=float, default=4.0)
+    p.add_argument("--interleave", action="store_true",
+                   help="keep every model and time one step of each per round (for a noisy, shared CPU)")
     args = p.parse_args(argv)
     device = common.setup(args)
     sizes = common.SIZES[args.size]
@@ -133,10 +159,11 @@ def main(argv=None) -> dict:
     counts = dict(encoder=sum(p.numel() for p in source.bert.encoder.parameters()),
                   head=sum(p.numel() for p in source.cls.predictions.transform.parameters()))
     payload = common.header(args, device, sizes, data=data, weight_scale=args.weight_scale, compile=args.compile,
-                            parameters=counts, rows=[])
+                            interleave=args.interleave, parameters=counts, rows=[])
     payload["peak_flops"] = peak_flops(device, payload["device"])
     common.print_header(payload)
 
+    prepared = []
     for name in names:
         torch.manual_seed(args.seed)
         kind, overrides = ROWS.get(name, ("hf", {}))
@@ -144,12 +171,17 @@ def main(argv=None) -> dict:
             model = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
         else:
             model = common.bertode_model(source if kind == "layers" else one_layer, **overrides)
-        row = run_row(name, model, batch, args, device, sizes)
+        row, step = prepare_row(name, model, batch, args, device, sizes)
         row["config"] = overrides
         payload["rows"].append(row)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if args.interleave:
+            prepared.append((row, step))
+        else:  # one model in memory at a time
+            time_rows([(row, step)], args, device, sizes)
+            del model, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    time_rows(prepared, args, device, sizes)
 
     reference = payload["rows"][0].get("ms_per_step")  # HF's; None if it failed to compile
     for row in payload["rows"]:

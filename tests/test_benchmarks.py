@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden=64, layers=2, heads=4, intermediate=256, seq=32, batch=4)
 COMMON = ["--size", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--threads", "1"]
 EXTRA = {
-    "bench_speed": [],
+    "bench_speed": ["--interleave"],
     "bench_memory": ["--layers", "2", "--ode-steps", "1,2,4"],
     "bench_solvers": [],
 }

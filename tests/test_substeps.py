@@ -127,3 +127,14 @@ def test_direct_loop_equals_torchdyns_neural_ode(batch, overrides):
 def test_fixed_step_loop_is_validated():
     with pytest.raises(ValueError, match=r"fixed_step_loop='torchdyn' is invalid; allowed: 'direct', 'neural_ode'"):
         tiny_ode_config(fixed_step_loop="torchdyn")
+
+
+def test_direct_loop_under_bf16_autocast_keeps_an_fp32_state_like_neural_ode(batch):
+    outputs = {}
+    for loop in ("direct", "neural_ode"):
+        torch.manual_seed(0)
+        model = bertode.BertODEModel(tiny_ode_config(solver="rk4", steps=2, fixed_step_loop=loop))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[loop] = model(**batch, output_hidden_states=True).hidden_states[-1]
+    assert outputs["direct"].dtype == torch.float32
+    assert torch.equal(outputs["direct"], outputs["neural_ode"])

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Download, on a machine with PyPI, the pure-Python wheels that bertode's model code needs
+# and a GPU image with torch and transformers lacks (torchdyn and what its imports load),
+# into .whl/ (git-ignored). scripts/gpu_benchmarks.sh installs them from there, offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+  torchdyn==1.0.6 torchcde==0.2.5 torchsde==0.2.6 trampoline==0.1.2 dill
+ls .whl
