@@ -93,7 +93,10 @@ class ODESolve:
 
     ``solver`` names a torchdyn solver (euler, midpoint, rk4, dopri5, tsit5) or an
     ODE-Transformer block scheme (rk2, rk2_gated; see `schemes.py`). ``scheme_state``
-    given to a call is set on the solver first (the gated scheme's gate).
+    given to a call is set on the solver first (the gated scheme's gate). ``loop``
+    (``direct`` or ``neural_ode``) says whether a fixed-step solve with autograd calls the
+    `SubSteps` solver itself or goes through ``NeuralODE``; adjoint and adaptive solves
+    always go through ``NeuralODE``.
     """
 
     def __init__(
