@@ -9,7 +9,9 @@
   vector field with its branch (`ResidualSite.evaluate`), or the DEQ's map
   (`BertDEQEncoder.evaluate_map`). The solver loops stay eager Python around compiled
   evaluations. The DEQ's Jacobian penalty, which needs a double backward (not supported
-  by compiled graphs), uses the eager map.
+  by compiled graphs), and the evaluation of f(z*) that the implicit backward takes many
+  VJPs through (``retain_graph``, refused by compiled graphs' donated buffers) use the
+  eager map; the forward solve's evaluations, the bulk of the work, are compiled.
 * ``scope="auto"`` (default): ``model`` where that gives one graph (discrete mode; ODE
   mode with fixed steps, autograd, torchdyn's direct loop), ``fields`` otherwise.
 

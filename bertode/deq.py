@@ -128,7 +128,7 @@ class BertDEQEncoder(nn.Module):
             if self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() and torch.rand(()) < cfg.jac_reg_freq:
                 self.jac_loss = self._jacobian_penalty(f.eager, z_star)
             if not self.training and cfg.deq_spectral_radius:
-                self._stats["spectral_radius"] = self._spectral_radius(f, z_star)
+                self._stats["spectral_radius"] = self._spectral_radius(f.eager, z_star)
         hidden = out.view(embeddings.shape).to(embeddings.dtype)
         return hidden, ((embeddings, hidden) if output_hidden_states else None)
 
@@ -154,7 +154,9 @@ class BertDEQEncoder(nn.Module):
                 z = (1 - cfg.deq_damping) * z + cfg.deq_damping * f(z)
             return z
         z_star = z_star.detach().requires_grad_()
-        z_out = f(z_star)
+        # The implicit backward takes many VJPs through this one evaluation (retain_graph),
+        # which compiled graphs refuse (donated buffers): it runs eagerly.
+        z_out = f.eager(z_star)
         if not z_out.requires_grad:
             return z_out
         # The hook sits on a view of z_out, so the backward solve's own vector-Jacobian
