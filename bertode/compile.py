@@ -15,8 +15,9 @@
 * ``scope="auto"`` (default): ``model`` where that gives one graph (discrete mode; ODE
   mode with fixed steps, autograd, torchdyn's direct loop), ``fields`` otherwise.
 
-The compiled functions are the classes' functions compiled once and called with the
-module as first argument, so a deep copy of a compiled model stays correct.
+The compiled functions are the classes' functions compiled once per call and called
+with the module as first argument. A copy of a field-compiled model (``copy.deepcopy``,
+pickle, ``save_pretrained``/``from_pretrained``) is the plain model: compile it again.
 """
 
 from __future__ import annotations
@@ -38,14 +39,22 @@ def whole_graph(config) -> bool:
             and config.ode_backend == "torchdyn" and config.fixed_step_loop == "direct")
 
 
-def compile_model(model: nn.Module, scope: str = "auto", **options) -> nn.Module:
-    """The module to call: ``torch.compile(model, **options)`` or ``model`` with compiled fields."""
+def resolve_scope(scope: str, config=None) -> str:
+    """``model`` or ``fields`` for this config; ValueError naming the scope if it cannot apply."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope={scope!r} is invalid; allowed: {', '.join(map(repr, SCOPES))}")
-    config = getattr(getattr(model, "module", model), "config", None)  # through DistributedDataParallel
     if scope == "auto":
-        scope = "model" if config is None or whole_graph(config) else "fields"
-    if scope == "model":
+        return "model" if config is None or whole_graph(config) else "fields"
+    if scope == "fields" and config is not None and config.mode == "discrete":
+        raise ValueError("compile scope='fields' is invalid for a discrete model (no ODE sites or DEQ map); "
+                         "allowed: 'model' or 'auto'")
+    return scope
+
+
+def compile_model(model: nn.Module, scope: str = "auto", **options) -> nn.Module:
+    """The module to call: ``torch.compile(model, **options)`` or ``model`` with compiled fields."""
+    config = getattr(getattr(model, "module", model), "config", None)  # through DistributedDataParallel
+    if resolve_scope(scope, config) == "model":
         return torch.compile(model, **options)
     evaluate_site = torch.compile(ResidualSite.evaluate, **options)
     evaluate_map = torch.compile(BertDEQEncoder.evaluate_map, **options)

@@ -59,6 +59,10 @@ class BertDEQEncoder(nn.Module):
         self._stats: dict = {}
         self.last_forward_info = self.last_backward_info = None  # SolveInfo, with residual history
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "compiled_map": None}  # copies and pickles are uncompiled
+
     # --- the map -----------------------------------------------------------------------
     def layer_map(self, embeddings, attn_mask, dtype=torch.float32):
         """f(.; x) on flat (batch, seq * hidden) states of ``dtype``, for these embeddings.

@@ -51,6 +51,10 @@ class ResidualSite(nn.Module):
             self.t_end = config.t_end
             self.fixed_steps = None if config.adaptive else config.steps
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "compiled_evaluate": None}  # copies and pickles are uncompiled
+
     def dynamics_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters the dynamics use (what an adjoint must differentiate)."""
         modules = [self.branch, self.field] + ([self.norm] if self.field.uses_norm else [])

@@ -78,6 +78,10 @@ class FieldAdapter(nn.Module):
 
     def forward(self, t, x, args=None):
         self.record.count_evaluation()
+        if t.device != x.device:
+            # torchdyn's adjoint evaluates the field at the host-side ends of t_span; a
+            # blocking copy would wait for the GPU, a fill kernel does not.
+            t = torch.full((), float(t), dtype=t.dtype, device=x.device)
         # torchdyn's fp32 t_span promotes a half/bf16 state inside adaptive steps: hand the
         # field the state's own dtype, and give torchdyn back the dtype it integrates in.
         dz = self.dynamics(t, x.view(self.state_shape).to(self.state_dtype))

@@ -37,8 +37,15 @@ class SubSteps(DiffEqSolver):
         self.dtype = getattr(base, "dtype", torch.float32)
 
     def sync_device_dtype(self, x, t_span):
-        """Moves the base solver's tableau to the state; leaves ``t_span`` where it is (the host)."""
-        self.base.sync_device_dtype(x, t_span)
+        """Moves the base solver's tableau to the state; leaves ``t_span`` where it is (the host).
+
+        The base solver's own method would copy ``t_span`` to the device, and a blocking
+        host-to-device copy waits for the GPU: only the tableau moves, and only once."""
+        tableau = self.base.tableau
+        if tableau is not None:
+            c, a, bsol, berr = tableau
+            self.base.tableau = (c.to(x), [row.to(x) for row in a], bsol.to(x),
+                                 berr.to(x) if berr is not None else None)
         return x, t_span
 
     def step(self, f, x, t, dt, k1=None, args=None):

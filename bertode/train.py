@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .cli import hydra_entry, usage_errors
-from .compile import SCOPES, compile_model
+from .compile import SCOPES, compile_model, resolve_scope
 from .corpus import DataError, mask_tokens, prepare, unigram_cross_entropy
 from .deq_solvers import DEQSolveError
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
@@ -149,6 +149,9 @@ def _check_trainer(trainer, world: int) -> None:
     if trainer.compile_mode not in COMPILE_MODES:
         raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid; allowed: "
                          f"{', '.join(map(repr, COMPILE_MODES))}")
+    if trainer.compile_mode is not None and trainer.compile_backend != "inductor":
+        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid with "
+                         f"trainer.compile_backend={trainer.compile_backend!r}; allowed: null (modes are Inductor's)")
     if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
         raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
 
@@ -160,9 +163,11 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
-    if trainer.compile == "fields" and config.mode == "discrete":
-        raise ValueError("trainer.compile='fields' is invalid with model=bert (no ODE sites or DEQ map); "
-                         "allowed: true, false, 'auto', 'model'")
+    if trainer.compile not in (True, False):
+        try:
+            resolve_scope(trainer.compile, config)
+        except ValueError as error:
+            raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")

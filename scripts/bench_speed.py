@@ -27,7 +27,7 @@ peak as in `_bench_common`. Encoder matrices are scaled by ``--weight-scale`` (d
 as ``bertode.demo``) so adaptive solvers' NFE depends on the tolerance.
 
 With ``--compile`` every bertode row runs through `bertode.compile_model` (whole model
-where `whole_graph` holds, compiled fields otherwise; the row's ``compiled`` says which),
+where `bertode.compile.whole_graph` holds, compiled fields otherwise; the row's ``compiled`` says which),
 HF runs eager (the reference) and compiled (row ``hf_bert_compiled``), and counts come
 from one eager step before compiling.
 
@@ -53,7 +53,7 @@ import statistics
 import torch
 
 import _bench_common as common
-from bertode.compile import compile_model, whole_graph
+from bertode.compile import compile_model, resolve_scope
 
 # name -> (source: "hf" | "layers" | "one_layer", from_bert overrides)
 ROWS = {
@@ -106,8 +106,8 @@ def prepare_row(name, model, batch, args, device, sizes):
             if name == "hf_bert_compiled":
                 runner, row["compiled"] = torch.compile(model), "model"
             else:
-                row["compiled"] = "model" if whole_graph(model.config) else "fields"
-                runner = compile_model(model, row["compiled"])
+                row["compiled"] = resolve_scope("auto", model.config)
+                runner = compile_model(model, "auto")
             common.make_step(runner, batch, optimizer, device, args.dtype)()
         except Exception as error:  # noqa: BLE001 - a row that does not compile is reported, not fatal
             return dict(row, error=f"{type(error).__name__}: {error}".splitlines()[0][:300]), None

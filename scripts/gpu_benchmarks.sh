@@ -8,15 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}; SIZE=${SIZE:-base}; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bf16}
 mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import torchdyn" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import torchdyn.core" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 tag="${DEVICE}_${SIZE}_${DTYPE}"
-python3 -c "import torch, transformers, torchdyn; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-if [ "$DEVICE" = cuda ]; then
-  python3 -m pytest -q -rs tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_${tag}.log"
+python3 -c "import torch, transformers, bertode; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+if [ "$DEVICE" = cuda ]; then  # a failing GPU test is reported; the benchmarks still run
+  python3 -m pytest -q -rs tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu_${tag}.log" || true
 fi
 common=(--size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --steps "${STEPS:-10}")
 python3 scripts/bench_speed.py "${common[@]}" --out "$OUT/bench_speed_${tag}.json" 2>&1 | tee "$OUT/bench_speed_${tag}.log"

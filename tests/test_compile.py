@@ -8,6 +8,7 @@ this CPU) is PyTorch's to test and is exercised by ``scripts/bench_speed.py --co
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import bertode
 from bertode.compile import compile_model, whole_graph
+from bertode.encoder import ResidualSite
 from conftest import tiny_ode_config
 
 
@@ -112,10 +114,14 @@ def test_adaptive_adjoint_and_deq_models_compile_their_fields_without_recompilin
     assert all(loss <= 1e-6 and grad <= 1e-6 for _, loss, grad, _ in results), results
 
 
-def test_a_deep_copy_of_a_field_compiled_model_computes_with_its_own_weights():
+def test_copies_of_a_field_compiled_model_are_plain_models_with_their_own_weights():
     torch.manual_seed(0)
     model = compile_model(bertode.BertODEForMaskedLM(tiny_ode_config(solver="dopri5")), "fields", backend="aot_eager")
+    pickled = pickle.loads(pickle.dumps(model))
     twin = copy.deepcopy(model)
+    sites = lambda m: [s for s in m.modules() if isinstance(s, ResidualSite)]  # noqa: E731
+    assert all(site.compiled_evaluate is not None for site in sites(model))
+    assert all(site.compiled_evaluate is None for site in sites(twin) + sites(pickled))
     with torch.no_grad():
         for p in twin.parameters():
             p.mul_(1.5)
@@ -130,5 +136,5 @@ def test_compile_scope_errors_name_the_value_and_the_choices():
     model = bertode.BertODEForMaskedLM(tiny_ode_config(mode="discrete"))
     with pytest.raises(ValueError, match=r"compile scope='graph' is invalid; allowed: 'auto', 'model', 'fields'"):
         compile_model(model, "graph")
-    with pytest.raises(ValueError, match=r"scope='fields' is invalid for BertODEForMaskedLM: it has no ODE sites"):
+    with pytest.raises(ValueError, match=r"scope='fields' is invalid for a discrete model"):
         compile_model(model, "fields")

@@ -199,7 +199,9 @@ def _bad(tmp_path, cache_dir):
         (["trainer.batch_size=3", "trainer.grad_accumulation=2"], "trainer.batch_size=3 is invalid"),
         (["trainer.schedule=foo"], "trainer.schedule='foo' is invalid; allowed: 'linear', 'cosine'"),
         (["trainer.compile=maybe"], "trainer.compile='maybe' is invalid; allowed: true, false, 'auto', 'model', 'fields'"),
-        (["model=bert", "trainer.compile=fields"], "trainer.compile='fields' is invalid with model=bert"),
+        (["model=bert", "trainer.compile=fields"], "trainer.compile='fields' is invalid for a discrete model"),
+        (["trainer.compile_backend=aot_eager", "trainer.compile_mode=max-autotune"],
+         "trainer.compile_mode='max-autotune' is invalid with trainer.compile_backend='aot_eager'"),
         (["trainer.compile_backend=tensorrt"], "trainer.compile_backend='tensorrt' is invalid; allowed: 'aot_eager',"),
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5 is invalid; allowed: a number in (0, 1)"),
     ]
