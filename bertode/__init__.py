@@ -1,33 +1,64 @@
-"""bertode: BERT whose Add & Norm residuals are ODEs solved by torchdyn.
+"""bertode: BERT whose Add & Norm residuals are ODEs solved by torchdyn, or a DEQ.
 
-Public API: `BertODEConfig`, the models (`BertODEModel`, `BertODEForMaskedLM`,
-`BertODEForSequenceClassification`), `from_bert` (conversion from any transformers
-BERT), the vector-field registry (`VectorField`, `register_vector_field`) and
-`compile_model` (torch.compile at the scope that gives whole graphs).
+Public API:
+
+* configuration and models: `BertODEConfig`, `BertODEModel`, `BertODEForMaskedLM`,
+  `BertODEForSequenceClassification`, `BertODEPreTrainedModel`; `from_bert` (conversion
+  from any transformers BERT); `compile_model`; `SolverStatsCallback` (Trainer logs).
+* one registry per axis, each with a decorator and a listing (`available()` gives all):
+  vector fields (`VectorField`, `register_vector_field`), ODE solvers
+  (`register_solver`, `ButcherTableau`), gradient methods (`ODEGradient`, `DEQGradient`,
+  `register_gradient`), ODE-Transformer blocks (`Block`, `SchemeBlock`,
+  `register_block`), fixed-point solvers (`register_fixed_point_solver`,
+  `FixedPointTracker`).
+* initialisations that survive `post_init`: `zero_init`, `identity_init`.
 """
 
+from .blocks import Block, SchemeBlock, available_blocks, register_block
+from .callbacks import SolverStatsCallback
 from .compile import compile_model
 from .configuration import BertODEConfig
 from .convert import from_bert
+from .init import identity_init, zero_init
 from .modeling import (
     BertODEForMaskedLM,
     BertODEForSequenceClassification,
     BertODEModel,
     BertODEPreTrainedModel,
 )
+from .registry import registries
+from .solve.deq_gradients import FixedPointProblem
+from .solve.fixed_point import (
+    DEQSolveError,
+    FixedPointTracker,
+    SolveInfo,
+    available_fixed_point_solvers,
+    get_fixed_point_solver,
+    register_fixed_point_solver,
+)
+from .solve.gradients import DEQGradient, ODEGradient, available_gradients, get_gradient, register_gradient
+from .solve.ode import ODEProblem
+from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
+from .solve.stats import SolverStats
 from .vector_fields import VectorField, available_vector_fields, register_vector_field
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def available() -> dict[str, tuple[str, ...]]:
+    """Every registered name, by axis: what ``solver=``, ``sensitivity=``, ``block=``,
+    ``vector_field=``, ``deq.solver=`` accept right now (your registrations included)."""
+    return {field: registry.names() for field, registry in registries().items()}
+
 
 __all__ = [
-    "BertODEConfig",
-    "BertODEModel",
-    "BertODEForMaskedLM",
-    "BertODEForSequenceClassification",
-    "BertODEPreTrainedModel",
-    "VectorField",
-    "available_vector_fields",
-    "compile_model",
-    "from_bert",
-    "register_vector_field",
+    "BertODEConfig", "BertODEModel", "BertODEForMaskedLM", "BertODEForSequenceClassification",
+    "BertODEPreTrainedModel", "from_bert", "compile_model", "SolverStatsCallback", "SolverStats", "available",
+    "VectorField", "register_vector_field", "available_vector_fields",
+    "ButcherTableau", "register_solver", "available_solvers", "get_solver", "ODEProblem",
+    "ODEGradient", "DEQGradient", "register_gradient", "available_gradients", "get_gradient", "FixedPointProblem",
+    "Block", "SchemeBlock", "register_block", "available_blocks",
+    "register_fixed_point_solver", "available_fixed_point_solvers", "get_fixed_point_solver", "FixedPointTracker",
+    "SolveInfo",
+    "DEQSolveError", "zero_init", "identity_init",
 ]

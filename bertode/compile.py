@@ -13,7 +13,8 @@
   VJPs through (``retain_graph``, refused by compiled graphs' donated buffers) use the
   eager map; the forward solve's evaluations, the bulk of the work, are compiled.
 * ``scope="auto"`` (default): ``model`` where that gives one graph (discrete mode; ODE
-  mode with fixed steps, autograd, torchdyn's direct loop), ``fields`` otherwise.
+  mode with fixed steps, a traceable gradient method such as autograd, torchdyn's direct
+  loop), ``fields`` otherwise.
 
 The compiled functions are the classes' functions compiled once per call and called
 with the module as first argument. A copy of a field-compiled model (``copy.deepcopy``,
@@ -27,6 +28,7 @@ from torch import nn
 
 from .deq import BertDEQEncoder
 from .encoder import ResidualSite
+from .solve.gradients import get_gradient
 
 SCOPES = ("auto", "model", "fields")
 
@@ -35,7 +37,7 @@ def whole_graph(config) -> bool:
     """True when ``torch.compile(model)`` traces a forward of this config as one graph."""
     if config.mode == "discrete":
         return True
-    return (config.mode == "ode" and not config.adaptive and config.sensitivity == "autograd"
+    return (config.mode == "ode" and not config.adaptive and get_gradient(config.sensitivity).traceable
             and config.ode_backend == "torchdyn" and config.fixed_step_loop == "direct")
 
 

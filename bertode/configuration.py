@@ -13,21 +13,29 @@ from typing import Any
 
 from transformers import BertConfig
 
+from .blocks import BLOCKS
+from .solve.fixed_point import FIXED_POINT_SOLVERS
+from .solve.gradients import GRADIENTS, available_gradients, default_gradient
+from .solve.ode import FIXED_STEP_LOOPS, ODE_BACKENDS
+from .solve import ode_gradients  # noqa: F401  (registers the ODE gradient methods)
+from .solve.solvers import SOLVERS
+from .vector_fields import VECTOR_FIELDS
+
 MODES = ("ode", "discrete", "deq")
-FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
-ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
-SOLVERS = FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS
-SENSITIVITIES = ("autograd", "adjoint", "interpolated_adjoint")
-ODE_BACKENDS = ("torchdyn", "torchdiffeq")
-FIXED_STEP_LOOPS = ("direct", "neural_ode")
-BLOCKS = ("none", "rk2", "rk2_gated", "rk4")
-DEQ_SOLVERS = ("anderson", "broyden", "fixed_point")
-DEQ_GRADS = ("ift", "phantom", "unrolled")
 DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
-# torchdiffeq 0.2.5 names for our solvers; it has no tsit5.
-TORCHDIFFEQ_METHODS = {"euler": "euler", "midpoint": "midpoint", "rk4": "rk4", "dopri5": "dopri5"}
+GRADIENT_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
+# Name fields chosen from a registry, the mode they belong to (None: every mode) and the
+# registry; None means "the registry's default" where the mode uses the field.
+NAMED_CHOICES = {
+    "vector_field": ("ode", VECTOR_FIELDS),
+    "solver": ("ode", SOLVERS),
+    "block": (None, BLOCKS),
+    "deq_solver": ("deq", FIXED_POINT_SOLVERS),
+    "deq_backward_solver": ("deq", FIXED_POINT_SOLVERS),
+}
+MODE_WORD = {"ode": "model=ode", "discrete": "model=bert", "deq": "model=deq"}
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -53,91 +61,78 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
         _fail(field, value, f"an integer >= {minimum}")
 
 
+def _check_kwargs(field: str, value: Any) -> None:
+    if value is not None and not isinstance(value, dict):
+        _fail(field, value, "a dict or None")
+
+
+def _wrong_mode(field: str, value: Any, mode: str, allowed: str) -> None:
+    raise ValueError(f"BertODEConfig.{field}={value!r} is invalid with BertODEConfig.mode={mode!r}; allowed: {allowed}")
+
+
 class BertODEConfig(BertConfig):
     r"""Configuration of an ODE-BERT (``model_type="bertode"``).
 
-    All of `transformers.BertConfig`'s fields, plus:
+    All of `transformers.BertConfig`'s fields, plus one field per orthogonal choice. Name
+    fields read their registry (``bertode.available()`` lists them); ``None`` means the
+    registry's default for the mode. A choice that does not apply to the mode, set
+    explicitly, is refused (e.g. ``solver`` with ``mode="discrete"``).
 
     mode: ``"ode"`` solves every Add & Norm residual as an ODE; ``"discrete"`` is plain
-        BERT through the same code.
-    vector_field: name in the vector-field registry (``residual``, ``add_norm``,
-        ``time_residual`` or one registered with `bertode.register_vector_field`).
-    vector_field_kwargs: extra keyword arguments for the vector field's constructor.
-    solver: ``euler``, ``midpoint``, ``rk4`` (fixed step) or ``dopri5``, ``tsit5`` (adaptive).
-    steps: number of steps of a fixed-step solver on ``[0, t_end]``.
-    t_end: integration horizon of each residual; layer ``l`` integrates over
-        ``[l * t_end, (l + 1) * t_end]`` (only time-dependent fields can tell).
-    atol, rtol: tolerances of adaptive solvers.
-    sensitivity: ``autograd`` (backprop through the solver), ``adjoint`` (backsolve
-        adjoint) or ``interpolated_adjoint`` (adjoint on a cubic spline of the forward
-        trajectory). With fixed-step solvers both adjoints are the continuous adjoint
-        discretised on the step grid: they approach autograd's gradient only as
-        ``steps`` grows.
-    adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of the (backsolve)
-        adjoint (``adjoint_solver=None`` reuses ``solver``). torchdyn's interpolated adjoint
-        ignores them and uses ``solver``, ``atol``, ``rtol``; a fixed-step adjoint solver
-        takes one backward step per forward interval (inaccurate after adaptive forwards).
-    ode_backend: ``torchdyn`` (default, through ``NeuralODE``) or ``torchdiffeq`` (the peer).
-    fixed_step_loop: how a fixed-step solve with ``sensitivity="autograd"`` runs torchdyn's
-        solver: ``direct`` (default) calls its ``step`` from bertode; ``neural_ode`` goes
-        through torchdyn's ``NeuralODE`` and its ``odeint`` loop. The numbers are the same;
-        ``direct`` skips torchdyn's per-solve checks (about 0.5 ms of host time per solve)
-        and its graph breaks under ``torch.compile``. Adjoint and adaptive solves always
-        go through ``NeuralODE``.
+        BERT through the same code; ``"deq"`` the layer stack as a fixed-point map.
+    vector_field, vector_field_kwargs: the field dz/dt (ODE mode) and its constructor arguments.
+    solver: a registered ODE solver (ODE mode). steps: fixed-step solvers' steps on
+        ``[0, t_end]``. t_end: each residual's horizon; layer ``l`` integrates over
+        ``[l * t_end, (l + 1) * t_end]``. atol, rtol: adaptive solvers' tolerances.
+    sensitivity, sensitivity_kwargs: the gradient method (registered; its family must be
+        the mode's: ``autograd``, ``adjoint``, ``interpolated_adjoint`` for ODE mode;
+        ``ift``, ``phantom``, ``unrolled`` for DEQ mode) and its constructor arguments.
+    adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of ``adjoint``
+        (``None``: the forward solver).
+    ode_backend: ``torchdyn`` (default) or ``torchdiffeq`` (the peer).
+    fixed_step_loop: ``direct`` (torchdyn's solver steps called from bertode) or
+        ``neural_ode`` (through torchdyn's ``NeuralODE``): same numbers.
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
-    block: ``none`` or an ODE-Transformer block (``rk2``, ``rk2_gated``, ``rk4``; Li et al.
-        2021) taking one step of the whole layer's increment ``F(y) = Layer(y) - y``.
+    block, block_kwargs: an ODE-Transformer block over each whole layer (``none``: no block).
 
-    DEQ mode (``mode="deq"``; the map f is the stack of ``num_hidden_layers`` layers, with
-    the embedding output injected at every evaluation; see `deq.py`):
-
-    deq_solver: ``anderson``, ``broyden`` or ``fixed_point`` (forward, no graph, fp32).
-    deq_max_iter, deq_tol, deq_stop_mode: stop when every sample's residual
-        ``|f(z) - z|`` (``abs``) or ``|f(z) - z| / |f(z)|`` (``rel``) is below ``deq_tol``.
-    deq_damping: tau of fixed-point, phantom and unrolled steps z <- (1 - tau) z + tau f(z);
-        Anderson's mixing beta.
-    deq_memory: history length of Anderson and Broyden.
-    deq_grad: ``ift`` (implicit function theorem), ``phantom`` (``deq_phantom_steps``
-        damped steps from z*), ``unrolled`` (backprop through fixed-point iterations).
-    deq_backward_solver, deq_backward_max_iter, deq_backward_tol: the IFT linear solve.
-    deq_injection: ``add`` (f sees z + U e(x)) or ``qkv`` (U e(x) added to Q, K, V).
-    jac_reg_weight, jac_reg_freq: Hutchinson Jacobian penalty weight and the probability
-        of computing it on a training step.
-    deq_weight_norm: weight-normalise the map's linear layers.
-    deq_pretrain_steps, deq_pretrain_depth: first training forwards run the map unrolled
-        ``deq_pretrain_depth`` times from z0 = 0 (with ordinary backprop).
-    deq_on_nonfinite: ``raise`` a `DEQSolveError` naming the layer, iteration and residual,
-        or ``skip`` the batch (zero loss, no gradients) and count it.
-    deq_spectral_radius: estimate the spectral radius of J_f(z*) at eval (power iteration).
+    DEQ mode (see `deq.py`): deq_solver and deq_backward_solver (registered fixed-point
+    solvers for the forward solve and the IFT's linear solve), deq_max_iter, deq_tol,
+    deq_stop_mode (``rel``/``abs``), deq_damping (tau of damped steps; Anderson's beta),
+    deq_memory, deq_phantom_steps, deq_backward_max_iter, deq_backward_tol, deq_injection
+    (``add``/``qkv``), jac_reg_weight and jac_reg_freq (Hutchinson Jacobian penalty),
+    deq_weight_norm, deq_pretrain_steps and deq_pretrain_depth (unrolled warm-up),
+    deq_on_nonfinite (``raise`` or ``skip`` and count), deq_spectral_radius (at eval).
     """
 
     model_type = "bertode"
+    keys_to_ignore_at_inference = ["solver_stats"]
 
     mode: str = "ode"
-    vector_field: str = "residual"
+    vector_field: str | None = None
     vector_field_kwargs: dict | None = None
-    solver: str = "euler"
+    solver: str | None = None
     steps: int = 1
     t_end: float = 1.0
     atol: float = 1e-3
     rtol: float = 1e-3
-    sensitivity: str = "autograd"
+    sensitivity: str | None = None
+    sensitivity_kwargs: dict | None = None
     adjoint_solver: str | None = None
     adjoint_atol: float = 1e-4
     adjoint_rtol: float = 1e-4
     ode_backend: str = "torchdyn"
     fixed_step_loop: str = "direct"
     weight_tying: bool = False
-    block: str = "none"
-    deq_solver: str = "anderson"
+    block: str | None = None
+    block_kwargs: dict | None = None
+    deq_solver: str | None = None
     deq_max_iter: int = 30
     deq_tol: float = 1e-3
     deq_stop_mode: str = "rel"
     deq_damping: float = 1.0
     deq_memory: int = 5
-    deq_grad: str = "ift"
     deq_phantom_steps: int = 1
-    deq_backward_solver: str = "anderson"
+    deq_backward_solver: str | None = None
     deq_backward_max_iter: int = 30
     deq_backward_tol: float = 1e-5
     deq_injection: str = "add"
@@ -150,36 +145,97 @@ class BertODEConfig(BertConfig):
     deq_spectral_radius: bool = False
 
     def __post_init__(self, **kwargs):
+        legacy_deq_grad = kwargs.pop("deq_grad", None)
         super().__post_init__(**kwargs)
+        if legacy_deq_grad is not None:
+            self._translate_legacy(legacy_deq_grad)
         self.validate_ode()
 
-    def validate_ode(self) -> None:
-        """Raise ValueError naming the first invalid ODE field."""
-        from .vector_fields import available_vector_fields
+    def _translate_legacy(self, deq_grad: str) -> None:
+        """Configs saved before the gradient axis was one field carry ``deq_grad`` and every
+        mode's defaults: keep what the mode uses, so old checkpoints keep loading."""
+        for field, (mode, _) in NAMED_CHOICES.items():
+            if mode is not None and mode != self.mode:
+                setattr(self, field, None)
+        if self.mode != "ode":
+            self.sensitivity = deq_grad if self.mode == "deq" else None
 
+    def validate_ode(self) -> None:
+        """Fill unset name fields with the mode's defaults, then raise ValueError naming the
+        first invalid field (and the field it conflicts with)."""
         _check_choice("mode", self.mode, MODES)
-        _check_choice("vector_field", self.vector_field, available_vector_fields())
-        if self.vector_field_kwargs is not None and not isinstance(self.vector_field_kwargs, dict):
-            _fail("vector_field_kwargs", self.vector_field_kwargs, "a dict or None")
-        _check_choice("solver", self.solver, SOLVERS)
+        self._check_names()
+        _check_kwargs("vector_field_kwargs", self.vector_field_kwargs)
+        _check_kwargs("sensitivity_kwargs", self.sensitivity_kwargs)
+        _check_kwargs("block_kwargs", self.block_kwargs)
         _check_int("steps", self.steps, 1)
         for name in ("t_end", "atol", "rtol", "adjoint_atol", "adjoint_rtol"):
             _check_positive(name, getattr(self, name))
-        _check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
-        if self.adjoint_solver is not None:
-            _check_choice("adjoint_solver", self.adjoint_solver, SOLVERS + (None,))
+        if self.adjoint_solver is not None and self.adjoint_solver not in SOLVERS:
+            raise SOLVERS.invalid("adjoint_solver", self.adjoint_solver)
         _check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
         _check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if not isinstance(self.weight_tying, bool):
             _fail("weight_tying", self.weight_tying, "True or False")
-        _check_choice("block", self.block, BLOCKS)
         _check_int("num_hidden_layers", self.num_hidden_layers, 1)
         if self.hidden_size % self.num_attention_heads != 0:
             _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        self._check_deq_numbers()
+        self._check_gradient()
+        if self.mode == "deq" and not BLOCKS[self.block].is_plain:
+            _wrong_mode("block", self.block, self.mode, f"{BLOCKS.default!r} (a DEQ map has no block)")
+        if self.mode == "ode" and self.ode_backend == "torchdiffeq":
+            methods = [name for name, spec in SOLVERS.items() if spec.torchdiffeq]
+            for field in ("solver", "adjoint_solver"):
+                name = getattr(self, field)
+                if name is not None and SOLVERS[name].torchdiffeq is None:
+                    _fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
 
-        _check_choice("deq_solver", self.deq_solver, DEQ_SOLVERS)
-        _check_choice("deq_backward_solver", self.deq_backward_solver, DEQ_SOLVERS)
-        _check_choice("deq_grad", self.deq_grad, DEQ_GRADS)
+    def _check_names(self) -> None:
+        for field, (mode, registry) in NAMED_CHOICES.items():
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or value not in registry):
+                raise registry.invalid(field, value)
+            if mode is not None and mode != self.mode:
+                if value is not None:
+                    _wrong_mode(field, value, self.mode, f"None (it applies to mode={mode!r})")
+            elif value is None:
+                setattr(self, field, registry.default)
+        if self.mode != "ode" and self.vector_field_kwargs:
+            _wrong_mode("vector_field_kwargs", self.vector_field_kwargs, self.mode, "None (it applies to mode='ode')")
+
+    def _check_gradient(self) -> None:
+        family = GRADIENT_FAMILY[self.mode]
+        if family is None:
+            if self.sensitivity is not None:
+                _wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
+            return
+        if self.sensitivity is None:
+            self.sensitivity = default_gradient(family)
+        if self.sensitivity not in GRADIENTS:
+            raise GRADIENTS.invalid("sensitivity", self.sensitivity)
+        method = GRADIENTS[self.sensitivity]
+        if method.family != family:
+            _wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_gradients(family))))
+        if self.adjoint_solver is not None and "adjoint_solver" not in method.config_fields.values():
+            _fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
+        if family != "ode":
+            return
+        gradient = method.from_config(self)
+        if self.ode_backend not in method.backends:
+            _fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} "
+                  f"({', '.join(n for n in available_gradients('ode') if self.ode_backend in GRADIENTS[n].backends)})")
+        if method.reevaluates_field and not BLOCKS[self.block].is_plain:
+            _fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "
+                  "(a block is one discrete step, trained by backpropagation)")
+        if method.reevaluates_field and self.attention_probs_dropout_prob > 0:
+            # The adjoint re-evaluates the field backwards in time; attention dropout
+            # would draw new masks there (hidden dropout keeps one mask per solve).
+            _fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
+                  f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
+        gradient.validate(self)
+
+    def _check_deq_numbers(self) -> None:
         _check_choice("deq_stop_mode", self.deq_stop_mode, DEQ_STOP_MODES)
         _check_choice("deq_injection", self.deq_injection, DEQ_INJECTIONS)
         _check_choice("deq_on_nonfinite", self.deq_on_nonfinite, DEQ_ON_NONFINITE)
@@ -197,32 +253,11 @@ class BertODEConfig(BertConfig):
         for name in ("deq_weight_norm", "deq_spectral_radius"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
-        if self.mode == "deq" and self.block != "none":
-            _fail("block", self.block, "'none' with mode='deq'")
-
-        if self.ode_backend == "torchdiffeq":
-            if self.solver not in TORCHDIFFEQ_METHODS:
-                _fail("solver", self.solver, f"{', '.join(map(repr, TORCHDIFFEQ_METHODS))} with ode_backend='torchdiffeq'")
-            if self.adjoint_solver is not None and self.adjoint_solver not in TORCHDIFFEQ_METHODS:
-                _fail("adjoint_solver", self.adjoint_solver, f"{', '.join(map(repr, TORCHDIFFEQ_METHODS))} or None with ode_backend='torchdiffeq'")
-            if self.sensitivity == "interpolated_adjoint":
-                _fail("sensitivity", self.sensitivity, "'autograd', 'adjoint' with ode_backend='torchdiffeq'")
-        adjoint = self.sensitivity != "autograd"
-        if adjoint and self.block != "none":
-            _fail("sensitivity", self.sensitivity, "'autograd' when block is an ODE-Transformer block (one discrete step)")
-        if adjoint and self.attention_probs_dropout_prob > 0:
-            # The adjoint re-evaluates the field backwards in time; attention dropout
-            # would draw new masks there (hidden dropout keeps one mask per solve).
-            _fail(
-                "attention_probs_dropout_prob",
-                self.attention_probs_dropout_prob,
-                f"0.0 with sensitivity={self.sensitivity!r} (the adjoint re-evaluates the field)",
-            )
 
     @property
     def adaptive(self) -> bool:
         """True when `solver` chooses its own steps from `atol`/`rtol`."""
-        return self.solver in ADAPTIVE_SOLVERS
+        return self.solver is not None and SOLVERS[self.solver].adaptive
 
 
 __all__ = ["BertODEConfig"]

@@ -6,30 +6,43 @@ with discrete residuals, and the embedding output e(x) injected at every evaluat
 layer on the embeddings); ``qkv`` adds U e to the attention's Q, K and V projections
 (the DEQ-Transformer's injection). z0 = 0.
 
-Forward: solve for z* without a graph, in fp32 even under autocast (`deq_solvers.py`).
-Gradient (``deq_grad``):
+The forward solve runs without a graph in fp32, even under autocast, with the registered
+fixed-point solver ``deq_solver`` (`solve/fixed_point.py`); the gradient method
+(``sensitivity``: ift, phantom, unrolled or a registered one, `solve/deq_gradients.py`)
+gives z* its gradient path. This module owns the DEQ's training semantics, so that
+`bertode.train` and `transformers.Trainer` behave the same:
 
-* ``ift``: z_out = f(z*) with a graph; a hook replaces the incoming gradient v by the
-  solution g of g = v + g J_f(z*) (solved with ``deq_backward_solver``), so
-  dL/dtheta = g df/dtheta. Memory is one evaluation of f, whatever the iteration count.
-* ``phantom``: ``deq_phantom_steps`` damped steps z <- (1 - tau) z + tau f(z) from z*,
-  backpropagated (Jacobian-free backprop for one step).
-* ``unrolled``: damped fixed-point iterations from z0 with a graph, to ``deq_tol`` or
-  ``deq_max_iter`` (for tests and small runs).
-
-Stabilisers: Hutchinson Jacobian penalty E|eps^T J_f(z*)|^2 / dim (added to the loss by
-the heads), weight normalisation, one dropout mask per forward reused by every
-evaluation, and an unrolled warm-up for the first ``deq_pretrain_steps`` forwards.
+* stabilisers: the Hutchinson Jacobian penalty E|eps^T J_f(z*)|^2 / dim (added to the
+  loss by the heads), weight normalisation, one dropout mask per forward reused by every
+  evaluation, and an unrolled warm-up for the first ``deq_pretrain_steps`` training forwards;
+* ``deq_on_nonfinite="skip"``: a non-finite value in the forward solve (the heads return a
+  zero loss) or in the implicit backward solve (the batch's gradients are rolled back at
+  the end of the backward pass, see `modeling.py`) skips the batch and counts it;
+* counters (``training_forwards``, ``skipped_batches``, ``nonconverged_solves``) are
+  persistent buffers: ``save_pretrained``, ``from_pretrained`` and Trainer checkpoints
+  carry them, so a resumed warm-up continues where it stopped.
 """
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils import logging
 
-from .deq_solvers import SOLVERS, DEQSolveError
 from .encoder import BertODELayer, Pass
+from .solve.deq_gradients import FixedPointProblem
+from .solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
+from .solve.gradients import build_gradient
+from .solve.stats import FixedPointRecord, SolverStats
+
+logger = logging.get_logger(__name__)
+COUNTERS = ("training_forwards", "skipped_batches", "nonconverged_solves")
+# What to do when the implicit backward of the current forward is skipped: set by the
+# model's forward (modeling.py), read when the map is built, so each forward keeps its own.
+ON_BACKWARD_SKIP: contextvars.ContextVar = contextvars.ContextVar("bertode_on_backward_skip", default=None)
 
 
 def apply_weight_norm(layers: nn.Module) -> None:
@@ -41,23 +54,26 @@ def apply_weight_norm(layers: nn.Module) -> None:
 
 class BertDEQEncoder(nn.Module):
     def __init__(self, config):
+        from .init import identity_init
+
         super().__init__()
         self.config = config
-        self.layer = nn.ModuleList(BertODELayer(config) for _ in range(config.num_hidden_layers))
+        # Discrete residuals, and no attention dropout: the map must be one deterministic
+        # function during a solve (hidden dropout uses one mask per forward instead).
+        self.layer = nn.ModuleList(BertODELayer(config, integrate=False, attention_dropout=0.0)
+                                   for _ in range(config.num_hidden_layers))
         width = config.hidden_size * (3 if config.deq_injection == "qkv" else 1)
         self.injection = nn.Linear(config.hidden_size, width)
         if config.deq_injection == "add":
-            self.injection._bertode_identity_init = True
-            nn.init.eye_(self.injection.weight)
-            nn.init.zeros_(self.injection.bias)
+            identity_init(self.injection)
         if config.deq_weight_norm:
             apply_weight_norm(self.layer)
+        self.gradient = build_gradient(config)
         self.compiled_map = None  # torch.compile(BertDEQEncoder.evaluate_map), set by compile_model
-        self.training_forwards = 0
-        self.skipped_batches = 0
-        self.nonconverged_solves = 0
-        self._stats: dict = {}
+        for name in COUNTERS:
+            self.register_buffer(name, torch.zeros((), dtype=torch.long))
         self.last_forward_info = self.last_backward_info = None  # SolveInfo, with residual history
+        self.last_stats = SolverStats()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -74,9 +90,7 @@ class BertDEQEncoder(nn.Module):
         masks: dict = {}
         add = injected if self.config.deq_injection == "add" else None
         qkv = injected if self.config.deq_injection == "qkv" else None
-
         compute_dtype = embeddings.dtype  # the layers' dtype (a bf16 model computes in bf16)
-
         evaluate = self.compiled_map or type(self).evaluate_map
 
         def f(z_flat):
@@ -93,7 +107,7 @@ class BertDEQEncoder(nn.Module):
         z = z_flat.view(shape).to(compute_dtype)
         hidden = z + add if add is not None else z
         for index, layer in enumerate(self.layer):
-            hidden = layer(hidden, attn_mask, Pass(None, index, qkv, masks))
+            hidden, _ = layer(hidden, attn_mask, Pass(index, qkv, masks))
         return hidden.reshape(z_flat.shape).to(dtype)
 
     def _name(self, what):
@@ -101,92 +115,80 @@ class BertDEQEncoder(nn.Module):
 
     def _solve(self, f, z0, solver, max_iter, tol, name):
         cfg = self.config
-        return SOLVERS[solver](f, z0, max_iter, tol, stop_mode=cfg.deq_stop_mode, damping=cfg.deq_damping,
-                               memory=cfg.deq_memory, name=name)
+        return get_fixed_point_solver(solver)(f, z0, max_iter, tol, stop_mode=cfg.deq_stop_mode,
+                                              damping=cfg.deq_damping, memory=cfg.deq_memory, name=name)
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
+        """(hidden, hidden states or None, `SolverStats`) of this forward."""
         cfg = self.config
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        batch = embeddings.shape[0]
-        z0 = embeddings.new_zeros(batch, embeddings[0].numel(), dtype=dtype)
-        self._stats = {}
+        z0 = embeddings.new_zeros(embeddings.shape[0], embeddings[0].numel(), dtype=dtype)
         self.jac_loss = None
         f = self.layer_map(embeddings, attn_mask, dtype)
-
+        record = FixedPointRecord("deq")
+        problem = FixedPointProblem(f, z0, cfg.deq_damping, cfg.deq_tol, cfg.deq_max_iter,
+                                    lambda: self._solve_forward(f, z0, record),
+                                    self._backward_solver(record, ON_BACKWARD_SKIP.get()), record)
         if self.training:
             self.training_forwards += 1
-        if self.training and self.training_forwards <= cfg.deq_pretrain_steps:
+        if self.training and int(self.training_forwards) <= cfg.deq_pretrain_steps:
             z = z0
             for _ in range(cfg.deq_pretrain_depth):
                 z = f(z)
-            self._stats = {"pretrain": True, "forward_iterations": cfg.deq_pretrain_depth}
+            record.nfe_forward = cfg.deq_pretrain_depth
+            record.extra.update(pretrain=True, forward_iterations=cfg.deq_pretrain_depth)
             out = z
-        elif cfg.deq_grad == "unrolled":
-            out = self._unrolled(f, z0)
         else:
-            with torch.no_grad(), torch.autocast(embeddings.device.type, enabled=False):
-                z_star, info = self._solve(f, z0, cfg.deq_solver, cfg.deq_max_iter, cfg.deq_tol, self._name("forward"))
-            self._record_forward(info)
-            out = self._attach_gradient(f, z_star) if torch.is_grad_enabled() else z_star
+            out = self.gradient(problem)
+            z_star = out.detach()
             if self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() and torch.rand(()) < cfg.jac_reg_freq:
-                self.jac_loss = self._jacobian_penalty(f.eager, z_star)
+                self.jac_loss = self._jacobian_penalty(f.eager, z_star, record)
             if not self.training and cfg.deq_spectral_radius:
-                self._stats["spectral_radius"] = self._spectral_radius(f.eager, z_star)
+                record.extra["spectral_radius"] = self._spectral_radius(f.eager, z_star)
+        stats = SolverStats([record], counters=self.counters())
+        self.last_stats = stats
         hidden = out.view(embeddings.shape).to(embeddings.dtype)
-        return hidden, ((embeddings, hidden) if output_hidden_states else None)
+        return hidden, ((embeddings, hidden) if output_hidden_states else None), stats
 
-    def _unrolled(self, f, z0):
-        tau, z, relative = self.config.deq_damping, z0, float("nan")
-        for iteration in range(1, self.config.deq_max_iter + 1):
-            fz = f(z)
-            if not bool(torch.isfinite(fz).all()):
-                raise DEQSolveError(f"{self._name('unrolled')}: non-finite value in f(z) at iteration {iteration} "
-                                    f"(relative residual before it {relative:.3e})")
-            relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
-            z = (1 - tau) * z + tau * fz
-            if relative < self.config.deq_tol:
-                break
-        self._stats = {"forward_iterations": iteration, "forward_rel_residual": relative}
-        return z
-
-    def _attach_gradient(self, f, z_star):
-        cfg = self.config
-        if cfg.deq_grad == "phantom":
-            z = z_star
-            for _ in range(cfg.deq_phantom_steps):
-                z = (1 - cfg.deq_damping) * z + cfg.deq_damping * f(z)
-            return z
-        z_star = z_star.detach().requires_grad_()
-        # The implicit backward takes many VJPs through this one evaluation (retain_graph),
-        # which compiled graphs refuse (donated buffers): it runs eagerly.
-        z_out = f.eager(z_star)
-        if not z_out.requires_grad:
-            return z_out
-        # The hook sits on a view of z_out, so the backward solve's own vector-Jacobian
-        # products (which start from z_out) do not re-enter it.
-        out = z_out.view_as(z_out)
-        out.register_hook(lambda grad: self._implicit_backward(z_out, z_star, grad))
-        return out
-
-    def _implicit_backward(self, z_out, z_star, grad):
-        """Solve g = grad + g J_f(z*) (row vector), J_f(z*) applied by vector-Jacobian products."""
-        cfg = self.config
-
-        def h(g):
-            vjp = torch.autograd.grad(z_out, z_star, g, retain_graph=True)[0]
-            return vjp + grad
-
-        g, info = self._solve(h, torch.zeros_like(grad), cfg.deq_backward_solver, cfg.deq_backward_max_iter,
-                              cfg.deq_backward_tol, self._name("backward (implicit-function)"))
-        self.last_backward_info = info
-        if not bool(info.converged.all()):
+    def _solve_forward(self, f, z0, record):
+        with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
+            z_star, info = self._solve(f, z0, self.config.deq_solver, self.config.deq_max_iter, self.config.deq_tol,
+                                       self._name("forward"))
+        self.last_forward_info = info
+        converged = info.converged.float().mean().item()
+        if converged < 1:
             self.nonconverged_solves += 1
-        self._stats.update(backward_iterations=info.iterations,
-                           backward_rel_residual=info.rel_residual.max().item())
-        return g
+        record.nfe_forward = info.iterations
+        record.extra.update(forward_iterations=info.iterations, forward_abs_residual=info.abs_residual.max().item(),
+                            forward_rel_residual=info.rel_residual.max().item(), converged_fraction=converged)
+        return z_star
 
-    def _jacobian_penalty(self, f, z_star):
+    def _backward_solver(self, record, on_skip):
+        """The implicit backward's linear solve for this forward, with ``deq_on_nonfinite``."""
+
+        def solve_backward(h, g0, solver=None, max_iter=30, tol=1e-5):
+            try:
+                g, info = self._solve(h, g0, solver or FIXED_POINT_SOLVERS.default, max_iter, tol,
+                                      self._name("backward (implicit-function)"))
+            except DEQSolveError as error:
+                if self.config.deq_on_nonfinite != "skip":
+                    raise
+                self.skipped_batches += 1
+                logger.warning("skipping a batch: %s", error)
+                if on_skip is not None:
+                    on_skip()
+                return torch.zeros_like(g0)
+            self.last_backward_info = info
+            if not bool(info.converged.all()):
+                self.nonconverged_solves += 1
+            record.nfe_backward = info.iterations
+            record.extra.update(backward_iterations=info.iterations, backward_rel_residual=info.rel_residual.max().item())
+            return g
+
+        return solve_backward
+
+    def _jacobian_penalty(self, f, z_star, record=None):
         z = z_star.detach().requires_grad_()
         # The penalty is differentiated twice; fused SDPA kernels have no double backward.
         with sdpa_kernel(SDPBackend.MATH):
@@ -194,7 +196,8 @@ class BertDEQEncoder(nn.Module):
         eps = torch.randn_like(fz)
         vjp = torch.autograd.grad(fz, z, eps, create_graph=True)[0]
         penalty = vjp.pow(2).sum() / eps.numel()
-        self._stats["jac_loss"] = penalty.item()
+        if record is not None:
+            record.extra["jac_loss"] = penalty.item()
         return penalty
 
     def _spectral_radius(self, f, z_star, iterations=20):
@@ -210,27 +213,9 @@ class BertDEQEncoder(nn.Module):
                 v = w
         return estimate.max().item()
 
-    def _record_forward(self, info):
-        self.last_forward_info = info
-        converged = info.converged.float().mean().item()
-        if converged < 1:
-            self.nonconverged_solves += 1
-        self._stats.update(
-            forward_iterations=info.iterations,
-            forward_abs_residual=info.abs_residual.max().item(),
-            forward_rel_residual=info.rel_residual.max().item(),
-            converged_fraction=converged,
-        )
-
-    COUNTERS = ("training_forwards", "nonconverged_solves", "skipped_batches")
-
     def counters(self) -> dict:
-        """Training-progress counters a checkpoint must carry (the warm-up depends on them)."""
-        return {name: getattr(self, name) for name in self.COUNTERS}
-
-    def load_counters(self, counters: dict) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, int(counters[name]))
+        """The running counters (persistent buffers: checkpoints carry them)."""
+        return {name: int(getattr(self, name)) for name in COUNTERS}
 
     def solver_stats(self) -> dict:
-        return dict(self._stats, nonconverged_solves=self.nonconverged_solves, skipped_batches=self.skipped_batches)
+        return SolverStats(self.last_stats.records, self.counters()).summary()

@@ -1,9 +1,14 @@
 """The ODE-BERT encoder: layers whose Add & Norm residuals are ODE solves.
 
-`ResidualSite` is one Add & Norm residual (a branch G, its LayerNorm, a vector field and
-a solve); `BertODELayer` is attention site then feed-forward site, optionally wrapped in
-an ODE-Transformer block; `BertODEEncoder` applies ``num_hidden_layers`` layers (or one
-layer that many times, with ``weight_tying``) and gathers the solver statistics.
+`ResidualSite` is one Add & Norm residual (a branch G, its LayerNorm, and, in ODE mode,
+a vector field and a solve); `BertODELayer` is attention site then feed-forward site,
+stepped by a block (`blocks.py`; ``none`` applies it once); `BertODEEncoder` applies
+``num_hidden_layers`` layers (or one layer that many times, with ``weight_tying``) and
+returns the solves' statistics with its output.
+
+Nothing here reads ``config.mode``: the encoder that builds the layers says whether the
+sites integrate (``integrate``) and whether attention dropout may be drawn per
+evaluation (``attention_dropout``); a DEQ forward hands the sites its dropout masks.
 """
 
 from __future__ import annotations
@@ -14,42 +19,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ode import ODESolve
-from .stats import SolverStats
+from .blocks import build_block
+from .solve.gradients import build_gradient
+from .solve.ode import ODESolve
+from .solve.stats import SolveRecord, SolverStats
 from .sublayers import AttentionBranch, FeedForwardBranch
 from .vector_fields import build_vector_field
 
 
 @dataclass
 class Pass:
-    """What one forward pass tells every site: where statistics go, which layer this is,
-    and, in DEQ mode, the Q/K/V input injection and the dropout masks reused by every
-    evaluation of the map during this forward (variational dropout)."""
+    """What one forward pass tells every site: which layer this is and, in DEQ mode, the
+    Q/K/V input injection and the dropout masks reused by every evaluation of the map
+    during this forward (variational dropout; ``None``: a fresh mask per call)."""
 
-    stats: SolverStats | None
     layer_index: int
     qkv_injection: torch.Tensor | None = None
     dropout_masks: dict | None = None
 
 
-class ResidualSite(nn.Module):
-    """x -> LN(x + G(x)) in discrete mode; in ODE mode, integrate the vector field over
-    [l t_end, (l + 1) t_end] from x and apply the field's `finish` (e.g. the LayerNorm)."""
+def ode_solve(config) -> ODESolve:
+    """The solve every ODE site of this config uses (solver, gradient method, options)."""
+    return ODESolve(config.solver, build_gradient(config), steps=config.steps, atol=config.atol, rtol=config.rtol,
+                    ode_backend=config.ode_backend, fixed_step_loop=config.fixed_step_loop)
 
-    def __init__(self, config, branch: nn.Module, name: str):
+
+class ResidualSite(nn.Module):
+    """x -> LN(x + G(x)) when it does not integrate; otherwise integrate the vector field
+    over [l t_end, (l + 1) t_end] from x and apply the field's `finish` (e.g. the LayerNorm)."""
+
+    def __init__(self, config, branch: nn.Module, name: str, integrate: bool):
         super().__init__()
         self.name = name
         self.branch = branch
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden_dropout = config.hidden_dropout_prob
-        self.ode = config.mode == "ode"
-        self.variational = config.mode == "deq"
+        self.ode = integrate
         self.compiled_evaluate = None  # torch.compile(ResidualSite.evaluate), set by compile_model
-        if self.ode:
+        if integrate:
             self.field = build_vector_field(config)
-            self.solve = ODESolve.from_config(config)
+            self.solve = ode_solve(config)
             self.t_end = config.t_end
-            self.fixed_steps = None if config.adaptive else config.steps
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -71,17 +81,21 @@ class ResidualSite(nn.Module):
 
         return self.field(t, z, branch, self.norm)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass) -> torch.Tensor:
+    def _dropout(self, update: torch.Tensor, run: Pass) -> torch.Tensor:
+        if not (self.training and self.hidden_dropout > 0):
+            return update
+        if run.dropout_masks is None:
+            return F.dropout(update, self.hidden_dropout, True)
+        key = (run.layer_index, self.name)
+        if key not in run.dropout_masks:
+            run.dropout_masks[key] = torch.empty_like(update).bernoulli_(1 - self.hidden_dropout) / (1 - self.hidden_dropout)
+        return update * run.dropout_masks[key]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
+        """(output, the solve's `SolveRecord` or None)."""
         if not self.ode:
-            update = self.branch(x, attn_mask, run.qkv_injection)
-            if self.variational and run.dropout_masks is not None and self.training and self.hidden_dropout > 0:
-                key = (run.layer_index, self.name)
-                if key not in run.dropout_masks:
-                    run.dropout_masks[key] = torch.empty_like(update).bernoulli_(1 - self.hidden_dropout) / (1 - self.hidden_dropout)
-                update = update * run.dropout_masks[key]
-            else:
-                update = F.dropout(update, self.hidden_dropout, self.training)
-            return self.norm(x + update)
+            update = self._dropout(self.branch(x, attn_mask, run.qkv_injection), run)
+            return self.norm(x + update), None
 
         # One dropout mask per solve: the field stays one deterministic function of (t, z).
         keep = None
@@ -93,43 +107,43 @@ class ResidualSite(nn.Module):
         def dynamics(t, z):
             return evaluate(self, t, z, attn_mask, keep)
 
-        record = run.stats.new_record(f"layer.{run.layer_index}.{self.name}", self.fixed_steps)
         t0 = run.layer_index * self.t_end
-        z = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, record)
-        return self.field.finish(z, self.norm)
+        z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end,
+                               f"layer.{run.layer_index}.{self.name}")
+        return self.field.finish(z, self.norm), record
 
 
 class BertODELayer(nn.Module):
-    """Attention site then feed-forward site; with ``block`` set, one ODE-Transformer
-    block step of the whole layer's increment F(y) = Layer(y) - y (see `schemes.py`)."""
+    """Attention site then feed-forward site, stepped by the configured block."""
 
-    def __init__(self, config):
+    def __init__(self, config, integrate: bool = True, attention_dropout: float | None = None):
         super().__init__()
-        self.attention = ResidualSite(config, AttentionBranch(config), "attention")
-        self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward")
-        self.block = config.block
-        if self.block != "none":
-            self.block_solve = ODESolve(solver=self.block, steps=1, loop=config.fixed_step_loop)
-            self.hidden_size = config.hidden_size
-        if self.block == "rk2_gated":
-            self.gate = nn.Linear(2 * config.hidden_size, 1)
-            self.gate._bertode_zero_init = True
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+        self.attention = ResidualSite(config, AttentionBranch(config, attention_dropout), "attention", integrate)
+        self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward", integrate)
+        self.block = build_block(config)
 
-    def layer(self, x, attn_mask, run: Pass):
-        return self.feed_forward(self.attention(x, attn_mask, run), attn_mask, run)
+    def layer(self, x, attn_mask, run: Pass, records: list):
+        x, record = self.attention(x, attn_mask, run)
+        records.append(record)
+        x, record = self.feed_forward(x, attn_mask, run)
+        records.append(record)
+        return x
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass) -> torch.Tensor:
-        if self.block == "none":
-            return self.layer(x, attn_mask, run)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
+        """(output, the records of every solve this layer ran)."""
+        records: list = []
+        if self.block.is_plain:
+            out = self.layer(x, attn_mask, run, records)
+        else:
+            block_record = SolveRecord(f"layer.{run.layer_index}.block", fixed_steps=1)
 
-        def increment(t, y):
-            return self.layer(y, attn_mask, run) - y
+            def layer(y):
+                block_record.count_evaluation()
+                return self.layer(y, attn_mask, run, records)
 
-        scheme_state = {"gate": self.gate, "hidden_size": self.hidden_size} if self.block == "rk2_gated" else None
-        record = run.stats.new_record(f"layer.{run.layer_index}.block", 1)
-        return self.block_solve(x, increment, list(self.parameters()), 0.0, 1.0, record, scheme_state)
+            out = self.block(layer, x)
+            records.insert(0, block_record)
+        return out, [r for r in records if r is not None]
 
 
 class BertODEEncoder(nn.Module):
@@ -137,18 +151,23 @@ class BertODEEncoder(nn.Module):
         super().__init__()
         self.num_applications = config.num_hidden_layers
         distinct = 1 if config.weight_tying else config.num_hidden_layers
-        self.layer = nn.ModuleList(BertODELayer(config) for _ in range(distinct))
-        self.stats = SolverStats()
+        integrate = config.mode == "ode"
+        self.layer = nn.ModuleList(BertODELayer(config, integrate) for _ in range(distinct))
+        self.last_stats = SolverStats()
+        self.skipped_batches = 0  # the DEQ's counter; an ODE encoder never skips
 
     def solver_stats(self) -> dict:
-        return self.stats.summary()
+        return self.last_stats.summary()
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
-        self.stats.reset()
+        """(hidden, hidden states or None, `SolverStats` of this forward)."""
+        stats = SolverStats()
         states = [hidden] if output_hidden_states else None
         for index in range(self.num_applications):
             layer = self.layer[index if len(self.layer) > 1 else 0]
-            hidden = layer(hidden, attn_mask, Pass(self.stats, index))
+            hidden, records = layer(hidden, attn_mask, Pass(index))
+            stats.records.extend(records)
             if states is not None:
                 states.append(hidden)
-        return hidden, (tuple(states) if states is not None else None)
+        self.last_stats = stats
+        return hidden, (tuple(states) if states is not None else None), stats

@@ -1,54 +1,9 @@
 """`python -m bertode.evaluate checkpoint=DIR`: MLM loss, perplexity and accuracy of a
-saved model on a split, with the masking fixed by ``seed``.
+saved model (the command lives in `bertode.training.evaluate`)."""
 
-DIR is a model directory with its tokenizer (a training run's ``final/``, or any
-`save_pretrained` output of a bertode or HF BERT masked-LM). The data group chooses the
-text (``data=text data.files=[...] data.eval_files=[...]``); ``split=eval`` (default) or
-``train``. Prints one line and writes ``evaluation.json`` into the Hydra run directory.
-"""
+from .training.evaluate import main, run
 
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-import torch
-from omegaconf import DictConfig
-
-from . import modeling  # noqa: F401  (registers the Auto classes)
-from .cli import hydra_entry, usage_errors
-from .corpus import load_tokenizer, prepare
-from .mlm import evaluate as evaluate_batches
-from .mlm import fixed_eval_batches
-
-
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from transformers import AutoModelForMaskedLM
-
-    with usage_errors():
-        folder = Path(str(cfg.checkpoint))
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
-                             "(e.g. a run's final/)")
-        if cfg.split not in ("eval", "train"):
-            raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
-        tokenizer = load_tokenizer(folder)
-        corpus = prepare(cfg.data, tokenizer=tokenizer)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    model = AutoModelForMaskedLM.from_pretrained(folder).to(device)
-    rows = corpus.eval if cfg.split == "eval" else corpus.train
-    batches = fixed_eval_batches(rows, tokenizer, cfg.data.mlm_probability, cfg.seed, cfg.batch_size, cfg.max_sequences)
-    result = evaluate_batches(model, batches, device)
-    result.update(checkpoint=str(folder), split=cfg.split, sequences=sum(len(b[0]) for b in batches))
-    print(f"{folder} [{cfg.split}]: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-          f"accuracy {result['accuracy']:.3f} over {result['masked_tokens']} masked tokens", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-main = hydra_entry("evaluate", run)
+__all__ = ["main", "run"]
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,22 @@
 """ODE-BERT models as `transformers` `PreTrainedModel`s, registered with the Auto classes.
 
 `BertODEModel` is BERT's embeddings and pooler (reused from `transformers`) around the
-`BertODEEncoder`; the heads are BERT's. Outputs are transformers' output dataclasses,
-and ``model.solver_stats()`` reports the latest forward's (and backward's) solves.
+`BertODEEncoder` or `BertDEQEncoder`; the heads are BERT's. Outputs are transformers'
+output dataclasses with a ``solver_stats`` field (`outputs.py`), and
+``model.solver_stats()`` reports the latest forward's (and backward's) solves.
+
+The model owns its training semantics, so `bertode.train` and `transformers.Trainer`
+train it the same way: the heads add the DEQ's Jacobian penalty to the loss, honour
+``num_items_in_batch`` (the loss is then a sum over this batch's targets divided by that
+count, as Trainer passes it with gradient accumulation), and with
+``deq_on_nonfinite="skip"`` turn a failed DEQ solve into a skipped batch: a zero loss
+(forward) or gradients rolled back to what they were before this batch (implicit
+backward; `_skip_guard`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -19,17 +30,14 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.utils import logging
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPoolingAndCrossAttentions,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
-)
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLMPredictionHead, BertOnlyMLMHead, BertPooler
 
 from .configuration import BertODEConfig
-from .deq import BertDEQEncoder
-from .deq_solvers import DEQSolveError
+from .deq import COUNTERS, ON_BACKWARD_SKIP, BertDEQEncoder
 from .encoder import BertODEEncoder
+from .init import apply_rule
+from .outputs import BertODEMaskedLMOutput, BertODEModelOutput, BertODESequenceClassifierOutput
+from .solve.fixed_point import DEQSolveError
 from .sublayers import sdpa_mask
 
 logger = logging.get_logger(__name__)
@@ -44,13 +52,11 @@ class BertODEPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, nn.Linear) and getattr(module, "_bertode_zero_init", False):
-            init.zeros_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and getattr(module, "_bertode_identity_init", False):
-            init.eye_(module.weight)
-            init.zeros_(module.bias)
+        if apply_rule(module):  # bertode.zero_init / identity_init marks (init.py)
+            return
+        if isinstance(module, BertDEQEncoder):
+            for name in COUNTERS:
+                init.zeros_(getattr(module, name))
         elif isinstance(module, BertLMPredictionHead):
             init.zeros_(module.bias)
         elif isinstance(module, BertEmbeddings):
@@ -58,24 +64,62 @@ class BertODEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.token_type_ids)
 
     def solver_stats(self) -> dict:
-        """ODE: NFE (forward and backward), accepted/rejected steps, per site and in total.
-        DEQ: iterations, residuals, converged fraction, backward iterations, counters."""
+        """The latest forward's solves (and its backward's, once run), one shape for both
+        modes: totals, per-site rows under ``layers``; DEQ also iterations, residuals,
+        converged fraction and the counters. See `bertode.solve.stats`."""
         return self.base_model.encoder.solver_stats()
 
-    def _regularised(self, loss):
-        """Add the DEQ Jacobian penalty of the latest forward, when one was computed."""
+    @property
+    def skipped_batches(self) -> int:
+        """Batches skipped so far under ``deq_on_nonfinite="skip"`` (0 for ODE models)."""
+        return int(self.base_model.encoder.skipped_batches)
+
+    @contextlib.contextmanager
+    def _skip_guard(self):
+        """For this forward: if its implicit backward is skipped, restore every parameter's
+        gradient to what it was before this batch, at the end of that backward pass."""
+        if not (self.config.mode == "deq" and self.config.deq_on_nonfinite == "skip" and self.training
+                and torch.is_grad_enabled() and ON_BACKWARD_SKIP.get() is None):
+            yield
+            return
+        before = [(p, None if p.grad is None else p.grad.clone()) for p in self.parameters() if p.requires_grad]
+
+        def restore():
+            for parameter, grad in before:
+                parameter.grad = grad
+
+        def on_skip():  # called inside the backward pass: restore once it has finished
+            torch.autograd.Variable._execution_engine.queue_callback(restore)
+
+        token = ON_BACKWARD_SKIP.set(on_skip)
+        try:
+            yield
+        finally:
+            ON_BACKWARD_SKIP.reset(token)
+
+    def _encode(self, input_ids, inputs_embeds, **kwargs):
+        """The base model's output, or the `DEQSolveError` a skipped forward raised."""
+        try:
+            with self._skip_guard():
+                return self.bert(input_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs), None
+        except DEQSolveError as error:
+            if self.config.deq_on_nonfinite != "skip":
+                raise
+            self.base_model.encoder.skipped_batches += 1
+            logger.warning("skipping a batch: %s", error)
+            return None, error
+
+    def _zero_loss(self):
+        """A skipped batch's loss: zero, with no path to any parameter."""
+        return torch.zeros((), device=self.device, requires_grad=True)
+
+    def _regularised(self, loss, share: float = 1.0):
+        """Add the DEQ Jacobian penalty of the latest forward (weighted by ``share``, this
+        batch's part of the normalisation when the loss is a sum over ``num_items_in_batch``)."""
         jac_loss = getattr(self.base_model.encoder, "jac_loss", None)
         if loss is None or jac_loss is None:
             return loss
-        return loss + self.config.jac_reg_weight * jac_loss
-
-    def _skip_batch(self, error: DEQSolveError, logits_shape, device):
-        """deq_on_nonfinite='skip': a zero loss with no path to any parameter, counted."""
-        if self.config.deq_on_nonfinite != "skip":
-            raise error
-        self.base_model.encoder.skipped_batches += 1
-        logger.warning("skipping a batch: %s", error)
-        return torch.zeros((), device=device, requires_grad=True), torch.zeros(logits_shape, device=device)
+        return loss + self.config.jac_reg_weight * share * jac_loss
 
 
 class BertODEModel(BertODEPreTrainedModel):
@@ -110,13 +154,13 @@ class BertODEModel(BertODEPreTrainedModel):
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        sequence_output, states = self.encoder(hidden, sdpa_mask(attention_mask), output_hidden_states)
+        with self._skip_guard():
+            sequence_output, states, stats = self.encoder(hidden, sdpa_mask(attention_mask), output_hidden_states)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
         if not return_dict:
             return tuple(v for v in (sequence_output, pooled, states) if v is not None)
-        return BaseModelOutputWithPoolingAndCrossAttentions(
-            last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states
-        )
+        return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,
+                                  solver_stats=stats)
 
 
 class BertODEForMaskedLM(BertODEPreTrainedModel):
@@ -139,25 +183,31 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
         self.cls.predictions.bias = new_embeddings.bias
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
+                num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        try:
-            outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                output_hidden_states=output_hidden_states, return_dict=True)
-        except DEQSolveError as error:
+        outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids, position_ids=position_ids,
+                                        output_hidden_states=output_hidden_states)
+        if skipped is not None:
             shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
-            loss, logits = self._skip_batch(error, shape, self.device)
-            return MaskedLMOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
+            loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
+            return BertODEMaskedLMOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size).float(), labels.view(-1))
-            loss = self._regularised(loss)
+            flat_logits, flat_labels = logits.reshape(-1, self.config.vocab_size).float(), labels.reshape(-1)
+            if num_items_in_batch is None:
+                loss = self._regularised(CrossEntropyLoss()(flat_logits, flat_labels))
+            else:  # a sum over this batch's targets / the count over all batches of the step
+                targets = (flat_labels != -100).sum()
+                loss = CrossEntropyLoss(reduction="sum")(flat_logits, flat_labels) / num_items_in_batch
+                loss = self._regularised(loss, targets / num_items_in_batch)
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return BertODEMaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     solver_stats=outputs.solver_stats)
 
 
 class BertODEForSequenceClassification(BertODEPreTrainedModel):
@@ -173,14 +223,13 @@ class BertODEForSequenceClassification(BertODEPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        try:
-            outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                position_ids=position_ids, inputs_embeds=inputs_embeds,
-                                output_hidden_states=output_hidden_states, return_dict=True)
-        except DEQSolveError as error:
+        outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids, position_ids=position_ids,
+                                        output_hidden_states=output_hidden_states)
+        if skipped is not None:
             shape = ((input_ids if input_ids is not None else inputs_embeds).shape[0], self.num_labels)
-            loss, logits = self._skip_batch(error, shape, self.device)
-            return SequenceClassifierOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
+            loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
+            return BertODESequenceClassifierOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
@@ -188,7 +237,8 @@ class BertODEForSequenceClassification(BertODEPreTrainedModel):
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return BertODESequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                               solver_stats=outputs.solver_stats)
 
     def _loss(self, logits, labels):
         """HF BERT's rule: regression for one label, single- or multi-label classification otherwise."""

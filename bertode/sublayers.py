@@ -3,7 +3,7 @@
 A branch is the part of an Add & Norm residual that is neither the addition nor the
 LayerNorm: ``a = LN_A(x + G_A(x))``, ``y = LN_F(a + G_F(a))``. Branches return their
 output *before* hidden dropout; whoever adds the residual applies dropout (a fresh
-mask in discrete mode, one mask per solve inside an ODE, see `ode.py`).
+mask per call, one mask per solve inside an ODE, one per forward in a DEQ; `encoder.py`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from transformers.activations import ACT2FN
 class AttentionBranch(nn.Module):
     """G_A(x) = W_O · MultiHeadSelfAttention(x) with PyTorch's fused SDPA kernel."""
 
-    def __init__(self, config):
+    def __init__(self, config, attention_dropout: float | None = None):
+        """``attention_dropout`` (default: the config's ``attention_probs_dropout_prob``) is
+        the probability used in training; the encoder passes 0 where the map must be one
+        deterministic function during a solve (DEQ)."""
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
-        # A DEQ map must be one deterministic function during a solve; a fresh attention
-        # dropout mask per evaluation would break that, so DEQ mode drops attention dropout.
-        self.attention_dropout = 0.0 if getattr(config, "mode", None) == "deq" else config.attention_probs_dropout_prob
+        self.attention_dropout = (config.attention_probs_dropout_prob if attention_dropout is None
+                                  else attention_dropout)
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)

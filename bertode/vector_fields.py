@@ -17,7 +17,9 @@ Built in, each reproducing BERT with one Euler step on [0, 1]:
 * ``time_residual``  dz/dt = G(z + W phi(t)), phi sinusoidal features of t, W zero at
                      initialisation (so it starts as ``residual``), LN after the solve.
 
-Users add their own with ``@bertode.register_vector_field("name")``.
+Users add their own with ``@bertode.register_vector_field("name")``; a field's own
+``nn.Linear`` layers get BERT's initialisation from ``post_init`` unless marked with
+`bertode.zero_init` / `bertode.identity_init` (see `init.py`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .init import zero_init
+from .registry import Registry
+
 Branch = Callable[[torch.Tensor], torch.Tensor]
-_REGISTRY: dict[str, type["VectorField"]] = {}
 
 
 class VectorField(nn.Module, abc.ABC):
@@ -55,30 +59,30 @@ class VectorField(nn.Module, abc.ABC):
         return z
 
 
-def register_vector_field(name: str):
+def _check(name, cls):
+    if not (isinstance(cls, type) and issubclass(cls, VectorField)):
+        raise TypeError(f"register_vector_field({name!r}) needs a bertode.VectorField subclass, got {cls!r}")
+    cls.registry_name = name
+    return cls
+
+
+VECTOR_FIELDS = Registry("vector field", "vector_field", check=_check)
+
+
+def register_vector_field(name: str, *, default: bool = False):
     """Class decorator: make a `VectorField` subclass selectable as ``vector_field=name``."""
-
-    def decorate(cls):
-        if not (isinstance(cls, type) and issubclass(cls, VectorField)):
-            raise TypeError(f"register_vector_field({name!r}) needs a bertode.VectorField subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"vector field {name!r} is already registered to {_REGISTRY[name].__qualname__}")
-        cls.registry_name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return VECTOR_FIELDS.register(name, default=default)
 
 
 def available_vector_fields() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return VECTOR_FIELDS.names()
 
 
 def build_vector_field(config) -> VectorField:
-    return _REGISTRY[config.vector_field](config, **(config.vector_field_kwargs or {}))
+    return VECTOR_FIELDS[config.vector_field](config, **(config.vector_field_kwargs or {}))
 
 
-@register_vector_field("residual")
+@register_vector_field("residual", default=True)
 class ResidualField(VectorField):
     """dz/dt = G(z); the LayerNorm is applied after the solve."""
 
@@ -115,9 +119,7 @@ class TimeResidualField(VectorField):
             )
         self.time_features = time_features
         self.max_frequency = float(max_frequency)
-        self.time_proj = nn.Linear(time_features, config.hidden_size, bias=False)
-        self.time_proj._bertode_zero_init = True
-        nn.init.zeros_(self.time_proj.weight)
+        self.time_proj = zero_init(nn.Linear(time_features, config.hidden_size, bias=False))
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         half = self.time_features // 2

@@ -35,7 +35,7 @@ def plan(args) -> list[tuple[str, str, dict]]:
     """(row name, source: "hf" | "layers" | "one_layer", from_bert overrides)."""
     rows = [("hf_bert", "hf", {}), ("bert_discrete", "layers", dict(mode="discrete"))]
     for n in args.iters:
-        rows.append((f"deq_ift_iter{n}", "one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="ift",
+        rows.append((f"deq_ift_iter{n}", "one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift",
                                                           deq_max_iter=n, deq_tol=1e-30)))
     for solver in ("euler", "rk4"):
         for sensitivity in ("autograd", "adjoint"):

@@ -68,8 +68,8 @@ ROWS = {
     "dopri5_1e-5": ("layers", dict(solver="dopri5", atol=1e-5, rtol=1e-5)),
     "dopri5_1e-3_adjoint": ("layers", dict(solver="dopri5", atol=1e-3, rtol=1e-3, sensitivity="adjoint",
                                            adjoint_atol=1e-3, adjoint_rtol=1e-3)),
-    "deq_anderson_ift": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="ift")),
-    "deq_phantom": ("one_layer", dict(mode="deq", deq_solver="anderson", deq_grad="phantom", deq_phantom_steps=5)),
+    "deq_anderson_ift": ("one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift")),
+    "deq_phantom": ("one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="phantom", deq_phantom_steps=5)),
 }
 FIXED_STEP = ("hf_bert", "hf_bert_compiled", "discrete", "euler_1", "euler_1_neural_ode", "block_rk2", "rk4_1", "rk4_4")
 

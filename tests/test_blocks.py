@@ -39,14 +39,14 @@ def test_block_matches_the_paper_equations(batch, block):
     if block == "rk2_gated":
         with torch.no_grad():
             for layer in ours.encoder.layer:
-                assert layer.gate.weight.abs().sum() == 0 and layer.gate.bias.abs().sum() == 0  # g = 1/2
-                layer.gate.weight.normal_(0, 0.3)
-                layer.gate.bias.fill_(0.4)
+                assert layer.block.gate.weight.abs().sum() == 0 and layer.block.gate.bias.abs().sum() == 0  # g = 1/2
+                layer.block.gate.weight.normal_(0, 0.3)
+                layer.block.gate.bias.fill_(0.4)
     mask = (1.0 - batch["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
     with torch.no_grad():
         y = hf.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         for index, hf_layer in enumerate(hf.encoder.layer):
-            gate = ours.encoder.layer[index].gate if block == "rk2_gated" else None
+            gate = ours.encoder.layer[index].block.gate if block == "rk2_gated" else None
             y = _reference_block(block, hf_layer, gate, y, mask)
         got = ours(**batch).last_hidden_state
     assert (got - y).abs().max() <= 1e-5
@@ -57,4 +57,4 @@ def test_gate_is_trained():
     torch.manual_seed(0)
     model = bertode.from_bert(BertModel(tiny_bert_config()), block="rk2_gated")
     projection_loss(model(torch.randint(0, 64, (2, 6))).last_hidden_state).backward()
-    assert model.encoder.layer[0].gate.weight.grad.abs().sum() > 0
+    assert model.encoder.layer[0].block.gate.weight.grad.abs().sum() > 0

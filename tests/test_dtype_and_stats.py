@@ -25,7 +25,8 @@ def test_bf16_autocast_then_fp32_equals_a_fresh_model():
     assert torch.equal(after, reference)
     assert after_nfe == reference_nfe
     # and the shared tableau of the fp32 solver was never converted
-    forward_solver, _ = used.encoder.layer[0].attention.solve._solver_pair(torch.float32, torch.device("cpu"))
+    solve = used.encoder.layer[0].attention.solve
+    forward_solver = solve.solver(solve.spec, torch.float32, torch.device("cpu"), False)
     assert forward_solver.tableau[0].dtype == torch.float32
 
 

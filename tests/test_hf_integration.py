@@ -93,5 +93,5 @@ def test_from_bert_refuses_what_it_cannot_convert():
         bertode.from_bert(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="weight_tying"):
         bertode.from_bert(BertModel(tiny_bert_config()), weight_tying=True)
-    with pytest.raises(ValueError, match="solver='heun'"):
-        bertode.from_bert(BertModel(tiny_bert_config()), solver="heun")
+    with pytest.raises(ValueError, match="solver='heun3'"):
+        bertode.from_bert(BertModel(tiny_bert_config()), solver="heun3")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import bertode
-from bertode.cli import CONFIG_DIR, group_options
+from bertode.training.cli import CONFIG_DIR, group_options
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

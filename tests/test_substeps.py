@@ -15,7 +15,7 @@ from torchdyn.numerics.odeint import odeint
 from torchdyn.numerics.solvers.ode import SOLVER_DICT
 
 import bertode
-from bertode.substeps import SubSteps
+from bertode.solve.substeps import SubSteps
 from conftest import projection_loss, tiny_ode_config
 
 

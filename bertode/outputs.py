@@ -1,0 +1,34 @@
+"""Model outputs: transformers' dataclasses plus the solves' statistics of the forward.
+
+``solver_stats`` is the forward's `SolverStats` (a read-only mapping onto its summary;
+backward counts arrive once the backward has run). It is listed in the config's
+``keys_to_ignore_at_inference``, so `transformers.Trainer` does not gather it as a
+prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+
+from .solve.stats import SolverStats
+
+
+@dataclass
+class BertODEModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODEMaskedLMOutput(MaskedLMOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODESequenceClassifierOutput(SequenceClassifierOutput):
+    solver_stats: SolverStats | None = None

@@ -1,0 +1,109 @@
+"""The built-in DEQ gradient methods, and `FixedPointProblem`, what a DEQ gradient sees.
+
+A `DEQGradient` is called with a `FixedPointProblem` and returns z* (flat, (batch, dim))
+with the gradient path it defines:
+
+* ``ift``: z_out = f(z*) with a graph; a hook replaces the incoming gradient v by the
+  solution g of g = v + g J_f(z*) (the implicit function theorem; solved by
+  ``deq_backward_solver``), so dL/dtheta = g df/dtheta. Memory: one evaluation of f,
+  whatever the iteration count.
+* ``phantom``: ``deq_phantom_steps`` damped steps z <- (1 - tau) z + tau f(z) from z*,
+  backpropagated (Jacobian-free backprop for one step).
+* ``unrolled``: damped fixed-point iterations from z0 with a graph, to ``deq_tol`` or
+  ``deq_max_iter`` (for tests and small runs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .fixed_point import DEQSolveError, damped
+from .gradients import DEQGradient, register_gradient
+from .stats import FixedPointRecord
+
+
+class FixedPointProblem:
+    """One DEQ solve. ``f`` maps flat states to flat states with a graph (``f.eager`` is
+    the same map outside any compiled graph, for VJPs that retain the graph); ``z0`` is
+    the initial state; ``damping``, ``tol``, ``max_iter`` are the forward options;
+    ``record`` collects the statistics. ``solve_forward()`` runs the configured forward
+    solver without a graph; ``solve_backward(h, g0)`` the configured linear solve of
+    g = h(g) (the encoder supplies both, with its error handling)."""
+
+    def __init__(self, f: Callable, z0: torch.Tensor, damping: float, tol: float, max_iter: int,
+                 solve_forward: Callable, solve_backward: Callable, record: FixedPointRecord):
+        self.f, self.z0, self.damping, self.tol, self.max_iter = f, z0, damping, tol, max_iter
+        self.solve_forward, self.solve_backward, self.record = solve_forward, solve_backward, record
+
+    def step(self, z):
+        """One damped step (1 - tau) z + tau f(z), with a graph."""
+        return damped(z, self.f(z), self.damping)
+
+
+@register_gradient("ift", default=True)
+class ImplicitGradient(DEQGradient):
+    config_fields = {"backward_solver": "deq_backward_solver", "backward_max_iter": "deq_backward_max_iter",
+                     "backward_tol": "deq_backward_tol"}
+
+    def __init__(self, backward_solver: str | None = None, backward_max_iter: int = 30, backward_tol: float = 1e-5):
+        self.backward_solver, self.backward_max_iter, self.backward_tol = backward_solver, backward_max_iter, backward_tol
+
+    def __call__(self, problem: FixedPointProblem):
+        z_star = problem.solve_forward()
+        if not torch.is_grad_enabled():
+            return z_star
+        z_star = z_star.detach().requires_grad_()
+        # The implicit backward takes many VJPs through this one evaluation (retain_graph),
+        # which compiled graphs refuse (donated buffers): it runs eagerly.
+        z_out = problem.f.eager(z_star)
+        if not z_out.requires_grad:
+            return z_out
+        # The hook sits on a view of z_out, so the backward solve's own vector-Jacobian
+        # products (which start from z_out) do not re-enter it.
+        out = z_out.view_as(z_out)
+        out.register_hook(lambda grad: self._implicit_backward(problem, z_out, z_star, grad))
+        return out
+
+    def _implicit_backward(self, problem, z_out, z_star, grad):
+        """Solve g = grad + g J_f(z*) (row vector), J_f(z*) applied by vector-Jacobian products."""
+
+        def h(g):
+            return torch.autograd.grad(z_out, z_star, g, retain_graph=True)[0] + grad
+
+        return problem.solve_backward(h, torch.zeros_like(grad), self.backward_solver, self.backward_max_iter,
+                                      self.backward_tol)
+
+
+@register_gradient("phantom")
+class PhantomGradient(DEQGradient):
+    config_fields = {"steps": "deq_phantom_steps"}
+
+    def __init__(self, steps: int = 1):
+        self.steps = steps
+
+    def __call__(self, problem: FixedPointProblem):
+        z = problem.solve_forward()
+        if torch.is_grad_enabled():
+            for _ in range(self.steps):
+                z = problem.step(z)
+        return z
+
+
+@register_gradient("unrolled")
+class UnrolledGradient(DEQGradient):
+    def __call__(self, problem: FixedPointProblem):
+        z, relative = problem.z0, float("nan")
+        for iteration in range(1, problem.max_iter + 1):
+            fz = problem.f(z)
+            if not bool(torch.isfinite(fz).all()):
+                raise DEQSolveError(f"DEQ unrolled solve: non-finite value in f(z) at iteration {iteration} "
+                                    f"(relative residual before it {relative:.3e})")
+            relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
+            z = damped(z, fz, problem.damping)
+            if relative < problem.tol:
+                break
+        problem.record.nfe_forward = iteration
+        problem.record.extra.update(forward_iterations=iteration, forward_rel_residual=relative)
+        return z

@@ -1,0 +1,110 @@
+"""The gradient-method registry: ``sensitivity=<name>`` resolves here, for both families.
+
+A gradient method is one object that decides how a solve is differentiated. It belongs
+to one family, and a method of the other family is refused by the config:
+
+* `ODEGradient` (``family = "ode"``): called with an `ODEProblem` (`ode.py`), returns
+  z(t1). Built in: ``autograd``, ``adjoint``, ``interpolated_adjoint`` (`ode_gradients.py`).
+* `DEQGradient` (``family = "deq"``): called with a `FixedPointProblem` (`deq_gradients.py`),
+  returns z* with its gradient path. Built in: ``ift``, ``phantom``, ``unrolled``.
+
+Register your own with ``@bertode.register_gradient("name")`` on a subclass. A method is
+built from the model config by ``from_config(config)``: constructor arguments named in
+``config_fields`` (argument -> `BertODEConfig` field) are read from the config, the rest
+come from ``config.sensitivity_kwargs`` (``sensitivity.kwargs.<name>`` on the command
+line). ``validate(config)`` may refuse pairings (raise ValueError naming the fields).
+"""
+
+from __future__ import annotations
+
+import abc
+
+from ..registry import Registry
+
+FAMILIES = ("ode", "deq")
+
+
+class GradientMethod(abc.ABC):
+    """Base of both families; ``registry_name`` is set by `register_gradient`."""
+
+    family: str = ""
+    registry_name: str = ""
+    config_fields: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, config) -> "GradientMethod":
+        own = {argument: getattr(config, field) for argument, field in cls.config_fields.items()}
+        return cls(**own, **(getattr(config, "sensitivity_kwargs", None) or {}))
+
+    def validate(self, config) -> None:
+        """Raise ValueError (naming the fields) for a config this method cannot serve."""
+
+    @abc.abstractmethod
+    def __call__(self, problem):
+        """The solution of ``problem``, with the gradient path this method defines."""
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+
+class ODEGradient(GradientMethod):
+    """How an ODE solve is differentiated.
+
+    ``reevaluates_field``: the backward pass evaluates the vector field again (adjoints):
+    such methods need attention-probability dropout off and cannot sit under a block.
+    ``traceable``: a fixed-step solve traces into one ``torch.compile`` graph.
+    ``backends``: the ``ode_backend`` values the method supports.
+    """
+
+    family = "ode"
+    reevaluates_field: bool = False
+    traceable: bool = False
+    backends: tuple[str, ...] = ("torchdyn",)
+
+
+class DEQGradient(GradientMethod):
+    """How a fixed-point solve is differentiated (see `deq_gradients.FixedPointProblem`)."""
+
+    family = "deq"
+
+
+def _check(name, cls):
+    if not (isinstance(cls, type) and issubclass(cls, (ODEGradient, DEQGradient))):
+        raise TypeError(f"register_gradient({name!r}) needs a bertode.ODEGradient or bertode.DEQGradient subclass, got {cls!r}")
+    cls.registry_name = name
+    return cls
+
+
+GRADIENTS = Registry("gradient method", "sensitivity", check=_check)
+_DEFAULTS: dict[str, str] = {}
+
+
+def register_gradient(name: str, *, default: bool = False):
+    """Class decorator: make an `ODEGradient`/`DEQGradient` subclass selectable as
+    ``sensitivity=name``; ``default=True`` makes it its family's default."""
+
+    def decorate(cls):
+        GRADIENTS.register(name, cls)
+        if default:
+            _DEFAULTS[cls.family] = name
+        return cls
+
+    return decorate
+
+
+def available_gradients(family: str | None = None) -> tuple[str, ...]:
+    return tuple(n for n, cls in GRADIENTS.items() if family is None or cls.family == family)
+
+
+def default_gradient(family: str) -> str:
+    return _DEFAULTS[family]
+
+
+def get_gradient(name: str) -> type[GradientMethod]:
+    return GRADIENTS[name]
+
+
+def build_gradient(config) -> GradientMethod:
+    """The gradient method ``config.sensitivity`` names, built from the config."""
+    return get_gradient(config.sensitivity).from_config(config)

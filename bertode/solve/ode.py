@@ -1,0 +1,284 @@
+"""`ODESolve` and `ODEProblem`: one residual's ODE, solved by torchdyn (or torchdiffeq, the peer).
+
+`ODESolve` holds the choices fixed at construction: a registered solver
+(`solvers.py`), a gradient method (`ode_gradients.py`), steps, tolerances, backend and
+fixed-step loop. Each call builds an `ODEProblem` (the state, the dynamics, the interval,
+a fresh `SolveRecord`) and hands it to the gradient method, which decides how the
+solution is differentiated by calling the problem's building blocks: `step`, `grid`,
+`autograd` or `adjoint`. The call returns ``(z1, record)``: statistics are returned, not
+written into a sink.
+
+The solve knows neither the vector field nor the model: it gets a ``dynamics(t, z)``
+callable and the parameters that callable uses. It handles the torchdyn 1.0.6 traps at
+this one place (docs/torchdyn.md has the table):
+
+* ``args`` never reaches the field, so context (attention mask, dropout mask) lives in
+  the ``dynamics`` closure, bound to a small adapter module before each solve and bound
+  again by a gradient hook just before an adjoint's backward solve;
+* the adjoint differentiates the field's own parameters and fails on frozen or unused
+  ones: the adapter owns exactly the *trainable* parameters, rebound at every solve;
+* ``interpolated_adjoint`` assumes 2-D states: the state is flattened to (batch, -1);
+* a bf16 call converts a shared solver tableau for good: solvers are built per (dtype,
+  device), and the state keeps the dtype of the hidden states;
+* ``vf.nfe`` mixes forward and backward and never resets: each solve counts in its record;
+* the fixed-step loop tests the device-side ``t`` at every step and the adjoint saves
+  every grid point: fixed-step solves hand torchdyn [t0, t1] on the host and a
+  `SubSteps` solver whose one step is all N steps (except on request, for a spline);
+* ``copy.deepcopy`` of a NeuralODE fails while ``vf_params`` holds a graph: it is cleared
+  after every solve, and the cached NeuralODE is not part of the pickled state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ._torchdyn import NeuralODE
+from .solvers import ODESolverSpec, get_solver
+from .stats import SolveRecord
+from .substeps import SubSteps
+
+Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ODE_BACKENDS = ("torchdyn", "torchdiffeq")
+FIXED_STEP_LOOPS = ("direct", "neural_ode")
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def recording_solver_class(base: type) -> type:
+    """A subclass of an adaptive torchdyn solver that notes the t of every step it attempts."""
+    if base not in _RECORDING_CLASSES:
+
+        def step(self, f, x, t, dt, k1=None, args=None):
+            record = self.record
+            if record is not None and record.phase == "forward":
+                record.step_times.append(t)
+            return base.step(self, f, x, t, dt, k1=k1, args=args)
+
+        _RECORDING_CLASSES[base] = type(f"Recording{base.__name__}", (base,), {"step": step, "record": None})
+    return _RECORDING_CLASSES[base]
+
+
+class FieldAdapter(nn.Module):
+    """The module torchdyn integrates: f(t, x) on the flattened state, with the trainable
+    parameters of the dynamics bound per solve (no submodules: torchdyn's walk is cheap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dynamics: Dynamics | None = None
+        self.state_shape = self.state_dtype = self.record = None
+
+    def bind(self, dynamics: Dynamics, state_shape, state_dtype, parameters: list, record: SolveRecord) -> None:
+        self.dynamics, self.state_shape, self.state_dtype, self.record = dynamics, state_shape, state_dtype, record
+        self._parameters.clear()
+        for index, parameter in enumerate(parameters):
+            self._parameters[f"p{index}"] = parameter
+
+    def forward(self, t, x, args=None):
+        self.record.count_evaluation()
+        if t.device != x.device:
+            # torchdyn's adjoint evaluates the field at the host-side ends of t_span; a
+            # blocking copy would wait for the GPU, a fill kernel does not.
+            t = torch.full((), float(t), dtype=t.dtype, device=x.device)
+        # torchdyn's fp32 t_span promotes a half/bf16 state inside adaptive steps: hand the
+        # field the state's own dtype, and give torchdyn back the dtype it integrates in.
+        dz = self.dynamics(t, x.view(self.state_shape).to(self.state_dtype))
+        return dz.reshape(x.shape).to(x.dtype)
+
+
+def time_dtype(state: torch.Tensor) -> torch.dtype:
+    return torch.float64 if state.dtype == torch.float64 else torch.float32
+
+
+class ODESolve:
+    """Integrates ``dz/dt = dynamics(t, z)`` from ``t0`` to ``t1`` with fixed options.
+
+    ``solver`` is a registered solver name or `ODESolverSpec`; ``gradient`` an
+    `ODEGradient` (``None``: backpropagate through the solver). ``fixed_step_loop``
+    (``direct`` or ``neural_ode``) says whether a fixed-step autograd solve calls the
+    `SubSteps` solver itself or goes through ``NeuralODE``.
+    """
+
+    def __init__(self, solver, gradient=None, steps: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
+                 ode_backend: str = "torchdyn", fixed_step_loop: str = "direct"):
+        from .ode_gradients import Autograd  # the gradient methods build on this module
+
+        self.spec: ODESolverSpec = solver if isinstance(solver, ODESolverSpec) else get_solver(solver)
+        self.gradient = gradient if gradient is not None else Autograd()
+        self.steps, self.atol, self.rtol = steps, atol, rtol
+        self.ode_backend, self.fixed_step_loop = ode_backend, fixed_step_loop
+        self._reset_cache()
+
+    @property
+    def adaptive(self) -> bool:
+        return self.spec.adaptive
+
+    # --- cached torchdyn objects: rebuilt lazily, never pickled or deep-copied ---------
+    def _reset_cache(self) -> None:
+        self._adapter = FieldAdapter()
+        self._node = None
+        self._solvers: dict = {}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_adapter", "_node", "_solvers")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_cache()
+
+    def solver(self, spec: ODESolverSpec, dtype, device, sub_stepped: bool):
+        """The torchdyn solver of ``spec`` for this state, built once per (dtype, device)."""
+        key = (spec.name, dtype, device, sub_stepped and not spec.adaptive)
+        if key not in self._solvers:
+            if spec.adaptive:  # only adaptive steps need recording (accepted/rejected)
+                built = recording_solver_class(type(spec.build(dtype)))(dtype)
+            else:
+                built = spec.build(dtype)
+                built = SubSteps(built, self.steps) if key[3] else built
+            like = torch.empty(0, dtype=dtype, device=device)
+            built.sync_device_dtype(like, torch.zeros(2))  # the tableau on the state's device, once
+            self._solvers[key] = built
+        solver = self._solvers[key]
+        if isinstance(solver, SubSteps) and solver.n != self.steps:
+            solver.n = self.steps  # `steps` was changed after the solver was built
+        return solver
+
+    def neural_ode(self) -> NeuralODE:
+        if self._node is None:
+            self._node = NeuralODE(self._adapter, return_t_eval=False)
+            self._backprop = self._node.sensalg  # torchdyn's name for backprop through the solver
+            # With no trainable parameters bound at construction torchdyn registers a CPU
+            # dummy parameter for good; bertode binds parameters per solve instead.
+            self._node.vf._parameters.pop("dummy_parameter", None)
+        return self._node
+
+    # --- the solve ---------------------------------------------------------------------
+    def __call__(self, z0: torch.Tensor, dynamics: Dynamics, parameters: Iterable[nn.Parameter],
+                 t0: float, t1: float, name: str = "solve") -> tuple[torch.Tensor, SolveRecord]:
+        record = SolveRecord(name=name, fixed_steps=None if self.adaptive else self.steps)
+        problem = ODEProblem(self, z0, dynamics, parameters, t0, t1, record)
+        z1 = self.gradient(problem)
+        return z1.to(z0.dtype), record
+
+
+class ODEProblem:
+    """One solve, as a gradient method sees it: the initial state ``z0`` (batch, seq,
+    hidden), the interval ``[t0, t1]``, the counted ``field(t, z)``, the ``trainable``
+    parameters of the dynamics, and the building blocks below."""
+
+    def __init__(self, solve: ODESolve, z0, dynamics: Dynamics, parameters, t0: float, t1: float, record: SolveRecord):
+        self.solve, self.z0, self.dynamics, self.t0, self.t1, self.record = solve, z0, dynamics, t0, t1, record
+        self.trainable = [p for p in parameters if p.requires_grad]
+        self.adaptive, self.ode_backend = solve.adaptive, solve.ode_backend
+        self.steps = None if solve.adaptive else solve.steps
+        if self.adaptive:
+            solve.solver(solve.spec, z0.dtype, z0.device, False).record = record
+
+    def field(self, t, z):
+        """dz/dt, counted as one evaluation, in the state's dtype (autocast returns bf16)."""
+        self.record.count_evaluation()
+        return self.dynamics(t, z).to(z.dtype)
+
+    def grid(self) -> list[float]:
+        """The fixed-step grid t0, t0 + h, ..., t1 as host floats (ValueError for adaptive solvers)."""
+        if self.steps is None:
+            raise ValueError(f"solver={self.solve.spec.name!r} is adaptive: it has no fixed grid")
+        h = (self.t1 - self.t0) / self.steps
+        return [self.t0 + i * h for i in range(self.steps)] + [self.t1]
+
+    def step(self, z, t: float, h: float):
+        """One step of the configured fixed-step solver from (t, z) with step size h."""
+        base = self.solve.solver(self.solve.spec, z.dtype, z.device, False)
+        t_here = torch.full((), t, dtype=time_dtype(z), device=z.device)
+        return base.step(self.field, z, t_here, h)[1]
+
+    def autograd(self):
+        """z(t1), differentiated by backpropagating through the solver's operations."""
+        solve = self.solve
+        if solve.ode_backend == "torchdiffeq":
+            return self._torchdiffeq(adjoint=None)
+        if not self.adaptive and solve.fixed_step_loop == "direct":
+            # torchdyn's solver steps called from here: what NeuralODE computes on [t0, t1]
+            # with a SubSteps solver, without its per-solve checks (loop="direct").
+            solver = solve.solver(solve.spec, self.z0.dtype, self.z0.device, True)
+            return solver.integrate(self.field, self.z0, self.t0, self.t1, time_dtype(self.z0))
+        return self._neural_ode(None, keep_grid=False)
+
+    def adjoint(self, sensitivity: str, solver=None, atol: float = 1e-4, rtol: float = 1e-4, keep_grid: bool = False):
+        """z(t1), differentiated by torchdyn's (or torchdiffeq's) continuous adjoint.
+
+        ``sensitivity`` is torchdyn's sensalg; ``solver`` (a registered name, None = the
+        forward solver), ``atol``, ``rtol`` configure the backward solve; ``keep_grid``
+        keeps every step on torchdyn's grid (the interpolated adjoint's spline needs it).
+        Without a graph to build (no_grad, or nothing trainable) this is `autograd`."""
+        if not (torch.is_grad_enabled() and self.trainable):
+            return self.autograd()
+        backward = get_solver(solver) if solver is not None else self.solve.spec
+        options = dict(sensitivity=sensitivity, backward=backward, atol=atol, rtol=rtol)
+        if self.solve.ode_backend == "torchdiffeq":
+            return self._torchdiffeq(adjoint=options)
+        return self._neural_ode(options, keep_grid)
+
+    # --- backends ----------------------------------------------------------------------
+    def _t_span(self, keep_grid: bool, on_host: bool):
+        z0, t0, t1 = self.z0, self.t0, self.t1
+        if on_host:
+            return torch.tensor([t0, t1], dtype=time_dtype(z0))
+        points = 2 if self.adaptive else self.steps + 1
+        return torch.linspace(t0, t1, points, device=z0.device, dtype=time_dtype(z0))
+
+    def _neural_ode(self, adjoint: dict | None, keep_grid: bool):
+        solve, z0, record = self.solve, self.z0, self.record
+        sub_stepped = not self.adaptive and not keep_grid
+        forward = solve.solver(solve.spec, z0.dtype, z0.device, sub_stepped)
+        adapter = solve._adapter
+        adapter.bind(self.dynamics, z0.shape, z0.dtype, self.trainable, record)
+        node = solve.neural_ode()  # after binding: torchdyn inspects the parameters once
+        node.solver, node.sensalg = forward, solve._backprop
+        # torchdyn warns when tolerances are set on fixed-step solvers: its defaults then.
+        node.atol, node.rtol = (solve.atol, solve.rtol) if self.adaptive else (1e-3, 1e-3)
+        if adjoint is not None:
+            backward = adjoint["backward"]
+            node.solver_adjoint = solve.solver(backward, z0.dtype, z0.device, sub_stepped)
+            node.sensalg = adjoint["sensitivity"]
+            node.atol_adjoint, node.rtol_adjoint = (adjoint["atol"], adjoint["rtol"]) if backward.adaptive else (1e-3, 1e-3)
+        t_span = self._t_span(keep_grid, on_host=sub_stepped)
+        try:
+            x1 = node(z0.reshape(z0.shape[0], -1), t_span)[-1]
+        finally:
+            node.vf_params = None
+        if adjoint is not None:
+            self._rebind_before_backward(x1)
+        return x1.view(z0.shape)
+
+    def _rebind_before_backward(self, x1):
+        """An adjoint's backward solve evaluates the adapter: give it this solve's closure
+        again (interleaved forwards, e.g. gradient accumulation, rebound it meanwhile)."""
+        if not x1.requires_grad:
+            return
+        adapter, z0, record = self.solve._adapter, self.z0, self.record
+
+        def rebind(grad):
+            adapter.bind(self.dynamics, z0.shape, z0.dtype, self.trainable, record)
+            record.phase = "backward"
+            return grad
+
+        x1.register_hook(rebind)
+
+    def _torchdiffeq(self, adjoint: dict | None):
+        import torchdiffeq
+
+        solve, z0 = self.solve, self.z0
+        adapter = solve._adapter
+        adapter.bind(self.dynamics, z0.shape, z0.dtype, self.trainable, self.record)
+        x0, t_span = z0.reshape(z0.shape[0], -1), self._t_span(True, on_host=False)
+        options = dict(method=solve.spec.torchdiffeq, atol=solve.atol, rtol=solve.rtol)
+        if adjoint is None:
+            x1 = torchdiffeq.odeint(adapter, x0, t_span, **options)[-1]
+        else:
+            x1 = torchdiffeq.odeint_adjoint(
+                adapter, x0, t_span, adjoint_params=tuple(self.trainable), adjoint_method=adjoint["backward"].torchdiffeq,
+                adjoint_atol=adjoint["atol"], adjoint_rtol=adjoint["rtol"], **options)[-1]
+            self._rebind_before_backward(x1)
+        return x1.view(z0.shape)

@@ -1,0 +1,53 @@
+"""The built-in ODE gradient methods: backprop through the solver, and torchdyn's adjoints.
+
+* ``autograd``: backpropagate through every operation of the solver (exact gradient of
+  the discrete solution; memory grows with the steps).
+* ``adjoint``: solve the adjoint ODE backwards in time (``adjoint_solver``,
+  ``adjoint_atol``, ``adjoint_rtol``); memory flat in the steps. With fixed-step solvers
+  it is the continuous adjoint discretised on the step grid: it approaches autograd's
+  gradient as ``steps`` grows.
+* ``interpolated_adjoint``: the adjoint on a cubic spline of the forward trajectory
+  (torchdyn only; it keeps every step, and uses the forward solver and tolerances).
+
+Each is named after torchdyn's ``sensitivity`` argument, which the adjoints pass on.
+"""
+
+from __future__ import annotations
+
+from .gradients import ODEGradient, register_gradient
+from .ode import ODE_BACKENDS
+
+
+@register_gradient("autograd", default=True)
+class Autograd(ODEGradient):
+    traceable = True
+    backends = ODE_BACKENDS
+
+    def __call__(self, problem):
+        return problem.autograd()
+
+
+@register_gradient("adjoint")
+class Adjoint(ODEGradient):
+    reevaluates_field = True
+    backends = ODE_BACKENDS
+    config_fields = {"adjoint_solver": "adjoint_solver", "adjoint_atol": "adjoint_atol", "adjoint_rtol": "adjoint_rtol"}
+
+    def __init__(self, adjoint_solver: str | None = None, adjoint_atol: float = 1e-4, adjoint_rtol: float = 1e-4):
+        self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol = adjoint_solver, adjoint_atol, adjoint_rtol
+
+    def __call__(self, problem):
+        return problem.adjoint(self.registry_name, self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol)
+
+
+@register_gradient("interpolated_adjoint")
+class InterpolatedAdjoint(Adjoint):
+    backends = ODE_BACKENDS[:1]
+    config_fields = {}  # torchdyn's interpolated adjoint uses the forward solver and tolerances
+
+    def __init__(self):
+        super().__init__()
+
+    def __call__(self, problem):
+        # torchdyn's interpolated adjoint ignores the adjoint solver and tolerances.
+        return problem.adjoint(self.registry_name, keep_grid=True)

@@ -1,0 +1,224 @@
+"""Training data for masked-language modelling: text in, packed token ids out.
+
+`prepare(data_cfg)` reads the train and eval text (the embedded sample, local files and
+globs, or a `datasets` hub dataset), trains a WordPiece tokenizer on the train text (or
+loads one), packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T, and
+caches tokenizer and rows under ``cache_dir/<hash of the data config and inputs>``, so
+a rerun reuses them. Rows are stored with safetensors (no pickle). `mask_tokens` is
+`DataCollatorForLanguageModeling`'s 15 % / 80-10-10 rule with an explicit generator.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLE_FILES = {"train": [SAMPLE_DIR / "moby_dick_train.txt"], "eval": [SAMPLE_DIR / "moby_dick_eval.txt"]}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the config field and the offending value."""
+
+
+@dataclass
+class Corpus:
+    tokenizer: object  # transformers BertTokenizerFast
+    train: torch.Tensor  # (rows, seq_len) int64
+    eval: torch.Tensor
+    cache: Path
+
+
+# --- reading ---------------------------------------------------------------------------
+def _expand(field: str, patterns) -> list[Path]:
+    if patterns is None or isinstance(patterns, str):
+        patterns = [] if patterns is None else [patterns]
+    files: list[Path] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(str(pattern))
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"data.{field}: {pattern!r} matches no file")
+        for match in matches:
+            if not Path(match).is_file():
+                raise DataError(f"data.{field}: {match!r} does not exist or is not a file")
+            files.append(Path(match))
+    return files
+
+
+def _read(field: str, files: list[Path]) -> list[str]:
+    lines: list[str] = []
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"data.{field}: {str(path)!r} is not UTF-8 text (bad byte at offset {error.start})") from None
+        lines.extend(line for line in text.splitlines() if line.strip())
+    return lines
+
+
+def _hub_lines(cfg, split: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - datasets is a dependency
+        raise DataError("data.source='hub' needs the `datasets` package: pip install datasets") from error
+    try:
+        cache = os.path.join(os.path.expanduser(str(cfg.cache_dir)), "datasets")
+        dataset = datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, cache_dir=cache)
+    except Exception as error:  # the hub is often unreachable; say which dataset
+        raise DataError(f"data.hub_path={cfg.hub_path!r} (name {cfg.hub_name!r}, split {split!r}) could not be loaded: "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    return [line for line in dataset["text"] if line.strip()]
+
+
+def read_splits(cfg) -> tuple[list[str], list[str], list[str]]:
+    """Train lines, eval lines, and the identities of the inputs (for the cache key)."""
+    if cfg.source == "sample":
+        train_files, eval_files = SAMPLE_FILES["train"], SAMPLE_FILES["eval"]
+    elif cfg.source == "text":
+        train_files, eval_files = _expand("files", cfg.files), _expand("eval_files", cfg.eval_files)
+        if not train_files:
+            raise DataError("data.files is empty; give at least one text file or glob")
+    elif cfg.source == "hub":
+        train, evaluation = _hub_lines(cfg, "train"), _hub_lines(cfg, "validation")
+        return train, evaluation, [f"hub:{cfg.hub_path}:{cfg.hub_name}"]
+    else:
+        raise DataError(f"data.source={cfg.source!r} is invalid; allowed: 'sample', 'text', 'hub'")
+    identities = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in train_files + eval_files]
+    train = _read("files", train_files)
+    if not train:
+        raise DataError(f"data.files: {[str(p) for p in train_files]} contain no text")
+    if eval_files:
+        evaluation = _read("eval_files", eval_files)
+        if not evaluation:
+            raise DataError(f"data.eval_files: {[str(p) for p in eval_files]} contain no text")
+    else:
+        if not 0 < cfg.eval_fraction < 1:
+            raise DataError(f"data.eval_fraction={cfg.eval_fraction!r} is invalid; allowed: a number in (0, 1)")
+        cut = max(1, int(len(train) * (1 - cfg.eval_fraction)))
+        if cut >= len(train):
+            raise DataError(f"data.files: {len(train)} line(s) of text are too few to hold out an eval split")
+        train, evaluation = train[:cut], train[cut:]
+    return train, evaluation, identities
+
+
+# --- tokenizer and packing ------------------------------------------------------------
+def _train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool):
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
+    wordpiece.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    # transformers v5: the fast BERT tokenizer wraps a trained `tokenizers` object directly.
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=lowercase, unk_token="[UNK]",
+                             sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise DataError(f"data.tokenizer: {str(path)!r} is not a directory with a saved tokenizer")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def pack(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate the token ids of every line and cut rows [CLS] ... [SEP] of seq_len."""
+    ids: list[int] = []
+    for start in range(0, len(lines), 1000):
+        for row in tokenizer(lines[start:start + 1000], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+    body = seq_len - 2
+    rows = len(ids) // body
+    if rows == 0:
+        raise DataError(f"data.seq_len={seq_len} is longer than the whole split ({len(ids)} tokens)")
+    table = torch.tensor(ids[: rows * body], dtype=torch.long).view(rows, body)
+    cls = torch.full((rows, 1), tokenizer.cls_token_id, dtype=torch.long)
+    sep = torch.full((rows, 1), tokenizer.sep_token_id, dtype=torch.long)
+    return torch.cat([cls, table, sep], dim=1)
+
+
+def vocabulary_hash(tokenizer) -> str:
+    """A tokenizer's identity for the cache: its vocabulary, lower-casing and special tokens."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                       getattr(tokenizer, "do_lower_case", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_key(cfg, identities) -> str:
+    fields = {k: cfg[k] for k in ("source", "hub_path", "hub_name", "eval_fraction", "seq_len", "vocab_size",
+                                  "lowercase", "tokenizer")}
+    fields["tokenizer"] = str(Path(fields["tokenizer"]).resolve()) if fields["tokenizer"] else None
+    blob = json.dumps({"fields": fields, "inputs": identities, "format": 1}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare(cfg, tokenizer=None) -> Corpus:
+    """Tokenizer and packed rows for this data config, from the cache when it has them.
+
+    A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
+    if not isinstance(cfg.seq_len, int) or cfg.seq_len < 8:
+        raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
+    if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
+        raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
+    train_lines, eval_lines, identities = read_splits(cfg)
+    if tokenizer is not None:
+        identities = identities + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
+    elif cfg.tokenizer:
+        identities = identities + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
+    cache = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, identities)
+    if (cache / "rows.safetensors").is_file():
+        rows = load_file(cache / "rows.safetensors")
+        tok = tokenizer if tokenizer is not None else load_tokenizer(cache / "tokenizer")
+        return Corpus(tok, rows["train"], rows["eval"], cache)
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _train_tokenizer(train_lines, cfg.vocab_size, cfg.lowercase)
+    train, evaluation = pack(tokenizer, train_lines, cfg.seq_len), pack(tokenizer, eval_lines, cfg.seq_len)
+    # Build beside the cache entry, then rename: a killed run leaves no half-written entry.
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+    tokenizer.save_pretrained(staging / "tokenizer")
+    save_file({"train": train.contiguous(), "eval": evaluation.contiguous()}, staging / "rows.safetensors")
+    try:
+        os.rename(staging, cache)
+    except OSError:  # another process won the race; use its entry
+        shutil.rmtree(staging, ignore_errors=True)
+    return Corpus(tokenizer, train, evaluation, cache)
+
+
+# --- masking ---------------------------------------------------------------------------
+def mask_tokens(rows: torch.Tensor, tokenizer, probability: float, generator: torch.Generator):
+    """BERT's MLM corruption: choose ``probability`` of the tokens that are not special
+    ([CLS], [SEP], [PAD], [UNK], [MASK]); of those,
+    80 % become [MASK], 10 % a random token, 10 % stay. Labels are -100 elsewhere."""
+    labels = rows.clone()
+    special = torch.isin(rows, torch.tensor(tokenizer.all_special_ids, dtype=rows.dtype))  # as HF's collator
+    chosen = (torch.rand(rows.shape, generator=generator) < probability) & ~special
+    labels[~chosen] = -100
+    inputs = rows.clone()
+    draw = torch.rand(rows.shape, generator=generator)
+    inputs[chosen & (draw < 0.8)] = tokenizer.mask_token_id
+    randomise = chosen & (draw >= 0.8) & (draw < 0.9)
+    inputs[randomise] = torch.randint(len(tokenizer), rows.shape, generator=generator)[randomise]
+    return inputs, labels
+
+
+def unigram_cross_entropy(train: torch.Tensor, evaluation: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats) of eval tokens under the add-one unigram distribution of train:
+    the loss a model that ignores context would reach."""
+    counts = torch.bincount(train[:, 1:-1].flatten(), minlength=vocab_size).double() + 1
+    log_probs = (counts / counts.sum()).log()
+    return -log_probs[evaluation[:, 1:-1].flatten()].mean().item()

@@ -1,0 +1,84 @@
+"""`Distributed` (torchrun's environment, or one process) and `BatchOrder` (which packed
+rows each micro-batch uses, as a pure function of its index, so resumed runs see exactly
+the batches of the uninterrupted run)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .corpus import mask_tokens
+
+
+class Distributed:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device_choice: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_choice == "auto":
+            device_choice = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_choice == "cuda" and not torch.cuda.is_available():
+            raise ValueError("trainer.device='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
+        if device_choice not in ("cpu", "cuda"):
+            raise ValueError(f"trainer.device={device_choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
+        self.device = torch.device(f"cuda:{local_rank}" if device_choice == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class BatchOrder:
+    """Which packed rows micro-batch m uses: consecutive slices of a per-epoch permutation
+    seeded by (seed, epoch), masked with a generator seeded by (seed, m). A pure function
+    of m, so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, rows: torch.Tensor, micro_batch: int, seed: int):
+        self.rows, self.micro_batch, self.seed = rows, micro_batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.rows), generator=generator)
+        return self._perm
+
+    def micro_batch_rows(self, m: int) -> torch.Tensor:
+        positions = range(m * self.micro_batch, (m + 1) * self.micro_batch)
+        n = len(self.rows)
+        return self.rows[torch.stack([self._permutation(p // n)[p % n] for p in positions])]
+
+    def masked(self, m: int, tokenizer, probability: float):
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
+        return mask_tokens(self.micro_batch_rows(m), tokenizer, probability, generator)
+
+

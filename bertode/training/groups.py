@@ -1,0 +1,128 @@
+"""The Hydra config groups that come from bertode's registries, and one name per setting.
+
+The groups ``solver``, ``sensitivity``, ``block``, ``vector_field`` and ``deq`` are not
+yaml files: `store_groups` writes one Hydra ConfigStore entry per registered name
+(your registrations included, e.g. a ``plugins=[my_module]`` module's), plus ``default``
+(the model's default for its mode). Every node's keys are `BertODEConfig` field names,
+by one rule (`field_for`): ``<group>.name`` sets the field ``<group>``,
+``<group>.kwargs`` sets ``<group>_kwargs``, ``deq.<key>`` sets ``deq_<key>`` where that
+field exists, and every other ``<group>.<key>`` sets ``<key>``. Default values are read
+off `BertODEConfig`, so no number or name is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from hydra.core.config_store import ConfigStore
+
+from ..blocks import BLOCKS
+from ..configuration import BertODEConfig
+from ..solve.gradients import GRADIENTS
+from ..solve.solvers import SOLVERS
+from ..vector_fields import VECTOR_FIELDS
+
+REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS}
+FIXED_STEP_KEYS = ("steps", "t_end", "ode_backend", "fixed_step_loop")
+ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
+DEFAULT = "default"
+# The gradient methods' own config fields (beyond kwargs), shown in their group node.
+GRADIENT_KEYS = ("adjoint_solver", "adjoint_atol", "adjoint_rtol")
+DEQ_PLAIN_FIELDS = ("jac_reg_weight", "jac_reg_freq")
+
+
+def config_default(field: str):
+    return {f.name: f.default for f in dataclasses.fields(BertODEConfig)}[field]
+
+
+def field_for(group: str, key: str) -> str:
+    """The `BertODEConfig` field that ``<group>.<key>`` on the command line sets."""
+    if key == "name":
+        return group
+    if key == "kwargs":
+        return f"{group}_kwargs"
+    if group == "deq" and key not in DEQ_PLAIN_FIELDS:
+        return f"deq_{key}"
+    return key
+
+
+def _solver_node(name):
+    keys = ADAPTIVE_KEYS if SOLVERS[name].adaptive else FIXED_STEP_KEYS
+    return {"name": name, **{key: config_default(key) for key in keys}}
+
+
+def _keyword_defaults(function, skip: int) -> dict:
+    """A constructor's keyword arguments and their defaults (after ``skip`` leading ones)."""
+    parameters = list(inspect.signature(function).parameters.values())[skip:]
+    return {p.name: p.default for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is not p.empty}
+
+
+def _gradient_node(name):
+    """``name``, the config fields of this group the method reads, and its other
+    constructor arguments under ``kwargs`` (its DEQ fields live in the deq group)."""
+    method = GRADIENTS[name]
+    own = {field for field in method.config_fields.values() if field in GRADIENT_KEYS}
+    kwargs = {k: v for k, v in _keyword_defaults(method.__init__, 1).items() if k not in method.config_fields}
+    return {"name": name, **{field: config_default(field) for field in sorted(own)}, "kwargs": kwargs or None}
+
+
+def _kwargs_node(registry, name):
+    """A field's or block's constructor keywords and their defaults, overridable as kwargs.<key>."""
+    return {"name": name, "kwargs": _keyword_defaults(registry[name].__init__, 2) or None}
+
+
+def group_node(group: str, name: str) -> dict:
+    if group == "solver":
+        return _solver_node(name)
+    if group == "sensitivity":
+        return _gradient_node(name)
+    return _kwargs_node(REGISTRY_GROUPS[group], name)
+
+
+def default_node(group: str) -> dict:
+    """The ``default`` choice: every key of the group's nodes, the name left to the mode."""
+    node: dict = {}
+    for name in REGISTRY_GROUPS[group].names():
+        for key, value in group_node(group, name).items():
+            node.setdefault(key, value)
+    node.update(name=None)
+    if "kwargs" in node:
+        node["kwargs"] = None
+    if group == "solver":
+        node = {key: node[key] for key in ("name",) + tuple(dict.fromkeys(FIXED_STEP_KEYS + ADAPTIVE_KEYS))}
+    return node
+
+
+def deq_node() -> dict:
+    """The ``deq`` group: every DEQ field, with `BertODEConfig`'s defaults."""
+    node = {}
+    for field in dataclasses.fields(BertODEConfig):
+        if field.name.startswith("deq_"):
+            node[field.name[len("deq_"):]] = field.default
+        elif field.name in DEQ_PLAIN_FIELDS:
+            node[field.name] = field.default
+    return node
+
+
+def store_groups() -> None:
+    """(Re)write the registry-backed groups into Hydra's ConfigStore (call after registering)."""
+    store = ConfigStore.instance()
+    for group, registry in REGISTRY_GROUPS.items():
+        store.store(group=group, name=DEFAULT, node=default_node(group))
+        for name in registry.names():
+            store.store(group=group, name=name, node=group_node(group, name))
+    store.store(group="deq", name=DEFAULT, node=deq_node())
+
+
+def group_choices(group: str) -> list[str]:
+    """The choices of a registry-backed group (``default`` first), else None."""
+    if group in REGISTRY_GROUPS:
+        return [DEFAULT, *REGISTRY_GROUPS[group].names()]
+    if group == "deq":
+        return [DEFAULT]
+    return None
+
+
+store_groups()

@@ -1,0 +1,274 @@
+"""`python -m bertode.train`: Hydra-configured masked-language-model training.
+
+    python -m bertode.train                                   # tiny ODE-BERT on the embedded sample
+    python -m bertode.train solver=dopri5 sensitivity=adjoint solver.atol=1e-4
+    python -m bertode.train model=deq deq.solver=broyden sensitivity=phantom
+    python -m bertode.train -m solver=euler,rk4 seed=1,2      # a sweep, one directory per run
+    torchrun --nproc_per_node=2 -m bertode.train              # DDP (gloo on CPU, NCCL on GPU)
+
+The run directory (Hydra's) receives ``.hydra/`` (the composed config), ``metrics.jsonl``,
+``checkpoints/`` and ``final/`` (model + tokenizer, loadable with the Auto classes).
+Bad input stops the run before anything is written beyond Hydra's config, with one line
+on stderr naming the field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..compile import SCOPES, compile_model, resolve_scope
+from ..modeling import BertODEForMaskedLM
+from . import checkpoint
+from .cli import hydra_entry, import_plugins, usage_errors
+from .corpus import DataError, prepare, unigram_cross_entropy
+from .distributed import BatchOrder, Distributed
+from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
+from .run_config import build_model_config
+from .run_log import LOGGERS, RunLog
+from .schedule import lr_factor
+
+
+def _optimizer(model, trainer, device):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": trainer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas), fused=device.type == "cuda")
+
+
+def _numeric_stats(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _check_trainer(trainer, world: int) -> None:
+    for key in ("batch_size", "grad_accumulation", "max_steps", "log_every", "eval_every", "checkpoint_every"):
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: an integer >= 1")
+    if trainer.batch_size % (trainer.grad_accumulation * world) != 0:
+        raise ValueError(f"trainer.batch_size={trainer.batch_size} is invalid; allowed: a multiple of "
+                         f"grad_accumulation x processes = {trainer.grad_accumulation * world}")
+    if not (isinstance(trainer.lr, (int, float)) and trainer.lr > 0):
+        raise ValueError(f"trainer.lr={trainer.lr!r} is invalid; allowed: a number > 0")
+    for key, allowed in (("precision", ("fp32", "bf16")), ("schedule", ("linear", "cosine"))):
+        if trainer[key] not in allowed:
+            raise ValueError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {', '.join(map(repr, allowed))}")
+    if not isinstance(trainer.compile, bool) and trainer.compile not in SCOPES:
+        raise ValueError(f"trainer.compile={trainer.compile!r} is invalid; allowed: true, false, "
+                         f"{', '.join(map(repr, SCOPES))}")
+    backends = sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})
+    if trainer.compile_backend not in backends:
+        raise ValueError(f"trainer.compile_backend={trainer.compile_backend!r} is invalid; allowed: "
+                         f"{', '.join(map(repr, backends))}")
+    if trainer.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid; allowed: "
+                         f"{', '.join(map(repr, COMPILE_MODES))}")
+    if trainer.compile_mode is not None and trainer.compile_backend != "inductor":
+        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid with "
+                         f"trainer.compile_backend={trainer.compile_backend!r}; allowed: null (modes are Inductor's)")
+    if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
+        raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
+
+
+def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
+    """Everything that can reject the input, before any file of ours is written."""
+    trainer = cfg.trainer
+    import_plugins(cfg.get("plugins"))
+    _check_trainer(trainer, dist.world)
+    if cfg.logger.kind not in LOGGERS:
+        raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
+    config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
+    if trainer.compile not in (True, False):
+        try:
+            resolve_scope(trainer.compile, config)
+        except ValueError as error:
+            raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
+    if cfg.data.seq_len > config.max_position_embeddings:
+        raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
+                        f"{config.max_position_embeddings}")
+    if dist.main:
+        corpus = prepare(cfg.data)
+    dist.barrier()
+    if not dist.main:
+        corpus = prepare(cfg.data)  # from the cache rank 0 wrote
+    config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
+    resume_from = None
+    if trainer.resume == "auto":
+        resume_from = checkpoint.latest(run_dir / "checkpoints")
+        if resume_from is None and dist.main:
+            print(f"trainer.resume=auto: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0 "
+                  "(give the interrupted run's hydra.run.dir to resume it)", flush=True)
+    elif trainer.resume != "never":
+        resume_from = Path(str(trainer.resume))
+    return corpus, config, resume_from
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    trainer = cfg.trainer
+    if trainer.num_threads:
+        torch.set_num_threads(int(trainer.num_threads))
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    dist = Distributed(trainer.device)
+    run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
+    with usage_errors():
+        corpus, config, resume_from = setup(cfg, run_dir, dist)
+
+    torch.manual_seed(cfg.seed)
+    model = BertODEForMaskedLM(config).to(dist.device)
+    base = model
+    optimizer = _optimizer(model, trainer, dist.device)
+    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    if resume_from is not None:
+        saved = checkpoint.load(resume_from, model)
+        optimizer.load_state_dict(saved["optimizer"])
+        checkpoint.set_rng_state(saved["rng"])
+        state = {k: saved[k] for k in state}
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if trainer.compile:
+        options = dict(backend=trainer.compile_backend, mode=trainer.compile_mode)
+        model = compile_model(model, "auto" if trainer.compile is True else trainer.compile, **options)
+
+    log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
+                 config=OmegaConf.to_container(cfg, resolve=True))
+    seq_len = cfg.data.seq_len
+    micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
+    order = BatchOrder(corpus.train, micro, cfg.seed)
+    eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
+                                      max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
+    baseline = unigram_cross_entropy(corpus.train, corpus.eval, len(corpus.tokenizer))
+    parameters = sum(p.numel() for p in base.parameters())
+    if resume_from is not None:
+        log.print(f"resumed from {resume_from} at step {state['step']}")
+    log.print(f"bertode.train: {config.mode} model, {parameters / 1e6:.2f} M parameters, {dist.world} process(es) on "
+              f"{dist.device}, {len(corpus.train)} train rows x {seq_len} tokens, run dir {run_dir}")
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(base, eval_batches, dist.device, trainer.precision)
+        log.write({"step": step, "kind": "eval", **result, "unigram_baseline": baseline})
+        log.print(f"eval @ step {step}: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                  f"accuracy {result['accuracy']:.3f} (unigram baseline loss {baseline:.4f})")
+        return result
+
+    step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+    result = None
+    started = time.perf_counter() - elapsed
+    window_start, window_tokens = time.perf_counter(), 0
+    while True:
+        if step >= trainer.max_steps or (trainer.max_tokens and tokens >= trainer.max_tokens):
+            break
+        out_of_time = bool(trainer.max_time) and elapsed >= trainer.max_time
+        if dist.broadcast(out_of_time):
+            break
+        factor = lr_factor(step, elapsed, trainer)
+        for group in optimizer.param_groups:
+            group["lr"] = trainer.lr * factor
+        micro_batches = [order.masked(step * trainer.grad_accumulation + a, corpus.tokenizer, cfg.data.mlm_probability)
+                         for a in range(trainer.grad_accumulation)]
+        total_masked = sum(int((labels != -100).sum()) for _, labels in micro_batches)
+        # The loss of a step is the mean over every masked token of the global batch: the
+        # model divides its sum by this rank's share of the count (DDP averages over ranks).
+        items = max(total_masked, 1) / dist.world
+        skipped_before = base.skipped_batches
+        ce_total, correct_total = 0.0, 0
+        for a, (inputs, labels) in enumerate(micro_batches):
+            inputs = inputs[dist.rank::dist.world].to(dist.device)
+            labels = labels[dist.rank::dist.world].to(dist.device)
+            sync = a == trainer.grad_accumulation - 1 or dist.world == 1
+            context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with context:
+                with autocast(dist.device, trainer.precision):
+                    out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
+                ce_sum, correct = masked_ce_sum(out.logits.detach(), labels)
+                if out.loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
+                    out.loss.backward()
+            ce_total += ce_sum.item()
+            correct_total += int(correct)
+        if dist.all_sum([float(base.skipped_batches - skipped_before)])[0] > 0:
+            optimizer.zero_grad(set_to_none=True)  # a DEQ solve on some rank failed and was skipped: skip the step
+        grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), trainer.grad_clip or float("inf"))
+        if math.isfinite(grad_norm.item()):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = trainer.batch_size * seq_len
+        tokens += step_tokens
+        window_tokens += step_tokens
+        elapsed = time.perf_counter() - started
+        ce_total, correct_total = dist.all_sum([ce_total, float(correct_total)])
+        record = {"step": step, "kind": "train", "loss": ce_total / max(total_masked, 1),
+                  "accuracy": correct_total / max(total_masked, 1), "lr": trainer.lr * factor,
+                  "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
+                  **_numeric_stats(out.solver_stats or {})}
+        if step % trainer.log_every == 0 or step == 1:
+            now = time.perf_counter()
+            record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+            record["peak_memory_mb"] = _peak_memory_mb(dist.device)
+            window_start, window_tokens = now, 0
+            log.print(_progress_line(record, trainer, elapsed))
+        log.write(record)
+        if step % trainer.eval_every == 0 and step < trainer.max_steps:
+            result = run_eval(step)
+        if step % trainer.checkpoint_every == 0 and dist.main:
+            checkpoint.save(run_dir / "checkpoints", step, base,
+                            {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                             "step": step, "tokens": tokens, "elapsed": elapsed},
+                            keep=trainer.keep_checkpoints)
+        dist.barrier()
+
+    result = run_eval(step)
+    if dist.main:
+        final = run_dir / "final"
+        base.save_pretrained(final)
+        corpus.tokenizer.save_pretrained(final)
+        summary = {"step": step, "tokens": tokens, "elapsed": elapsed, "eval": result, "unigram_baseline": baseline,
+                   "solver_stats": _numeric_stats(base.solver_stats())}
+        (final / "train_results.json").write_text(json.dumps(summary, indent=2, default=float))
+        log.print(f"final model: {final}")
+    log.close()
+    dist.barrier()
+    dist.close()
+    return {"eval": result, "unigram_baseline": baseline, "step": step, "run_dir": str(run_dir)}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress_line(record: dict, trainer, elapsed: float) -> str:
+    step = record["step"]
+    remaining = []
+    if trainer.max_steps:
+        remaining.append(elapsed / step * (trainer.max_steps - step))
+    if trainer.max_time:
+        remaining.append(trainer.max_time - elapsed)
+    eta = max(0.0, min(remaining)) if remaining else float("nan")
+    extra = ""
+    if "nfe_forward" in record:
+        extra = f" | NFE {record['nfe_forward']}/{record.get('nfe_backward', 0)}"
+    elif "forward_iterations" in record:
+        extra = f" | iters {record['forward_iterations']} res {record.get('forward_rel_residual', float('nan')):.1e}"
+    return (f"step {step}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")
+
+
+main = hydra_entry("train", train)
+
+if __name__ == "__main__":
+    main()

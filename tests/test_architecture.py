@@ -1,0 +1,117 @@
+"""The package's shape: every registered name is written once (where it is registered),
+the numerics do not import the model, module-level imports have no cycle, and no module
+outgrows one idea (about 300 lines)."""
+
+import ast
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import bertode
+
+PACKAGE = Path(bertode.__file__).resolve().parent
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+# `python -m bertode.demo` is a tour written as user code: it uses names like a user does.
+DEFINING_SOURCES = [p for p in SOURCES if p.name != "demo.py"]
+# Hydra recipes (experiment/*.yaml) name choices the way a user does; they are configs that
+# use the registries, not places that define names.
+CONFIG_FILES = sorted(p for p in (PACKAGE / "configs").rglob("*.yaml") if p.parent.name != "experiment")
+
+
+def _string_constants(path: Path):
+    """(line, value) of every string literal that is not a docstring or part of an f-string."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                skip.add(id(first.value))
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(value) for value in node.values)
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip]
+
+
+def _places(name: str) -> set:
+    places = set()
+    for path in DEFINING_SOURCES:
+        places |= {(path.relative_to(PACKAGE), line) for line, value in _string_constants(path) if value == name}
+    for path in CONFIG_FILES:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.split("#", 1)[0]
+            if any(token.strip(" '\"[],") == name for token in text.replace(":", " ").split()):
+                places.add((path.relative_to(PACKAGE), number))
+    return places
+
+
+def test_every_registered_name_is_written_once_per_registry():
+    axes = Counter(name for names in bertode.available().values() for name in names)
+    assert {"solver", "sensitivity", "block", "deq_solver", "vector_field"} <= set(bertode.available())
+    too_many = {}
+    for name, registries in axes.items():
+        places = _places(name)
+        if len(places) != registries:
+            too_many[name] = sorted(map(str, places))
+    assert not too_many, too_many
+
+
+def test_the_name_check_can_fail():
+    """The oracle finds a name written twice: 'ode' is a mode, written in several places."""
+    assert len(_places("ode")) > 1
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    """bertode modules imported by ``path`` (relative imports resolved)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "bertode":
+                continue
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists() else base)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "bertode"}
+    return found - {module}
+
+
+def test_numerics_do_not_import_the_model_or_the_app():
+    for path in sorted((PACKAGE / "solve").glob("*.py")):
+        outside = {m for m in _imports(path, top_level_only=False)
+                   if not m.startswith("bertode.solve") and m != "bertode.registry"}
+        assert not outside, (path.name, outside)
+
+
+def test_module_level_imports_are_acyclic():
+    graph = {_module_name(path): _imports(path, top_level_only=True) for path in SOURCES}
+    state: dict = defaultdict(int)  # 0 new, 1 on the stack, 2 done
+
+    def visit(module, stack):
+        state[module] = 1
+        for target in graph.get(module, ()):
+            assert state[target] != 1, " -> ".join(stack + [target])
+            if state[target] == 0:
+                visit(target, stack + [target])
+        state[module] = 2
+
+    for module in graph:
+        if state[module] == 0:
+            visit(module, [module])
+
+
+def test_no_module_outgrows_one_idea():
+    sizes = {str(path.relative_to(PACKAGE)): len(path.read_text(encoding="utf-8").splitlines()) for path in SOURCES}
+    assert max(sizes.values()) <= 300, {k: v for k, v in sizes.items() if v > 300}

@@ -1,0 +1,78 @@
+"""A choice that does not apply to the model's mode is refused, never silently dropped:
+on the command line (exit 2, one line naming both fields, nothing written) and in
+`BertODEConfig` (ValueError)."""
+
+import sys
+
+import pytest
+
+import bertode
+
+# (command-line overrides, BertODEConfig fields, the two fields the message must name)
+PAIRINGS = [
+    (["sensitivity=phantom"], dict(sensitivity="phantom"), ("sensitivity='phantom'", "mode='ode'")),
+    (["model=deq", "sensitivity=adjoint"], dict(mode="deq", sensitivity="adjoint"), ("sensitivity='adjoint'", "mode='deq'")),
+    (["model=bert", "solver=dopri5", "sensitivity=adjoint"], dict(mode="discrete", solver="dopri5", sensitivity="adjoint"),
+     ("solver='dopri5'", "mode='discrete'")),
+    (["model=bert", "solver=dopri5"], dict(mode="discrete", solver="dopri5"), ("solver='dopri5'", "mode='discrete'")),
+    (["model=bert", "sensitivity=adjoint"], dict(mode="discrete", sensitivity="adjoint"),
+     ("sensitivity='adjoint'", "mode='discrete'")),
+    (["model=deq", "vector_field=add_norm"], dict(mode="deq", vector_field="add_norm"),
+     ("vector_field='add_norm'", "mode='deq'")),
+    (["deq.solver=broyden"], dict(deq_solver="broyden"), ("solver='broyden'", "mode='ode'")),
+    (["model=deq", "block=rk2"], dict(mode="deq", block="rk2"), ("block='rk2'", "mode='deq'")),
+    (["sensitivity=adjoint", "block=rk4"], dict(sensitivity="adjoint", block="rk4"), ("sensitivity='adjoint'", "block='rk4'")),
+    (["sensitivity=interpolated_adjoint", "solver.ode_backend=torchdiffeq"],
+     dict(sensitivity="interpolated_adjoint", ode_backend="torchdiffeq"),
+     ("sensitivity='interpolated_adjoint'", "ode_backend='torchdiffeq'")),
+]
+CLI_ONLY = [  # options of a group the mode does not use, changed from their defaults
+    (["model=bert", "solver.steps=4"], ("solver.steps=4", "model.mode='discrete'")),
+    (["model=deq", "solver.atol=1e-5"], ("solver.atol=1e-05", "model.mode='deq'")),
+    (["deq.max_iter=5"], ("deq.max_iter=5", "model.mode='ode'")),
+]
+
+
+@pytest.mark.parametrize("overrides, fields, named", PAIRINGS, ids=lambda v: ",".join(v) if isinstance(v, list) else None)
+def test_config_refuses_the_pairing(overrides, fields, named):
+    with pytest.raises(ValueError) as error:
+        bertode.BertODEConfig(**fields)
+    message = str(error.value)
+    assert "\n" not in message and all(name in message for name in named), message
+
+
+def test_the_cli_exits_2_with_one_line_naming_both_fields(tmp_path, monkeypatch, capsys):
+    from bertode.train import main
+
+    cases = [(overrides, named) for overrides, _, named in PAIRINGS] + CLI_ONLY
+    for index, (overrides, named) in enumerate(cases):
+        run_dir = tmp_path / f"run{index}"
+        monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={run_dir}",
+                                          f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2, (overrides, error)
+        assert error.count("\n") == 0 and error.startswith("error: "), (overrides, error)
+        assert all(name in error for name in named), (overrides, error)
+        assert not (tmp_path / "cache").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_the_defaults_of_each_mode_are_filled_from_the_registries():
+    ode, deq, bert = (bertode.BertODEConfig(mode=m) for m in ("ode", "deq", "discrete"))
+    assert (ode.solver, ode.sensitivity, ode.vector_field, ode.block, ode.deq_solver) == (
+        "euler", "autograd", "residual", "none", None)
+    assert (deq.solver, deq.sensitivity, deq.vector_field, deq.deq_solver, deq.deq_backward_solver) == (
+        None, "ift", None, "anderson", "anderson")
+    assert (bert.solver, bert.sensitivity, bert.vector_field, bert.deq_solver) == (None, None, None, None)
+
+
+def test_a_config_saved_before_the_gradient_axis_loads(tmp_path):
+    """Old checkpoints carry deq_grad and every mode's defaults: they load as what they were."""
+    old = dict(mode="deq", deq_grad="phantom", solver="euler", sensitivity="autograd", vector_field="residual",
+               block="none", deq_solver="broyden")
+    config = bertode.BertODEConfig(**old)
+    assert (config.sensitivity, config.solver, config.deq_solver) == ("phantom", None, "broyden")
+    discrete = bertode.BertODEConfig(mode="discrete", deq_grad="ift", solver="euler", sensitivity="autograd",
+                                     deq_solver="anderson")
+    assert (discrete.solver, discrete.sensitivity, discrete.deq_solver) == (None, None, None)
