@@ -1,4 +1,4 @@
-"""`python -m bertode.demo`: the main job until the training CLI lands.
+"""`python -m bertode.demo`: a 15-second tour of what bertode computes.
 
 On a tiny random BERT (CPU, fp32, seconds): (1) one Euler step reproduces HF BERT's
 logits and gradients; (2) solvers trade NFE against error from a tight reference;

@@ -132,7 +132,7 @@ class BertDEQEncoder(nn.Module):
                                     self._backward_solver(record, ON_BACKWARD_SKIP.get()), record)
         if self.training:
             self.training_forwards += 1
-        if self.training and int(self.training_forwards) <= cfg.deq_pretrain_steps:
+        if self.training and cfg.deq_pretrain_steps and int(self.training_forwards) <= cfg.deq_pretrain_steps:
             z = z0
             for _ in range(cfg.deq_pretrain_depth):
                 z = f(z)

@@ -1,0 +1,59 @@
+"""`python -m bertode.choices`: every registered choice, as the README's tables.
+
+Reads the registries (with whatever ``plugins`` registered: ``python -m bertode.choices
+my_module``), so the tables cannot drift from the code; tests/test_readme.py checks that
+the README holds exactly this output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .blocks import BLOCKS
+from .configuration import BertODEConfig
+from .solve.fixed_point import FIXED_POINT_SOLVERS
+from .solve.gradients import GRADIENTS, default_gradient
+from .solve.solvers import SOLVERS
+from .vector_fields import VECTOR_FIELDS
+
+
+def _names(registry, default=None) -> str:
+    default = default or registry.default
+    return ", ".join(f"`{n}`" + (" (default)" if n == default else "") for n in registry.names())
+
+
+def markdown_tables() -> str:
+    lines = ["| axis (CLI group) | `BertODEConfig` field | registered | add your own |", "|---|---|---|---|",
+             f"| `solver` | `solver` | {_names(SOLVERS)} | `bertode.register_solver` |",
+             f"| `sensitivity` (mode=ode) | `sensitivity` | "
+             f"{', '.join(f'`{n}`' for n, c in GRADIENTS.items() if c.family == 'ode')} "
+             f"(default `{default_gradient('ode')}`) | `bertode.register_gradient` |",
+             f"| `sensitivity` (mode=deq) | `sensitivity` | "
+             f"{', '.join(f'`{n}`' for n, c in GRADIENTS.items() if c.family == 'deq')} "
+             f"(default `{default_gradient('deq')}`) | `bertode.register_gradient` |",
+             f"| `vector_field` | `vector_field` | {_names(VECTOR_FIELDS)} | `bertode.register_vector_field` |",
+             f"| `block` | `block` | {_names(BLOCKS)} | `bertode.register_block` |",
+             f"| `deq.solver`, `deq.backward_solver` | `deq_solver`, `deq_backward_solver` | {_names(FIXED_POINT_SOLVERS)} "
+             "| `bertode.register_fixed_point_solver` |",
+             "", "| solver | steps | order | torchdiffeq peer |", "|---|---|---|---|"]
+    for name, spec in SOLVERS.items():
+        kind = "adaptive (`atol`, `rtol`)" if spec.adaptive else "fixed (`steps`)"
+        lines.append(f"| `{name}` | {kind} | {spec.order} | {f'`{spec.torchdiffeq}`' if spec.torchdiffeq else '—'} |")
+    lines += ["", "| gradient | family | re-evaluates the field | backends |", "|---|---|---|---|"]
+    for name, method in GRADIENTS.items():
+        backends = ", ".join(getattr(method, "backends", ())) or "—"
+        again = "yes" if getattr(method, "reevaluates_field", False) else "no"
+        lines.append(f"| `{name}` | {method.family} | {again if method.family == 'ode' else '—'} | {backends} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    for module in (sys.argv[1:] if argv is None else argv):
+        importlib.import_module(module)
+    BertODEConfig()  # the registries are complete once the model's modules are imported
+    print(markdown_tables())
+
+
+if __name__ == "__main__":
+    main()
