@@ -99,7 +99,8 @@ class SchemeBlock(Block):
         spec = get_solver(solver) if isinstance(solver, str) else solver_spec(type(self).__name__, solver)
         if spec.adaptive:
             raise ValueError(f"{type(self).__name__}.solver is adaptive; allowed: a fixed-step solver (one step)")
-        self._solve = ODESolve(spec, steps=1, fixed_step_loop=config.fixed_step_loop)
+        # One explicit step: bertode calls the solver's step itself (what NeuralODE's loop would do).
+        self._solve = ODESolve(spec, steps=1)
 
     def forward(self, layer, y):
         z, _ = self._solve(y, lambda t, v: layer(v) - v, (), 0.0, 1.0, "block")

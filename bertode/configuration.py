@@ -8,8 +8,7 @@ field, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+import dataclasses
 
 from transformers import BertConfig
 
@@ -19,6 +18,16 @@ from .solve.gradients import GRADIENTS, available_gradients, default_gradient
 from .solve.ode import FIXED_STEP_LOOPS, ODE_BACKENDS
 from .solve import ode_gradients  # noqa: F401  (registers the ODE gradient methods)
 from .solve.solvers import SOLVERS
+from .validation import (
+    check_choice,
+    check_constructor,
+    check_int,
+    check_kwargs,
+    check_positive,
+    fail,
+    is_number,
+    wrong_mode,
+)
 from .vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
@@ -35,39 +44,13 @@ NAMED_CHOICES = {
     "deq_solver": ("deq", FIXED_POINT_SOLVERS),
     "deq_backward_solver": ("deq", FIXED_POINT_SOLVERS),
 }
-MODE_WORD = {"ode": "model=ode", "discrete": "model=bert", "deq": "model=deq"}
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"BertODEConfig.{field}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_choice(field: str, value: Any, choices) -> None:
-    if value not in choices:
-        _fail(field, value, ", ".join(repr(c) for c in choices))
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _check_positive(field: str, value: Any) -> None:
-    if not _is_number(value) or value <= 0:
-        _fail(field, value, "a finite number > 0")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"an integer >= {minimum}")
-
-
-def _check_kwargs(field: str, value: Any) -> None:
-    if value is not None and not isinstance(value, dict):
-        _fail(field, value, "a dict or None")
-
-
-def _wrong_mode(field: str, value: Any, mode: str, allowed: str) -> None:
-    raise ValueError(f"BertODEConfig.{field}={value!r} is invalid with BertODEConfig.mode={mode!r}; allowed: {allowed}")
+# Numeric and keyword fields each mode does not read: they must keep their defaults there.
+ODE_ONLY = ("steps", "t_end", "atol", "rtol", "adjoint_solver", "adjoint_atol", "adjoint_rtol", "ode_backend",
+            "fixed_step_loop", "vector_field_kwargs")
+DEQ_ONLY = ("deq_max_iter", "deq_tol", "deq_stop_mode", "deq_damping", "deq_memory", "deq_phantom_steps",
+            "deq_backward_max_iter", "deq_backward_tol", "deq_injection", "jac_reg_weight", "jac_reg_freq",
+            "deq_weight_norm", "deq_pretrain_steps", "deq_pretrain_depth", "deq_on_nonfinite", "deq_spectral_radius")
+FOREIGN = {"ode": DEQ_ONLY, "deq": ODE_ONLY, "discrete": ODE_ONLY + DEQ_ONLY}
 
 
 class BertODEConfig(BertConfig):
@@ -145,51 +128,81 @@ class BertODEConfig(BertConfig):
     deq_spectral_radius: bool = False
 
     def __post_init__(self, **kwargs):
-        legacy_deq_grad = kwargs.pop("deq_grad", None)
+        legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the gradient axis
         super().__post_init__(**kwargs)
-        if legacy_deq_grad is not None:
-            self._translate_legacy(legacy_deq_grad)
+        self._filled: set = set()
+        if legacy_deq_grad is not None and self.mode == "deq":
+            self.sensitivity = legacy_deq_grad
+        if self.transformers_version is not None:  # a saved config: clear what its mode never read
+            self._forget_unused()
         self.validate_ode()
 
-    def _translate_legacy(self, deq_grad: str) -> None:
-        """Configs saved before the gradient axis was one field carry ``deq_grad`` and every
-        mode's defaults: keep what the mode uses, so old checkpoints keep loading."""
+    def __setattr__(self, key, value):
+        filled = self.__dict__.get("_filled")
+        if filled is not None and key in filled:
+            filled.discard(key)  # set by the user now: no longer the mode's default
+        super().__setattr__(key, value)
+
+    def _forget_unused(self) -> None:
+        """Saved configs (older ones carry every mode's values) load as the model they were."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for field, (mode, _) in NAMED_CHOICES.items():
             if mode is not None and mode != self.mode:
                 setattr(self, field, None)
-        if self.mode != "ode":
-            self.sensitivity = deq_grad if self.mode == "deq" else None
+        for field in FOREIGN[self.mode]:
+            setattr(self, field, defaults[field])
+        method = GRADIENTS[self.sensitivity] if self.sensitivity in GRADIENTS else None
+        if self.mode == "discrete" or (method is not None and method.family != GRADIENT_FAMILY[self.mode]):
+            self.sensitivity = None
+        if method is None or "adjoint_solver" not in method.config_fields.values():
+            self.adjoint_solver = None
+
+    def to_dict(self) -> dict:
+        """Names filled in from the registries' defaults are saved as ``None``: a reloaded
+        config (possibly given another ``mode``) fills them again."""
+        output = super().to_dict()
+        output.pop("_filled", None)
+        for field in getattr(self, "_filled", ()):
+            output[field] = None
+        return output
 
     def validate_ode(self) -> None:
-        """Fill unset name fields with the mode's defaults, then raise ValueError naming the
-        first invalid field (and the field it conflicts with)."""
-        _check_choice("mode", self.mode, MODES)
+        """Fill unset name fields with the mode's defaults (again, if the mode changed), then
+        raise ValueError naming the first invalid field and the field it conflicts with."""
+        check_choice("mode", self.mode, MODES)
+        for field in list(getattr(self, "_filled", ())):
+            setattr(self, field, None)
+        self._filled = set()
         self._check_names()
-        _check_kwargs("vector_field_kwargs", self.vector_field_kwargs)
-        _check_kwargs("sensitivity_kwargs", self.sensitivity_kwargs)
-        _check_kwargs("block_kwargs", self.block_kwargs)
-        _check_int("steps", self.steps, 1)
+        for field in ("vector_field_kwargs", "sensitivity_kwargs", "block_kwargs"):
+            check_kwargs(field, getattr(self, field))
+        check_int("steps", self.steps, 1)
         for name in ("t_end", "atol", "rtol", "adjoint_atol", "adjoint_rtol"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.adjoint_solver is not None and self.adjoint_solver not in SOLVERS:
             raise SOLVERS.invalid("adjoint_solver", self.adjoint_solver)
-        _check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
-        _check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
+        check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
+        check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if not isinstance(self.weight_tying, bool):
-            _fail("weight_tying", self.weight_tying, "True or False")
-        _check_int("num_hidden_layers", self.num_hidden_layers, 1)
+            fail("weight_tying", self.weight_tying, "True or False")
+        check_int("num_hidden_layers", self.num_hidden_layers, 1)
         if self.hidden_size % self.num_attention_heads != 0:
-            _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+            fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
         self._check_deq_numbers()
+        self._check_unused_by_mode()
         self._check_gradient()
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:
-            _wrong_mode("block", self.block, self.mode, f"{BLOCKS.default!r} (a DEQ map has no block)")
+            wrong_mode("block", self.block, self.mode, f"{BLOCKS.default!r} (a DEQ map has no block)")
+        check_constructor("block_kwargs", self.block_kwargs, f"block={self.block!r}", BLOCKS[self.block], 1)
+        if self.mode == "ode":
+            check_constructor("vector_field_kwargs", self.vector_field_kwargs, f"vector_field={self.vector_field!r}",
+                              VECTOR_FIELDS[self.vector_field], 1)
         if self.mode == "ode" and self.ode_backend == "torchdiffeq":
             methods = [name for name, spec in SOLVERS.items() if spec.torchdiffeq]
             for field in ("solver", "adjoint_solver"):
                 name = getattr(self, field)
                 if name is not None and SOLVERS[name].torchdiffeq is None:
-                    _fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
+                    fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
 
     def _check_names(self) -> None:
         for field, (mode, registry) in NAMED_CHOICES.items():
@@ -198,61 +211,67 @@ class BertODEConfig(BertConfig):
                 raise registry.invalid(field, value)
             if mode is not None and mode != self.mode:
                 if value is not None:
-                    _wrong_mode(field, value, self.mode, f"None (it applies to mode={mode!r})")
+                    wrong_mode(field, value, self.mode, f"None (it applies to mode={mode!r})")
             elif value is None:
                 setattr(self, field, registry.default)
-        if self.mode != "ode" and self.vector_field_kwargs:
-            _wrong_mode("vector_field_kwargs", self.vector_field_kwargs, self.mode, "None (it applies to mode='ode')")
+                self._filled.add(field)
+
+    def _check_unused_by_mode(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for field in FOREIGN[self.mode]:
+            if getattr(self, field) != defaults[field]:
+                used_by = "ode" if field in ODE_ONLY else "deq"
+                wrong_mode(field, getattr(self, field), self.mode, f"{defaults[field]!r} (it applies to mode={used_by!r})")
 
     def _check_gradient(self) -> None:
         family = GRADIENT_FAMILY[self.mode]
         if family is None:
             if self.sensitivity is not None:
-                _wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
+                wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
             return
         if self.sensitivity is None:
             self.sensitivity = default_gradient(family)
+            self._filled.add("sensitivity")
         if self.sensitivity not in GRADIENTS:
             raise GRADIENTS.invalid("sensitivity", self.sensitivity)
         method = GRADIENTS[self.sensitivity]
         if method.family != family:
-            _wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_gradients(family))))
+            wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_gradients(family))))
         if self.adjoint_solver is not None and "adjoint_solver" not in method.config_fields.values():
-            _fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
-        if family != "ode":
-            return
-        gradient = method.from_config(self)
-        if self.ode_backend not in method.backends:
-            _fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} "
-                  f"({', '.join(n for n in available_gradients('ode') if self.ode_backend in GRADIENTS[n].backends)})")
-        if method.reevaluates_field and not BLOCKS[self.block].is_plain:
-            _fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "
-                  "(a block is one discrete step, trained by backpropagation)")
-        if method.reevaluates_field and self.attention_probs_dropout_prob > 0:
-            # The adjoint re-evaluates the field backwards in time; attention dropout
-            # would draw new masks there (hidden dropout keeps one mask per solve).
-            _fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
-                  f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
-        gradient.validate(self)
+            fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
+        check_constructor("sensitivity_kwargs", self.sensitivity_kwargs, f"sensitivity={self.sensitivity!r}", method, 0)
+        if family == "ode":
+            if self.ode_backend not in method.backends:
+                supported = [n for n in available_gradients("ode") if self.ode_backend in GRADIENTS[n].backends]
+                fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} ({', '.join(supported)})")
+            if method.reevaluates_field and not BLOCKS[self.block].is_plain:
+                fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "
+                     "(a block is one discrete step, trained by backpropagation)")
+            if method.reevaluates_field and self.attention_probs_dropout_prob > 0:
+                # The adjoint re-evaluates the field backwards in time; attention dropout
+                # would draw new masks there (hidden dropout keeps one mask per solve).
+                fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
+                     f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
+        method.from_config(self).validate(self)
 
     def _check_deq_numbers(self) -> None:
-        _check_choice("deq_stop_mode", self.deq_stop_mode, DEQ_STOP_MODES)
-        _check_choice("deq_injection", self.deq_injection, DEQ_INJECTIONS)
-        _check_choice("deq_on_nonfinite", self.deq_on_nonfinite, DEQ_ON_NONFINITE)
+        check_choice("deq_stop_mode", self.deq_stop_mode, DEQ_STOP_MODES)
+        check_choice("deq_injection", self.deq_injection, DEQ_INJECTIONS)
+        check_choice("deq_on_nonfinite", self.deq_on_nonfinite, DEQ_ON_NONFINITE)
         for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("deq_pretrain_steps", self.deq_pretrain_steps, 0)
+            check_int(name, getattr(self, name), 1)
+        check_int("deq_pretrain_steps", self.deq_pretrain_steps, 0)
         for name in ("deq_tol", "deq_backward_tol"):
-            _check_positive(name, getattr(self, name))
-        if not _is_number(self.deq_damping) or not 0 < self.deq_damping <= 1:
-            _fail("deq_damping", self.deq_damping, "a number in (0, 1]")
-        if not _is_number(self.jac_reg_weight) or self.jac_reg_weight < 0:
-            _fail("jac_reg_weight", self.jac_reg_weight, "a number >= 0")
-        if not _is_number(self.jac_reg_freq) or not 0 <= self.jac_reg_freq <= 1:
-            _fail("jac_reg_freq", self.jac_reg_freq, "a number in [0, 1]")
+            check_positive(name, getattr(self, name))
+        if not is_number(self.deq_damping) or not 0 < self.deq_damping <= 1:
+            fail("deq_damping", self.deq_damping, "a number in (0, 1]")
+        if not is_number(self.jac_reg_weight) or self.jac_reg_weight < 0:
+            fail("jac_reg_weight", self.jac_reg_weight, "a number >= 0")
+        if not is_number(self.jac_reg_freq) or not 0 <= self.jac_reg_freq <= 1:
+            fail("jac_reg_freq", self.jac_reg_freq, "a number in [0, 1]")
         for name in ("deq_weight_norm", "deq_spectral_radius"):
             if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "True or False")
+                fail(name, getattr(self, name), "True or False")
 
     @property
     def adaptive(self) -> bool:

@@ -142,9 +142,11 @@ class BertDEQEncoder(nn.Module):
         else:
             out = self.gradient(problem)
             z_star = out.detach()
-            if self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() and torch.rand(()) < cfg.jac_reg_freq:
+            solved = self.gradient.solves_fixed_point
+            if solved and self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() \
+                    and torch.rand(()) < cfg.jac_reg_freq:
                 self.jac_loss = self._jacobian_penalty(f.eager, z_star, record)
-            if not self.training and cfg.deq_spectral_radius:
+            if solved and not self.training and cfg.deq_spectral_radius:
                 record.extra["spectral_radius"] = self._spectral_radius(f.eager, z_star)
         stats = SolverStats([record], counters=self.counters())
         self.last_stats = stats

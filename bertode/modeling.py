@@ -49,6 +49,23 @@ class BertODEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["BertEmbeddings", "BertODELayer"]
 
+    def __init__(self, config: BertODEConfig, *args, **kwargs):
+        config.validate_ode()  # fields changed since construction (e.g. from_pretrained(..., mode="deq"))
+        super().__init__(config, *args, **kwargs)
+
+    def post_init(self):
+        super().post_init()
+        # DDP must not broadcast rank 0's counters over the others' (each rank counts its own skips).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()
+                                                  if name.rsplit(".", 1)[-1] in COUNTERS]
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict | None = None, **kwargs):
+        """transformers' ``from_pretrained``; checkpoints written before the blocks' registry
+        (the rk2_gated gate at ``encoder.layer.N.gate``) load into today's names."""
+        legacy = {r"(encoder\.layer\.\d+)\.gate\.": r"\1.block.gate."}
+        return super().from_pretrained(*args, key_mapping={**legacy, **(key_mapping or {})}, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -90,6 +107,10 @@ class BertODEPreTrainedModel(PreTrainedModel):
 
         def on_skip():  # called inside the backward pass: restore once it has finished
             torch.autograd.Variable._execution_engine.queue_callback(restore)
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                logger.warning_once("deq_on_nonfinite='skip' rolled this rank's gradients back; the other ranks must "
+                                    "skip this step too (bertode.train does), or their replicas drift apart")
 
         token = ON_BACKWARD_SKIP.set(on_skip)
         try:
@@ -211,6 +232,7 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
 
 
 class BertODEForSequenceClassification(BertODEPreTrainedModel):
+    accepts_loss_kwargs = False  # the loss is a mean: Trainer divides it over gradient accumulation
     def __init__(self, config: BertODEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

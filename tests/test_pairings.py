@@ -67,12 +67,42 @@ def test_the_defaults_of_each_mode_are_filled_from_the_registries():
     assert (bert.solver, bert.sensitivity, bert.vector_field, bert.deq_solver) == (None, None, None, None)
 
 
-def test_a_config_saved_before_the_gradient_axis_loads(tmp_path):
-    """Old checkpoints carry deq_grad and every mode's defaults: they load as what they were."""
+def test_a_saved_config_is_read_leniently_and_a_constructed_one_strictly():
+    """Saved configs (they carry transformers_version; bertode 0.1 wrote every mode's
+    defaults and deq_grad) load as the model they were; the same fields typed by a user
+    are refused (tests/test_legacy.py loads real 0.1 directories)."""
     old = dict(mode="deq", deq_grad="phantom", solver="euler", sensitivity="autograd", vector_field="residual",
                block="none", deq_solver="broyden")
-    config = bertode.BertODEConfig(**old)
+    config = bertode.BertODEConfig(**old, transformers_version="5.23.0")
     assert (config.sensitivity, config.solver, config.deq_solver) == ("phantom", None, "broyden")
-    discrete = bertode.BertODEConfig(mode="discrete", deq_grad="ift", solver="euler", sensitivity="autograd",
-                                     deq_solver="anderson")
-    assert (discrete.solver, discrete.sensitivity, discrete.deq_solver) == (None, None, None)
+    with pytest.raises(ValueError, match="='residual' is invalid with BertODEConfig.mode='deq'"):
+        bertode.BertODEConfig(**old)
+
+
+def test_options_of_another_mode_are_refused_and_kwargs_are_checked():
+    for fields, named in [(dict(mode="discrete", steps=4), ("steps=4", "mode='discrete'")),
+                          (dict(mode="deq", ode_backend="torchdiffeq"), ("ode_backend='torchdiffeq'", "mode='deq'")),
+                          (dict(deq_max_iter=5), ("deq_max_iter=5", "mode='ode'")),
+                          (dict(sensitivity="adjoint", sensitivity_kwargs={"k": 1}), ("sensitivity_kwargs", "'adjoint'")),
+                          (dict(vector_field="time_residual", vector_field_kwargs={"width": 3}),
+                           ("vector_field_kwargs", "time_features, max_frequency"))]:
+        with pytest.raises(ValueError) as error:
+            bertode.BertODEConfig(**fields)
+        assert all(name in str(error.value) for name in named), str(error.value)
+
+
+def test_a_config_whose_mode_changes_fills_the_new_modes_defaults(tmp_path):
+    config = bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=64)
+    bertode.BertODEModel(config).save_pretrained(tmp_path)
+    assert json_field(tmp_path, "solver") is None  # a filled-in default is saved as "the mode's default"
+    deq = bertode.BertODEModel.from_pretrained(tmp_path, mode="deq")
+    assert (deq.config.solver, deq.config.sensitivity, deq.config.deq_solver) == (None, "ift", "anderson")
+    config.mode = "discrete"
+    assert bertode.BertODEModel(config).config.sensitivity is None
+
+
+def json_field(folder, key):
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get(key)

@@ -93,6 +93,7 @@ class PhantomGradient(DEQGradient):
 
 @register_gradient("unrolled")
 class UnrolledGradient(DEQGradient):
+    solves_fixed_point = False
     def __call__(self, problem: FixedPointProblem):
         z, relative = problem.z0, float("nan")
         for iteration in range(1, problem.max_iter + 1):

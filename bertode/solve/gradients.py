@@ -64,15 +64,20 @@ class ODEGradient(GradientMethod):
 
 
 class DEQGradient(GradientMethod):
-    """How a fixed-point solve is differentiated (see `deq_gradients.FixedPointProblem`)."""
+    """How a fixed-point solve is differentiated (see `deq_gradients.FixedPointProblem`).
+
+    ``solves_fixed_point``: the output is a solved z* (the Jacobian penalty and the
+    spectral radius are taken there); False for methods that return an unrolled iterate."""
 
     family = "deq"
+    solves_fixed_point: bool = True
 
 
 def _check(name, cls):
     if not (isinstance(cls, type) and issubclass(cls, (ODEGradient, DEQGradient))):
         raise TypeError(f"register_gradient({name!r}) needs a bertode.ODEGradient or bertode.DEQGradient subclass, got {cls!r}")
-    cls.registry_name = name
+    if not cls.__dict__.get("registry_name"):  # a class registered twice keeps its first name
+        cls.registry_name = name
     return cls
 
 

@@ -9,7 +9,8 @@
 * ``interpolated_adjoint``: the adjoint on a cubic spline of the forward trajectory
   (torchdyn only; it keeps every step, and uses the forward solver and tolerances).
 
-Each is named after torchdyn's ``sensitivity`` argument, which the adjoints pass on.
+The adjoints pass torchdyn its ``sensitivity`` argument (``sensalg``), which is the name
+they are registered under here.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Adjoint(ODEGradient):
         self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol = adjoint_solver, adjoint_atol, adjoint_rtol
 
     def __call__(self, problem):
-        return problem.adjoint(self.registry_name, self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol)
+        return problem.adjoint(self.sensalg, self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol)
 
 
 @register_gradient("interpolated_adjoint")
@@ -50,4 +51,8 @@ class InterpolatedAdjoint(Adjoint):
 
     def __call__(self, problem):
         # torchdyn's interpolated adjoint ignores the adjoint solver and tolerances.
-        return problem.adjoint(self.registry_name, keep_grid=True)
+        return problem.adjoint(self.sensalg, keep_grid=True)
+
+
+Adjoint.sensalg = Adjoint.registry_name  # torchdyn's names; subclasses keep their base's
+InterpolatedAdjoint.sensalg = InterpolatedAdjoint.registry_name

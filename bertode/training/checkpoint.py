@@ -79,9 +79,18 @@ def latest(folder: Path) -> Path | None:
 
 
 def load(target: Path, model: torch.nn.Module) -> dict:
-    """Load weights into ``model`` and return the training state (no arbitrary unpickling)."""
+    """Load weights into ``model`` and return the training state (no arbitrary unpickling).
+
+    Checkpoints written before the DEQ counters were buffers keep them in ``state.pt``
+    (``encoder_counters``): they are put into the buffers."""
     missing, unexpected = load_model(model, str(target / "model.safetensors"), strict=False)
+    state = torch.load(target / "state.pt", weights_only=True)
+    legacy = state.get("encoder_counters", {})
+    counters = [key for key in missing if key.rsplit(".", 1)[-1] in legacy]
+    missing = [key for key in missing if key not in counters]
     if missing or unexpected:
         raise ValueError(f"trainer.resume: checkpoint {str(target)!r} does not fit the model "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return torch.load(target / "state.pt", weights_only=True)
+    for key in counters:
+        model.get_buffer(key).fill_(int(legacy[key.rsplit(".", 1)[-1]]))
+    return state

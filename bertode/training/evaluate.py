@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
-from .cli import hydra_entry, usage_errors
+from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import load_tokenizer, prepare
 from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
@@ -26,6 +26,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from transformers import AutoModelForMaskedLM
 
     with usage_errors():
+        import_plugins(cfg.get("plugins"))
         folder = Path(str(cfg.checkpoint))
         if not (folder / "config.json").is_file():
             raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "

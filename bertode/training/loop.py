@@ -180,7 +180,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         total_masked = sum(int((labels != -100).sum()) for _, labels in micro_batches)
         # The loss of a step is the mean over every masked token of the global batch: the
         # model divides its sum by this rank's share of the count (DDP averages over ranks).
-        items = max(total_masked, 1) / dist.world
+        items = torch.tensor(max(total_masked, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
         skipped_before = base.skipped_batches
         ce_total, correct_total = 0.0, 0
         for a, (inputs, labels) in enumerate(micro_batches):
@@ -211,7 +211,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         record = {"step": step, "kind": "train", "loss": ce_total / max(total_masked, 1),
                   "accuracy": correct_total / max(total_masked, 1), "lr": trainer.lr * factor,
                   "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
-                  **_numeric_stats(out.solver_stats or {})}
+                  **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {})}
         if step % trainer.log_every == 0 or step == 1:
             now = time.perf_counter()
             record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)

@@ -4,8 +4,8 @@ command-line keys.
 Each group node's keys map to `BertODEConfig` fields by one rule (`groups.field_for`), so
 a setting keeps one name from the command line to the solve. `BertODEConfig` validates
 every field and every pairing; here its field names are translated back to the keys a
-user typed (``solver.atol`` rather than ``atol``), and group options that the model's
-mode does not use are refused when the user changed them (``model=bert solver.steps=4``).
+user typed (``solver.atol`` rather than ``atol``), also for options the model's mode does
+not use, which `BertODEConfig` refuses when changed (``model=bert solver.steps=4``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration import BertODEConfig
-from .groups import REGISTRY_GROUPS, default_node, deq_node, field_for
-
-# Groups whose options only one mode uses (a name set there is refused by BertODEConfig).
-MODE_OF_GROUP = {"solver": "ode", "vector_field": "ode", "deq": "deq"}
+from .groups import REGISTRY_GROUPS, field_for
 
 
 def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tuple[dict, dict]:
@@ -42,23 +39,9 @@ def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tup
     return kwargs, origin
 
 
-def _check_unused_groups(cfg: DictConfig, mode) -> None:
-    """Options of a group the mode does not use must keep their defaults (or be refused)."""
-    for group, used_by in MODE_OF_GROUP.items():
-        if mode == used_by:
-            continue
-        defaults = deq_node() if group == "deq" else default_node(group)
-        for key, value in cfg[group].items():
-            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-            if key != "name" and key in defaults and value != defaults[key]:
-                raise ValueError(f"{group}.{key}={value!r} is invalid with model.mode={mode!r}; allowed: "
-                                 f"{defaults[key]!r} (it applies to mode={used_by!r})")
-
-
 def build_model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> BertODEConfig:
     kwargs, origin = model_kwargs(cfg, vocab_size, pad_token_id)
     try:
-        _check_unused_groups(cfg, kwargs.get("mode"))
         return BertODEConfig(**kwargs)
     except ValueError as error:
         raise ValueError(_rename(str(error), origin)) from None
