@@ -53,14 +53,7 @@ class Block(nn.Module, abc.ABC):
         """The next state from ``y``; F(v) = layer(v) - v is the layer's increment."""
 
 
-def _check(name, cls):
-    if not (isinstance(cls, type) and issubclass(cls, Block)):
-        raise TypeError(f"register_block({name!r}) needs a bertode.Block subclass, got {cls!r}")
-    cls.registry_name = name
-    return cls
-
-
-BLOCKS = Registry("block", "block", check=_check)
+BLOCKS = Registry("block", "block", base=Block, decorator="register_block")
 
 
 def register_block(name: str, *, default: bool = False):

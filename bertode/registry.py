@@ -20,17 +20,35 @@ class Registry:
     """Names of one axis mapped to their entries (classes or spec objects).
 
     ``axis`` is the human name used in errors (``"ODE solver"``), ``field`` the config
-    field that chooses from it (``"solver"``); ``check`` (optional)
-    validates an entry at registration and may return a replacement (e.g. a spec built
-    from a class); ``default`` names the entry a config gets when it does not choose.
+    field that chooses from it (``"solver"``); ``check`` (optional) validates an entry at
+    registration and may return a replacement (e.g. a spec built from a class), or
+    ``base`` requires subclasses of it (``decorator`` names the public decorator in the
+    error); ``default`` names the entry a config gets when it does not choose.
     """
 
-    def __init__(self, axis: str, field: str, check: Callable[[str, Any], Any] | None = None):
+    def __init__(self, axis: str, field: str, check: Callable[[str, Any], Any] | None = None,
+                 base: type | tuple | None = None, decorator: str = ""):
         self.axis, self.field = axis, field
-        self._check = check
+        self._check = check if check is not None else (self._subclass_check(base, decorator) if base else None)
         self._entries: dict[str, Any] = {}
         self.default: str | None = None
         _ALL[field] = self
+
+    @staticmethod
+    def _subclass_check(base, decorator: str):
+        """Entries are subclasses of ``base``; each learns its name (``registry_name``; a
+        class registered twice keeps its first)."""
+        bases = base if isinstance(base, tuple) else (base,)
+
+        def check(name, cls):
+            if not (isinstance(cls, type) and issubclass(cls, bases)):
+                wanted = " or ".join(f"bertode.{b.__name__}" for b in bases)
+                raise TypeError(f"{decorator}({name!r}) needs a {wanted} subclass, got {cls!r}")
+            if not cls.__dict__.get("registry_name"):
+                cls.registry_name = name
+            return cls
+
+        return check
 
     def register(self, name: str, entry: Any = None, *, default: bool = False):
         """``@registry.register("name")`` on a class, or ``registry.register("name", entry)``."""

@@ -59,14 +59,7 @@ class VectorField(nn.Module, abc.ABC):
         return z
 
 
-def _check(name, cls):
-    if not (isinstance(cls, type) and issubclass(cls, VectorField)):
-        raise TypeError(f"register_vector_field({name!r}) needs a bertode.VectorField subclass, got {cls!r}")
-    cls.registry_name = name
-    return cls
-
-
-VECTOR_FIELDS = Registry("vector field", "vector_field", check=_check)
+VECTOR_FIELDS = Registry("vector field", "vector_field", base=VectorField, decorator="register_vector_field")
 
 
 def register_vector_field(name: str, *, default: bool = False):

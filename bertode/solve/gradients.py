@@ -73,15 +73,7 @@ class DEQGradient(GradientMethod):
     solves_fixed_point: bool = True
 
 
-def _check(name, cls):
-    if not (isinstance(cls, type) and issubclass(cls, (ODEGradient, DEQGradient))):
-        raise TypeError(f"register_gradient({name!r}) needs a bertode.ODEGradient or bertode.DEQGradient subclass, got {cls!r}")
-    if not cls.__dict__.get("registry_name"):  # a class registered twice keeps its first name
-        cls.registry_name = name
-    return cls
-
-
-GRADIENTS = Registry("gradient method", "sensitivity", check=_check)
+GRADIENTS = Registry("gradient method", "sensitivity", base=(ODEGradient, DEQGradient), decorator="register_gradient")
 _DEFAULTS: dict[str, str] = {}
 
 
