@@ -30,6 +30,12 @@ CLI_ONLY = [  # options of a group the mode does not use, changed from their def
     (["model=bert", "solver.steps=4"], ("solver.steps=4", "model.mode='discrete'")),
     (["model=deq", "solver.atol=1e-5"], ("solver.atol=1e-05", "model.mode='deq'")),
     (["deq.max_iter=5"], ("deq.max_iter=5", "model.mode='ode'")),
+    # options a choice does not have, and constructor arguments its constructor refuses
+    (["sensitivity=interpolated_adjoint", "sensitivity.adjoint_solver=rk4"],
+     ("sensitivity.adjoint_solver=rk4", "allowed: sensitivity.name, sensitivity.kwargs")),
+    (["vector_field=time_residual", "vector_field.kwargs.width=3"],
+     ("vector_field.kwargs.width=3", "vector_field.kwargs.time_features")),
+    (["vector_field=time_residual", "vector_field.kwargs.time_features=3"], ("time_features']=3", "an even integer")),
 ]
 
 

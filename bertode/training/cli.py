@@ -105,9 +105,46 @@ def hydra_entry(config_name: str, task):
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
         check_group_choices(sys.argv[1:])
+        check_overrides(config_name, sys.argv[1:])
         return _run()
 
     return main
+
+
+HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "-i", "--info", "-p", "--package", "--hydra-help",
+               "--shell-completion", "-sc", "--run", "-r", "--resolve", "--version")
+
+
+def check_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so that an override Hydra cannot apply
+    (a key that is not there, a value of the wrong type) fails in one line, exit 2,
+    before Hydra writes anything. Sweeps and Hydra's own flags are left to Hydra."""
+    if any(argument in HYDRA_FLAGS or argument.startswith("--") for argument in argv):
+        return
+    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra")]
+    try:
+        compose(config_name, overrides)
+    except Exception as error:  # Hydra's and OmegaConf's errors have no common base
+        _fail(_override_error(config_name, overrides, error))
+
+
+def _override_error(config_name: str, overrides: list[str], error: Exception) -> str:
+    from omegaconf import DictConfig, OmegaConf
+
+    text = str(error)
+    key = text.split("'", 2)[1] if text.startswith("Could not override '") else None
+    culprit = next((o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key), None)
+    if culprit is None:
+        return text.splitlines()[0] if text else type(error).__name__
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(compose(config_name, [o for o in overrides if o is not culprit]), parent) if parent else None
+    if isinstance(node, DictConfig) and len(node):
+        return f"{culprit} is invalid: no such option; allowed: {', '.join(f'{parent}.{k}' for k in node.keys())}"
+    if isinstance(node, DictConfig):
+        return f"{culprit} is invalid: {parent} has no keys yet (give +{culprit} to add one)"
+    if node is None and parent:
+        return f"{culprit} is invalid: {parent} is null here (give +{culprit} to set it)"
+    return f"{culprit} is invalid: {' '.join(line.strip() for line in text.splitlines()[1:3])}"
 
 
 def compose(config_name: str, overrides: list[str] | tuple = ()):

@@ -89,6 +89,8 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
+    with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
+        BertODEForMaskedLM(config)
     if trainer.compile not in (True, False):
         try:
             resolve_scope(trainer.compile, config)
