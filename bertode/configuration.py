@@ -15,9 +15,9 @@ from transformers import BertConfig
 from .blocks import BLOCKS
 from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.gradients import GRADIENTS, available_gradients, default_gradient
-from .solve.ode import FIXED_STEP_LOOPS, ODE_BACKENDS
+from .solve.ode import FIXED_STEP_LOOPS
 from .solve import ode_gradients  # noqa: F401  (registers the ODE gradient methods)
-from .solve.solvers import SOLVERS
+from .solve.solvers import ODE_BACKENDS, SOLVERS
 from .validation import (
     check_choice,
     check_constructor,

@@ -41,7 +41,6 @@ from .stats import SolveRecord
 from .substeps import SubSteps
 
 Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ODE_BACKENDS = ("torchdyn", "torchdiffeq")
 FIXED_STEP_LOOPS = ("direct", "neural_ode")
 _RECORDING_CLASSES: dict[type, type] = {}
 

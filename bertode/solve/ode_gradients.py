@@ -16,7 +16,7 @@ they are registered under here.
 from __future__ import annotations
 
 from .gradients import ODEGradient, register_gradient
-from .ode import ODE_BACKENDS
+from .solvers import ODE_BACKENDS
 
 
 @register_gradient("autograd", default=True)

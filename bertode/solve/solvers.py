@@ -122,6 +122,7 @@ def solver_spec(name: str, source, torchdiffeq: str | None = None) -> ODESolverS
 
 
 SOLVERS = Registry("ODE solver", "solver")
+ODE_BACKENDS = ("torchdyn", "torchdiffeq")  # where a solve runs; a spec names its torchdiffeq method
 
 
 def register_solver(name: str, solver=None, *, torchdiffeq: str | None = None, default: bool = False):
