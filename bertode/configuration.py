@@ -186,6 +186,9 @@ class BertODEConfig(BertConfig):
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
         check_int("num_hidden_layers", self.num_hidden_layers, 1)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                fail(name, getattr(self, name), "a probability in [0, 1)")
         if self.hidden_size % self.num_attention_heads != 0:
             fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
         self._check_deq_numbers()

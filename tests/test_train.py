@@ -191,8 +191,22 @@ def _bad(tmp_path, cache_dir):
     empty.write_text("\n \n")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
-    return [
+    no_gpu = [] if torch.cuda.is_available() else [
+        (["trainer=gpu"], "trainer.device='cuda' is invalid here: no CUDA device is visible")]
+    return no_gpu + [
         (["data=text", f"data.files=[{tmp_path / 'missing.txt'}]"], "data.files: '"),
+        # silent nonsense before: gradient ascent, an untrained "final" model, ...
+        (["trainer.grad_clip=-1"], "trainer.grad_clip=-1 is invalid; allowed: null, 0 (no clipping) or a number > 0"),
+        (["trainer.max_time=-5"], "trainer.max_time=-5 is invalid"),
+        (["trainer.betas=[0.9,1.5]"], "trainer.betas=[0.9, 1.5] is invalid; allowed: two numbers in [0, 1)"),
+        (["trainer.weight_decay=-1"], "trainer.weight_decay=-1 is invalid"),
+        (["trainer.min_lr_ratio=2"], "trainer.min_lr_ratio=2 is invalid"),
+        (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 is invalid"),
+        (["trainer.num_threads=-2"], "trainer.num_threads=-2 is invalid"),
+        (["model.hidden_dropout_prob=1.5"], "model.hidden_dropout_prob=1.5 is invalid; allowed: a probability in [0, 1)"),
+        (["seed=abc"], "seed='abc' is invalid; allowed: an integer >= 0"),
+        (["foo=1"], "foo=1 is invalid: no such key (give +foo=1 to add one)"),
+        (["trainer.foo=1"], "trainer.foo=1 is invalid: no such option; allowed: trainer.device"),
         (["data=text", f"data.files=[{empty}]"], "contain no text"),
         (["data=text", f"data.files=[{latin}]"], "is not UTF-8 text"),
         (["data.seq_len=1024"], "data.seq_len=1024 is invalid; allowed: <= model.max_position_embeddings=512"),

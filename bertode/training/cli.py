@@ -136,6 +136,8 @@ def _override_error(config_name: str, overrides: list[str], error: Exception) ->
     culprit = next((o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key), None)
     if culprit is None:
         return text.splitlines()[0] if text else type(error).__name__
+    if "." not in key:
+        return f"{culprit} is invalid: no such key (give +{culprit} to add one)"
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     node = OmegaConf.select(compose(config_name, [o for o in overrides if o is not culprit]), parent) if parent else None
     if isinstance(node, DictConfig) and len(node):

@@ -17,15 +17,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..compile import SCOPES, compile_model, resolve_scope
+from ..compile import compile_model, resolve_scope
 from ..modeling import BertODEForMaskedLM
 from . import checkpoint
+from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import DataError, prepare, unigram_cross_entropy
 from .distributed import BatchOrder, Distributed
@@ -48,44 +50,10 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def _check_trainer(trainer, world: int) -> None:
-    for key in ("batch_size", "grad_accumulation", "max_steps", "log_every", "eval_every", "checkpoint_every"):
-        value = trainer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: an integer >= 1")
-    if trainer.batch_size % (trainer.grad_accumulation * world) != 0:
-        raise ValueError(f"trainer.batch_size={trainer.batch_size} is invalid; allowed: a multiple of "
-                         f"grad_accumulation x processes = {trainer.grad_accumulation * world}")
-    if not (isinstance(trainer.lr, (int, float)) and trainer.lr > 0):
-        raise ValueError(f"trainer.lr={trainer.lr!r} is invalid; allowed: a number > 0")
-    for key, allowed in (("precision", ("fp32", "bf16")), ("schedule", ("linear", "cosine"))):
-        if trainer[key] not in allowed:
-            raise ValueError(f"trainer.{key}={trainer[key]!r} is invalid; allowed: {', '.join(map(repr, allowed))}")
-    if not isinstance(trainer.compile, bool) and trainer.compile not in SCOPES:
-        raise ValueError(f"trainer.compile={trainer.compile!r} is invalid; allowed: true, false, "
-                         f"{', '.join(map(repr, SCOPES))}")
-    backends = sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})
-    if trainer.compile_backend not in backends:
-        raise ValueError(f"trainer.compile_backend={trainer.compile_backend!r} is invalid; allowed: "
-                         f"{', '.join(map(repr, backends))}")
-    if trainer.compile_mode not in COMPILE_MODES:
-        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid; allowed: "
-                         f"{', '.join(map(repr, COMPILE_MODES))}")
-    if trainer.compile_mode is not None and trainer.compile_backend != "inductor":
-        raise ValueError(f"trainer.compile_mode={trainer.compile_mode!r} is invalid with "
-                         f"trainer.compile_backend={trainer.compile_backend!r}; allowed: null (modes are Inductor's)")
-    if trainer.resume not in ("never", "auto") and not Path(str(trainer.resume)).is_dir():
-        raise ValueError(f"trainer.resume={trainer.resume!r} is invalid; allowed: 'never', 'auto' or a checkpoint directory")
-
-
 def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     """Everything that can reject the input, before any file of ours is written."""
     trainer = cfg.trainer
     import_plugins(cfg.get("plugins"))
-    _check_trainer(trainer, dist.world)
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
@@ -118,11 +86,14 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = cfg.trainer
+    with usage_errors():  # the run's own options, before they are applied
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if trainer.num_threads:
         torch.set_num_threads(int(trainer.num_threads))
     if trainer.deterministic:
         torch.use_deterministic_algorithms(True)
-    dist = Distributed(trainer.device)
+    with usage_errors():  # trainer.device=cuda (or trainer=gpu) without a visible GPU
+        dist = Distributed(trainer.device)
     run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
     with usage_errors():
         corpus, config, resume_from = setup(cfg, run_dir, dist)
