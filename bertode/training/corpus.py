@@ -1,8 +1,9 @@
 """Training data for masked-language modelling: text in, packed token ids out.
 
 `prepare(data_cfg)` reads the train and eval text (the embedded sample, local files and
-globs, or a `datasets` hub dataset), trains a WordPiece tokenizer on the train text (or
-loads one), packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T, and
+globs, or a `datasets` hub dataset), trains a WordPiece tokenizer on the train text
+(deterministically: `wordpiece.py`; on its first ``tokenizer_sample_bytes`` bytes) or
+loads one, packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T, and
 caches tokenizer and rows under ``cache_dir/<hash of the data config and inputs>``, so
 a rerun reuses them. Rows are stored with safetensors (no pickle). `mask_tokens` is
 `DataCollatorForLanguageModeling`'s 15 % / 80-10-10 rule with an explicit generator.
@@ -114,16 +115,24 @@ def read_splits(cfg) -> tuple[list[str], list[str], list[str]]:
 
 
 # --- tokenizer and packing ------------------------------------------------------------
-def _train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool):
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+def _train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool, sample_bytes: int | None = None):
+    """WordPiece trained deterministically (`wordpiece.py`) on the train text, or on its
+    first ``sample_bytes`` bytes (a bounded, deterministic sample for large corpora)."""
+    from .wordpiece import train_tokenizer
 
-    wordpiece = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
-    wordpiece.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)
-    # transformers v5: the fast BERT tokenizer wraps a trained `tokenizers` object directly.
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=lowercase, unk_token="[UNK]",
-                             sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    return train_tokenizer(_sample(lines, sample_bytes), vocab_size, SPECIAL_TOKENS, lowercase)
+
+
+def _sample(lines: list[str], sample_bytes: int | None) -> list[str]:
+    if not sample_bytes:
+        return lines
+    taken, size = [], 0
+    for line in lines:
+        if size >= sample_bytes:
+            break
+        taken.append(line)
+        size += len(line.encode("utf-8")) + 1
+    return taken
 
 
 def load_tokenizer(path):
@@ -158,10 +167,11 @@ def vocabulary_hash(tokenizer) -> str:
 
 
 def _cache_key(cfg, identities) -> str:
-    fields = {k: cfg[k] for k in ("source", "hub_path", "hub_name", "eval_fraction", "seq_len", "vocab_size",
-                                  "lowercase", "tokenizer")}
+    fields = {k: cfg.get(k) for k in ("source", "hub_path", "hub_name", "eval_fraction", "seq_len", "vocab_size",
+                                      "lowercase", "tokenizer", "tokenizer_sample_bytes")}
     fields["tokenizer"] = str(Path(fields["tokenizer"]).resolve()) if fields["tokenizer"] else None
-    blob = json.dumps({"fields": fields, "inputs": identities, "format": 1}, sort_keys=True, default=str)
+    # format 2: WordPiece trained deterministically (format 1 entries hold a per-process draw)
+    blob = json.dumps({"fields": fields, "inputs": identities, "format": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -173,6 +183,9 @@ def prepare(cfg, tokenizer=None) -> Corpus:
         raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
     if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
         raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
+    sample_bytes = cfg.get("tokenizer_sample_bytes")
+    if sample_bytes is not None and (isinstance(sample_bytes, bool) or not isinstance(sample_bytes, int) or sample_bytes < 1):
+        raise DataError(f"data.tokenizer_sample_bytes={sample_bytes!r} is invalid; allowed: null or an integer >= 1")
     train_lines, eval_lines, identities = read_splits(cfg)
     if tokenizer is not None:
         identities = identities + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
@@ -185,7 +198,8 @@ def prepare(cfg, tokenizer=None) -> Corpus:
         return Corpus(tok, rows["train"], rows["eval"], cache)
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _train_tokenizer(train_lines, cfg.vocab_size, cfg.lowercase)
+        tokenizer = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
+                     _train_tokenizer(train_lines, cfg.vocab_size, cfg.lowercase, cfg.get("tokenizer_sample_bytes")))
     train, evaluation = pack(tokenizer, train_lines, cfg.seq_len), pack(tokenizer, eval_lines, cfg.seq_len)
     # Build beside the cache entry, then rename: a killed run leaves no half-written entry.
     cache.parent.mkdir(parents=True, exist_ok=True)
