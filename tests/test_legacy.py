@@ -59,6 +59,7 @@ def test_a_0_1_training_checkpoint_resumes_with_its_counters(tmp_path):
     target = checkpoint.save(tmp_path, 3, model, {"step": 3, "encoder_counters": {
         "training_forwards": 3, "nonconverged_solves": 1, "skipped_batches": 0}})
     _as_written_by_0_1(target, "deq")
+    (target / "manifest.json").unlink()  # 0.1 wrote none
     fresh = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**TINY, mode="deq", deq_pretrain_steps=5))
     state = checkpoint.load(target, fresh)
     assert state["step"] == 3

@@ -1,15 +1,21 @@
-"""Training checkpoints: written atomically, loaded without unpickling arbitrary objects.
+"""Training checkpoints: written atomically, verified before use, loaded without unpickling
+arbitrary objects.
 
-A checkpoint is a directory ``checkpoints/step_00000100/`` holding ``model.safetensors``
-and ``state.pt`` (optimizer, scheduler, RNG states, step, tokens, elapsed time: tensors
-and plain Python values, read back with ``torch.load(weights_only=True)``). It is built
-in a hidden staging directory and renamed into place, and ``checkpoints/latest`` (a text
-file naming it) is replaced with ``os.replace`` afterwards, so a process killed at any
-moment leaves the previous checkpoint complete and ``latest`` pointing at it.
+A checkpoint is a directory ``checkpoints/step_00000100/`` holding ``model.safetensors``,
+``state.pt`` (optimizer, RNG states, step, tokens, elapsed time: tensors and plain Python
+values, read back with ``torch.load(weights_only=True)``) and, written last,
+``manifest.json`` (each file's size and SHA-256). It is built in a hidden staging
+directory and renamed into place; ``checkpoints/latest`` names the newest. `choose` takes
+the newest checkpoint that verifies and says why it passed over newer ones; `load`
+verifies before it reads and names the damaged file in one line. A failed write (full or
+read-only disk, I/O error) raises `CheckpointError` naming the path and the cause and
+leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -17,9 +23,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "state.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used; the message names the file and why."""
 
 
 def rng_state() -> dict:
@@ -37,6 +50,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def _write_text(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(handle, "w") as stream:
@@ -48,18 +69,30 @@ def _write_text(path: Path, text: str) -> None:
 
 def save(folder: Path, step: int, model: torch.nn.Module, state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` under ``folder`` and point ``latest`` at it."""
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step_{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
-    save_model(model, str(staging / "model.safetensors"))  # handles tied (shared) weights
-    torch.save(state, staging / "state.pt")
-    for name in ("model.safetensors", "state.pt"):
-        with open(staging / name, "rb") as stream:
-            os.fsync(stream.fileno())
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(staging, target)
-    _write_text(folder / LATEST, target.name)
+    staging = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
+        save_model(model, str(staging / "model.safetensors"))  # handles tied (shared) weights
+        torch.save(state, staging / "state.pt")
+        manifest = {"step": step, "files": {}}
+        for name in FILES:
+            with open(staging / name, "rb") as stream:
+                os.fsync(stream.fileno())
+            manifest["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": _digest(staging / name)}
+        _write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        staging = None
+        _write_text(folder / LATEST, target.name)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {str(target)!r} could not be written: {error.strerror or error} "
+                              f"({type(error).__name__}); the previous checkpoints are kept") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     _prune(folder, keep)
     return target
 
@@ -70,27 +103,88 @@ def _prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_staging(folder: Path) -> list[Path]:
+    """Delete what an interrupted `save` left (hidden ``.step_*`` directories); return them."""
+    leftovers = [p for p in folder.glob(".step_*") if p.is_dir()] if folder.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+def verify(target: Path) -> None:
+    """Raise `CheckpointError` naming the file that is missing or damaged."""
+    manifest_path = target / MANIFEST
+    if not manifest_path.is_file():
+        _verify_legacy(target)
+        return
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {str(target)!r}: {MANIFEST} is damaged") from None
+    for name, expected in files.items():
+        path = target / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {str(target)!r}: {name} is missing")
+        if path.stat().st_size != expected["bytes"] or _digest(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {str(target)!r}: {name} is damaged "
+                                  f"({path.stat().st_size} bytes, checksum differs from {MANIFEST})")
+
+
+def _verify_legacy(target: Path) -> None:
+    """Checkpoints written before manifests: both files must be present and readable."""
+    for name in FILES:
+        if not (target / name).is_file():
+            raise CheckpointError(f"checkpoint {str(target)!r}: {name} is missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(target / "model.safetensors"), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(target)!r}: model.safetensors is damaged ({error})") from None
+    _read_state(target)
+
+
+def _read_state(target: Path) -> dict:
+    try:
+        return torch.load(target / "state.pt", weights_only=True)
+    except Exception as error:  # torch raises many kinds on a damaged pickle
+        raise CheckpointError(f"checkpoint {str(target)!r}: state.pt is damaged ({type(error).__name__})") from None
+
+
+def choose(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``folder`` that verifies, and a line per newer one skipped."""
+    skipped = []
+    for target in sorted((p for p in folder.glob("step_*") if p.is_dir()), reverse=True) if folder.is_dir() else []:
+        try:
+            verify(target)
+            return target, skipped
+        except CheckpointError as error:
+            skipped.append(str(error))
+    return None, skipped
+
+
 def latest(folder: Path) -> Path | None:
-    pointer = folder / LATEST
-    if not pointer.is_file():
-        return None
-    target = folder / pointer.read_text().strip()
-    return target if (target / "state.pt").is_file() else None
+    return choose(folder)[0]
 
 
 def load(target: Path, model: torch.nn.Module) -> dict:
-    """Load weights into ``model`` and return the training state (no arbitrary unpickling).
+    """Verify, load weights into ``model`` and return the training state.
 
     Checkpoints written before the DEQ counters were buffers keep them in ``state.pt``
     (``encoder_counters``): they are put into the buffers."""
-    missing, unexpected = load_model(model, str(target / "model.safetensors"), strict=False)
-    state = torch.load(target / "state.pt", weights_only=True)
+    verify(target)
+    state = _read_state(target)
+    try:
+        missing, unexpected = load_model(model, str(target / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {str(target)!r}: model.safetensors does not load ({error})") from None
     legacy = state.get("encoder_counters", {})
     counters = [key for key in missing if key.rsplit(".", 1)[-1] in legacy]
     missing = [key for key in missing if key not in counters]
     if missing or unexpected:
-        raise ValueError(f"trainer.resume: checkpoint {str(target)!r} does not fit the model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(f"trainer.resume: checkpoint {str(target)!r} does not fit the model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for key in counters:
         model.get_buffer(key).fill_(int(legacy[key.rsplit(".", 1)[-1]]))
     return state

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,14 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..compile import compile_model, resolve_scope
 from ..modeling import BertODEForMaskedLM
-from . import checkpoint
+from . import checkpoint, lock
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import DataError, prepare, unigram_cross_entropy
 from .distributed import BatchOrder, Distributed
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
-from .run_log import LOGGERS, RunLog
+from .run_log import LOGGERS, RunLog, keep_until
 from .schedule import lr_factor
 
 
@@ -73,15 +74,33 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
     config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
-    resume_from = None
-    if trainer.resume == "auto":
-        resume_from = checkpoint.latest(run_dir / "checkpoints")
-        if resume_from is None and dist.main:
-            print(f"trainer.resume=auto: no checkpoint under {run_dir / 'checkpoints'}; starting from step 0 "
+    return corpus, config, _resume_target(trainer, run_dir, dist)
+
+
+def _resume_target(trainer, run_dir: Path, dist: Distributed) -> Path | None:
+    """The checkpoint to resume from (verified), or None to start at step 0."""
+    folder = run_dir / "checkpoints"
+    if dist.main:
+        for leftover in checkpoint.remove_staging(folder):
+            print(f"removed {leftover.name}, what an interrupted checkpoint write left", flush=True)
+    if trainer.resume == "never":
+        return None
+    if trainer.resume != "auto":
+        target = Path(str(trainer.resume))
+        checkpoint.verify(target)
+        return target
+    target, skipped = checkpoint.choose(folder)
+    if target is None and skipped:
+        raise ValueError(f"trainer.resume=auto is invalid here: no checkpoint under {str(folder)!r} is usable "
+                         f"({len(skipped)} damaged; the newest: {skipped[0]}); allowed: trainer.resume=never "
+                         "(start over, replacing them) or a checkpoint directory")
+    if dist.main:
+        for line in skipped:
+            print(f"trainer.resume=auto: skipped a newer checkpoint: {line}", flush=True)
+        if target is None:
+            print(f"trainer.resume=auto: no checkpoint under {folder}; starting from step 0 "
                   "(give the interrupted run's hydra.run.dir to resume it)", flush=True)
-    elif trainer.resume != "never":
-        resume_from = Path(str(trainer.resume))
-    return corpus, config, resume_from
+    return target
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -98,13 +117,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     with usage_errors():
         corpus, config, resume_from = setup(cfg, run_dir, dist)
 
+    if dist.main:
+        with usage_errors():
+            lock.hold(run_dir)
     torch.manual_seed(cfg.seed)
     model = BertODEForMaskedLM(config).to(dist.device)
     base = model
     optimizer = _optimizer(model, trainer, dist.device)
     state = {"step": 0, "tokens": 0, "elapsed": 0.0}
     if resume_from is not None:
-        saved = checkpoint.load(resume_from, model)
+        with usage_errors():
+            saved = checkpoint.load(resume_from, model)
         optimizer.load_state_dict(saved["optimizer"])
         checkpoint.set_rng_state(saved["rng"])
         state = {k: saved[k] for k in state}
@@ -114,6 +137,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         options = dict(backend=trainer.compile_backend, mode=trainer.compile_mode)
         model = compile_model(model, "auto" if trainer.compile is True else trainer.compile, **options)
 
+    if resume_from is not None and dist.main:  # one history: what came after the checkpoint is redone
+        keep_until(run_dir / "metrics.jsonl", state["step"])
     log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
                  config=OmegaConf.to_container(cfg, resolve=True))
     seq_len = cfg.data.seq_len
@@ -195,10 +220,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if step % trainer.eval_every == 0 and step < trainer.max_steps:
             result = run_eval(step)
         if step % trainer.checkpoint_every == 0 and dist.main:
-            checkpoint.save(run_dir / "checkpoints", step, base,
-                            {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                             "step": step, "tokens": tokens, "elapsed": elapsed},
-                            keep=trainer.keep_checkpoints)
+            try:
+                checkpoint.save(run_dir / "checkpoints", step, base,
+                                {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                                 "step": step, "tokens": tokens, "elapsed": elapsed},
+                                keep=trainer.keep_checkpoints)
+            except checkpoint.CheckpointError as error:  # full or read-only disk: stop, keep what was saved
+                log.close()
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                sys.exit(1)
         dist.barrier()
 
     result = run_eval(step)

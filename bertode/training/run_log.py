@@ -24,6 +24,19 @@ def _flatten(prefix: str, value, out: dict) -> None:
 LOGGERS = ("jsonl", "tensorboard", "wandb")
 
 
+def keep_until(path: Path, step: int) -> int:
+    """Drop the records after ``step`` (a resumed run writes them again); return how many.
+    The file is rewritten beside itself and renamed, so a kill leaves one of the two."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    temporary.replace(path)
+    return len(lines) - len(kept)
+
+
 class RunLog:
     def __init__(self, run_dir: Path, kind: str = "jsonl", enabled: bool = True, project: str = "bertode", config=None):
         self.enabled = enabled
