@@ -61,7 +61,7 @@ def test_the_cli_exits_2_with_one_line_naming_both_fields(tmp_path, monkeypatch,
         assert exit_info.value.code == 2, (overrides, error)
         assert error.count("\n") == 0 and error.startswith("error: "), (overrides, error)
         assert all(name in error for name in named), (overrides, error)
-        assert not (tmp_path / "cache").exists() and not (run_dir / "metrics.jsonl").exists()
+        assert not (tmp_path / "cache").exists() and not run_dir.exists()  # not even Hydra's .hydra/
 
 
 def test_the_defaults_of_each_mode_are_filled_from_the_registries():

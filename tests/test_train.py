@@ -237,6 +237,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, cache_dir, monkey
         assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (overrides, error)
         assert set(cache_dir.iterdir()) == before
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists() and not (run_dir / "metrics.jsonl").exists()
+        if not any(o.startswith("data=") for o in overrides):  # checked before Hydra creates the run directory
+            assert not run_dir.exists(), overrides
 
 
 def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch, capsys):

@@ -28,10 +28,22 @@ def _number(key: str, value, low, high, allowed: str | None = None, strict: bool
         raise ValueError(f"trainer.{key}={_plain(value)!r} is invalid; allowed: {allowed or span}")
 
 
+def resolve_device(choice: str) -> str:
+    """``trainer.device`` -> ``cpu`` or ``cuda``; ValueError when it cannot be had here."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"trainer.device={choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
+    return choice
+
+
 def check_run(cfg, world: int) -> None:
     """The run-level options: the seed and the trainer group."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ValueError(f"seed={cfg.seed!r} is invalid; allowed: an integer >= 0")
+    resolve_device(cfg.trainer.device)
     check_trainer(cfg.trainer, world)
 
 

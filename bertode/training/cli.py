@@ -88,9 +88,11 @@ def usage_errors():
         _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
-def hydra_entry(config_name: str, task):
+def hydra_entry(config_name: str, task, precheck=None):
     """``main()`` for ``python -m bertode.<config_name>``: import plugins, store the
-    registry groups, check group choices, then run ``task(cfg, run_dir)`` under Hydra."""
+    registry groups, check group choices and overrides, run ``precheck(cfg)`` (the checks
+    that need no data) on the composed config, and only then hand over to Hydra, which
+    creates the run directory and runs ``task(cfg, run_dir)``."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -105,7 +107,10 @@ def hydra_entry(config_name: str, task):
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
         check_group_choices(sys.argv[1:])
-        check_overrides(config_name, sys.argv[1:])
+        cfg = check_overrides(config_name, sys.argv[1:])
+        if cfg is not None and precheck is not None:
+            with usage_errors():
+                precheck(cfg)
         return _run()
 
     return main
@@ -115,15 +120,15 @@ HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "-i", "--info"
                "--shell-completion", "-sc", "--run", "-r", "--resolve", "--version")
 
 
-def check_overrides(config_name: str, argv: list[str]) -> None:
+def check_overrides(config_name: str, argv: list[str]):
     """Compose the config once before Hydra does, so that an override Hydra cannot apply
     (a key that is not there, a value of the wrong type) fails in one line, exit 2,
     before Hydra writes anything. Sweeps and Hydra's own flags are left to Hydra."""
     if any(argument in HYDRA_FLAGS or argument.startswith("--") for argument in argv):
-        return
+        return None
     overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra")]
     try:
-        compose(config_name, overrides)
+        return compose(config_name, overrides)
     except Exception as error:  # Hydra's and OmegaConf's errors have no common base
         _fail(_override_error(config_name, overrides, error))
 

@@ -175,17 +175,26 @@ def _cache_key(cfg, identities) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare(cfg, tokenizer=None) -> Corpus:
-    """Tokenizer and packed rows for this data config, from the cache when it has them.
-
-    A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
+def check_data(cfg) -> None:
+    """The data options that need no reading (also checked before Hydra writes anything)."""
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 8:
         raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
     if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
         raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
+    if not cfg.tokenizer and (isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int)
+                              or cfg.vocab_size <= len(SPECIAL_TOKENS)):
+        raise DataError(f"data.vocab_size={cfg.vocab_size!r} is invalid; allowed: an integer > {len(SPECIAL_TOKENS)} "
+                        "(the special tokens, then the characters and word pieces)")
     sample_bytes = cfg.get("tokenizer_sample_bytes")
     if sample_bytes is not None and (isinstance(sample_bytes, bool) or not isinstance(sample_bytes, int) or sample_bytes < 1):
         raise DataError(f"data.tokenizer_sample_bytes={sample_bytes!r} is invalid; allowed: null or an integer >= 1")
+
+
+def prepare(cfg, tokenizer=None) -> Corpus:
+    """Tokenizer and packed rows for this data config, from the cache when it has them.
+
+    A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
+    check_data(cfg)
     train_lines, eval_lines, identities = read_splits(cfg)
     if tokenizer is not None:
         identities = identities + [f"tokenizer:{vocabulary_hash(tokenizer)}"]

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .checks import resolve_device
 from .corpus import mask_tokens
 
 
@@ -18,12 +19,7 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_choice == "auto":
-            device_choice = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_choice == "cuda" and not torch.cuda.is_available():
-            raise ValueError("trainer.device='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
-        if device_choice not in ("cpu", "cuda"):
-            raise ValueError(f"trainer.device={device_choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
+        device_choice = resolve_device(device_choice)
         self.device = torch.device(f"cuda:{local_rank}" if device_choice == "cuda" else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -22,17 +22,23 @@ from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
 
 
+def validate(cfg: DictConfig) -> Path:
+    """The checks that need no data (also run before Hydra creates the run directory)."""
+    import_plugins(cfg.get("plugins"))
+    folder = Path(str(cfg.checkpoint))
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
+                         "(e.g. a run's final/)")
+    if cfg.split not in ("eval", "train"):
+        raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
+    return folder
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     from transformers import AutoModelForMaskedLM
 
     with usage_errors():
-        import_plugins(cfg.get("plugins"))
-        folder = Path(str(cfg.checkpoint))
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
-                             "(e.g. a run's final/)")
-        if cfg.split not in ("eval", "train"):
-            raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
+        folder = validate(cfg)
         tokenizer = load_tokenizer(folder)
         corpus = prepare(cfg.data, tokenizer=tokenizer)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -49,7 +55,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
-main = hydra_entry("evaluate", run)
+main = hydra_entry("evaluate", run, precheck=validate)
 
 if __name__ == "__main__":
     main()

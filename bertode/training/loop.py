@@ -30,7 +30,7 @@ from ..modeling import BertODEForMaskedLM
 from . import checkpoint, lock
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
-from .corpus import DataError, prepare, unigram_cross_entropy
+from .corpus import DataError, check_data, prepare, unigram_cross_entropy
 from .distributed import BatchOrder, Distributed
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
@@ -51,9 +51,11 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
-    """Everything that can reject the input, before any file of ours is written."""
+def validate(cfg: DictConfig):
+    """Every check of the composed config that needs no data: also run before Hydra writes
+    the run directory (`cli.hydra_entry`). Returns the model config (vocabulary size 1)."""
     trainer = cfg.trainer
+    check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
@@ -65,16 +67,23 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
             resolve_scope(trainer.compile, config)
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
+    check_data(cfg.data)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")
+    return config
+
+
+def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
+    """Everything that can reject the input, before any file of ours is written."""
+    config = validate(cfg)
     if dist.main:
         corpus = prepare(cfg.data)
     dist.barrier()
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
     config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
-    return corpus, config, _resume_target(trainer, run_dir, dist)
+    return corpus, config, _resume_target(cfg.trainer, run_dir, dist)
 
 
 def _resume_target(trainer, run_dir: Path, dist: Distributed) -> Path | None:
@@ -105,17 +114,15 @@ def _resume_target(trainer, run_dir: Path, dist: Distributed) -> Path | None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = cfg.trainer
-    with usage_errors():  # the run's own options, before they are applied
-        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if trainer.num_threads:
-        torch.set_num_threads(int(trainer.num_threads))
-    if trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
     with usage_errors():  # trainer.device=cuda (or trainer=gpu) without a visible GPU
         dist = Distributed(trainer.device)
     run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
     with usage_errors():
         corpus, config, resume_from = setup(cfg, run_dir, dist)
+    if trainer.num_threads:
+        torch.set_num_threads(int(trainer.num_threads))
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
 
     if dist.main:
         with usage_errors():
@@ -271,7 +278,7 @@ def _progress_line(record: dict, trainer, elapsed: float) -> str:
             f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")
 
 
-main = hydra_entry("train", train)
+main = hydra_entry("train", train, precheck=validate)
 
 if __name__ == "__main__":
     main()
