@@ -241,6 +241,33 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, cache_dir, monkey
             assert not run_dir.exists(), overrides
 
 
+def test_evaluate_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from bertode.evaluate import main
+
+    model_dir = tmp_path / "model"
+    bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{not json")
+    cases = [([f"checkpoint={tmp_path / 'missing'}"], "is invalid; allowed: a directory written by save_pretrained"),
+             ([f"checkpoint={garbage}"], "its config.json is not JSON"),
+             (["split=foo"], "split='foo' is invalid; allowed: 'eval', 'train'"),
+             (["batch_size=0"], "batch_size=0 is invalid"), (["seed=abc"], "seed='abc' is invalid"),
+             (["max_sequences=-1"], "max_sequences=-1 is invalid"), (["device=tpu"], "device='tpu' is invalid"),
+             (["data.seq_len=4"], "data.seq_len=4 is invalid"), (["foo=1"], "foo=1 is invalid: no such key")]
+    if not torch.cuda.is_available():
+        cases.append((["device=cuda"], "device='cuda' is invalid here: no CUDA device is visible"))
+    for index, (overrides, expected) in enumerate(cases):
+        run_dir = tmp_path / f"eval{index}"
+        checkpoint_arg = [] if any(o.startswith("checkpoint=") for o in overrides) else [f"checkpoint={model_dir}"]
+        monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"hydra.run.dir={run_dir}", *checkpoint_arg, *overrides])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and error.count("\n") == 0 and expected in error, (overrides, error)
+        assert not run_dir.exists(), overrides
+
+
 def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch, capsys):
     result, _ = run_train(tmp_path, small(cache_dir))
     from bertode.evaluate import main

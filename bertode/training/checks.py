@@ -28,15 +28,23 @@ def _number(key: str, value, low, high, allowed: str | None = None, strict: bool
         raise ValueError(f"trainer.{key}={_plain(value)!r} is invalid; allowed: {allowed or span}")
 
 
-def resolve_device(choice: str) -> str:
-    """``trainer.device`` -> ``cpu`` or ``cuda``; ValueError when it cannot be had here."""
+def resolve_device(choice: str, key: str = "trainer.device") -> str:
+    """``auto``/``cpu``/``cuda`` -> ``cpu`` or ``cuda``; ValueError when it cannot be had here."""
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
+        raise ValueError(f"{key}='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
     if choice not in ("cpu", "cuda"):
-        raise ValueError(f"trainer.device={choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
+        raise ValueError(f"{key}={choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
     return choice
+
+
+def check_count(key: str, value, minimum: int, nullable: bool = False) -> None:
+    """An integer option (``null`` allowed when ``nullable``)."""
+    if nullable and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is invalid; allowed: {'null or ' if nullable else ''}an integer >= {minimum}")
 
 
 def check_run(cfg, world: int) -> None:

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
 from .cli import hydra_entry, import_plugins, usage_errors
-from .corpus import load_tokenizer, prepare
+from .checks import check_count, resolve_device
+from .corpus import check_data, load_tokenizer, prepare
 from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
 
@@ -29,8 +30,18 @@ def validate(cfg: DictConfig) -> Path:
     if not (folder / "config.json").is_file():
         raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
                          "(e.g. a run's final/)")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: its config.json is not JSON ({error}); allowed: a "
+                         "directory written by save_pretrained") from None
     if cfg.split not in ("eval", "train"):
         raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
+    check_count("batch_size", cfg.batch_size, 1)
+    check_count("seed", cfg.seed, 0)
+    check_count("max_sequences", cfg.max_sequences, 1, nullable=True)
+    resolve_device(cfg.device, "device")
+    check_data(cfg.data)
     return folder
 
 
@@ -41,8 +52,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         folder = validate(cfg)
         tokenizer = load_tokenizer(folder)
         corpus = prepare(cfg.data, tokenizer=tokenizer)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(resolve_device(cfg.device, "device"))
     model = AutoModelForMaskedLM.from_pretrained(folder).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
     batches = fixed_eval_batches(rows, tokenizer, cfg.data.mlm_probability, cfg.seed, cfg.batch_size, cfg.max_sequences)

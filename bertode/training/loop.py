@@ -34,7 +34,7 @@ from .corpus import DataError, check_data, prepare, unigram_cross_entropy
 from .distributed import BatchOrder, Distributed
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
-from .run_log import LOGGERS, RunLog, keep_until
+from .run_log import LOGGERS, RunLog, keep_until, write_model_card
 from .schedule import lr_factor
 
 
@@ -246,6 +246,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         summary = {"step": step, "tokens": tokens, "elapsed": elapsed, "eval": result, "unigram_baseline": baseline,
                    "solver_stats": _numeric_stats(base.solver_stats())}
         (final / "train_results.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_model_card(final, mode=config.mode, loss=result["loss"], step=step)
         log.print(f"final model: {final}")
     log.close()
     dist.barrier()

@@ -1,5 +1,6 @@
 """Where a training run's numbers go: the console, ``metrics.jsonl`` in the run directory,
-and optionally TensorBoard (``logger=tensorboard``) or Weights & Biases (``logger=wandb``).
+optionally TensorBoard (``logger=tensorboard``) or Weights & Biases (``logger=wandb``), and
+the model card written beside the final model.
 
 One record per call; every record carries ``step`` and a ``kind`` (``train`` or ``eval``).
 Only rank 0 of a distributed run writes.
@@ -85,3 +86,25 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+MODEL_CARD = """# A bertode masked-language model
+
+Trained by `python -m bertode.train` ({mode} mode, {step} steps, eval MLM loss {loss:.4f}; the
+composed config is in the run directory's `.hydra/`, the numbers in `train_results.json`).
+
+`model_type` is `bertode`: transformers knows it once bertode is imported, which registers
+the configuration and models with the Auto classes:
+
+```python
+import bertode  # registers model_type "bertode"
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+"""
+
+
+def write_model_card(folder: Path, **facts) -> None:
+    """``README.md`` beside a saved model: what it is and how to load it."""
+    (folder / "README.md").write_text(MODEL_CARD.format(**facts), encoding="utf-8")
