@@ -136,6 +136,10 @@ def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path, cache, monk
     # the holder is gone (killed: its lock went with it): the directory is free again
     code, error = _main(run, cache, monkeypatch, capsys, "trainer.max_steps=2")
     assert code == 0, error
+    # and a finished run lets go of it, though this process lives on (a notebook, say)
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from bertode.training import lock; "
+                            "lock.hold(Path(sys.argv[1])); print('held')", str(run)], capture_output=True, text=True)
+    assert other.returncode == 0 and other.stdout.strip() == "held", other.stderr[-500:]
 
 
 def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous(tmp_path, cache, monkeypatch, capsys):
