@@ -201,7 +201,7 @@ def _bad(tmp_path, cache_dir):
         (["trainer.betas=[0.9,1.5]"], "trainer.betas=[0.9, 1.5] is invalid; allowed: two numbers in [0, 1)"),
         (["trainer.weight_decay=-1"], "trainer.weight_decay=-1 is invalid"),
         (["trainer.min_lr_ratio=2"], "trainer.min_lr_ratio=2 is invalid"),
-        (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints=0 is invalid"),
+        (["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1 is invalid"),
         (["trainer.num_threads=-2"], "trainer.num_threads=-2 is invalid"),
         (["model.hidden_dropout_prob=1.5"], "model.hidden_dropout_prob=1.5 is invalid; allowed: a probability in [0, 1)"),
         (["seed=abc"], "seed='abc' is invalid; allowed: an integer >= 0"),
@@ -253,13 +253,15 @@ def test_evaluate_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypa
              ([f"checkpoint={garbage}"], "its config.json is not JSON"),
              (["split=foo"], "split='foo' is invalid; allowed: 'eval', 'train'"),
              (["batch_size=0"], "batch_size=0 is invalid"), (["seed=abc"], "seed='abc' is invalid"),
-             (["max_sequences=-1"], "max_sequences=-1 is invalid"), (["device=tpu"], "device='tpu' is invalid"),
+             (["max_sequences=-1"], "max_sequences=-1 is invalid"), (["device=gpu7"], "device='gpu7' is invalid"),
+             ([], "checkpoint is missing; allowed: checkpoint=DIR"),
              (["data.seq_len=4"], "data.seq_len=4 is invalid"), (["foo=1"], "foo=1 is invalid: no such key")]
     if not torch.cuda.is_available():
         cases.append((["device=cuda"], "device='cuda' is invalid here: no CUDA device is visible"))
     for index, (overrides, expected) in enumerate(cases):
         run_dir = tmp_path / f"eval{index}"
-        checkpoint_arg = [] if any(o.startswith("checkpoint=") for o in overrides) else [f"checkpoint={model_dir}"]
+        given = not overrides or any(o.startswith("checkpoint=") for o in overrides)  # [] : no checkpoint at all
+        checkpoint_arg = [] if given else [f"checkpoint={model_dir}"]
         monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"hydra.run.dir={run_dir}", *checkpoint_arg, *overrides])
         with pytest.raises(SystemExit) as exit_info:
             main()

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError  # noqa: F401  (raised by safetensors on a failed write)
 from safetensors.torch import load_model, save_model
 
 LATEST = "latest"
@@ -87,19 +87,24 @@ def save(folder: Path, step: int, model: torch.nn.Module, state: dict, keep: int
         os.rename(staging, target)
         staging = None
         _write_text(folder / LATEST, target.name)
-    except OSError as error:
-        raise CheckpointError(f"checkpoint {str(target)!r} could not be written: {error.strerror or error} "
+    except (OSError, SafetensorError, RuntimeError) as error:  # safetensors and torch wrap OS errors in their own
+        cause = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {str(target)!r} could not be written: {cause} "
                               f"({type(error).__name__}); the previous checkpoints are kept") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    _prune(folder, keep)
+    _prune(folder, keep, target)
     return target
 
 
-def _prune(folder: Path, keep: int) -> None:
+def _prune(folder: Path, keep: int, newest: Path) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``newest`` (0: all of them); later steps
+    belong to a history this run replaced (it started over or resumed from before them)."""
     steps = sorted(p for p in folder.glob("step_*") if p.is_dir())
-    for old in steps[:-keep] if keep > 0 else []:
+    replaced = [p for p in steps if p.name > newest.name]
+    current = [p for p in steps if p.name <= newest.name]
+    for old in replaced + (current[:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -118,14 +123,19 @@ def verify(target: Path) -> None:
         _verify_legacy(target)
         return
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+        files = {name: (int(entry["bytes"]), str(entry["sha256"]))
+                 for name, entry in json.loads(manifest_path.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         raise CheckpointError(f"checkpoint {str(target)!r}: {MANIFEST} is damaged") from None
-    for name, expected in files.items():
+    for name, (size, sha256) in files.items():
         path = target / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(target)!r}: {name} is missing")
-        if path.stat().st_size != expected["bytes"] or _digest(path) != expected["sha256"]:
+        try:
+            intact = path.stat().st_size == size and _digest(path) == sha256
+        except OSError as error:
+            raise CheckpointError(f"checkpoint {str(target)!r}: {name} cannot be read ({error.strerror})") from None
+        if not intact:
             raise CheckpointError(f"checkpoint {str(target)!r}: {name} is damaged "
                                   f"({path.stat().st_size} bytes, checksum differs from {MANIFEST})")
 

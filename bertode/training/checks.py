@@ -28,6 +28,19 @@ def _number(key: str, value, low, high, allowed: str | None = None, strict: bool
         raise ValueError(f"trainer.{key}={_plain(value)!r} is invalid; allowed: {allowed or span}")
 
 
+def torch_device(choice: str, key: str = "device") -> torch.device:
+    """``auto`` or any device string torch understands (``cpu``, ``cuda:1``, ``mps``), if present here."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(choice))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{key}={choice!r} is invalid; allowed: 'auto' or a torch device ('cpu', 'cuda', 'cuda:1', ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={choice!r} is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
+    return device
+
+
 def resolve_device(choice: str, key: str = "trainer.device") -> str:
     """``auto``/``cpu``/``cuda`` -> ``cpu`` or ``cuda``; ValueError when it cannot be had here."""
     if choice == "auto":
@@ -68,7 +81,7 @@ def check_trainer(trainer, world: int) -> None:
                          f"grad_accumulation x processes = {trainer.grad_accumulation * world}")
     if not (_real(trainer.lr) and trainer.lr > 0):
         raise ValueError(f"trainer.lr={trainer.lr!r} is invalid; allowed: a number > 0")
-    for key, minimum in (("warmup_steps", 0), ("keep_checkpoints", 1)):
+    for key, minimum in (("warmup_steps", 0), ("keep_checkpoints", 0)):  # keep_checkpoints 0: keep all
         value = trainer[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: an integer >= {minimum}")
@@ -80,8 +93,8 @@ def check_trainer(trainer, world: int) -> None:
     _number("min_lr_ratio", trainer.min_lr_ratio, 0, 1)
     if trainer.grad_clip is not None:  # null or 0: no clipping; a negative norm would flip the gradient
         _number("grad_clip", trainer.grad_clip, 0, None, "null, 0 (no clipping) or a number > 0")
-    if trainer.max_time is not None:
-        _number("max_time", trainer.max_time, 0, None, "null or a number of seconds > 0", strict=True)
+    if trainer.max_time:  # null or 0: no time budget
+        _number("max_time", trainer.max_time, 0, None, "null, 0 (no limit) or a number of seconds > 0", strict=True)
     betas = list(trainer.betas) if isinstance(trainer.betas, (list, tuple, ListConfig)) else None
     if betas is None or len(betas) != 2 or not all(_real(b) and 0 <= b < 1 for b in betas):
         raise ValueError(f"trainer.betas={_plain(trainer.betas)!r} is invalid; allowed: two numbers in [0, 1)")

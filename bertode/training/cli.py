@@ -116,15 +116,11 @@ def hydra_entry(config_name: str, task, precheck=None):
     return main
 
 
-HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "-i", "--info", "-p", "--package", "--hydra-help",
-               "--shell-completion", "-sc", "--run", "-r", "--resolve", "--version")
-
-
 def check_overrides(config_name: str, argv: list[str]):
     """Compose the config once before Hydra does, so that an override Hydra cannot apply
     (a key that is not there, a value of the wrong type) fails in one line, exit 2,
     before Hydra writes anything. Sweeps and Hydra's own flags are left to Hydra."""
-    if any(argument in HYDRA_FLAGS or argument.startswith("--") for argument in argv):
+    if any(argument.startswith("-") for argument in argv):  # Hydra's own flags (-m, -cn, --cfg, ...)
         return None
     overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra")]
     try:
@@ -144,7 +140,10 @@ def _override_error(config_name: str, overrides: list[str], error: Exception) ->
     if "." not in key:
         return f"{culprit} is invalid: no such key (give +{culprit} to add one)"
     parent = key.rsplit(".", 1)[0] if "." in key else ""
-    node = OmegaConf.select(compose(config_name, [o for o in overrides if o is not culprit]), parent) if parent else None
+    try:
+        node = OmegaConf.select(compose(config_name, [o for o in overrides if o is not culprit]), parent)
+    except Exception:  # another override is bad too: name the first
+        return f"{culprit} is invalid: {text.splitlines()[0]}"
     if isinstance(node, DictConfig) and len(node):
         return f"{culprit} is invalid: no such option; allowed: {', '.join(f'{parent}.{k}' for k in node.keys())}"
     if isinstance(node, DictConfig):

@@ -175,13 +175,13 @@ def _cache_key(cfg, identities) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_data(cfg) -> None:
+def check_data(cfg, trains_tokenizer: bool = True) -> None:
     """The data options that need no reading (also checked before Hydra writes anything)."""
     if not isinstance(cfg.seq_len, int) or cfg.seq_len < 8:
         raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
     if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
         raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
-    if not cfg.tokenizer and (isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int)
+    if trains_tokenizer and not cfg.tokenizer and (isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int)
                               or cfg.vocab_size <= len(SPECIAL_TOKENS)):
         raise DataError(f"data.vocab_size={cfg.vocab_size!r} is invalid; allowed: an integer > {len(SPECIAL_TOKENS)} "
                         "(the special tokens, then the characters and word pieces)")

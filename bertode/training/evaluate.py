@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
 from .cli import hydra_entry, import_plugins, usage_errors
-from .checks import check_count, resolve_device
+from .checks import check_count, torch_device
 from .corpus import check_data, load_tokenizer, prepare
 from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
@@ -26,6 +26,8 @@ from .mlm import fixed_eval_batches
 def validate(cfg: DictConfig) -> Path:
     """The checks that need no data (also run before Hydra creates the run directory)."""
     import_plugins(cfg.get("plugins"))
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError("checkpoint is missing; allowed: checkpoint=DIR, a directory written by save_pretrained")
     folder = Path(str(cfg.checkpoint))
     if not (folder / "config.json").is_file():
         raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
@@ -40,8 +42,8 @@ def validate(cfg: DictConfig) -> Path:
     check_count("batch_size", cfg.batch_size, 1)
     check_count("seed", cfg.seed, 0)
     check_count("max_sequences", cfg.max_sequences, 1, nullable=True)
-    resolve_device(cfg.device, "device")
-    check_data(cfg.data)
+    torch_device(cfg.device)
+    check_data(cfg.data, trains_tokenizer=False)  # the checkpoint brings its tokenizer
     return folder
 
 
@@ -52,7 +54,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         folder = validate(cfg)
         tokenizer = load_tokenizer(folder)
         corpus = prepare(cfg.data, tokenizer=tokenizer)
-    device = torch.device(resolve_device(cfg.device, "device"))
+    device = torch_device(cfg.device)
     model = AutoModelForMaskedLM.from_pretrained(folder).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
     batches = fixed_eval_batches(rows, tokenizer, cfg.data.mlm_probability, cfg.seed, cfg.batch_size, cfg.max_sequences)

@@ -35,3 +35,8 @@ def release(run_dir: Path) -> None:
     descriptor = _HELD.pop(str(run_dir.resolve()), None)
     if descriptor is not None:
         os.close(descriptor)
+
+
+def release_all() -> None:
+    for key in list(_HELD):
+        os.close(_HELD.pop(key))

@@ -60,8 +60,11 @@ def validate(cfg: DictConfig):
     if cfg.logger.kind not in LOGGERS:
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
-    with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
-        BertODEForMaskedLM(config)
+    try:
+        with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
+            BertODEForMaskedLM(config)
+    except (RuntimeError, NotImplementedError):
+        pass  # a module that cannot be built without data (reads a tensor): checked when built for real
     if trainer.compile not in (True, False):
         try:
             resolve_scope(trainer.compile, config)
@@ -113,20 +116,33 @@ def _resume_target(trainer, run_dir: Path, dist: Distributed) -> Path | None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        lock.release_all()  # however the run ended, a long-lived process (a notebook) lets go
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = cfg.trainer
     with usage_errors():  # trainer.device=cuda (or trainer=gpu) without a visible GPU
         dist = Distributed(trainer.device)
     run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
+    refusal = None
+    if dist.main:  # before anything touches the run directory (staging clean-up included)
+        try:
+            lock.hold(run_dir)
+        except ValueError as error:
+            refusal = str(error)
+    refusal = dist.broadcast(refusal)
     with usage_errors():
+        if refusal:
+            raise ValueError(refusal)
         corpus, config, resume_from = setup(cfg, run_dir, dist)
     if trainer.num_threads:
         torch.set_num_threads(int(trainer.num_threads))
     if trainer.deterministic:
         torch.use_deterministic_algorithms(True)
 
-    if dist.main:
-        with usage_errors():
-            lock.hold(run_dir)
     torch.manual_seed(cfg.seed)
     model = BertODEForMaskedLM(config).to(dist.device)
     base = model
@@ -144,7 +160,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         options = dict(backend=trainer.compile_backend, mode=trainer.compile_mode)
         model = compile_model(model, "auto" if trainer.compile is True else trainer.compile, **options)
 
-    if resume_from is not None and dist.main:  # one history: what came after the checkpoint is redone
+    if dist.main:  # one history: what came after the checkpoint (or all, starting over) is redone
         keep_until(run_dir / "metrics.jsonl", state["step"])
     log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
                  config=OmegaConf.to_container(cfg, resolve=True))
@@ -226,15 +242,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         log.write(record)
         if step % trainer.eval_every == 0 and step < trainer.max_steps:
             result = run_eval(step)
-        if step % trainer.checkpoint_every == 0 and dist.main:
-            try:
-                checkpoint.save(run_dir / "checkpoints", step, base,
-                                {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                                 "step": step, "tokens": tokens, "elapsed": elapsed},
-                                keep=trainer.keep_checkpoints)
-            except checkpoint.CheckpointError as error:  # full or read-only disk: stop, keep what was saved
+        if step % trainer.checkpoint_every == 0:
+            failure = None
+            if dist.main:
+                try:
+                    checkpoint.save(run_dir / "checkpoints", step, base,
+                                    {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                                     "step": step, "tokens": tokens, "elapsed": elapsed},
+                                    keep=trainer.keep_checkpoints)
+                except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
+                    failure = str(error)
+            failure = dist.broadcast(failure)
+            if failure:  # every rank stops (none waits in a barrier for rank 0)
                 log.close()
-                print(f"error: {error}", file=sys.stderr, flush=True)
+                if dist.main:
+                    print(f"error: {failure}", file=sys.stderr, flush=True)
+                dist.close()
                 sys.exit(1)
         dist.barrier()
 

@@ -25,13 +25,21 @@ def _flatten(prefix: str, value, out: dict) -> None:
 LOGGERS = ("jsonl", "tensorboard", "wandb")
 
 
+def _step(line: str):
+    """A record's step, or None for a line that is not a record (a write cut short)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def keep_until(path: Path, step: int) -> int:
     """Drop the records after ``step`` (a resumed run writes them again); return how many.
     The file is rewritten beside itself and renamed, so a kill leaves one of the two."""
     if not path.is_file():
         return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     temporary.replace(path)

@@ -6,9 +6,11 @@ of Rust hash maps, which is seeded per process: two fresh runs of the same confi
 trained different vocabularies (even with one thread). This trainer runs the same
 algorithm (BERT normalisation and pre-tokenisation from `tokenizers`, then byte-pair
 merges over words with the ``##`` continuation prefix, keeping merges seen at least
-``min_frequency`` times) and breaks ties by the pair's text, so the result depends on the
-text only. The vocabulary is: special tokens, the alphabet (sorted), then merged tokens
-in merge order. The tokenizer built from it is `tokenizers`' own WordPiece model.
+``min_frequency`` times, over an alphabet of the ``limit_alphabet`` most frequent
+characters) and breaks ties by the pair's text, so the result depends on the text only.
+The vocabulary is: special tokens, the alphabet (sorted), then merged tokens in merge
+order, ``vocab_size`` tokens unless the alphabet alone is larger. The tokenizer built
+from it is `tokenizers`' own WordPiece model.
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ def _merged(a: str, b: str) -> str:
 
 
 def train_vocabulary(lines, vocab_size: int, special_tokens: list[str], lowercase: bool = True,
-                     min_frequency: int = 2) -> list[str]:
-    """The vocabulary, in id order, of at most ``vocab_size`` tokens."""
+                     min_frequency: int = 2, limit_alphabet: int = 1000) -> list[str]:
+    """The vocabulary, in id order (``vocab_size`` tokens unless the alphabet is larger)."""
     counts = _words(lines, lowercase)
+    chars: Counter = Counter()
+    for word, count in counts.items():
+        for char in word:
+            chars[char] += count
+    # The most frequent characters, ties by the character (as `tokenizers`' limit_alphabet);
+    # the others leave the words they stand in (they become [UNK] when tokenising).
+    alphabet = set(sorted(chars, key=lambda c: (-chars[c], c))[:limit_alphabet])
     words = sorted(counts)
     freq = [counts[w] for w in words]
-    seqs = [[w[0]] + [PREFIX + c for c in w[1:]] for w in words]
+    kept = ["".join(c for c in w if c in alphabet) for w in words]
+    seqs = [[w[0]] + [PREFIX + c for c in w[1:]] if w else [] for w in kept]
     vocab = list(dict.fromkeys(special_tokens))
     known = set(vocab)
     for symbol in sorted({s for seq in seqs for s in seq}):
