@@ -198,3 +198,29 @@ def load(target: Path, model: torch.nn.Module) -> dict:
     for key in counters:
         model.get_buffer(key).fill_(int(legacy[key.rsplit(".", 1)[-1]]))
     return state
+
+
+def resume_target(resume, folder: Path, main: bool = True) -> Path | None:
+    """What ``trainer.resume`` (``never``, ``auto`` or a directory) resumes from: a verified
+    checkpoint, or None to start at step 0. ``main``: this process says what it did."""
+    if main:
+        for leftover in remove_staging(folder):
+            print(f"removed {leftover.name}, what an interrupted checkpoint write left", flush=True)
+    if resume == "never":
+        return None
+    if resume != "auto":
+        target = Path(str(resume))
+        verify(target)
+        return target
+    target, skipped = choose(folder)
+    if target is None and skipped:
+        raise CheckpointError(f"trainer.resume=auto is invalid here: no checkpoint under {str(folder)!r} is usable "
+                              f"({len(skipped)} damaged; the newest: {skipped[0]}); allowed: trainer.resume=never "
+                              "(start over, replacing them) or a checkpoint directory")
+    if main:
+        for line in skipped:
+            print(f"trainer.resume=auto: skipped a newer checkpoint: {line}", flush=True)
+        if target is None:
+            print(f"trainer.resume=auto: no checkpoint under {folder}; starting from step 0 "
+                  "(give the interrupted run's hydra.run.dir to resume it)", flush=True)
+    return target

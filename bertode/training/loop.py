@@ -86,33 +86,7 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
     config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
-    return corpus, config, _resume_target(cfg.trainer, run_dir, dist)
-
-
-def _resume_target(trainer, run_dir: Path, dist: Distributed) -> Path | None:
-    """The checkpoint to resume from (verified), or None to start at step 0."""
-    folder = run_dir / "checkpoints"
-    if dist.main:
-        for leftover in checkpoint.remove_staging(folder):
-            print(f"removed {leftover.name}, what an interrupted checkpoint write left", flush=True)
-    if trainer.resume == "never":
-        return None
-    if trainer.resume != "auto":
-        target = Path(str(trainer.resume))
-        checkpoint.verify(target)
-        return target
-    target, skipped = checkpoint.choose(folder)
-    if target is None and skipped:
-        raise ValueError(f"trainer.resume=auto is invalid here: no checkpoint under {str(folder)!r} is usable "
-                         f"({len(skipped)} damaged; the newest: {skipped[0]}); allowed: trainer.resume=never "
-                         "(start over, replacing them) or a checkpoint directory")
-    if dist.main:
-        for line in skipped:
-            print(f"trainer.resume=auto: skipped a newer checkpoint: {line}", flush=True)
-        if target is None:
-            print(f"trainer.resume=auto: no checkpoint under {folder}; starting from step 0 "
-                  "(give the interrupted run's hydra.run.dir to resume it)", flush=True)
-    return target
+    return corpus, config, checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", dist.main)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
