@@ -21,9 +21,6 @@ import abc
 
 from ..registry import Registry
 
-FAMILIES = ("ode", "deq")
-
-
 class GradientMethod(abc.ABC):
     """Base of both families; ``registry_name`` is set by `register_gradient`."""
 

@@ -42,14 +42,10 @@ def torch_device(choice: str, key: str = "device") -> torch.device:
 
 
 def resolve_device(choice: str, key: str = "trainer.device") -> str:
-    """``auto``/``cpu``/``cuda`` -> ``cpu`` or ``cuda``; ValueError when it cannot be had here."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key}='cuda' is invalid here: no CUDA device is visible; allowed: 'auto', 'cpu'")
-    if choice not in ("cpu", "cuda"):
+    """``auto``/``cpu``/``cuda`` -> ``cpu`` or ``cuda`` (training picks the GPU by local rank)."""
+    if choice not in ("auto", "cpu", "cuda"):
         raise ValueError(f"{key}={choice!r} is invalid; allowed: 'auto', 'cpu', 'cuda'")
-    return choice
+    return torch_device(choice, key).type
 
 
 def check_count(key: str, value, minimum: int, nullable: bool = False) -> None:

@@ -31,12 +31,7 @@ def hold(run_dir: Path) -> None:
     _HELD[key] = descriptor
 
 
-def release(run_dir: Path) -> None:
-    descriptor = _HELD.pop(str(run_dir.resolve()), None)
-    if descriptor is not None:
-        os.close(descriptor)
-
-
 def release_all() -> None:
+    """Let go of every run directory this process holds (the end of a run, however it ends)."""
     for key in list(_HELD):
         os.close(_HELD.pop(key))

@@ -248,7 +248,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     log.close()
     dist.barrier()
     dist.close()
-    lock.release(run_dir)  # a long-lived process (a notebook) does not keep the directory
     return {"eval": result, "unigram_baseline": baseline, "step": step, "run_dir": str(run_dir)}
 
 
