@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import build_block
+from .dropout import dropout, keep_mask
 from .solve.gradients import build_gradient
 from .solve.ode import ODESolve
 from .solve.stats import SolveRecord, SolverStats
@@ -85,10 +85,10 @@ class ResidualSite(nn.Module):
         if not (self.training and self.hidden_dropout > 0):
             return update
         if run.dropout_masks is None:
-            return F.dropout(update, self.hidden_dropout, True)
+            return dropout(update, self.hidden_dropout, True)
         key = (run.layer_index, self.name)
         if key not in run.dropout_masks:
-            run.dropout_masks[key] = torch.empty_like(update).bernoulli_(1 - self.hidden_dropout) / (1 - self.hidden_dropout)
+            run.dropout_masks[key] = keep_mask(update, self.hidden_dropout)
         return update * run.dropout_masks[key]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
@@ -100,7 +100,7 @@ class ResidualSite(nn.Module):
         # One dropout mask per solve: the field stays one deterministic function of (t, z).
         keep = None
         if self.training and self.hidden_dropout > 0:
-            keep = torch.empty_like(x).bernoulli_(1 - self.hidden_dropout).div_(1 - self.hidden_dropout)
+            keep = keep_mask(x, self.hidden_dropout)
 
         evaluate = self.compiled_evaluate or type(self).evaluate
 

@@ -33,6 +33,7 @@ from transformers.utils import logging
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLMPredictionHead, BertOnlyMLMHead, BertPooler
 
 from .configuration import BertODEConfig
+from .dropout import Dropout
 from .deq import COUNTERS, ON_BACKWARD_SKIP, BertDEQEncoder
 from .encoder import BertODEEncoder
 from .init import apply_rule
@@ -147,6 +148,7 @@ class BertODEModel(BertODEPreTrainedModel):
     def __init__(self, config: BertODEConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
+        self.embeddings.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.dropout.split_invariant
         self.encoder = BertDEQEncoder(config) if config.mode == "deq" else BertODEEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
@@ -238,7 +240,7 @@ class BertODEForSequenceClassification(BertODEPreTrainedModel):
         self.num_labels = config.num_labels
         self.bert = BertODEModel(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

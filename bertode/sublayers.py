@@ -8,10 +8,14 @@ mask per call, one mask per solve inside an ODE, one per forward in a DEQ; `enco
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+
+from .dropout import keep_mask, splitting_rows
 
 
 class AttentionBranch(nn.Module):
@@ -41,10 +45,23 @@ class AttentionBranch(nn.Module):
             dq, dk, dv = qkv_injection.chunk(3, dim=-1)
             q, k, v = q + dq, k + dk, v + dv
         q, k, v = (x.view(heads).transpose(1, 2) for x in (q, k, v))
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
-        )
+        p = self.attention_dropout if self.training else 0.0
+        if p > 0 and splitting_rows():  # the mask must come from bertode.dropout: eager attention
+            context, _ = eager_attention(q, k, v, attn_mask, p)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.dense(context.transpose(1, 2).reshape(batch, seq, width))
+
+
+def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(d) + mask) v, written out: (context, attention probabilities
+    before dropout). ``attn_mask`` is SDPA's boolean mask (True = attend)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
+    kept = probs * keep_mask(probs, dropout_p) if dropout_p > 0 else probs
+    return kept @ v, probs
 
 
 class FeedForwardBranch(nn.Module):

@@ -164,16 +164,25 @@ def _losses(run_dir):
             if json.loads(line)["kind"] == "train"]
 
 
-def test_torchrun_two_processes_match_one(tmp_path, cache_dir):
-    overrides = small(cache_dir, "trainer.device=cpu", "model=ode", "solver=rk4")
+@pytest.mark.parametrize("solver,world", [("rk4", 2), ("euler", 4)])
+def test_torchrun_matches_one_process_with_dropout_on(tmp_path, cache_dir, solver, world):
+    """Dropout masks are drawn for the global batch and sliced by row (bertode.dropout), so
+    2 or 4 processes give one process's losses with hidden and attention dropout on; the
+    other ranks create no run directory of their own."""
+    overrides = small(cache_dir, "trainer.device=cpu", "model=ode", f"solver={solver}", "trainer.max_steps=10",
+                      "trainer.batch_size=8", "model.hidden_dropout_prob=0.1", "model.attention_probs_dropout_prob=0.1",
+                      "trainer.eval_every=1000")
     one = _python("-m", "bertode.train", f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _python("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "bertode.train",
-                  f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(a) == len(b) == 3
+    many = _python("-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={29517 + world}",
+                   "-m", "bertode.train", *overrides, cwd=tmp_path)  # Hydra's default, time-stamped run directory
+    assert many.returncode == 0, many.stderr[-3000:]
+    made = [p.parent for p in tmp_path.glob("outputs/*/*/.hydra")]
+    assert len(made) == 1, made  # rank 0's only
+    a, b = _losses(tmp_path / "one"), _losses(made[0])
+    assert len(a) == len(b) == 10
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    assert max(abs(x - y) for x, y in zip(a[1:], a[:-1])) > 1e-3  # it trains (the losses move)
 
 
 def test_multirun_sweep_writes_one_directory_per_run(tmp_path, cache_dir):

@@ -107,10 +107,18 @@ def hydra_entry(config_name: str, task, precheck=None):
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
         check_group_choices(sys.argv[1:])
+        worker = int(os.environ.get("RANK", "0")) != 0
+        if worker and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+            _fail("-m (a sweep) is invalid under torchrun: each process would run the sweep on its own; "
+                  "allowed: one run per torchrun, or a sweep whose launcher starts torchrun")
         cfg = check_overrides(config_name, sys.argv[1:])
         if cfg is not None and precheck is not None:
             with usage_errors():
                 precheck(cfg)
+        if worker and cfg is not None:
+            # torchrun's other ranks: no Hydra run directory of their own; `task` writes
+            # under the directory rank 0 broadcasts.
+            return task(cfg, None)
         return _run()
 
     return main

@@ -73,6 +73,10 @@ class BatchOrder:
         n = len(self.rows)
         return self.rows[torch.stack([self._permutation(p // n)[p % n] for p in positions])]
 
+    def noise_seed(self, m: int) -> int:
+        """The seed of micro-batch m's dropout masks (`bertode.dropout.split_invariant`)."""
+        return self.seed * 2_654_435_761 + 104_729 * m + 17
+
     def masked(self, m: int, tokenizer, probability: float):
         generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
         return mask_tokens(self.micro_batch_rows(m), tokenizer, probability, generator)

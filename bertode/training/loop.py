@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..compile import compile_model, resolve_scope
+from ..dropout import split_invariant
 from ..modeling import BertODEForMaskedLM
 from . import checkpoint, lock
 from .checks import check_run
@@ -100,7 +101,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = cfg.trainer
     with usage_errors():  # trainer.device=cuda (or trainer=gpu) without a visible GPU
         dist = Distributed(trainer.device)
-    run_dir = Path(dist.broadcast(str(run_dir)))  # every rank writes under rank 0's directory
+    run_dir = Path(dist.broadcast(str(run_dir) if dist.main else None))  # every rank writes under rank 0's directory
     refusal = None
     if dist.main:  # before anything touches the run directory (staging clean-up included)
         try:
@@ -141,6 +142,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     seq_len = cfg.data.seq_len
     micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
     order = BatchOrder(corpus.train, micro, cfg.seed)
+    own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
     eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
                                       max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
     baseline = unigram_cross_entropy(corpus.train, corpus.eval, len(corpus.tokenizer))
@@ -183,7 +185,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             labels = labels[dist.rank::dist.world].to(dist.device)
             sync = a == trainer.grad_accumulation - 1 or dist.world == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-            with context:
+            # Dropout masks drawn for the whole micro-batch and sliced: the same at any world size.
+            noise = split_invariant(order.noise_seed(step * trainer.grad_accumulation + a), own_rows, micro, dist.device)
+            with context, noise:
                 with autocast(dist.device, trainer.precision):
                     out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
                 ce_sum, correct = masked_ce_sum(out.logits.detach(), labels)
