@@ -185,7 +185,11 @@ class BertODEConfig(BertConfig):
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
-        check_int("num_hidden_layers", self.num_hidden_layers, 1)
+        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "vocab_size", "type_vocab_size"):
+            check_int(name, getattr(self, name), 1)
+        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+            fail("layer_norm_eps", self.layer_norm_eps, "a finite number > 0")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")

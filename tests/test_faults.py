@@ -5,7 +5,9 @@ disk) ends the run in one line with the previous checkpoint intact."""
 
 import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +143,7 @@ def test_a_second_run_into_a_live_run_directory_is_refused(tmp_path, cache, monk
     assert other.returncode == 0 and other.stdout.strip() == "held", other.stderr[-500:]
 
 
-def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous(tmp_path, cache, monkeypatch, capsys):
+def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous(runs, tmp_path, cache, monkeypatch, capsys):
     real_save = torch.save
 
     def full_disk(obj, path, *args, **kwargs):
@@ -151,9 +153,52 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_previous
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     run = tmp_path / "full"
-    code, error = _main(run, cache, monkeypatch, capsys, "trainer.max_steps=6")
+    code, error = _main(run, cache, monkeypatch, capsys, "trainer.max_steps=8")
     assert code == 1 and error.count("\n") == 0, error
     assert "step_00000004" in error and "No space left on device" in error and "previous checkpoints are kept" in error
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["latest", "step_00000002"]  # no staging left, the previous one intact
     checkpoint.verify(run / "checkpoints" / "step_00000002")
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)  # space again: resume reproduces the uninterrupted run
+    records = _train(run, cache, "trainer.max_steps=8", "trainer.resume=auto")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    losses, reference = _losses(records), runs[1]
+    assert all(abs(losses[s] - reference[s]) <= 1e-6 for s in range(1, 9)), (losses, reference)
+
+
+KILLER = '''# A test plugin: SIGKILL this process right after metrics.jsonl receives the train
+# record of step BERTODE_TEST_KILL_AT (before the checkpoint of that step, if any).
+import os, signal
+from bertode.training import run_log
+
+_write = run_log.RunLog.write
+
+
+def write(self, record):
+    _write(self, record)
+    if record.get("kind") == "train" and record["step"] == int(os.environ.get("BERTODE_TEST_KILL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+run_log.RunLog.write = write
+'''
+
+
+def test_three_kills_and_resumes_leave_one_record_per_step_and_the_uninterrupted_losses(runs, tmp_path, cache):
+    (tmp_path / "bertode_test_killer.py").write_text(KILLER)
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "bertode.train", f"hydra.run.dir={run}", f"data.cache_dir={cache}", *COMMON,
+               "trainer.max_steps=8", "trainer.resume=auto"]
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               BERTODE_PLUGINS="bertode_test_killer")
+    for kill_at in (3, 5, 7):  # each after a checkpoint (every 2 steps): a step is redone each time
+        killed = subprocess.run(command, env=dict(env, BERTODE_TEST_KILL_AT=str(kill_at)), capture_output=True,
+                                text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resumed from" in finished.stdout and "step_00000006" in finished.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    losses, reference = _losses(records), runs[1]
+    assert all(abs(losses[s] - reference[s]) <= 1e-6 for s in range(1, 9)), (losses, reference)

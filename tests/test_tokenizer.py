@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bertode.training.corpus import SAMPLE_FILES, SPECIAL_TOKENS, _read
+from bertode.training.corpus import SPECIAL_TOKENS
+from bertode.training.sources import SAMPLE_FILES, _read
 from bertode.training.wordpiece import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

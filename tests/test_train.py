@@ -2,6 +2,7 @@
 option, short runs of every model/solver/gradient, exact resume, atomic checkpoints,
 torchrun, sweeps, bad input, and the final model in transformers' Auto classes."""
 
+import importlib.util
 import json
 import math
 import os
@@ -229,25 +230,74 @@ def _bad(tmp_path, cache_dir):
          "trainer.compile_mode='max-autotune' is invalid with trainer.compile_backend='aot_eager'"),
         (["trainer.compile_backend=tensorrt"], "trainer.compile_backend='tensorrt' is invalid; allowed: 'aot_eager',"),
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5 is invalid; allowed: a number in (0, 1)"),
-    ]
+        (["model.num_attention_heads=5"], "model.num_attention_heads=5 is invalid; allowed: a divisor of hidden_size"),
+        (["model.mode=foo"], "model.mode='foo' is invalid; allowed: 'ode', 'discrete', 'deq'"),
+        (["model.hidden_size=-4"], "model.hidden_size=-4 is invalid; allowed: an integer >= 1"),
+        (["model.intermediate_size=0"], "model.intermediate_size=0 is invalid; allowed: an integer >= 1"),
+        (["model.num_hidden_layers=0"], "model.num_hidden_layers=0 is invalid; allowed: an integer >= 1"),
+        (["model.t_end=2"], "model.t_end=2 is invalid: no such option (did you mean solver.t_end?)"),
+        (["solver.step=2"], "solver.step=2 is invalid: no such option (did you mean solver.steps?)"),
+        (["seeed=3"], "seeed=3 is invalid: no such key (did you mean seed?)"),
+        (["size=huge"], "size='huge' is invalid; allowed: 'base', 'mini', 'small', 'tiny'"),
+        (["solver=rk4", "solver.steps=0"], "solver.steps=0 is invalid; allowed: an integer >= 1"),
+        (["solver=dopri5", "solver.rtol=0"], "solver.rtol=0 is invalid; allowed: a finite number > 0"),
+        (["model=deq", "deq.max_iter=-1"], "deq.max_iter=-1 is invalid; allowed: an integer >= 1"),
+        (["model=deq", "sensitivity=adjoint"], "sensitivity='adjoint' is invalid with model.mode='deq'; allowed: 'ift'"),
+        (["model=ode", "sensitivity=ift"], "sensitivity='ift' is invalid with model.mode='ode'; allowed: 'adjoint'"),
+        (["data.source=foo"], "data.source='foo' is invalid; allowed: 'sample', 'text', 'hub'"),
+        (["data.eval_fraction=1.5"], "data.eval_fraction=1.5 is invalid; allowed: a number in (0, 1)"),
+        (["data.vocab_size=3"], "data.vocab_size=3 is invalid; allowed: an integer > 5"),
+        (["data.seq_len=4"], "data.seq_len=4 is invalid; allowed: an integer >= 8"),
+        (["data.lowercase=maybe"], "data.lowercase='maybe' is invalid; allowed: true, false"),
+        (["data.max_eval_sequences=0"], "data.max_eval_sequences=0 is invalid; allowed: null (all) or an integer >= 1"),
+        ([f"data.tokenizer={tmp_path / 'no-tokenizer'}"], "is not a directory with a saved tokenizer"),
+        (["data=wikitext2", "data.hub_path=null"], "data.hub_path=None is invalid with data.source='hub'"),
+        (["data=text", f"data.files=[{tmp_path / 'missing-*.txt'}]"], "matches no file"),
+        (["trainer.lr=-1"], "trainer.lr=-1 is invalid; allowed: a number > 0"),
+        (["trainer.lr=abc"], "trainer.lr='abc' is invalid; allowed: a number > 0"),
+        (["trainer.max_steps=-1"], "trainer.max_steps=-1 is invalid; allowed: an integer >= 1"),
+        (["trainer.max_steps=1.5"], "trainer.max_steps=1.5 is invalid; allowed: an integer >= 1"),
+        (["trainer.max_tokens=-1"], "trainer.max_tokens=-1 is invalid; allowed: null or an integer >= 1"),
+        (["trainer.log_every=0"], "trainer.log_every=0 is invalid; allowed: an integer >= 1"),
+        (["trainer.eval_every=0"], "trainer.eval_every=0 is invalid; allowed: an integer >= 1"),
+        (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0 is invalid; allowed: an integer >= 1"),
+        (["trainer.warmup_steps=-1"], "trainer.warmup_steps=-1 is invalid; allowed: an integer >= 0"),
+        (["trainer.grad_accumulation=0"], "trainer.grad_accumulation=0 is invalid; allowed: an integer >= 1"),
+        (["trainer.batch_size=0"], "trainer.batch_size=0 is invalid; allowed: an integer >= 1"),
+        (["trainer.precision=fp16"], "trainer.precision='fp16' is invalid; allowed: 'fp32', 'bf16'"),
+        (["trainer.device=tpu"], "trainer.device='tpu' is invalid; allowed: 'auto', 'cpu', 'cuda'"),
+        (["trainer.deterministic=maybe"], "trainer.deterministic='maybe' is invalid; allowed: true, false"),
+        (["trainer.resume=sometimes"], "trainer.resume='sometimes' is invalid; allowed: 'never', 'auto' or a checkpoint"),
+        (["logger.kind=foo"], "logger.kind='foo' is invalid; allowed: 'jsonl', 'tensorboard', 'wandb'"),
+        (["plugins=[no_such_module_here]"], "plugins='no_such_module_here' is invalid: No module named"),
+    ] + ([] if importlib.util.find_spec("wandb") else [
+        (["logger=wandb"], "logger.kind='wandb' is invalid here: the 'wandb' package is not installed")])
+
+
+def _snapshot(*roots):
+    return {root: sorted(str(p.relative_to(root)) for p in root.rglob("*")) for root in roots}
 
 
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, cache_dir, monkeypatch, capsys):
+    """Each bad input: exit 2, exactly one line on stderr, and no file written anywhere
+    (no run directory, nothing in the working directory or the data cache)."""
     from bertode.train import main
 
-    for index, (overrides, expected) in enumerate(_bad(tmp_path, cache_dir)):
+    cases = _bad(tmp_path, cache_dir)
+    assert len(cases) >= 60
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = _snapshot(tmp_path, cache_dir)
+    for index, (overrides, expected) in enumerate(cases):
         run_dir = tmp_path / f"run{index}"
-        before = set(cache_dir.iterdir())
         monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache_dir}", *overrides])
         with pytest.raises(SystemExit) as exit_info:
             main()
         error = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2, (overrides, error)
         assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (overrides, error)
-        assert set(cache_dir.iterdir()) == before
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists() and not (run_dir / "metrics.jsonl").exists()
-        if not any(o.startswith("data=") for o in overrides):  # checked before Hydra creates the run directory
-            assert not run_dir.exists(), overrides
+        assert _snapshot(tmp_path, cache_dir) == before, overrides  # checked before Hydra creates anything
 
 
 def test_evaluate_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -255,18 +305,34 @@ def test_evaluate_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypa
 
     model_dir = tmp_path / "model"
     bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
-    garbage = tmp_path / "garbage"
-    garbage.mkdir()
-    (garbage / "config.json").write_text("{not json")
+    (model_dir / "tokenizer_config.json").write_text("{}")
+    folders = {}
+    for name, config_text in {"garbage": "{not json", "bert": '{"model_type": "bert"}', "list": "[1, 2]"}.items():
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text(config_text)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_attention_heads=4).save_pretrained(no_tokenizer)
     cases = [([f"checkpoint={tmp_path / 'missing'}"], "is invalid; allowed: a directory written by save_pretrained"),
-             ([f"checkpoint={garbage}"], "its config.json is not JSON"),
+             ([f"checkpoint={folders['garbage']}"], "its config.json is not JSON"),
+             ([f"checkpoint={folders['bert']}"], "its model_type is 'bert'; allowed: a bertode model's directory"),
+             ([f"checkpoint={folders['list']}"], "its model_type is None"),
+             ([f"checkpoint={no_tokenizer}"], "it holds no tokenizer"),
              (["split=foo"], "split='foo' is invalid; allowed: 'eval', 'train'"),
              (["batch_size=0"], "batch_size=0 is invalid"), (["seed=abc"], "seed='abc' is invalid"),
              (["max_sequences=-1"], "max_sequences=-1 is invalid"), (["device=gpu7"], "device='gpu7' is invalid"),
              ([], "checkpoint is missing; allowed: checkpoint=DIR"),
-             (["data.seq_len=4"], "data.seq_len=4 is invalid"), (["foo=1"], "foo=1 is invalid: no such key")]
+             (["data.seq_len=4"], "data.seq_len=4 is invalid"), (["foo=1"], "foo=1 is invalid: no such key"),
+             (["data.source=foo"], "data.source='foo' is invalid"),
+             (["data=text", f"data.files=[{tmp_path / 'missing.txt'}]"], "data.files: '"),
+             (["plugins=[no_such_module_here]"], "plugins='no_such_module_here' is invalid"),
+             (["batchsize=4"], "batchsize=4 is invalid: no such key (did you mean batch_size?)")]
     if not torch.cuda.is_available():
         cases.append((["device=cuda"], "device='cuda' is invalid here: no CUDA device is visible"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = _snapshot(tmp_path)
     for index, (overrides, expected) in enumerate(cases):
         run_dir = tmp_path / f"eval{index}"
         given = not overrides or any(o.startswith("checkpoint=") for o in overrides)  # [] : no checkpoint at all
@@ -276,7 +342,7 @@ def test_evaluate_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypa
             main()
         error = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and error.count("\n") == 0 and expected in error, (overrides, error)
-        assert not run_dir.exists(), overrides
+        assert _snapshot(tmp_path) == before, overrides
 
 
 def test_evaluate_cli_reproduces_the_final_eval(tmp_path, cache_dir, monkeypatch, capsys):

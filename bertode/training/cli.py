@@ -145,20 +145,51 @@ def _override_error(config_name: str, overrides: list[str], error: Exception) ->
     culprit = next((o for o in overrides if key and o.lstrip("+~").split("=", 1)[0] == key), None)
     if culprit is None:
         return text.splitlines()[0] if text else type(error).__name__
-    if "." not in key:
-        return f"{culprit} is invalid: no such key (give +{culprit} to add one)"
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
     try:
-        node = OmegaConf.select(compose(config_name, [o for o in overrides if o is not culprit]), parent)
+        others = compose(config_name, [o for o in overrides if o is not culprit])
     except Exception:  # another override is bad too: name the first
         return f"{culprit} is invalid: {text.splitlines()[0]}"
+    hint = _nearest_key(others, key)
+    if "." not in key:
+        return f"{culprit} is invalid: no such key{hint} (give +{culprit} to add one)"
+    parent = key.rsplit(".", 1)[0]
+    node = OmegaConf.select(others, parent)
     if isinstance(node, DictConfig) and len(node):
-        return f"{culprit} is invalid: no such option; allowed: {', '.join(f'{parent}.{k}' for k in node.keys())}"
+        return (f"{culprit} is invalid: no such option{hint}; allowed: "
+                f"{', '.join(f'{parent}.{k}' for k in node.keys())}")
     if isinstance(node, DictConfig):
         return f"{culprit} is invalid: {parent} has no keys yet (give +{culprit} to add one)"
     if node is None and parent:
         return f"{culprit} is invalid: {parent} is null here (give +{culprit} to set it)"
     return f"{culprit} is invalid: {' '.join(line.strip() for line in text.splitlines()[1:3])}"
+
+
+def _nearest_key(cfg, key: str) -> str:
+    """`` (did you mean solver.t_end?)`` for the closest existing key: the same name
+    elsewhere in the config, else the closest spelling among the parent's keys."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    paths: list[str] = []
+
+    def walk(node, prefix):
+        for name in node.keys():
+            path = f"{prefix}{name}"
+            paths.append(path)
+            child = node._get_node(name)
+            if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+                walk(child, f"{path}.")
+
+    walk(cfg, "")
+    leaf = key.rsplit(".", 1)[-1]
+    same_name = [p for p in paths if p.rsplit(".", 1)[-1] == leaf and p != key]
+    if same_name:
+        return f" (did you mean {same_name[0]}?)"
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [p[len(parent):] for p in paths if p.startswith(parent) and "." not in p[len(parent):]]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
+    return f" (did you mean {parent}{close[0]}?)" if close else ""
 
 
 def compose(config_name: str, overrides: list[str] | tuple = ()):

@@ -11,7 +11,6 @@ a rerun reuses them. Rows are stored with safetensors (no pickle). `mask_tokens`
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -23,13 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
-SAMPLE_FILES = {"train": [SAMPLE_DIR / "moby_dick_train.txt"], "eval": [SAMPLE_DIR / "moby_dick_eval.txt"]}
+from .sources import DataError, read_splits
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the config field and the offending value."""
 
 
 @dataclass
@@ -38,80 +33,6 @@ class Corpus:
     train: torch.Tensor  # (rows, seq_len) int64
     eval: torch.Tensor
     cache: Path
-
-
-# --- reading ---------------------------------------------------------------------------
-def _expand(field: str, patterns) -> list[Path]:
-    if patterns is None or isinstance(patterns, str):
-        patterns = [] if patterns is None else [patterns]
-    files: list[Path] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"data.{field}: {pattern!r} matches no file")
-        for match in matches:
-            if not Path(match).is_file():
-                raise DataError(f"data.{field}: {match!r} does not exist or is not a file")
-            files.append(Path(match))
-    return files
-
-
-def _read(field: str, files: list[Path]) -> list[str]:
-    lines: list[str] = []
-    for path in files:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"data.{field}: {str(path)!r} is not UTF-8 text (bad byte at offset {error.start})") from None
-        lines.extend(line for line in text.splitlines() if line.strip())
-    return lines
-
-
-def _hub_lines(cfg, split: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError as error:  # pragma: no cover - datasets is a dependency
-        raise DataError("data.source='hub' needs the `datasets` package: pip install datasets") from error
-    try:
-        cache = os.path.join(os.path.expanduser(str(cfg.cache_dir)), "datasets")
-        dataset = datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, cache_dir=cache)
-    except Exception as error:  # the hub is often unreachable; say which dataset
-        raise DataError(f"data.hub_path={cfg.hub_path!r} (name {cfg.hub_name!r}, split {split!r}) could not be loaded: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-    return [line for line in dataset["text"] if line.strip()]
-
-
-def read_splits(cfg) -> tuple[list[str], list[str], list[str]]:
-    """Train lines, eval lines, and the identities of the inputs (for the cache key)."""
-    if cfg.source == "sample":
-        train_files, eval_files = SAMPLE_FILES["train"], SAMPLE_FILES["eval"]
-    elif cfg.source == "text":
-        train_files, eval_files = _expand("files", cfg.files), _expand("eval_files", cfg.eval_files)
-        if not train_files:
-            raise DataError("data.files is empty; give at least one text file or glob")
-    elif cfg.source == "hub":
-        train, evaluation = _hub_lines(cfg, "train"), _hub_lines(cfg, "validation")
-        return train, evaluation, [f"hub:{cfg.hub_path}:{cfg.hub_name}"]
-    else:
-        raise DataError(f"data.source={cfg.source!r} is invalid; allowed: 'sample', 'text', 'hub'")
-    identities = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in train_files + eval_files]
-    train = _read("files", train_files)
-    if not train:
-        raise DataError(f"data.files: {[str(p) for p in train_files]} contain no text")
-    if eval_files:
-        evaluation = _read("eval_files", eval_files)
-        if not evaluation:
-            raise DataError(f"data.eval_files: {[str(p) for p in eval_files]} contain no text")
-    else:
-        if not 0 < cfg.eval_fraction < 1:
-            raise DataError(f"data.eval_fraction={cfg.eval_fraction!r} is invalid; allowed: a number in (0, 1)")
-        cut = max(1, int(len(train) * (1 - cfg.eval_fraction)))
-        if cut >= len(train):
-            raise DataError(f"data.files: {len(train)} line(s) of text are too few to hold out an eval split")
-        train, evaluation = train[:cut], train[cut:]
-    return train, evaluation, identities
 
 
 # --- tokenizer and packing ------------------------------------------------------------
@@ -185,6 +106,14 @@ def check_data(cfg, trains_tokenizer: bool = True) -> None:
                               or cfg.vocab_size <= len(SPECIAL_TOKENS)):
         raise DataError(f"data.vocab_size={cfg.vocab_size!r} is invalid; allowed: an integer > {len(SPECIAL_TOKENS)} "
                         "(the special tokens, then the characters and word pieces)")
+    if not isinstance(cfg.lowercase, bool):
+        raise DataError(f"data.lowercase={cfg.lowercase!r} is invalid; allowed: true, false")
+    limit = cfg.max_eval_sequences
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"data.max_eval_sequences={limit!r} is invalid; allowed: null (all) or an integer >= 1")
+    if cfg.tokenizer and not any((Path(os.path.expanduser(str(cfg.tokenizer))) / name).is_file()
+                                 for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+        raise DataError(f"data.tokenizer: {str(cfg.tokenizer)!r} is not a directory with a saved tokenizer")
     sample_bytes = cfg.get("tokenizer_sample_bytes")
     if sample_bytes is not None and (isinstance(sample_bytes, bool) or not isinstance(sample_bytes, int) or sample_bytes < 1):
         raise DataError(f"data.tokenizer_sample_bytes={sample_bytes!r} is invalid; allowed: null or an integer >= 1")

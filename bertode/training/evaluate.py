@@ -18,6 +18,7 @@ from .. import modeling  # noqa: F401  (registers the Auto classes)
 from .cli import hydra_entry, import_plugins, usage_errors
 from .checks import check_count, torch_device
 from .corpus import check_data, load_tokenizer, prepare
+from .sources import check_sources
 from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
 
@@ -32,10 +33,17 @@ def validate(cfg: DictConfig) -> Path:
         raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: a directory written by save_pretrained "
                          "(e.g. a run's final/)")
     try:
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"checkpoint={str(folder)!r} is invalid: its config.json is not JSON ({error}); allowed: a "
                          "directory written by save_pretrained") from None
+    if not isinstance(saved, dict) or saved.get("model_type") != "bertode":
+        kind = saved.get("model_type") if isinstance(saved, dict) else None
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: its model_type is {kind!r}; allowed: a bertode "
+                         "model's directory ('bertode'; convert others with bertode.from_bert)")
+    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: it holds no tokenizer; allowed: a directory with "
+                         "the model and its tokenizer (a bertode.train run's final/)")
     if cfg.split not in ("eval", "train"):
         raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
     check_count("batch_size", cfg.batch_size, 1)
@@ -43,6 +51,7 @@ def validate(cfg: DictConfig) -> Path:
     check_count("max_sequences", cfg.max_sequences, 1, nullable=True)
     torch_device(cfg.device)
     check_data(cfg.data, trains_tokenizer=False)  # the checkpoint brings its tokenizer
+    check_sources(cfg.data)
     return folder
 
 

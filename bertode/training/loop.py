@@ -31,11 +31,12 @@ from ..modeling import BertODEForMaskedLM
 from . import checkpoint, lock
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
-from .corpus import DataError, check_data, prepare, unigram_cross_entropy
+from .corpus import check_data, prepare, unigram_cross_entropy
+from .sources import DataError, check_sources
 from .distributed import BatchOrder, Distributed
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
-from .run_log import LOGGERS, RunLog, keep_until, write_model_card
+from .run_log import RunLog, check_logger, keep_until, write_model_card
 from .schedule import lr_factor
 
 
@@ -58,8 +59,7 @@ def validate(cfg: DictConfig):
     trainer = cfg.trainer
     check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
-    if cfg.logger.kind not in LOGGERS:
-        raise ValueError(f"logger.kind={cfg.logger.kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
+    check_logger(cfg.logger.kind)
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
@@ -72,6 +72,7 @@ def validate(cfg: DictConfig):
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     check_data(cfg.data)
+    check_sources(cfg.data)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")

@@ -8,6 +8,7 @@ Only rank 0 of a distributed run writes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -46,6 +47,21 @@ def keep_until(path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_logger(kind) -> None:
+    """The logger is one bertode knows and its package is installed (one line otherwise)."""
+    if kind not in LOGGERS:
+        raise ValueError(f"logger.kind={kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
+    package = LOGGER_PACKAGES.get(kind)
+    if package and importlib.util.find_spec(package) is None:
+        raise ValueError(f"logger.kind={kind!r} is invalid here: the {package!r} package is not installed "
+                         f"(pip install {package}); allowed: 'jsonl'"
+                         + "".join(f", {k!r}" for k, pkg in LOGGER_PACKAGES.items()
+                                   if k != kind and importlib.util.find_spec(pkg) is not None))
+
+
 class RunLog:
     def __init__(self, run_dir: Path, kind: str = "jsonl", enabled: bool = True, project: str = "bertode", config=None):
         self.enabled = enabled
@@ -64,8 +80,8 @@ class RunLog:
             import wandb
 
             self.wandb = wandb.init(project=project, dir=str(run_dir), config=config)
-        elif kind not in LOGGERS:
-            raise ValueError(f"logger.kind={kind!r} is invalid; allowed: {', '.join(map(repr, LOGGERS))}")
+        else:
+            check_logger(kind)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
