@@ -3,8 +3,9 @@
 Public API:
 
 * configuration and models: `BertODEConfig`, `BertODEModel`, `BertODEForMaskedLM`,
-  `BertODEForSequenceClassification`, `BertODEPreTrainedModel`; `from_bert` (conversion
-  from any transformers BERT); `compile_model`; `SolverStatsCallback` (Trainer logs).
+  `BertODEForSequenceClassification` and BERT's other heads (`heads.py`),
+  `BertODEPreTrainedModel`; `from_bert` (conversion from the BERT family: BERT, RoBERTa,
+  XLM-R, CamemBERT, ELECTRA, ALBERT, DistilBERT); `compile_model`; `SolverStatsCallback` (Trainer logs).
 * one registry per axis, each with a decorator and a listing (`available()` gives all):
   vector fields (`VectorField`, `register_vector_field`), ODE solvers
   (`register_solver`, `ButcherTableau`), gradient methods (`ODEGradient`, `DEQGradient`,
@@ -20,12 +21,15 @@ from .compile import compile_model
 from .configuration import BertODEConfig
 from .convert import from_bert
 from .init import identity_init, zero_init
-from .modeling import (
-    BertODEForMaskedLM,
+from .heads import (
+    BertODEForMultipleChoice,
+    BertODEForNextSentencePrediction,
+    BertODEForPreTraining,
+    BertODEForQuestionAnswering,
     BertODEForSequenceClassification,
-    BertODEModel,
-    BertODEPreTrainedModel,
+    BertODEForTokenClassification,
 )
+from .modeling import BertODEForMaskedLM, BertODEModel, BertODEPreTrainedModel
 from .registry import registries
 from .solve.deq_gradients import FixedPointProblem
 from .solve.fixed_point import (
@@ -53,6 +57,8 @@ def available() -> dict[str, tuple[str, ...]]:
 
 __all__ = [
     "BertODEConfig", "BertODEModel", "BertODEForMaskedLM", "BertODEForSequenceClassification",
+    "BertODEForPreTraining", "BertODEForNextSentencePrediction", "BertODEForTokenClassification",
+    "BertODEForQuestionAnswering", "BertODEForMultipleChoice",
     "BertODEPreTrainedModel", "from_bert", "compile_model", "SolverStatsCallback", "SolverStats", "available",
     "VectorField", "register_vector_field", "available_vector_fields",
     "ButcherTableau", "register_solver", "available_solvers", "get_solver", "ODEProblem",

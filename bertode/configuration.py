@@ -19,7 +19,9 @@ from .solve.ode import FIXED_STEP_LOOPS
 from .solve import ode_gradients  # noqa: F401  (registers the ODE gradient methods)
 from .solve.solvers import ODE_BACKENDS, SOLVERS
 from .validation import (
+    check_architecture,
     check_choice,
+    check_deq_numbers,
     check_constructor,
     check_int,
     check_kwargs,
@@ -31,9 +33,6 @@ from .validation import (
 from .vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
-DEQ_STOP_MODES = ("rel", "abs")
-DEQ_INJECTIONS = ("add", "qkv")
-DEQ_ON_NONFINITE = ("raise", "skip")
 GRADIENT_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
 # Name fields chosen from a registry, the mode they belong to (None: every mode) and the
 # registry; None means "the registry's default" where the mode uses the field.
@@ -85,6 +84,12 @@ class BertODEConfig(BertConfig):
     (``add``/``qkv``), jac_reg_weight and jac_reg_freq (Hutchinson Jacobian penalty),
     deq_weight_norm, deq_pretrain_steps and deq_pretrain_depth (unrolled warm-up),
     deq_on_nonfinite (``raise`` or ``skip`` and count), deq_spectral_radius (at eval).
+
+    The BERT family (set by `from_bert` for RoBERTa, ELECTRA, ALBERT, DistilBERT; see
+    `embeddings.py`): embedding_size (``None``: hidden_size) and embedding_projection
+    (``None``: a Linear to hidden_size when the widths differ), position_scheme
+    (``absolute`` or RoBERTa's ``after_padding``), ``type_vocab_size=0`` (no token types),
+    head_hidden_act (the MLM head's activation; ``None``: hidden_act), pooler_hidden_act.
     """
 
     model_type = "bertode"
@@ -126,6 +131,11 @@ class BertODEConfig(BertConfig):
     deq_pretrain_depth: int = 4
     deq_on_nonfinite: str = "raise"
     deq_spectral_radius: bool = False
+    embedding_size: int | None = None
+    embedding_projection: bool | None = None
+    position_scheme: str = "absolute"
+    head_hidden_act: str | None = None
+    pooler_hidden_act: str = "tanh"
 
     def __post_init__(self, **kwargs):
         legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the gradient axis
@@ -185,17 +195,11 @@ class BertODEConfig(BertConfig):
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
-        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "vocab_size", "type_vocab_size"):
-            check_int(name, getattr(self, name), 1)
-        if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
-            fail("layer_norm_eps", self.layer_norm_eps, "a finite number > 0")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
-        if self.hidden_size % self.num_attention_heads != 0:
-            fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
-        self._check_deq_numbers()
+        check_deq_numbers(self)
+        check_architecture(self)
         self._check_unused_by_mode()
         self._check_gradient()
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:
@@ -260,25 +264,6 @@ class BertODEConfig(BertConfig):
                 fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
                      f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
         method.from_config(self).validate(self)
-
-    def _check_deq_numbers(self) -> None:
-        check_choice("deq_stop_mode", self.deq_stop_mode, DEQ_STOP_MODES)
-        check_choice("deq_injection", self.deq_injection, DEQ_INJECTIONS)
-        check_choice("deq_on_nonfinite", self.deq_on_nonfinite, DEQ_ON_NONFINITE)
-        for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth"):
-            check_int(name, getattr(self, name), 1)
-        check_int("deq_pretrain_steps", self.deq_pretrain_steps, 0)
-        for name in ("deq_tol", "deq_backward_tol"):
-            check_positive(name, getattr(self, name))
-        if not is_number(self.deq_damping) or not 0 < self.deq_damping <= 1:
-            fail("deq_damping", self.deq_damping, "a number in (0, 1]")
-        if not is_number(self.jac_reg_weight) or self.jac_reg_weight < 0:
-            fail("jac_reg_weight", self.jac_reg_weight, "a number >= 0")
-        if not is_number(self.jac_reg_freq) or not 0 <= self.jac_reg_freq <= 1:
-            fail("jac_reg_freq", self.jac_reg_freq, "a number in [0, 1]")
-        for name in ("deq_weight_norm", "deq_spectral_radius"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, getattr(self, name), "True or False")
 
     @property
     def adaptive(self) -> bool:

@@ -1,82 +1,94 @@
-"""`from_bert`: turn any `transformers` BERT into the matching ODE-BERT, with all weights.
+"""`from_bert`: turn a transformers BERT-family model into the matching ODE-BERT, with all
+weights: BERT (every head), RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ALBERT, DistilBERT
+(`families.py` holds each family's config translation and renaming table).
 
-Parameter names follow HF's except inside a layer, where each Add & Norm residual is a
-site with a ``branch`` and a ``norm``; `HF_TO_BERTODE` is that renaming. Parameters HF
-BERT has no counterpart for (a time embedding, an rk2 gate) keep their initialisation,
-which makes them neutral (zero), so with ``solver="euler", steps=1`` the converted
-model computes exactly what the source computes.
+Parameter names follow HF BERT's except inside a layer, where each Add & Norm residual
+is a site with a ``branch`` and a ``norm``. Parameters the source has no counterpart
+for (a time embedding, an rk2 gate) keep their initialisation, which makes them neutral
+(zero), so with ``solver="euler", steps=1`` the converted model computes exactly what
+the source computes. Anything else (another ``model_type``, an architecture without a
+bertode head) is refused in one line naming it and what is supported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+from pathlib import Path
 
-from transformers import AutoConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, PreTrainedModel
+import transformers
+from transformers import AutoConfig, PreTrainedModel
 
 from .configuration import BertODEConfig
-from .modeling import BertODEForMaskedLM, BertODEForSequenceClassification, BertODEModel
-
-HF_TO_BERTODE = [
-    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.layer.\1.attention.branch.\2."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.layer.\1.attention.branch.dense."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.layer.\1.attention.norm."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.layer.\1.feed_forward.branch.intermediate."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layer.\1.feed_forward.branch.dense."),
-    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layer.\1.feed_forward.norm."),
-]
-# (HF class, bertode class), most specific first: BertForMaskedLM is not a BertModel subclass.
-CONVERSIONS = [
-    (BertForMaskedLM, BertODEForMaskedLM),
-    (BertForSequenceClassification, BertODEForSequenceClassification),
-    (BertModel, BertODEModel),
-]
-_NOT_CONFIG = {"model_type", "architectures", "transformers_version", "dtype", "torch_dtype"}
+from .families import FAMILIES, family_of, target_class
+from . import modeling
+from .modeling import BertODEModel
 
 
-def rename_bert_key(key: str) -> str:
-    for pattern, replacement in HF_TO_BERTODE:
+def rename_key(key: str, family) -> str:
+    """A source parameter name -> bertode's (the base-model prefix becomes ``bert.``)."""
+    if key.startswith(family.prefix + "."):
+        key = "bert." + key[len(family.prefix) + 1:]
+    for pattern, replacement in family.renames:
         key = re.sub(pattern, replacement, key)
     return key
 
 
+def rename_bert_key(key: str) -> str:
+    return rename_key(key, FAMILIES["bert"])
+
+
 def _load_source(path: str) -> PreTrainedModel:
-    architectures = AutoConfig.from_pretrained(path).architectures or ["BertModel"]
-    for hf_class, _ in CONVERSIONS:
-        if hf_class.__name__ in architectures:
-            return hf_class.from_pretrained(path)
-    return BertModel.from_pretrained(path)
+    """The HF model saved in a directory, loaded with the class its config names."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"from_bert: {path!r} holds no readable config.json ({str(error).splitlines()[0]}); "
+                         "allowed: a directory written by save_pretrained") from None
+    family = family_of(config.model_type)
+    architecture = (config.architectures or [family.class_prefix + "Model"])[0]
+    target_class(family, architecture)  # refused here, before loading weights
+    return getattr(transformers, architecture).from_pretrained(path)
 
 
 def from_bert(model_or_path, **overrides) -> BertODEModel:
-    """Convert a `BertModel`, `BertForMaskedLM` or `BertForSequenceClassification` (an
-    instance or a local directory saved with `save_pretrained`) to the bertode class of
-    the same kind; ``overrides`` set `BertODEConfig` fields (solver, steps, ...)."""
+    """Convert a BERT-family model (an instance or a local directory saved with
+    `save_pretrained`) to the bertode class of the same kind (``BertForMaskedLM`` ->
+    `BertODEForMaskedLM`, ``RobertaForSequenceClassification`` ->
+    `BertODEForSequenceClassification`, ...); ``overrides`` set `BertODEConfig` fields
+    (solver, steps, ...). ValueError naming the model type or architecture otherwise."""
     source = _load_source(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    target_class = next((ours for hf_class, ours in CONVERSIONS if isinstance(source, hf_class)), None)
-    if target_class is None:
-        allowed = ", ".join(hf.__name__ for hf, _ in CONVERSIONS)
-        raise TypeError(f"from_bert(model_or_path={type(source).__name__}) is not supported; allowed: {allowed} or a directory holding one")
+    if not isinstance(source, PreTrainedModel):
+        raise TypeError(f"from_bert(model_or_path={type(source).__name__}) is not supported; allowed: a transformers "
+                        f"BERT-family model ({', '.join(FAMILIES)}) or a directory holding one")
+    family = family_of(getattr(source.config, "model_type", None))
+    model_class = target_class(family, type(source).__name__)
+    pooled = family.base_pooler or model_class is not BertODEModel
 
-    fields = {k: v for k, v in source.config.to_dict().items() if k not in _NOT_CONFIG}
-    fields.update(overrides)
-    config = BertODEConfig(**fields)
+    config = BertODEConfig(**{**family.config(source.config), **overrides})
     weight_norm = config.mode == "deq" and config.deq_weight_norm
     config.deq_weight_norm = False  # load plain weights first, then reparametrise
-    if config.weight_tying and source.config.num_hidden_layers != 1:
+    layers = source.config.num_hidden_layers if hasattr(source.config, "num_hidden_layers") else source.config.n_layers
+    if config.weight_tying and family.class_prefix != "Albert" and layers != 1:
         raise ValueError(
-            f"from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers={source.config.num_hidden_layers}; "
+            f"from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers={layers}; "
             "allowed: weight_tying=False for a multi-layer BERT"
         )
-    if config.num_hidden_layers != source.config.num_hidden_layers and not config.weight_tying:
+    if config.num_hidden_layers != layers and not config.weight_tying:
         raise ValueError(
             f"from_bert(num_hidden_layers={config.num_hidden_layers}) differs from the source's "
-            f"{source.config.num_hidden_layers} layers; allowed: the source's count, or weight_tying=True with a 1-layer source"
+            f"{layers} layers; allowed: the source's count, or weight_tying=True with a 1-layer source"
         )
-
-    target = target_class(config)
-    state = {rename_bert_key(k): v for k, v in source.state_dict().items()}
-    result = target.load_state_dict(state, strict=False)
+    target = model_class(config, add_pooling_layer=False) if not pooled else model_class(config)
+    state = {rename_key(k, family): v for k, v in source.state_dict().items()
+             if not any(re.search(pattern, k) for pattern in family.tied)}
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a size mismatch, e.g. a head with another number of labels
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise ValueError(f"from_bert: {mismatch}") from None
     if result.unexpected_keys:
         raise ValueError(f"from_bert: the source has parameters bertode cannot place: {result.unexpected_keys[:5]}")
     own = {name for name, _ in target.named_parameters()}
@@ -95,3 +107,32 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
 def _is_bertode_only(key: str) -> bool:
     """Parameters with no HF counterpart: vector-field parameters, block gates, DEQ injection."""
     return ".field." in key or key.endswith((".gate.weight", ".gate.bias")) or ".encoder.injection." in key or key.startswith("encoder.injection.")
+
+
+def load_foreign(cls, path, kwargs: dict):
+    """``BertODE<Head>.from_pretrained(dir)`` where ``dir`` holds another BERT-family model
+    type: load it with its own ``<Family><Head>`` class and convert (what `from_bert` does;
+    `BertODEConfig` fields among ``kwargs`` are conversion overrides). One line for an
+    unsupported type or head; None for a bertode directory (or a hub name: not looked at)."""
+    config_file = Path(os.fspath(path)) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None  # transformers names the damaged file
+    if model_type == "bertode":
+        return None
+    family = family_of(model_type)
+    suffix = cls.__name__[len("BertODE"):]
+    if suffix not in family.heads or family.heads[suffix] is not cls:
+        allowed = ", ".join(c.__name__ for c in dict.fromkeys(family.heads.values()))
+        raise ValueError(f"{cls.__name__}.from_pretrained: a {model_type!r} checkpoint has no {cls.__name__} "
+                         f"conversion; allowed: {allowed}")
+    fields = {f.name for f in dataclasses.fields(BertODEConfig)}
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+    source = getattr(transformers, family.class_prefix + suffix).from_pretrained(path, **kwargs)
+    return from_bert(source, **overrides)
+
+
+modeling.FOREIGN_CHECKPOINTS = load_foreign

@@ -19,36 +19,35 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
-from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.nn import CrossEntropyLoss
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
     PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.utils import logging
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertLMPredictionHead, BertOnlyMLMHead, BertPooler
 
 from .configuration import BertODEConfig
-from .dropout import Dropout
+from .embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler, _Predictions
 from .deq import COUNTERS, ON_BACKWARD_SKIP, BertDEQEncoder
 from .encoder import BertODEEncoder
 from .init import apply_rule
-from .outputs import BertODEMaskedLMOutput, BertODEModelOutput, BertODESequenceClassifierOutput
+from .outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.fixed_point import DEQSolveError
 from .sublayers import sdpa_mask
 
 logger = logging.get_logger(__name__)
+# Set by `convert.py` (which imports this module): converts another model type's directory.
+FOREIGN_CHECKPOINTS = None
 
 
 class BertODEPreTrainedModel(PreTrainedModel):
     config_class = BertODEConfig
     base_model_prefix = "bert"
     _supports_sdpa = True
-    _no_split_modules = ["BertEmbeddings", "BertODELayer"]
+    _no_split_modules = ["BertODEEmbeddings", "BertODELayer"]
 
     def __init__(self, config: BertODEConfig, *args, **kwargs):
         config.validate_ode()  # fields changed since construction (e.g. from_pretrained(..., mode="deq"))
@@ -61,11 +60,18 @@ class BertODEPreTrainedModel(PreTrainedModel):
                                                   if name.rsplit(".", 1)[-1] in COUNTERS]
 
     @classmethod
-    def from_pretrained(cls, *args, key_mapping: dict | None = None, **kwargs):
-        """transformers' ``from_pretrained``; checkpoints written before the blocks' registry
-        (the rk2_gated gate at ``encoder.layer.N.gate``) load into today's names."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, key_mapping: dict | None = None, **kwargs):
+        """transformers' ``from_pretrained``. A local directory of another BERT-family model
+        type is converted (`convert.load_foreign`), or refused in one line; checkpoints
+        written before the blocks' registry (the rk2_gated gate at ``encoder.layer.N.gate``)
+        load into today's names."""
+        if FOREIGN_CHECKPOINTS is not None and not args:
+            converted = FOREIGN_CHECKPOINTS(cls, pretrained_model_name_or_path, kwargs)
+            if converted is not None:
+                return converted
         legacy = {r"(encoder\.layer\.\d+)\.gate\.": r"\1.block.gate."}
-        return super().from_pretrained(*args, key_mapping={**legacy, **(key_mapping or {})}, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args,
+                                       key_mapping={**legacy, **(key_mapping or {})}, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -75,11 +81,10 @@ class BertODEPreTrainedModel(PreTrainedModel):
         if isinstance(module, BertDEQEncoder):
             for name in COUNTERS:
                 init.zeros_(getattr(module, name))
-        elif isinstance(module, BertLMPredictionHead):
+        elif isinstance(module, _Predictions):
             init.zeros_(module.bias)
-        elif isinstance(module, BertEmbeddings):
+        elif isinstance(module, BertODEEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
-            init.zeros_(module.token_type_ids)
 
     def solver_stats(self) -> dict:
         """The latest forward's solves (and its backward's, once run), one shape for both
@@ -147,10 +152,9 @@ class BertODEPreTrainedModel(PreTrainedModel):
 class BertODEModel(BertODEPreTrainedModel):
     def __init__(self, config: BertODEConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
-        self.embeddings.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.dropout.split_invariant
+        self.embeddings = BertODEEmbeddings(config)
         self.encoder = BertDEQEncoder(config) if config.mode == "deq" else BertODEEncoder(config)
-        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.pooler = BertODEPooler(config) if add_pooling_layer else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -195,7 +199,7 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
     def __init__(self, config: BertODEConfig):
         super().__init__(config)
         self.bert = BertODEModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
+        self.cls = BertODEMLMHead(config)
         self.post_init()
 
     def get_output_embeddings(self):
@@ -233,54 +237,6 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
                                      solver_stats=outputs.solver_stats)
 
 
-class BertODEForSequenceClassification(BertODEPreTrainedModel):
-    accepts_loss_kwargs = False  # the loss is a mean: Trainer divides it over gradient accumulation
-    def __init__(self, config: BertODEConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.bert = BertODEModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
-                                        token_type_ids=token_type_ids, position_ids=position_ids,
-                                        output_hidden_states=output_hidden_states)
-        if skipped is not None:
-            shape = ((input_ids if input_ids is not None else inputs_embeds).shape[0], self.num_labels)
-            loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
-            return BertODESequenceClassifierOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
-        logits = self.classifier(self.dropout(outputs.pooler_output))
-        loss = None
-        if labels is not None:
-            loss = self._regularised(self._loss(logits, labels))
-        if not return_dict:
-            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return BertODESequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                               solver_stats=outputs.solver_stats)
-
-    def _loss(self, logits, labels):
-        """HF BERT's rule: regression for one label, single- or multi-label classification otherwise."""
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            return MSELoss()(logits.squeeze(-1).float(), labels.float()) if self.num_labels == 1 else MSELoss()(logits.float(), labels.float())
-        if self.config.problem_type == "single_label_classification":
-            return CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        return BCEWithLogitsLoss()(logits.float(), labels.float())
-
-
 AutoConfig.register("bertode", BertODEConfig, exist_ok=True)
 AutoModel.register(BertODEConfig, BertODEModel, exist_ok=True)
 AutoModelForMaskedLM.register(BertODEConfig, BertODEForMaskedLM, exist_ok=True)
-AutoModelForSequenceClassification.register(BertODEConfig, BertODEForSequenceClassification, exist_ok=True)

@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
+    TokenClassifierOutput,
 )
+from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
 from .solve.stats import SolverStats
 
@@ -31,4 +36,29 @@ class BertODEMaskedLMOutput(MaskedLMOutput):
 
 @dataclass
 class BertODESequenceClassifierOutput(SequenceClassifierOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODEForPreTrainingOutput(BertForPreTrainingOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODENextSentencePredictorOutput(NextSentencePredictorOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODETokenClassifierOutput(TokenClassifierOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODEQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    solver_stats: SolverStats | None = None
+
+
+@dataclass
+class BertODEMultipleChoiceModelOutput(MultipleChoiceModelOutput):
     solver_stats: SolverStats | None = None

@@ -7,6 +7,11 @@ import inspect
 import math
 from typing import Any
 
+DEQ_STOP_MODES = ("rel", "abs")
+DEQ_INJECTIONS = ("add", "qkv")
+DEQ_ON_NONFINITE = ("raise", "skip")
+POSITION_SCHEMES = ("absolute", "after_padding")
+
 
 def fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"BertODEConfig.{field}={value!r} is invalid; allowed: {allowed}")
@@ -51,3 +56,47 @@ def check_constructor(field: str, kwargs: dict | None, owner: str, cls: type, sk
                 and p.name not in getattr(cls, "config_fields", {})]
     if set(kwargs or {}) - set(accepted):
         fail(field, kwargs, f"keyword arguments of {owner}: {', '.join(accepted) or '(it takes no keyword arguments)'}")
+
+
+def check_deq_numbers(config) -> None:
+    """The DEQ's numbers and switches."""
+    check_choice("deq_stop_mode", config.deq_stop_mode, DEQ_STOP_MODES)
+    check_choice("deq_injection", config.deq_injection, DEQ_INJECTIONS)
+    check_choice("deq_on_nonfinite", config.deq_on_nonfinite, DEQ_ON_NONFINITE)
+    for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth"):
+        check_int(name, getattr(config, name), 1)
+    check_int("deq_pretrain_steps", config.deq_pretrain_steps, 0)
+    for name in ("deq_tol", "deq_backward_tol"):
+        check_positive(name, getattr(config, name))
+    if not is_number(config.deq_damping) or not 0 < config.deq_damping <= 1:
+        fail("deq_damping", config.deq_damping, "a number in (0, 1]")
+    if not is_number(config.jac_reg_weight) or config.jac_reg_weight < 0:
+        fail("jac_reg_weight", config.jac_reg_weight, "a number >= 0")
+    if not is_number(config.jac_reg_freq) or not 0 <= config.jac_reg_freq <= 1:
+        fail("jac_reg_freq", config.jac_reg_freq, "a number in [0, 1]")
+    for name in ("deq_weight_norm", "deq_spectral_radius"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, getattr(config, name), "True or False")
+
+
+def check_architecture(config) -> None:
+    """Sizes, and the BERT-family choices of the embeddings and heads."""
+    from transformers.activations import ACT2FN
+
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "vocab_size"):
+        check_int(name, getattr(config, name), 1)
+    check_int("type_vocab_size", config.type_vocab_size, 0)
+    if config.embedding_size is not None:
+        check_int("embedding_size", config.embedding_size, 1)
+    if config.embedding_projection is not None and not isinstance(config.embedding_projection, bool):
+        fail("embedding_projection", config.embedding_projection, "None, True or False")
+    if not is_number(config.layer_norm_eps) or config.layer_norm_eps <= 0:
+        fail("layer_norm_eps", config.layer_norm_eps, "a finite number > 0")
+    check_choice("position_scheme", config.position_scheme, POSITION_SCHEMES)
+    for name in ("hidden_act", "head_hidden_act", "pooler_hidden_act"):
+        value = getattr(config, name)
+        if (value is not None or name != "head_hidden_act") and isinstance(value, str) and value not in ACT2FN:
+            fail(name, value, f"an activation name of transformers' ACT2FN ({', '.join(sorted(ACT2FN)[:6])}, ...)")
+    if config.hidden_size % config.num_attention_heads != 0:
+        fail("num_attention_heads", config.num_attention_heads, f"a divisor of hidden_size={config.hidden_size}")

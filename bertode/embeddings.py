@@ -1,0 +1,122 @@
+"""The parts of a BERT-family model around the encoder: embeddings, pooler, MLM head.
+
+One class each, covering the family's variants through config fields, so a converted
+RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes:
+
+* `BertODEEmbeddings`: word + position (+ token type, unless ``type_vocab_size=0``:
+  DistilBERT) embeddings of width ``embedding_size``, LayerNorm, dropout, then (ALBERT,
+  ELECTRA) a projection to ``hidden_size``. ``position_scheme="after_padding"`` numbers
+  positions as RoBERTa does: from ``pad_token_id + 1`` over non-padding tokens, padding
+  at ``pad_token_id``.
+* `BertODEPooler`: dense + ``pooler_hidden_act`` on the first token (tanh for BERT, RoBERTa
+  and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
+* `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
+  then the decoder tied to the word embeddings, and a bias.
+
+Parameter names are BERT's (``embeddings.word_embeddings``, ``pooler.dense``,
+``cls.predictions.transform.dense``, ...), so models saved before these classes load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .dropout import Dropout
+
+
+def embedding_width(config) -> int:
+    return config.embedding_size or config.hidden_size
+
+
+def projects_embeddings(config) -> bool:
+    """Whether a Linear maps the embeddings to ``hidden_size`` (None: when the widths differ)."""
+    if config.embedding_projection is not None:
+        return bool(config.embedding_projection)
+    return embedding_width(config) != config.hidden_size
+
+
+class BertODEEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        width = embedding_width(config)
+        self.position_scheme = config.position_scheme
+        self.padding_idx = config.pad_token_id if config.pad_token_id is not None else 0
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        # RoBERTa's padding position is pad_token_id, whose embedding gets no gradient there too.
+        position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.dropout.split_invariant
+        self.project = nn.Linear(width, config.hidden_size) if projects_embeddings(config) else None
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=False)
+
+    def _positions(self, input_ids, inputs_embeds, seq_len: int) -> torch.Tensor:
+        if self.position_scheme == "absolute":
+            return self.position_ids[:, :seq_len]
+        if input_ids is None:  # RoBERTa's rule without ids: every token is a real one
+            return self.position_ids[:, 1:seq_len + 1] + self.padding_idx
+        real = input_ids.ne(self.padding_idx).long()
+        return torch.cumsum(real, dim=1) * real + self.padding_idx
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = self._positions(input_ids, inputs_embeds, seq_len)
+        embeddings = inputs_embeds
+        if self.token_type_embeddings is not None:  # HF's order of additions: the sums are bit-equal
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        embeddings = self.dropout(self.LayerNorm(embeddings))
+        return self.project(embeddings) if self.project is not None else embeddings
+
+
+class BertODEPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.pooler_hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class _Transform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        width = embedding_width(config)
+        self.dense = nn.Linear(config.hidden_size, width)
+        self.transform_act_fn = ACT2FN[config.head_hidden_act or config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class _Predictions(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.transform = _Transform(config)
+        self.decoder = nn.Linear(embedding_width(config), config.vocab_size)  # its bias is tied to `bias`
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class BertODEMLMHead(nn.Module):
+    """``cls.predictions``: logits over the vocabulary for every position."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = _Predictions(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)

@@ -1,0 +1,188 @@
+"""The BERT family, as data: for each ``model_type`` that `from_bert` converts, how its
+config becomes a `BertODEConfig`, how its parameter names become bertode's (regex
+renames), which HF architectures map to which bertode head, and which source keys are
+copies of others (tied weights) that are not copied.
+
+Every family here is a post-LN encoder of BERT layers (attention + Add & Norm, feed-
+forward + Add & Norm); what differs is naming, the embeddings (RoBERTa's position
+numbering, ELECTRA's and ALBERT's factorised embeddings with a projection, DistilBERT's
+missing token types), ALBERT's one shared layer (``weight_tying=True``) and the
+activations of the heads. Adding a family is adding a `Family` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from . import heads
+from .modeling import BertODEForMaskedLM, BertODEModel
+
+# The BertConfig fields every BERT-layout config shares with BertODEConfig.
+BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+               "type_vocab_size", "initializer_range", "layer_norm_eps", "classifier_dropout")
+COMMON_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "id2label", "label2id", "problem_type",
+                 "tie_word_embeddings")
+
+# bertode's names inside one layer, after the family's layer prefix.
+BERT_LAYER = [
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.layer.\1.attention.branch.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.layer.\1.attention.branch.dense."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.layer.\1.attention.norm."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.layer.\1.feed_forward.branch.intermediate."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layer.\1.feed_forward.branch.dense."),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layer.\1.feed_forward.norm."),
+]
+# Heads laid out as a dense + activation + out projection on the first token (RoBERTa,
+# ELECTRA): the dense is bertode's pooler.
+DENSE_CLASSIFIER = [(r"^classifier\.dense\.", "bert.pooler.dense."), (r"^classifier\.out_proj\.", "classifier.")]
+
+BERT_HEADS = {"Model": BertODEModel, "ForMaskedLM": BertODEForMaskedLM,
+              "ForSequenceClassification": heads.BertODEForSequenceClassification,
+              "ForTokenClassification": heads.BertODEForTokenClassification,
+              "ForQuestionAnswering": heads.BertODEForQuestionAnswering,
+              "ForMultipleChoice": heads.BertODEForMultipleChoice}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one ``model_type`` converts. ``heads`` maps an architecture suffix (``Model``,
+    ``ForMaskedLM``, ...) after ``class_prefix`` to the bertode class; ``config`` gives
+    the BertODEConfig fields; ``renames`` apply in order after the base-model prefix
+    has become ``bert.``; ``tied`` are regexes of source keys not copied; a base model
+    of a family without a pooler converts to a `BertODEModel` without one."""
+
+    class_prefix: str
+    prefix: str
+    config: Callable
+    renames: list
+    heads: dict
+    tied: tuple = ()
+    base_pooler: bool = True  # whether the family's base model has a pooler
+
+
+def _common(hf) -> dict:
+    return {name: getattr(hf, name) for name in COMMON_FIELDS if getattr(hf, name, None) is not None}
+
+
+def _absolute_positions(hf) -> None:
+    scheme = getattr(hf, "position_embedding_type", "absolute") or "absolute"
+    if scheme != "absolute":
+        raise ValueError(f"from_bert: position_embedding_type={scheme!r} ({hf.model_type}) is not supported; "
+                         "allowed: 'absolute'")
+
+
+def bert_config(hf) -> dict:
+    _absolute_positions(hf)
+    return {**{name: getattr(hf, name) for name in BERT_FIELDS if hasattr(hf, name)}, **_common(hf)}
+
+
+def roberta_config(hf) -> dict:
+    return {**bert_config(hf), "position_scheme": "after_padding", "head_hidden_act": "gelu"}
+
+
+def electra_config(hf) -> dict:
+    return {**bert_config(hf), "embedding_size": hf.embedding_size,
+            "embedding_projection": hf.embedding_size != hf.hidden_size,
+            "head_hidden_act": "gelu", "pooler_hidden_act": "gelu"}
+
+
+def albert_config(hf) -> dict:
+    if hf.num_hidden_groups != 1 or hf.inner_group_num != 1:
+        raise ValueError(f"from_bert: ALBERT with num_hidden_groups={hf.num_hidden_groups}, inner_group_num="
+                         f"{hf.inner_group_num} is not supported; allowed: 1 and 1 (one shared layer)")
+    fields = bert_config(hf)
+    fields.pop("classifier_dropout", None)
+    return {**fields, "classifier_dropout": hf.classifier_dropout_prob, "embedding_size": hf.embedding_size,
+            "embedding_projection": True, "weight_tying": True}
+
+
+def distilbert_config(hf) -> dict:
+    return {"vocab_size": hf.vocab_size, "hidden_size": hf.dim, "num_hidden_layers": hf.n_layers,
+            "num_attention_heads": hf.n_heads, "intermediate_size": hf.hidden_dim, "hidden_act": hf.activation,
+            "hidden_dropout_prob": hf.dropout, "attention_probs_dropout_prob": hf.attention_dropout,
+            "max_position_embeddings": hf.max_position_embeddings, "type_vocab_size": 0,
+            "initializer_range": hf.initializer_range, "layer_norm_eps": 1e-12,
+            "classifier_dropout": hf.seq_classif_dropout, "pooler_hidden_act": "relu", **_common(hf)}
+
+
+ROBERTA = Family(
+    "Roberta", "roberta", roberta_config,
+    BERT_LAYER + DENSE_CLASSIFIER + [
+        (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
+        (r"^lm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
+        (r"^lm_head\.decoder\.weight$", "cls.predictions.decoder.weight"),
+        (r"^lm_head\.bias$", "cls.predictions.bias")],
+    BERT_HEADS, tied=(r"^lm_head\.decoder\.bias$",))
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("Bert", "bert", bert_config, BERT_LAYER, {
+        **BERT_HEADS, "ForPreTraining": heads.BertODEForPreTraining,
+        "ForNextSentencePrediction": heads.BertODEForNextSentencePrediction}),
+    "roberta": ROBERTA,
+    "xlm-roberta": replace(ROBERTA, class_prefix="XLMRoberta"),
+    "camembert": replace(ROBERTA, class_prefix="Camembert"),
+    "electra": Family(
+        "Electra", "electra", electra_config,
+        BERT_LAYER + DENSE_CLASSIFIER + [
+            (r"(^|\.)embeddings_project\.", r"\1embeddings.project."),
+            (r"^generator_predictions\.dense\.", "cls.predictions.transform.dense."),
+            (r"^generator_predictions\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
+            (r"^generator_lm_head\.weight$", "cls.predictions.decoder.weight"),
+            (r"^generator_lm_head\.bias$", "cls.predictions.bias"),
+            (r"^sequence_summary\.summary\.", "bert.pooler.dense.")],
+        BERT_HEADS, base_pooler=False),
+    "albert": Family(
+        "Albert", "albert", albert_config,
+        [(r"encoder\.embedding_hidden_mapping_in\.", "embeddings.project."),
+         (r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.attention\.(query|key|value|dense)\.",
+          r"encoder.layer.0.attention.branch.\1."),
+         (r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.attention\.LayerNorm\.", "encoder.layer.0.attention.norm."),
+         (r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.ffn\.", "encoder.layer.0.feed_forward.branch.intermediate."),
+         (r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.ffn_output\.", "encoder.layer.0.feed_forward.branch.dense."),
+         (r"encoder\.albert_layer_groups\.0\.albert_layers\.0\.full_layer_layer_norm\.", "encoder.layer.0.feed_forward.norm."),
+         (r"(^|\.)pooler\.(weight|bias)$", r"\1pooler.dense.\2"),
+         (r"^predictions\.dense\.", "cls.predictions.transform.dense."),
+         (r"^predictions\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
+         (r"^predictions\.decoder\.weight$", "cls.predictions.decoder.weight"),
+         (r"^predictions\.bias$", "cls.predictions.bias"),
+         (r"^sop_classifier\.classifier\.", "cls.seq_relationship.")],
+        {**BERT_HEADS, "ForPreTraining": heads.BertODEForPreTraining}, tied=(r"^predictions\.decoder\.bias$",)),
+    "distilbert": Family(
+        "DistilBert", "distilbert", distilbert_config,
+        [(r"transformer\.layer\.(\d+)\.attention\.q_lin\.", r"encoder.layer.\1.attention.branch.query."),
+         (r"transformer\.layer\.(\d+)\.attention\.k_lin\.", r"encoder.layer.\1.attention.branch.key."),
+         (r"transformer\.layer\.(\d+)\.attention\.v_lin\.", r"encoder.layer.\1.attention.branch.value."),
+         (r"transformer\.layer\.(\d+)\.attention\.out_lin\.", r"encoder.layer.\1.attention.branch.dense."),
+         (r"transformer\.layer\.(\d+)\.sa_layer_norm\.", r"encoder.layer.\1.attention.norm."),
+         (r"transformer\.layer\.(\d+)\.ffn\.lin1\.", r"encoder.layer.\1.feed_forward.branch.intermediate."),
+         (r"transformer\.layer\.(\d+)\.ffn\.lin2\.", r"encoder.layer.\1.feed_forward.branch.dense."),
+         (r"transformer\.layer\.(\d+)\.output_layer_norm\.", r"encoder.layer.\1.feed_forward.norm."),
+         (r"^vocab_transform\.", "cls.predictions.transform.dense."),
+         (r"^vocab_layer_norm\.", "cls.predictions.transform.LayerNorm."),
+         (r"^vocab_projector\.weight$", "cls.predictions.decoder.weight"),
+         (r"^vocab_projector\.bias$", "cls.predictions.bias"),
+         (r"^pre_classifier\.", "bert.pooler.dense.")],
+        BERT_HEADS, base_pooler=False),
+}
+
+
+def supported() -> str:
+    return ", ".join(repr(name) for name in FAMILIES)
+
+
+def family_of(model_type) -> Family:
+    if model_type not in FAMILIES:
+        raise ValueError(f"from_bert: model_type={model_type!r} is not supported; allowed: {supported()} "
+                         "(post-LN BERT-layer encoders)")
+    return FAMILIES[model_type]
+
+
+def target_class(family: Family, architecture: str):
+    """The bertode class for an HF architecture name of this family; one line otherwise."""
+    suffix = architecture[len(family.class_prefix):] if architecture.startswith(family.class_prefix) else None
+    if suffix not in family.heads:
+        allowed = ", ".join(family.class_prefix + name for name in family.heads)
+        raise ValueError(f"from_bert: architecture {architecture!r} is not supported; allowed: {allowed}")
+    return family.heads[suffix]

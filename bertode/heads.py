@@ -1,0 +1,275 @@
+"""BERT's task heads on the ODE/DEQ encoder, with HF BERT's layouts and loss conventions.
+
+`BertODEForSequenceClassification`, `BertODEForPreTraining` (MLM + next sentence),
+`BertODEForNextSentencePrediction`, `BertODEForTokenClassification`,
+`BertODEForQuestionAnswering` and `BertODEForMultipleChoice` (`BertODEForMaskedLM` is in
+`modeling.py`). Parameter names are HF BERT's (``cls.seq_relationship``, ``classifier``,
+``qa_outputs``), so `from_bert` copies them one to one. Like every bertode model they
+add the DEQ's Jacobian penalty to their loss and turn a skipped DEQ batch into a zero
+loss with zero logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import (
+    AutoModelForMultipleChoice,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from . import outputs as out
+from .configuration import BertODEConfig
+from .dropout import Dropout
+from .embeddings import _Predictions
+from .modeling import BertODEModel, BertODEPreTrainedModel
+
+
+def _classifier_dropout(config) -> Dropout:
+    return Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
+
+
+class _Head(BertODEPreTrainedModel):
+    """A base model and a head: `_run` encodes (or reports a skipped DEQ batch), `_result`
+    packs the output dataclass (or HF's tuple) with the solves' statistics."""
+
+    pooled = True  # whether the head reads the pooler output
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.bert = BertODEModel(config, add_pooling_layer=self.pooled)
+
+    def _run(self, input_ids, inputs_embeds, **kwargs):
+        return self._encode(input_ids, inputs_embeds, **kwargs)
+
+    def _skipped(self, output_class, return_dict, **logits):
+        loss = self._zero_loss()
+        logits = {name: torch.zeros(shape, device=self.device) for name, shape in logits.items()}
+        return output_class(loss=loss, **logits) if return_dict else (loss, *logits.values())
+
+    def _result(self, output_class, return_dict, loss, outputs, **logits):
+        loss = self._regularised(loss)
+        if not return_dict:
+            rest = tuple(logits.values()) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + rest) if loss is not None else rest
+        return output_class(loss=loss, hidden_states=outputs.hidden_states, solver_stats=outputs.solver_stats, **logits)
+
+    @staticmethod
+    def _return_dict(config, return_dict):
+        return return_dict if return_dict is not None else config.return_dict
+
+
+class BertODEForSequenceClassification(_Head):
+    accepts_loss_kwargs = False  # the loss is a mean: Trainer divides it over gradient accumulation
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            return self._skipped(out.BertODESequenceClassifierOutput, return_dict, logits=(rows, self.num_labels))
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = self._loss(logits, labels) if labels is not None else None
+        return self._result(out.BertODESequenceClassifierOutput, return_dict, loss, outputs, logits=logits)
+
+    def _loss(self, logits, labels):
+        """HF BERT's rule: regression for one label, single- or multi-label classification otherwise."""
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return MSELoss()(logits.squeeze(-1).float(), labels.float())
+            return MSELoss()(logits.float(), labels.float())
+        if self.config.problem_type == "single_label_classification":
+            return CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        return BCEWithLogitsLoss()(logits.float(), labels.float())
+
+
+class _PreTrainingHeads(nn.Module):
+    def __init__(self, config, masked_lm: bool):
+        super().__init__()
+        if masked_lm:
+            self.predictions = _Predictions(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertODEForPreTraining(_Head):
+    """BERT's pre-training objective: masked LM plus next-sentence prediction; the loss is
+    their sum when both ``labels`` and ``next_sentence_label`` are given."""
+
+    accepts_loss_kwargs = False
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.cls = _PreTrainingHeads(config, masked_lm=True)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, next_sentence_label=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            return self._skipped(out.BertODEForPreTrainingOutput, return_dict,
+                                 prediction_logits=(*shape, self.config.vocab_size), seq_relationship_logits=(shape[0], 2))
+        prediction = self.cls.predictions(outputs.last_hidden_state)
+        relationship = self.cls.seq_relationship(outputs.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = (CrossEntropyLoss()(prediction.view(-1, self.config.vocab_size).float(), labels.view(-1))
+                    + CrossEntropyLoss()(relationship.view(-1, 2).float(), next_sentence_label.view(-1)))
+        return self._result(out.BertODEForPreTrainingOutput, return_dict, loss, outputs,
+                            prediction_logits=prediction, seq_relationship_logits=relationship)
+
+
+class BertODEForNextSentencePrediction(_Head):
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.cls = _PreTrainingHeads(config, masked_lm=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            return self._skipped(out.BertODENextSentencePredictorOutput, return_dict, logits=(rows, 2))
+        logits = self.cls.seq_relationship(outputs.pooler_output)
+        loss = CrossEntropyLoss()(logits.view(-1, 2).float(), labels.view(-1)) if labels is not None else None
+        return self._result(out.BertODENextSentencePredictorOutput, return_dict, loss, outputs, logits=logits)
+
+
+class BertODEForTokenClassification(_Head):
+    accepts_loss_kwargs = False
+    pooled = False
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            return self._skipped(out.BertODETokenClassifierOutput, return_dict, logits=(*shape, self.num_labels))
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        return self._result(out.BertODETokenClassifierOutput, return_dict, loss, outputs, logits=logits)
+
+
+class BertODEForQuestionAnswering(_Head):
+    """Extractive QA: start and end logits per token; the loss is the mean of the start and
+    end cross-entropies, positions outside the sequence ignored (HF's rule)."""
+
+    accepts_loss_kwargs = False
+    pooled = False
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            return self._skipped(out.BertODEQuestionAnsweringOutput, return_dict, start_logits=shape, end_logits=shape)
+        start, end = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.size(1)
+            criterion = CrossEntropyLoss(ignore_index=ignored)
+            loss = (criterion(start.float(), start_positions.view(-1).clamp(0, ignored))
+                    + criterion(end.float(), end_positions.view(-1).clamp(0, ignored))) / 2
+        return self._result(out.BertODEQuestionAnsweringOutput, return_dict, loss, outputs, start_logits=start,
+                            end_logits=end)
+
+
+class BertODEForMultipleChoice(_Head):
+    """Inputs of shape (batch, choices, seq); one logit per choice."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.dropout = _classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        return_dict = self._return_dict(self.config, return_dict)
+        choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+
+        def flat(x):
+            return None if x is None else x.reshape(-1, *x.shape[2:])
+
+        outputs, skipped = self._run(flat(input_ids), flat(inputs_embeds), attention_mask=flat(attention_mask),
+                                     token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
+                                     output_hidden_states=output_hidden_states)
+        if skipped is not None:
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            return self._skipped(out.BertODEMultipleChoiceModelOutput, return_dict, logits=(rows, choices))
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, choices)
+        loss = CrossEntropyLoss()(logits.float(), labels.view(-1)) if labels is not None else None
+        return self._result(out.BertODEMultipleChoiceModelOutput, return_dict, loss, outputs, logits=logits)
+
+
+HEADS = {
+    AutoModelForSequenceClassification: BertODEForSequenceClassification,
+    AutoModelForPreTraining: BertODEForPreTraining,
+    AutoModelForNextSentencePrediction: BertODEForNextSentencePrediction,
+    AutoModelForTokenClassification: BertODEForTokenClassification,
+    AutoModelForQuestionAnswering: BertODEForQuestionAnswering,
+    AutoModelForMultipleChoice: BertODEForMultipleChoice,
+}
+for _auto, _model in HEADS.items():
+    _auto.register(BertODEConfig, _model, exist_ok=True)
