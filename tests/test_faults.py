@@ -93,6 +93,17 @@ def test_skipped_checkpoints_are_said_in_one_line_each(runs, cache, capsys):
     assert "resumed from" in out and "step_00000004" in out
 
 
+def test_a_deleted_newest_checkpoint_resumes_from_the_one_before_exactly(runs, cache, capsys):
+    _, reference = runs
+    run = _copy(runs, "deleted_newest")
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # `latest` now dangles
+    records = _train(run, cache, "trainer.max_steps=8", "trainer.resume=auto")
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    losses = _losses(records)
+    assert all(abs(losses[s] - reference[s]) <= 1e-6 for s in range(1, 9)), (losses, reference)
+
+
 def test_no_usable_checkpoint_refuses_to_start_over_and_touches_nothing(runs, cache, monkeypatch, capsys):
     run = _copy(runs, "garbage")
     for folder in (run / "checkpoints").glob("step_*"):

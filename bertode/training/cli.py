@@ -57,9 +57,15 @@ def config_groups() -> list[str]:
     return sorted(files | set(REGISTRY_GROUPS) | {"deq"})
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """``solver=heun3`` fails here in one line, not in Hydra's multi-line composition error."""
-    groups = config_groups()
+def check_group_choices(argv: list[str], config_name: str | None = None) -> None:
+    """``solver=heun3`` fails here in one line, not in Hydra's multi-line composition error.
+    A plain key of the command's own config (``model=DIR`` for finetune) is not a group."""
+    from omegaconf import OmegaConf
+
+    plain = set()
+    if config_name is not None:
+        plain = {k for k in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").keys() if k != "defaults"}
+    groups = [g for g in config_groups() if g not in plain]
     for argument in argv:
         if argument.startswith(("-", "+", "~")) or "=" not in argument:
             continue
@@ -106,7 +112,7 @@ def hydra_entry(config_name: str, task, precheck=None):
         with usage_errors():
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
-        check_group_choices(sys.argv[1:])
+        check_group_choices(sys.argv[1:], config_name)
         worker = int(os.environ.get("RANK", "0")) != 0
         if worker and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
             _fail("-m (a sweep) is invalid under torchrun: each process would run the sweep on its own; "

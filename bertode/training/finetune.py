@@ -1,0 +1,194 @@
+"""`python -m bertode.finetune`: sentence(-pair) classification and regression with
+`transformers.Trainer` (no second training loop), Hydra-configured like `bertode.train`.
+
+    python -m bertode.finetune                                    # shipped sentiment task, model from scratch
+    python -m bertode.finetune checkpoint=outputs/.../final            # a bertode.train model
+    python -m bertode.finetune checkpoint=/path/to/roberta solve.solver=rk4 solve.steps=2   # converted on the fly
+    python -m bertode.finetune eval_solve.solver=rk4 eval_solve.steps=4   # another solve at evaluation only
+    python -m bertode.finetune task.source=files task.train_file=a.csv task.eval_file=b.csv task.text_column=text
+
+Every input is checked before Hydra writes anything (one line, exit 2). The run
+directory receives ``metrics.jsonl`` (Trainer's logs with ``solver/`` statistics),
+``final/`` (model and tokenizer) and ``results.json``: the eval metrics of ``final/``
+reloaded with ``eval_solve``, its forward NFE, and the majority-class baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+from ..callbacks import SolverStatsCallback
+from ..configuration import BertODEConfig
+from ..families import FAMILIES
+from ..heads import BertODEForSequenceClassification
+from .checks import check_count, resolve_device
+from .cli import hydra_entry, import_plugins, usage_errors
+from .corpus import SPECIAL_TOKENS
+from .tasks import load_task, metrics
+from .wordpiece import train_tokenizer
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+
+
+def _set(section: DictConfig) -> dict:
+    return {key: value for key, value in OmegaConf.to_container(section).items() if value is not None}
+
+
+def _check_solve(key: str, fields: dict, mode: str | None) -> None:
+    try:
+        BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8,
+                      **({"mode": mode} if mode else {}), **fields)
+    except ValueError as error:
+        raise ValueError(str(error).replace("BertODEConfig.", f"{key}.", 1)) from None
+
+
+def _check_model(path) -> str:
+    """The model directory's model_type ('bertode' or a BERT family); one line otherwise."""
+    folder = Path(str(path))
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: null, a bertode directory (a run's final/) or a "
+                         "BERT-family directory written by save_pretrained")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: its config.json is not a JSON object") from None
+    if model_type != "bertode" and model_type not in FAMILIES:
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: model_type={model_type!r} is not supported; allowed: "
+                         f"'bertode', {', '.join(map(repr, FAMILIES))}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid: it holds no tokenizer; allowed: a directory with its tokenizer")
+    return model_type
+
+
+def validate(cfg: DictConfig):
+    """Every check, before anything is written; returns the loaded `Task`."""
+    import_plugins(cfg.get("plugins"))
+    check_count("seed", cfg.seed, 0)
+    trainer = cfg.trainer
+    check_count("trainer.epochs", trainer.epochs, 1)
+    check_count("trainer.batch_size", trainer.batch_size, 1)
+    check_count("trainer.num_threads", trainer.num_threads, 1, nullable=True)
+    for key, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup_ratio", 0.0, 1.0)):
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
+                or (key == "lr" and value == 0) or (high is not None and value >= high):
+            span = "a number > 0" if key == "lr" else f"a number in [{low}, {high})" if high else f"a number >= {low}"
+            raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: {span}")
+    resolve_device(trainer.device)
+    check_count("task.max_length", cfg.task.max_length, 8)
+    if cfg.checkpoint is not None:
+        _check_model(cfg.checkpoint)
+    else:
+        check_count("scratch.vocab_size", cfg.scratch.vocab_size, len(SPECIAL_TOKENS) + 1)
+    solve = _set(cfg.solve)
+    _check_solve("solve", solve, None)
+    _check_solve("eval_solve", _set(cfg.eval_solve), solve.get("mode"))
+    return load_task(cfg.task)
+
+
+def _model_and_tokenizer(cfg: DictConfig, task):
+    from transformers import AutoTokenizer
+
+    labels = {"num_labels": 1, "problem_type": "regression"} if task.classes is None else {
+        "num_labels": len(task.classes), "problem_type": "single_label_classification",
+        "id2label": {i: str(c) for i, c in enumerate(task.classes)}, "label2id": {str(c): i for i, c in enumerate(task.classes)}}
+    solve = _set(cfg.solve)
+    if cfg.checkpoint is None:
+        lines = [text for row in task.train for text in row[:2] if text]
+        tokenizer = train_tokenizer(lines, cfg.scratch.vocab_size, SPECIAL_TOKENS)
+        config = BertODEConfig(**OmegaConf.to_container(cfg.scratch) | {"vocab_size": len(tokenizer)},
+                               max_position_embeddings=max(cfg.task.max_length, 64), pad_token_id=tokenizer.pad_token_id,
+                               **labels, **solve)
+        return BertODEForSequenceClassification(config), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.checkpoint))
+    return BertODEForSequenceClassification.from_pretrained(str(cfg.checkpoint), **labels, **solve), tokenizer
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows, tokenizer, task, max_length: int):
+        texts, pairs = [r[0] for r in rows], [r[1] for r in rows]
+        self.encoded = tokenizer(texts, pairs if pairs[0] is not None else None, truncation=True, max_length=max_length)
+        self.labels = [task.label_id(r[2]) for r in rows]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {**{k: v[index] for k, v in self.encoded.items()}, "labels": self.labels[index]}
+
+
+class _JsonlLog(TrainerCallback):
+    """Trainer's logs (with the solver statistics) appended to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            with open(self.path, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+
+@torch.no_grad()
+def _predict(model, dataset, collator, batch_size: int, device) -> tuple[list, float]:
+    model.eval().to(device)
+    predictions, nfe = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        predictions += (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).tolist()
+        nfe.append(model.solver_stats().get("nfe_forward", 0))
+    return predictions, sum(nfe) / max(len(nfe), 1)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    with usage_errors():
+        task = validate(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _model_and_tokenizer(cfg, task)
+    train = _Rows(task.train, tokenizer, task, cfg.task.max_length)
+    evaluation = _Rows(task.eval, tokenizer, task, cfg.task.max_length)
+    collator = DataCollatorWithPadding(tokenizer)
+    device = resolve_device(cfg.trainer.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(output_dir=str(run_dir / "trainer"), num_train_epochs=cfg.trainer.epochs,
+                             per_device_train_batch_size=cfg.trainer.batch_size, learning_rate=cfg.trainer.lr,
+                             weight_decay=cfg.trainer.weight_decay, warmup_steps=float(cfg.trainer.warmup_ratio), seed=cfg.seed,
+                             use_cpu=device == "cpu", save_strategy="no", report_to=[], logging_steps=10,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                      callbacks=[SolverStatsCallback(), _JsonlLog(run_dir / "metrics.jsonl")])
+    trainer.train()
+    final = run_dir / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+
+    eval_solve = _set(cfg.eval_solve)
+    evaluated = BertODEForSequenceClassification.from_pretrained(final, **eval_solve)
+    predictions, nfe = _predict(evaluated, evaluation, collator, cfg.trainer.batch_size, torch.device(device))
+    result = metrics(task.problem, predictions, evaluation.labels)
+    if task.classes is not None:
+        majority = Counter(train.labels).most_common(1)[0][0]
+        result["majority_baseline"] = sum(label == majority for label in evaluation.labels) / len(evaluation.labels)
+    result.update(task=task.name, eval_rows=len(evaluation), nfe_forward=nfe, solver=evaluated.config.solver,
+                  steps=evaluated.config.steps, mode=evaluated.config.mode, eval_solve=eval_solve)
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    (run_dir / "metrics.jsonl").open("a", encoding="utf-8").write(json.dumps({"kind": "eval", **result}, default=float) + "\n")
+    scores = ", ".join(f"{k} {result[k]:.3f}" for k in ("accuracy", "f1", "matthews", "pearson", "spearman",
+                                                        "majority_baseline") if k in result)
+    print(f"bertode.finetune {task.name}: {scores} | forward NFE {nfe:g} ({result['mode']}, solver "
+          f"{result['solver']}, steps {result['steps']}) | final model: {final}", flush=True)
+    return result
+
+
+main = hydra_entry("finetune", run, precheck=validate)
