@@ -95,3 +95,28 @@ def test_from_bert_refuses_what_it_cannot_convert():
         bertode.from_bert(BertModel(tiny_bert_config()), weight_tying=True)
     with pytest.raises(ValueError, match="solver='heun3'"):
         bertode.from_bert(BertModel(tiny_bert_config()), solver="heun3")
+
+
+def test_trainer_with_the_mlm_collator_gives_hf_bert_losses_step_for_step(tmp_path, tokenizer):
+    """`transformers.Trainer` + `DataCollatorForLanguageModeling` (accelerate comes with the
+    install) on a BertODEForMaskedLM converted from BertForMaskedLM: the same per-step
+    losses as on the HF model (Euler-1 is BERT; the collator's masks come from Trainer's seed)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": [2] + torch.randint(5, 5 + len(WORDS), (10,), generator=generator).tolist() + [3]}
+            for _ in range(16)]
+    torch.manual_seed(0)
+    hf = BertForMaskedLM(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ours = bertode.from_bert(hf, solver="euler", steps=1)
+    losses = {}
+    for name, model in (("hf", hf), ("bertode", ours)):
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=4,
+                                 learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=3,
+                                 use_cpu=True, disable_tqdm=True)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.train()
+        losses[name] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses["hf"]) == len(losses["bertode"]) == 4
+    assert max(abs(a - b) for a, b in zip(losses["hf"], losses["bertode"])) <= 1e-5, losses
