@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
 from .encoder import BertODELayer, Pass
+from .solve import observe
 from .solve.deq_gradients import FixedPointProblem
 from .solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
 from .solve.gradients import build_gradient
@@ -128,7 +129,7 @@ class BertDEQEncoder(nn.Module):
         f = self.layer_map(embeddings, attn_mask, dtype)
         record = FixedPointRecord("deq")
         problem = FixedPointProblem(f, z0, cfg.deq_damping, cfg.deq_tol, cfg.deq_max_iter,
-                                    lambda: self._solve_forward(f, z0, record),
+                                    lambda: self._solve_forward(f, z0, record, embeddings.shape),
                                     self._backward_solver(record, ON_BACKWARD_SKIP.get()), record)
         if self.training:
             self.training_forwards += 1
@@ -153,10 +154,22 @@ class BertDEQEncoder(nn.Module):
         hidden = out.view(embeddings.shape).to(embeddings.dtype)
         return hidden, ((embeddings, hidden) if output_hidden_states else None), stats
 
-    def _solve_forward(self, f, z0, record):
+    def _solve_forward(self, f, z0, record, shape=None):
+        observer = observe.active()
+        if observer is not None and observer.wants_trajectory:  # output_trajectory: every iterate
+            observer.begin("deq.forward", 0, z0.view(shape or z0.shape))
+            solve_map, iterate = f, [0]
+
+            def f(z):
+                observer.note(iterate[0], z)
+                iterate[0] += 1
+                return solve_map(z)
+
         with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
             z_star, info = self._solve(f, z0, self.config.deq_solver, self.config.deq_max_iter, self.config.deq_tol,
                                        self._name("forward"))
+        if observer is not None and observer.wants_trajectory:
+            observer.end(iterate[0], z_star)
         self.last_forward_info = info
         converged = info.converged.float().mean().item()
         if converged < 1:

@@ -59,6 +59,22 @@ def split_invariant(seed: int, rows: torch.Tensor, global_rows: int, device: tor
             _ACTIVE.split = previous
 
 
+def current_split():
+    """The active split (or None), to re-enter with `restored` (a checkpointed layer's
+    recomputation in the backward pass draws the masks it drew in the forward)."""
+    return _ACTIVE.split
+
+
+@contextlib.contextmanager
+def restored(split):
+    previous = _ACTIVE.split
+    _ACTIVE.split = split
+    try:
+        yield
+    finally:
+        _ACTIVE.split = previous
+
+
 def splitting_rows() -> bool:
     """True inside `split_invariant`."""
     return _ACTIVE.split is not None

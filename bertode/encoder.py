@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .blocks import build_block
-from .dropout import dropout, keep_mask
+from .dropout import current_split, dropout, keep_mask, restored
+from .solve import observe
 from .solve.gradients import build_gradient
 from .solve.ode import ODESolve
 from .solve.stats import SolveRecord, SolverStats
@@ -93,6 +94,9 @@ class ResidualSite(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
         """(output, the solve's `SolveRecord` or None)."""
+        observer = observe.active()
+        if observer is not None:
+            observer.layer = run.layer_index
         if not self.ode:
             update = self._dropout(self.branch(x, attn_mask, run.qkv_injection), run)
             return self.norm(x + update), None
@@ -108,9 +112,14 @@ class ResidualSite(nn.Module):
             return evaluate(self, t, z, attn_mask, keep)
 
         t0 = run.layer_index * self.t_end
-        z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end,
-                               f"layer.{run.layer_index}.{self.name}")
-        return self.field.finish(z, self.norm), record
+        name = f"layer.{run.layer_index}.{self.name}"
+        if observer is not None:
+            observer.begin(name, t0, x)
+        z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name)
+        out = self.field.finish(z, self.norm)
+        if observer is not None:
+            observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.norm), out)
+        return out, record
 
 
 class BertODELayer(nn.Module):
@@ -155,17 +164,36 @@ class BertODEEncoder(nn.Module):
         self.layer = nn.ModuleList(BertODELayer(config, integrate) for _ in range(distinct))
         self.last_stats = SolverStats()
         self.skipped_batches = 0  # the DEQ's counter; an ODE encoder never skips
+        self.gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable()
 
     def solver_stats(self) -> dict:
         return self.last_stats.summary()
+
+    def _checkpointed(self, layer, hidden, attn_mask, run: Pass):
+        """One layer under activation checkpointing: its activations are recomputed in the
+        backward pass, with the forward's dropout masks (RNG state and row split) and
+        without observing or counting the recomputation."""
+        captured, split = [], current_split()
+
+        def apply(x):
+            with restored(split), observe.observing(observe.active() if not captured else None):
+                out, records = layer(x, attn_mask, run)
+            captured.append(records)
+            return out
+
+        return self._gradient_checkpointing_func(apply, hidden), captured[0]
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
         """(hidden, hidden states or None, `SolverStats` of this forward)."""
         stats = SolverStats()
         states = [hidden] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for index in range(self.num_applications):
             layer = self.layer[index if len(self.layer) > 1 else 0]
-            hidden, records = layer(hidden, attn_mask, Pass(index))
+            if checkpointing:
+                hidden, records = self._checkpointed(layer, hidden, attn_mask, Pass(index))
+            else:
+                hidden, records = layer(hidden, attn_mask, Pass(index))
             stats.records.extend(records)
             if states is not None:
                 states.append(hidden)

@@ -30,6 +30,11 @@ from .embeddings import _Predictions
 from .modeling import BertODEModel, BertODEPreTrainedModel
 
 
+def _flags(kwargs: dict) -> dict:
+    """The inspection flags a head passes on to its base model (see `BertODEModel.forward`)."""
+    return {key: kwargs[key] for key in ("output_attentions", "output_trajectory") if key in kwargs}
+
+
 def _classifier_dropout(config) -> Dropout:
     return Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
 
@@ -44,8 +49,9 @@ class _Head(BertODEPreTrainedModel):
         super().__init__(config)
         self.bert = BertODEModel(config, add_pooling_layer=self.pooled)
 
-    def _run(self, input_ids, inputs_embeds, **kwargs):
-        return self._encode(input_ids, inputs_embeds, **kwargs)
+    def _run(self, input_ids, inputs_embeds, output_attentions=None, output_trajectory=False, **kwargs):
+        return self._encode(input_ids, inputs_embeds, output_attentions=output_attentions,
+                            output_trajectory=output_trajectory, **kwargs)
 
     def _skipped(self, output_class, return_dict, **logits):
         loss = self._zero_loss()
@@ -57,7 +63,8 @@ class _Head(BertODEPreTrainedModel):
         if not return_dict:
             rest = tuple(logits.values()) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
-        return output_class(loss=loss, hidden_states=outputs.hidden_states, solver_stats=outputs.solver_stats, **logits)
+        return output_class(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                            solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
 
     @staticmethod
     def _return_dict(config, return_dict):
@@ -78,7 +85,7 @@ class BertODEForSequenceClassification(_Head):
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             return self._skipped(out.BertODESequenceClassifierOutput, return_dict, logits=(rows, self.num_labels))
@@ -138,7 +145,7 @@ class BertODEForPreTraining(_Head):
                 labels=None, next_sentence_label=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             return self._skipped(out.BertODEForPreTrainingOutput, return_dict,
@@ -165,7 +172,7 @@ class BertODEForNextSentencePrediction(_Head):
                 labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             return self._skipped(out.BertODENextSentencePredictorOutput, return_dict, logits=(rows, 2))
@@ -189,7 +196,7 @@ class BertODEForTokenClassification(_Head):
                 labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             return self._skipped(out.BertODETokenClassifierOutput, return_dict, logits=(*shape, self.num_labels))
@@ -217,7 +224,7 @@ class BertODEForQuestionAnswering(_Head):
                 start_positions=None, end_positions=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states)
+                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
             return self._skipped(out.BertODEQuestionAnsweringOutput, return_dict, start_logits=shape, end_logits=shape)
@@ -254,7 +261,7 @@ class BertODEForMultipleChoice(_Head):
 
         outputs, skipped = self._run(flat(input_ids), flat(inputs_embeds), attention_mask=flat(attention_mask),
                                      token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-                                     output_hidden_states=output_hidden_states)
+                                     output_hidden_states=output_hidden_states, **_flags(kwargs))
         if skipped is not None:
             rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             return self._skipped(out.BertODEMultipleChoiceModelOutput, return_dict, logits=(rows, choices))

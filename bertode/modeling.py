@@ -36,6 +36,8 @@ from .encoder import BertODEEncoder
 from .init import apply_rule
 from .outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.fixed_point import DEQSolveError
+from .solve.gradients import get_gradient
+from .solve.observe import Observer, observing
 from .sublayers import sdpa_mask
 
 logger = logging.get_logger(__name__)
@@ -52,6 +54,35 @@ class BertODEPreTrainedModel(PreTrainedModel):
     def __init__(self, config: BertODEConfig, *args, **kwargs):
         config.validate_ode()  # fields changed since construction (e.g. from_pretrained(..., mode="deq"))
         super().__init__(config, *args, **kwargs)
+
+    supports_gradient_checkpointing = True
+
+    def _checkpointing_refusal(self) -> str | None:
+        config = self.config
+        if config.mode == "deq":
+            return ("mode='deq': the implicit gradient keeps no activations of the solve (memory is already "
+                    "constant in its iterations)")
+        if config.mode == "ode" and get_gradient(config.sensitivity).reevaluates_field:
+            return (f"sensitivity={config.sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
+                    "already constant in its steps)")
+        return None
+
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        """Per-layer activation checkpointing where a layer keeps activations for its
+        backward (discrete, and ODE mode with ``sensitivity="autograd"``); one line where
+        it would save nothing (DEQ, adjoints)."""
+        refusal = self._checkpointing_refusal()
+        if refusal:
+            raise ValueError(f"gradient_checkpointing_enable() is invalid with {refusal}; allowed: mode='discrete' or "
+                             "mode='ode' with sensitivity='autograd'")
+        return super().gradient_checkpointing_enable(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        refusal = self._checkpointing_refusal()
+        if refusal:
+            raise ValueError(f"activation_checkpointing_enable() is invalid with {refusal}; allowed: mode='discrete' "
+                             "or mode='ode' with sensitivity='autograd'")
+        return super().activation_checkpointing_enable(*args, **kwargs)
 
     def post_init(self):
         super().post_init()
@@ -171,23 +202,39 @@ class BertODEModel(BertODEPreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         output_hidden_states=None,
+        output_attentions=None,
+        output_trajectory=False,
         return_dict=None,
         **kwargs,
     ):
+        """``output_hidden_states``: the embeddings and every layer's output (a DEQ: the
+        embeddings and z*). ``output_attentions``: one (batch, heads, seq, seq) tensor of
+        attention probabilities per layer, from an eager attention: an ODE layer's first
+        evaluation (at the solve's start: at Euler-1 BERT's attention), a DEQ layer's last
+        (at the fixed point); ``"all"`` stacks every evaluation of the forward.
+        ``output_trajectory``: every solve's times, states and outputs
+        (`bertode.solve.observe`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BertODEModel.forward needs exactly one of input_ids or inputs_embeds")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        observer = None
+        if output_attentions or output_trajectory:
+            keep = "all" if output_attentions == "all" else "last" if self.config.mode == "deq" else "first"
+            observer = Observer(attentions=bool(output_attentions), trajectory=bool(output_trajectory), keep=keep)
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        with self._skip_guard():
+        with self._skip_guard(), observing(observer):
             sequence_output, states, stats = self.encoder(hidden, sdpa_mask(attention_mask), output_hidden_states)
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
+        attentions = observer.attentions() if observer is not None else None
+        trajectory = observer.trajectory() if observer is not None else None
         if not return_dict:
-            return tuple(v for v in (sequence_output, pooled, states) if v is not None)
+            return tuple(v for v in (sequence_output, pooled, states, attentions) if v is not None)
         return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,
-                                  solver_stats=stats)
+                                  attentions=attentions, solver_stats=stats, trajectory=trajectory)
 
 
 class BertODEForMaskedLM(BertODEPreTrainedModel):
@@ -210,12 +257,13 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
         self.cls.predictions.bias = new_embeddings.bias
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
-                num_items_in_batch=None, **kwargs):
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
                                         token_type_ids=token_type_ids, position_ids=position_ids,
-                                        output_hidden_states=output_hidden_states)
+                                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                        output_trajectory=output_trajectory)
         if skipped is not None:
             shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
             loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
@@ -234,7 +282,8 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
         return BertODEMaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     solver_stats=outputs.solver_stats)
+                                     attentions=outputs.attentions, solver_stats=outputs.solver_stats,
+                                     trajectory=outputs.trajectory)
 
 
 AutoConfig.register("bertode", BertODEConfig, exist_ok=True)

@@ -1,7 +1,10 @@
 """Model outputs: transformers' dataclasses plus the solves' statistics of the forward.
 
 ``solver_stats`` is the forward's `SolverStats` (a read-only mapping onto its summary;
-backward counts arrive once the backward has run). It is listed in the config's
+backward counts arrive once the backward has run). ``trajectory`` (with
+``output_trajectory=True``) holds one dict per solve: ``name``, ``times``, ``states`` and
+``outputs`` (`bertode.solve.observe`); ``attentions`` (``output_attentions``) one tensor
+per layer. It is listed in the config's
 ``keys_to_ignore_at_inference``, so `transformers.Trainer` does not gather it as a
 prediction.
 """
@@ -27,38 +30,46 @@ from .solve.stats import SolverStats
 @dataclass
 class BertODEModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODEMaskedLMOutput(MaskedLMOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODESequenceClassifierOutput(SequenceClassifierOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODEForPreTrainingOutput(BertForPreTrainingOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODENextSentencePredictorOutput(NextSentencePredictorOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODETokenClassifierOutput(TokenClassifierOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODEQuestionAnsweringOutput(QuestionAnsweringModelOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
 
 
 @dataclass
 class BertODEMultipleChoiceModelOutput(MultipleChoiceModelOutput):
     solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None

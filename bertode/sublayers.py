@@ -16,6 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .dropout import keep_mask, splitting_rows
+from .solve import observe
 
 
 class AttentionBranch(nn.Module):
@@ -26,6 +27,7 @@ class AttentionBranch(nn.Module):
         the probability used in training; the encoder passes 0 where the map must be one
         deterministic function during a solve (DEQ)."""
         super().__init__()
+        self.config = config  # read at call time: attn_implementation may change after construction
         self.num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // config.num_attention_heads
         self.attention_dropout = (config.attention_probs_dropout_prob if attention_dropout is None
@@ -46,8 +48,14 @@ class AttentionBranch(nn.Module):
             q, k, v = q + dq, k + dk, v + dv
         q, k, v = (x.view(heads).transpose(1, 2) for x in (q, k, v))
         p = self.attention_dropout if self.training else 0.0
-        if p > 0 and splitting_rows():  # the mask must come from bertode.dropout: eager attention
-            context, _ = eager_attention(q, k, v, attn_mask, p)
+        observer = observe.active()
+        recorded = observer is not None and observer.needs_attention()
+        # Eager attention where the probabilities are wanted (output_attentions, or
+        # attn_implementation="eager") or the dropout mask must come from bertode.dropout.
+        if recorded or (p > 0 and splitting_rows()) or getattr(self.config, "_attn_implementation", None) == "eager":
+            context, probs = eager_attention(q, k, v, attn_mask, p)
+            if recorded:
+                observer.attention(probs)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.dense(context.transpose(1, 2).reshape(batch, seq, width))

@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import observe
 from ._torchdyn import NeuralODE
 from .solvers import ODESolverSpec, get_solver
 from .stats import SolveRecord
@@ -53,6 +54,9 @@ def recording_solver_class(base: type) -> type:
             record = self.record
             if record is not None and record.phase == "forward":
                 record.step_times.append(t)
+                observer = observe.active()
+                if observer is not None:  # output_trajectory: each accepted step starts where one ended
+                    observer.note(t, x)
             return base.step(self, f, x, t, dt, k1=k1, args=args)
 
         _RECORDING_CLASSES[base] = type(f"Recording{base.__name__}", (base,), {"step": step, "record": None})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import observe
 from ._torchdyn import DiffEqSolver
 
 
@@ -55,7 +56,10 @@ class SubSteps(DiffEqSolver):
     def integrate(self, f, x, t0: float, t1: float, time_dtype=torch.float32, args=None):
         """``n`` base steps from ``t0`` to ``t1``; each time is filled on the state's device."""
         h = (t1 - t0) / self.n
+        observer = observe.active()  # output_trajectory: the state after every inner step
         for index in range(self.n):
             t_here = torch.full((), t0 + index * h, dtype=time_dtype, device=x.device)
             _, x, _ = self.base.step(f, x, t_here, h, args=args)
+            if observer is not None and index + 1 < self.n:
+                observer.note(t0 + (index + 1) * h, x)
         return x
