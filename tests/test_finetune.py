@@ -5,6 +5,7 @@ fine-tunes on local CSV files; bad input gives one line, exit 2 and writes nothi
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
         (["solve.steps=0"], "solve.steps=0 is invalid"),
         (["trainer.lr=0"], "trainer.lr=0 is invalid; allowed: a number > 0"),
         (["trainer.epochs=0"], "trainer.epochs=0 is invalid"),
-        (["task.problem=ranking"], "task.problem='ranking' is invalid; allowed: 'classification', 'regression'"),
+        (["task.problem=ranking"], "task.problem='ranking' is invalid; allowed: 'classification', 'regression', "
+                                   "'token_classification'"),
         (["trainer.device=tpu"], "trainer.device='tpu' is invalid"),
         (["task.max_lenght=32"], "task.max_lenght=32 is invalid: no such option (did you mean task.max_length?)"),
     ]
@@ -140,3 +142,34 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
         error = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and error.count("\n") == 0 and expected in error, (overrides, error)
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before, overrides
+
+
+def test_token_classification_from_jsonl_files_beats_the_majority_tag(tmp_path):
+    """Word-level tags (here: stop word or not, on real sentences) through
+    BertODEForTokenClassification: a word's tag sits on its first piece."""
+    stop = {"the", "a", "and", "i", "it", "is", "this", "was", "to", "of"}
+    for name, source, count in (("train", "amazon_cells_labelled.txt", 600), ("eval", "yelp_labelled.txt", 200)):
+        with open(tmp_path / f"{name}.jsonl", "w", encoding="utf-8") as stream:
+            for text, _ in _sentiment_rows(source, count):
+                words = text.split()
+                stream.write(json.dumps({"tokens": words, "tags": ["STOP" if w.lower() in stop else "W" for w in words]})
+                             + "\n")
+    done = _finetune("task.source=files", f"task.train_file={tmp_path / 'train.jsonl'}",
+                     f"task.eval_file={tmp_path / 'eval.jsonl'}", "task.text_column=tokens", "task.label_column=tags",
+                     "task.problem=token_classification", "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["accuracy"] >= result["majority_baseline"] + 0.1, result  # measured 0.985 against 0.756
+    model = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "run" / "final")
+    assert isinstance(model, bertode.BertODEForTokenClassification) and model.config.id2label == {0: "STOP", 1: "W"}
+
+
+def test_an_unreachable_glue_task_is_one_line(tmp_path):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "bertode.finetune", "task.source=glue", "task.name=sst2",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+    assert "task.name='sst2' (GLUE through datasets) could not be loaded" in done.stderr
+    assert not (tmp_path / "run").exists()

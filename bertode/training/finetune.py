@@ -22,12 +22,18 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from ..callbacks import SolverStatsCallback
 from ..configuration import BertODEConfig
 from ..families import FAMILIES
-from ..heads import BertODEForSequenceClassification
+from ..heads import BertODEForSequenceClassification, BertODEForTokenClassification
 from .checks import check_count, resolve_device
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import SPECIAL_TOKENS
@@ -93,6 +99,10 @@ def validate(cfg: DictConfig):
     return load_task(cfg.task)
 
 
+def _head(task):
+    return BertODEForTokenClassification if task.problem == "token_classification" else BertODEForSequenceClassification
+
+
 def _model_and_tokenizer(cfg: DictConfig, task):
     from transformers import AutoTokenizer
 
@@ -101,21 +111,27 @@ def _model_and_tokenizer(cfg: DictConfig, task):
         "id2label": {i: str(c) for i, c in enumerate(task.classes)}, "label2id": {str(c): i for i, c in enumerate(task.classes)}}
     solve = _set(cfg.solve)
     if cfg.checkpoint is None:
-        lines = [text for row in task.train for text in row[:2] if text]
+        lines = [" ".join(text) if isinstance(text, list) else text for row in task.train for text in row[:2] if text]
         tokenizer = train_tokenizer(lines, cfg.scratch.vocab_size, SPECIAL_TOKENS)
         config = BertODEConfig(**OmegaConf.to_container(cfg.scratch) | {"vocab_size": len(tokenizer)},
                                max_position_embeddings=max(cfg.task.max_length, 64), pad_token_id=tokenizer.pad_token_id,
                                **labels, **solve)
-        return BertODEForSequenceClassification(config), tokenizer
+        return _head(task)(config), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.checkpoint))
-    return BertODEForSequenceClassification.from_pretrained(str(cfg.checkpoint), **labels, **solve), tokenizer
+    return _head(task).from_pretrained(str(cfg.checkpoint), **labels, **solve), tokenizer
 
 
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizer, task, max_length: int):
         texts, pairs = [r[0] for r in rows], [r[1] for r in rows]
-        self.encoded = tokenizer(texts, pairs if pairs[0] is not None else None, truncation=True, max_length=max_length)
+        tokens = task.problem == "token_classification"
+        self.encoded = tokenizer(texts, pairs if pairs[0] is not None else None, truncation=True, max_length=max_length,
+                                 is_split_into_words=tokens)
         self.labels = [task.label_id(r[2]) for r in rows]
+        if tokens:  # a word's tag on its first piece; -100 (ignored) on the rest and on special tokens
+            self.labels = [[tags[word] if word is not None and word != previous else -100
+                            for word, previous in zip(self.encoded.word_ids(i), [None] + self.encoded.word_ids(i)[:-1])]
+                           for i, tags in enumerate(self.labels)]
 
     def __len__(self):
         return len(self.labels)
@@ -142,9 +158,12 @@ def _predict(model, dataset, collator, batch_size: int, device) -> tuple[list, f
     predictions, nfe = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        batch.pop("labels")
+        labels = batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        predictions += (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).tolist()
+        if logits.dim() == 3:  # token classification: the tagged pieces, flattened
+            predictions += logits.argmax(-1).cpu()[labels != -100].tolist()
+        else:
+            predictions += (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).tolist()
         nfe.append(model.solver_stats().get("nfe_forward", 0))
     return predictions, sum(nfe) / max(len(nfe), 1)
 
@@ -158,7 +177,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer = _model_and_tokenizer(cfg, task)
     train = _Rows(task.train, tokenizer, task, cfg.task.max_length)
     evaluation = _Rows(task.eval, tokenizer, task, cfg.task.max_length)
-    collator = DataCollatorWithPadding(tokenizer)
+    tokens = task.problem == "token_classification"
+    collator = DataCollatorForTokenClassification(tokenizer) if tokens else DataCollatorWithPadding(tokenizer)
     device = resolve_device(cfg.trainer.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(output_dir=str(run_dir / "trainer"), num_train_epochs=cfg.trainer.epochs,
@@ -174,12 +194,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tokenizer.save_pretrained(final)
 
     eval_solve = _set(cfg.eval_solve)
-    evaluated = BertODEForSequenceClassification.from_pretrained(final, **eval_solve)
+    evaluated = _head(task).from_pretrained(final, **eval_solve)
     predictions, nfe = _predict(evaluated, evaluation, collator, cfg.trainer.batch_size, torch.device(device))
-    result = metrics(task.problem, predictions, evaluation.labels)
+    truth, seen = evaluation.labels, train.labels
+    if tokens:
+        truth = [tag for tags in truth for tag in tags if tag != -100]
+        seen = [tag for tags in seen for tag in tags if tag != -100]
+    result = metrics("regression" if task.classes is None else "classification", predictions, truth)
     if task.classes is not None:
-        majority = Counter(train.labels).most_common(1)[0][0]
-        result["majority_baseline"] = sum(label == majority for label in evaluation.labels) / len(evaluation.labels)
+        majority = Counter(seen).most_common(1)[0][0]
+        result["majority_baseline"] = sum(label == majority for label in truth) / len(truth)
     result.update(task=task.name, eval_rows=len(evaluation), nfe_forward=nfe, solver=evaluated.config.solver,
                   steps=evaluated.config.steps, mode=evaluated.config.mode, eval_solve=eval_solve)
     (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=float))

@@ -11,7 +11,9 @@ anything is written.
 * ``glue``: a GLUE task by ``name`` through `datasets` (where the hub is reachable).
 
 ``task.problem`` is ``classification`` (labels are the train split's distinct values,
-ints or strings; an eval label outside them is an error) or ``regression`` (numbers).
+ints or strings; an eval label outside them is an error), ``regression`` (numbers) or
+``token_classification`` (a row's text is a list of words, or a string split on
+spaces, and its label a list of tags of the same length).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 TASK_DATA = Path(__file__).resolve().parents[1] / "task_data"
 SOURCES = ("sentiment", "files", "glue")
-PROBLEMS = ("classification", "regression")
+PROBLEMS = ("classification", "regression", "token_classification")
 # GLUE task -> (text column, pair column, eval split, problem)
 GLUE = {"cola": ("sentence", None, "validation", "classification"),
         "sst2": ("sentence", None, "validation", "classification"),
@@ -45,11 +47,13 @@ class TaskError(ValueError):
 class Task:
     name: str
     problem: str
-    train: list[tuple]  # (text, text_pair or None, label)
+    train: list[tuple]  # (text, text_pair or None, label); token classification: (words, None, tags)
     eval: list[tuple]
     classes: list | None  # the label values, in label-id order (classification)
 
     def label_id(self, value):
+        if self.problem == "token_classification":
+            return [self.classes.index(tag) for tag in value]
         return self.classes.index(value) if self.classes is not None else float(value)
 
 
@@ -136,6 +140,8 @@ def load_task(cfg) -> Task:
         return [(str(row[text]), None if pair is None else str(row[pair]), row[label]) for row in rows]
 
     train_rows, eval_rows = rows_of(train), rows_of(evaluation)
+    if problem == "token_classification":
+        return _token_task(name, label, train, evaluation, text)
     classes = None
     if problem == "classification":
         classes = sorted({row[2] for row in train_rows}, key=lambda v: (str(type(v)), v))
@@ -153,6 +159,27 @@ def load_task(cfg) -> Task:
                 raise TaskError(f"task.label_column={label!r} is invalid: {bad!r} is not a number; allowed: numbers "
                                 "with task.problem='regression'")
     return Task(name, problem, train_rows, eval_rows, classes)
+
+
+def _words(value) -> list[str]:
+    return [str(w) for w in value] if isinstance(value, list) else str(value).split()
+
+
+def _token_task(name: str, label: str, train: list[dict], evaluation: list[dict], text: str) -> Task:
+    splits = []
+    for where, rows in (("train", train), ("eval", evaluation)):
+        pairs = [(_words(row[text]), _words(row[label])) for row in rows]
+        bad = next((i for i, (words, tags) in enumerate(pairs) if len(words) != len(tags) or not words), None)
+        if bad is not None:
+            raise TaskError(f"task.label_column={label!r} is invalid: {where} row {bad} has {len(pairs[bad][0])} words "
+                            f"and {len(pairs[bad][1])} tags; allowed: one tag per word")
+        splits.append([(words, None, tags) for words, tags in pairs])
+    classes = sorted({tag for _, _, tags in splits[0] for tag in tags})
+    unknown = sorted({tag for _, _, tags in splits[1] for tag in tags} - set(classes))
+    if unknown:
+        raise TaskError(f"task.label_column={label!r} is invalid: the eval split has tags outside the train split's "
+                        f"({', '.join(unknown[:5])}); allowed: {', '.join(classes[:10])}")
+    return Task(name, "token_classification", splits[0], splits[1], classes)
 
 
 def _is_number(value) -> bool:
