@@ -82,8 +82,13 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
             f"{layers} layers; allowed: the source's count, or weight_tying=True with a 1-layer source"
         )
     target = model_class(config, add_pooling_layer=False) if not pooled else model_class(config)
-    state = {rename_key(k, family): v for k, v in source.state_dict().items()
-             if not any(re.search(pattern, k) for pattern in family.tied)}
+    state = {rename_key(k, family): v for k, v in source.state_dict().items()}
+    # The MLM decoder's bias: one tensor in some families (ELECTRA, DistilBERT), two (tied
+    # or, with tie_word_embeddings=False, not) in others; bertode's decoder applies its own.
+    for one, other in (("cls.predictions.bias", "cls.predictions.decoder.bias"),
+                       ("cls.predictions.decoder.bias", "cls.predictions.bias")):
+        if one in state and other not in state:
+            state[other] = state[one]
     try:
         result = target.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a size mismatch, e.g. a head with another number of labels

@@ -173,10 +173,11 @@ class BertODEEncoder(nn.Module):
         """One layer under activation checkpointing: its activations are recomputed in the
         backward pass, with the forward's dropout masks (RNG state and row split) and
         without observing or counting the recomputation."""
-        captured, split = [], current_split()
+        captured, split, observer = [], current_split(), observe.active()
+        replay = observer.replay() if observer is not None else None  # the same attention paths, recorded nowhere
 
         def apply(x):
-            with restored(split), observe.observing(observe.active() if not captured else None):
+            with restored(split), observe.observing(observer if not captured else replay.replay() if replay else None):
                 out, records = layer(x, attn_mask, run)
             captured.append(records)
             return out

@@ -1,7 +1,6 @@
 """The BERT family, as data: for each ``model_type`` that `from_bert` converts, how its
 config becomes a `BertODEConfig`, how its parameter names become bertode's (regex
-renames), which HF architectures map to which bertode head, and which source keys are
-copies of others (tied weights) that are not copied.
+renames), and which HF architectures map to which bertode head.
 
 Every family here is a post-LN encoder of BERT layers (attention + Add & Norm, feed-
 forward + Add & Norm); what differs is naming, the embeddings (RoBERTa's position
@@ -50,15 +49,14 @@ class Family:
     """How one ``model_type`` converts. ``heads`` maps an architecture suffix (``Model``,
     ``ForMaskedLM``, ...) after ``class_prefix`` to the bertode class; ``config`` gives
     the BertODEConfig fields; ``renames`` apply in order after the base-model prefix
-    has become ``bert.``; ``tied`` are regexes of source keys not copied; a base model
-    of a family without a pooler converts to a `BertODEModel` without one."""
+    has become ``bert.``; a base model of a family without a pooler converts to a
+    `BertODEModel` without one."""
 
     class_prefix: str
     prefix: str
     config: Callable
     renames: list
     heads: dict
-    tied: tuple = ()
     base_pooler: bool = True  # whether the family's base model has a pooler
 
 
@@ -112,9 +110,9 @@ ROBERTA = Family(
     BERT_LAYER + DENSE_CLASSIFIER + [
         (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
         (r"^lm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
-        (r"^lm_head\.decoder\.weight$", "cls.predictions.decoder.weight"),
+        (r"^lm_head\.decoder\.(weight|bias)$", r"cls.predictions.decoder.\1"),
         (r"^lm_head\.bias$", "cls.predictions.bias")],
-    BERT_HEADS, tied=(r"^lm_head\.decoder\.bias$",))
+    BERT_HEADS)
 
 FAMILIES: dict[str, Family] = {
     "bert": Family("Bert", "bert", bert_config, BERT_LAYER, {
@@ -145,10 +143,10 @@ FAMILIES: dict[str, Family] = {
          (r"(^|\.)pooler\.(weight|bias)$", r"\1pooler.dense.\2"),
          (r"^predictions\.dense\.", "cls.predictions.transform.dense."),
          (r"^predictions\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
-         (r"^predictions\.decoder\.weight$", "cls.predictions.decoder.weight"),
+         (r"^predictions\.decoder\.(weight|bias)$", r"cls.predictions.decoder.\1"),
          (r"^predictions\.bias$", "cls.predictions.bias"),
          (r"^sop_classifier\.classifier\.", "cls.seq_relationship.")],
-        {**BERT_HEADS, "ForPreTraining": heads.BertODEForPreTraining}, tied=(r"^predictions\.decoder\.bias$",)),
+        {**BERT_HEADS, "ForPreTraining": heads.BertODEForPreTraining}),
     "distilbert": Family(
         "DistilBert", "distilbert", distilbert_config,
         [(r"transformer\.layer\.(\d+)\.attention\.q_lin\.", r"encoder.layer.\1.attention.branch.query."),

@@ -174,3 +174,19 @@ def test_pretraining_loss_equals_hf_bert_for_pretraining():
     labels[:, 1:4] = inputs["input_ids"][:, 1:4]
     batch = dict(inputs, labels=labels, next_sentence_label=torch.tensor([1, 0]))
     assert abs(ours(**batch).loss.item() - hf(**batch).loss.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "albert", "distilbert"])
+def test_untied_output_embeddings_convert_exactly(tmp_path, model_type):
+    family = FAMILIES[model_type]
+    torch.manual_seed(0)
+    config = CONFIGS[model_type]()
+    config.tie_word_embeddings = False
+    source = getattr(transformers, family.class_prefix + "ForMaskedLM")(config).eval()
+    with torch.no_grad():
+        source.get_output_embeddings().weight.add_(0.5)  # truly different from the input embeddings
+        source.get_output_embeddings().bias.add_(0.25)
+    source.save_pretrained(tmp_path)
+    inputs = _inputs(source.config, "ForMaskedLM", torch.Generator().manual_seed(0))
+    for converted in (bertode.from_bert(source), bertode.from_bert(tmp_path)):
+        assert (converted.eval()(**inputs).logits - source(**inputs).logits).abs().max().item() <= 1e-5

@@ -134,3 +134,17 @@ def test_gradient_checkpointing_is_refused_where_it_saves_nothing():
             model.gradient_checkpointing_enable()
         assert f"gradient_checkpointing_enable() is invalid with {expected}" in str(error.value)
         assert "\n" not in str(error.value)
+
+
+def test_gradient_checkpointing_with_attentions_requested():
+    torch.manual_seed(0)
+    plain = bertode.BertODEModel(_config(solver="rk4", steps=2)).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    grads = []
+    for model in (plain, checkpointed):
+        out = model(**_batch(), output_attentions=True)
+        assert len(out.attentions) == 2
+        out.last_hidden_state.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-6

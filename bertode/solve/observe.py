@@ -33,6 +33,14 @@ class Observer:
         self.solves: list[dict] = []
         self._open: dict | None = None
 
+    def replay(self) -> "Observer":
+        """A throw-away observer that makes the same choices as this one does now (which
+        attentions it would record), so that a checkpointed layer's recomputation takes
+        the same (eager or fused) attention path; it records nothing that is kept."""
+        twin = Observer(attentions=self.wants_attentions, keep=self.keep)
+        twin._attentions = {layer: [] for layer in self._attentions}
+        return twin
+
     # --- attention ------------------------------------------------------------------------
     def needs_attention(self) -> bool:
         """Whether the attention evaluated now is kept (an eager, probability-returning path)."""

@@ -200,7 +200,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if tokens:
         truth = [tag for tags in truth for tag in tags if tag != -100]
         seen = [tag for tags in seen for tag in tags if tag != -100]
-    result = metrics("regression" if task.classes is None else "classification", predictions, truth)
+    result = metrics("regression" if task.classes is None else "classification", predictions, truth,
+                     len(task.classes) if task.classes is not None else None)
     if task.classes is not None:
         majority = Counter(seen).most_common(1)[0][0]
         result["majority_baseline"] = sum(label == majority for label in truth) / len(truth)

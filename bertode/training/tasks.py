@@ -190,16 +190,20 @@ def _is_number(value) -> bool:
         return False
 
 
-def metrics(problem: str, predictions, labels) -> dict:
-    """scikit-learn's accuracy, F1 (binary, else macro) and Matthews correlation for
-    classification; scipy's Pearson and Spearman correlations for regression."""
+def metrics(problem: str, predictions, labels, classes: int | None = None) -> dict:
+    """scikit-learn's accuracy, F1 (of class 1 for two classes, else macro over all
+    ``classes``) and Matthews correlation for classification; scipy's Pearson and
+    Spearman correlations for regression."""
     if problem == "regression":
         from scipy.stats import pearsonr, spearmanr
 
         return {"pearson": float(pearsonr(predictions, labels)[0]), "spearman": float(spearmanr(predictions, labels)[0])}
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-    binary = len(set(labels)) <= 2 and len(set(predictions) | set(labels)) <= 2
-    return {"accuracy": float(accuracy_score(labels, predictions)),
-            "f1": float(f1_score(labels, predictions, average="binary" if binary else "macro")),
+    classes = classes or len(set(labels) | set(predictions))
+    if classes == 2:
+        f1 = f1_score(labels, predictions, average="binary", pos_label=1, labels=[0, 1], zero_division=0)
+    else:
+        f1 = f1_score(labels, predictions, average="macro", labels=list(range(classes)), zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predictions)), "f1": float(f1),
             "matthews": float(matthews_corrcoef(labels, predictions))}
