@@ -12,7 +12,6 @@ bertode head) is refused in one line naming it and what is supported.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -100,6 +99,10 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
     missing = [k for k in result.missing_keys if k in own and not _is_bertode_only(k)]
     if missing:
         raise ValueError(f"from_bert: the source lacks parameters bertode needs: {missing[:5]}")
+    frozen = {rename_key(k, family) for k, p in source.named_parameters() if not p.requires_grad}
+    for name, parameter in target.named_parameters():  # e.g. DistilBERT's sinusoidal positions stay frozen
+        if name in frozen:
+            parameter.requires_grad_(False)
     if weight_norm:
         from .deq import apply_weight_norm
 
@@ -119,6 +122,8 @@ def load_foreign(cls, path, kwargs: dict):
     type: load it with its own ``<Family><Head>`` class and convert (what `from_bert` does;
     `BertODEConfig` fields among ``kwargs`` are conversion overrides). One line for an
     unsupported type or head; None for a bertode directory (or a hub name: not looked at)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None  # from_pretrained(None, config=..., state_dict=...)
     config_file = Path(os.fspath(path)) / "config.json"
     if not config_file.is_file():
         return None
@@ -134,8 +139,9 @@ def load_foreign(cls, path, kwargs: dict):
         allowed = ", ".join(c.__name__ for c in dict.fromkeys(family.heads.values()))
         raise ValueError(f"{cls.__name__}.from_pretrained: a {model_type!r} checkpoint has no {cls.__name__} "
                          f"conversion; allowed: {allowed}")
-    fields = {f.name for f in dataclasses.fields(BertODEConfig)}
-    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+    # bertode's own fields (solver, mode, ...) are conversion overrides; the rest (dtype,
+    # num_labels, id2label, BertConfig fields) is the source's from_pretrained's business.
+    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in BertODEConfig.__annotations__}
     source = getattr(transformers, family.class_prefix + suffix).from_pretrained(path, **kwargs)
     return from_bert(source, **overrides)
 

@@ -11,7 +11,10 @@ process computes it or rank i % world of several: training with dropout gives th
 losses at any world size. `bertode.train` seeds with (seed, micro-batch index), so a
 resumed run also redraws exactly the masks of the uninterrupted one.
 
-The cost is drawing ``world`` times the local random numbers, cheap beside the matmuls.
+The cost is drawing ``world`` times the local random numbers: cheap for hidden dropout,
+but with attention dropout each evaluation draws a (global batch, heads, seq, seq) mask
+(the shipped sizes set attention dropout to 0). The active split is one module global:
+not for several threads running forwards at once (``nn.DataParallel``; use torchrun).
 The draws use torch's global generator, which ``torch.compile`` traces (a compiled
 model's masks differ from eager ones, but not across world sizes: every rank compiles
 the same global-shaped draw).

@@ -107,6 +107,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
     _csv(other, [("fine", "pos"), ("meh", "neutral")])
     gpt2 = tmp_path / "gpt2"
     transformers.GPT2Model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4)).save_pretrained(gpt2)
+    holes = tmp_path / "holes.jsonl"
+    holes.write_text('{"text": "good", "sentiment": "pos"}\n{"text": "bad"}\n')
+    discrete = tmp_path / "discrete"
+    bertode.BertODEForSequenceClassification(bertode.BertODEConfig(
+        mode="discrete", vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)).save_pretrained(discrete)
+    train_tokenizer(["good bad fine"], 40, SPECIAL_TOKENS).save_pretrained(discrete)
     files = ["task.source=files", f"task.train_file={train}", "task.text_column=text"]
     cases = [
         (["task.source=imdb"], "task.source='imdb' is invalid; allowed: 'sentiment', 'files', 'glue'"),
@@ -127,6 +134,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
                                    "'token_classification'"),
         (["trainer.device=tpu"], "trainer.device='tpu' is invalid"),
         (["task.max_lenght=32"], "task.max_lenght=32 is invalid: no such option (did you mean task.max_length?)"),
+        ([*files, f"task.eval_file={holes}", "task.label_column=sentiment"],
+         "task.label_column='sentiment' is invalid: row 1 of the eval file has no value there"),
+        ([f"checkpoint={discrete}", "eval_solve.steps=4"], "eval_solve.steps=4 is invalid with the model's mode='discrete'"),
+        ([f"checkpoint={discrete}", "task.max_length=100"], "task.max_length=100 is invalid with"),
     ]
     if not torch.cuda.is_available():
         cases.append((["trainer.device=cuda"], "trainer.device='cuda' is invalid here: no CUDA device is visible"))
@@ -142,6 +153,17 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
         error = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and error.count("\n") == 0 and expected in error, (overrides, error)
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before, overrides
+    from bertode.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: these commands run in one process
+    for command, entry in (("finetune", main), ("evaluate", evaluate_main)):
+        monkeypatch.setattr(sys, "argv", [f"bertode.{command}", f"hydra.run.dir={tmp_path / 'torchrun'}"])
+        with pytest.raises(SystemExit) as exit_info:
+            entry()
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and error == f"error: torchrun is invalid for bertode.{command}: it runs in " \
+            f"one process; allowed: python -m bertode.{command}"
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_token_classification_from_jsonl_files_beats_the_majority_tag(tmp_path):

@@ -201,6 +201,8 @@ def _bad(tmp_path, cache_dir):
     empty.write_text("\n \n")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("a single line of text\n")
     no_gpu = [] if torch.cuda.is_available() else [
         (["trainer=gpu"], "trainer.device='cuda' is invalid here: no CUDA device is visible")]
     return no_gpu + [
@@ -219,6 +221,7 @@ def _bad(tmp_path, cache_dir):
         (["trainer.foo=1"], "trainer.foo=1 is invalid: no such option; allowed: trainer.device"),
         (["data=text", f"data.files=[{empty}]"], "contain no text"),
         (["data=text", f"data.files=[{latin}]"], "is not UTF-8 text"),
+        (["data=text", f"data.files=[{one_line}]"], "1 line(s) of text are too few to hold out an eval split"),
         (["data.seq_len=1024"], "data.seq_len=1024 is invalid; allowed: <= model.max_position_embeddings=512"),
         (["solver=heun3"], "solver='heun3' is invalid; allowed: 'default', 'dopri5', 'euler'"),
         (["solver=dopri5", "solver.atol=-1e-3"], "solver.atol=-0.001 is invalid; allowed: a finite number > 0"),

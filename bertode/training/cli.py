@@ -94,11 +94,13 @@ def usage_errors():
         _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
-def hydra_entry(config_name: str, task, precheck=None):
+def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False):
     """``main()`` for ``python -m bertode.<config_name>``: import plugins, store the
     registry groups, check group choices and overrides, run ``precheck(cfg)`` (the checks
     that need no data) on the composed config, and only then hand over to Hydra, which
-    creates the run directory and runs ``task(cfg, run_dir)``."""
+    creates the run directory and runs ``task(cfg, run_dir)``. A ``distributed`` command
+    runs on torchrun's other ranks without Hydra (``task(cfg, None)``: rank 0 says where
+    to write); the others refuse torchrun in one line."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -113,6 +115,9 @@ def hydra_entry(config_name: str, task, precheck=None):
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
         check_group_choices(sys.argv[1:], config_name)
+        if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _fail(f"torchrun is invalid for bertode.{config_name}: it runs in one process; allowed: "
+                  f"python -m bertode.{config_name}")
         worker = int(os.environ.get("RANK", "0")) != 0
         if worker and any(a in ("-m", "--multirun") for a in sys.argv[1:]):
             _fail("-m (a sweep) is invalid under torchrun: each process would run the sweep on its own; "

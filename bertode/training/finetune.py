@@ -52,25 +52,44 @@ def _check_solve(key: str, fields: dict, mode: str | None) -> None:
         BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8,
                       **({"mode": mode} if mode else {}), **fields)
     except ValueError as error:
-        raise ValueError(str(error).replace("BertODEConfig.", f"{key}.", 1)) from None
+        message = str(error).replace("BertODEConfig.", f"{key}.", 1).replace("BertODEConfig.mode", "the model's mode")
+        raise ValueError(message) from None
 
 
-def _check_model(path) -> str:
-    """The model directory's model_type ('bertode' or a BERT family); one line otherwise."""
+def _check_model(path, max_length: int) -> str | None:
+    """The checkpoint's mode (bertode) or None (a BERT family, converted); one line for a
+    directory that is neither, holds no tokenizer, cannot be converted or is too short."""
     folder = Path(str(path))
+    where = f"checkpoint={str(folder)!r} is invalid"
     if not (folder / "config.json").is_file():
-        raise ValueError(f"checkpoint={str(folder)!r} is invalid; allowed: null, a bertode directory (a run's final/) or a "
-                         "BERT-family directory written by save_pretrained")
+        raise ValueError(f"{where}; allowed: null, a bertode directory (a run's final/) or a BERT-family directory "
+                         "written by save_pretrained")
     try:
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        model_type = saved.get("model_type")
     except (ValueError, AttributeError, UnicodeDecodeError):
-        raise ValueError(f"checkpoint={str(folder)!r} is invalid: its config.json is not a JSON object") from None
+        raise ValueError(f"{where}: its config.json is not a JSON object") from None
     if model_type != "bertode" and model_type not in FAMILIES:
-        raise ValueError(f"checkpoint={str(folder)!r} is invalid: model_type={model_type!r} is not supported; allowed: "
-                         f"'bertode', {', '.join(map(repr, FAMILIES))}")
+        raise ValueError(f"{where}: model_type={model_type!r} is not supported; allowed: 'bertode', "
+                         f"{', '.join(map(repr, FAMILIES))}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"checkpoint={str(folder)!r} is invalid: it holds no tokenizer; allowed: a directory with its tokenizer")
-    return model_type
+        raise ValueError(f"{where}: it holds no tokenizer; allowed: a directory with its tokenizer")
+    if model_type == "bertode":
+        fields = saved
+    else:
+        from transformers import AutoConfig
+
+        try:
+            fields = FAMILIES[model_type].config(AutoConfig.from_pretrained(folder))
+        except ValueError as error:  # e.g. relative positions, ALBERT layer groups
+            raise ValueError(f"{where}: {str(error).removeprefix('from_bert: ')}") from None
+    positions = fields.get("max_position_embeddings", 512)
+    if fields.get("position_scheme") == "after_padding" or model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (fields.get("pad_token_id") or 0) + 1  # RoBERTa numbers positions after padding_idx
+    if max_length > positions:
+        raise ValueError(f"task.max_length={max_length} is invalid with {str(folder)!r}; allowed: <= {positions} "
+                         "(its position embeddings)")
+    return saved.get("mode", "ode") if model_type == "bertode" else None
 
 
 def validate(cfg: DictConfig):
@@ -83,20 +102,31 @@ def validate(cfg: DictConfig):
     check_count("trainer.num_threads", trainer.num_threads, 1, nullable=True)
     for key, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup_ratio", 0.0, 1.0)):
         value = trainer[key]
+        if key == "lr" and value is None:
+            continue  # the default for the model: from scratch or pretrained
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low \
                 or (key == "lr" and value == 0) or (high is not None and value >= high):
             span = "a number > 0" if key == "lr" else f"a number in [{low}, {high})" if high else f"a number >= {low}"
             raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: {span}")
     resolve_device(trainer.device)
     check_count("task.max_length", cfg.task.max_length, 8)
+    saved_mode = None
     if cfg.checkpoint is not None:
-        _check_model(cfg.checkpoint)
+        saved_mode = _check_model(cfg.checkpoint, cfg.task.max_length)
     else:
         check_count("scratch.vocab_size", cfg.scratch.vocab_size, len(SPECIAL_TOKENS) + 1)
     solve = _set(cfg.solve)
-    _check_solve("solve", solve, None)
-    _check_solve("eval_solve", _set(cfg.eval_solve), solve.get("mode"))
+    _check_solve("solve", solve, saved_mode)  # against the checkpoint's mode unless solve.mode sets one
+    _check_solve("eval_solve", _set(cfg.eval_solve), solve.get("mode") or saved_mode)
     return load_task(cfg.task)
+
+
+def _learning_rate(cfg: DictConfig) -> float:
+    """``trainer.lr``, or by default 2e-3 for a model from scratch and 5e-5 (BERT's
+    fine-tuning rate) for a pretrained checkpoint."""
+    if cfg.trainer.lr is not None:
+        return float(cfg.trainer.lr)
+    return 2e-3 if cfg.checkpoint is None else 5e-5
 
 
 def _head(task):
@@ -182,7 +212,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.trainer.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(output_dir=str(run_dir / "trainer"), num_train_epochs=cfg.trainer.epochs,
-                             per_device_train_batch_size=cfg.trainer.batch_size, learning_rate=cfg.trainer.lr,
+                             per_device_train_batch_size=cfg.trainer.batch_size, learning_rate=_learning_rate(cfg),
                              weight_decay=cfg.trainer.weight_decay, warmup_steps=float(cfg.trainer.warmup_ratio), seed=cfg.seed,
                              use_cpu=device == "cpu", save_strategy="no", report_to=[], logging_steps=10,
                              disable_tqdm=True)

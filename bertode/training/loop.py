@@ -281,7 +281,7 @@ def _progress_line(record: dict, trainer, elapsed: float) -> str:
             f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")
 
 
-main = hydra_entry("train", train, precheck=validate)
+main = hydra_entry("train", train, precheck=validate, distributed=True)
 
 if __name__ == "__main__":
     main()

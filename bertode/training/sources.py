@@ -51,10 +51,11 @@ def _read(field: str, files: list[Path]) -> list[str]:
     return lines
 
 
-def _holds_text(field: str, files: list[Path]) -> bool:
-    """Whether any of ``files`` holds a non-blank character; DataError naming a file that is
-    not UTF-8 (one streaming pass, a few MB of memory whatever the size)."""
-    found = False
+def _text_lines(field: str, files: list[Path]) -> int:
+    """How many non-blank lines ``files`` hold (a line cut by a chunk boundary may count
+    twice); DataError naming a file that is not UTF-8 (one streaming pass, a few MB of
+    memory whatever the size)."""
+    lines = 0
     for path in files:
         decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
         with open(path, "rb") as handle:
@@ -65,11 +66,11 @@ def _holds_text(field: str, files: list[Path]) -> bool:
                 except UnicodeDecodeError as error:
                     raise DataError(f"data.{field}: {str(path)!r} is not UTF-8 text "
                                     f"(bad byte at offset {offset + error.start})") from None
-                found = found or not text.isspace() and text != ""
+                lines += sum(1 for line in text.splitlines() if line.strip())
                 if not chunk:
                     break
                 offset += len(chunk)
-    return found
+    return lines
 
 
 def check_sources(cfg) -> None:
@@ -85,10 +86,13 @@ def check_sources(cfg) -> None:
         train_files, eval_files = _expand("files", cfg.files), _expand("eval_files", cfg.eval_files)
         if not train_files:
             raise DataError("data.files is empty; give at least one text file or glob")
-        if not _holds_text("files", train_files):
+        lines = _text_lines("files", train_files)
+        if not lines:
             raise DataError(f"data.files: {[str(p) for p in train_files]} contain no text")
-        if eval_files and not _holds_text("eval_files", eval_files):
+        if eval_files and not _text_lines("eval_files", eval_files):
             raise DataError(f"data.eval_files: {[str(p) for p in eval_files]} contain no text")
+        if not eval_files and lines < 2:
+            raise DataError(f"data.files: {lines} line(s) of text are too few to hold out an eval split")
     if cfg.source != "hub" and not eval_files and not (_real(cfg.eval_fraction) and 0 < cfg.eval_fraction < 1):
         raise DataError(f"data.eval_fraction={cfg.eval_fraction!r} is invalid; allowed: a number in (0, 1)")
 

@@ -129,12 +129,15 @@ def load_task(cfg) -> Task:
     else:
         train, evaluation, (text, pair), problem = _glue(cfg)
         name = f"glue/{cfg.name}"
-    for where, rows in (("the train file", train), ("the eval file", evaluation)):
-        _column("text_column", text, rows, where)
-        if pair is not None:
-            _column("text_pair_column", pair, rows, where)
-        _column("label_column", cfg.label_column if cfg.source != "sentiment" else "label", rows, where)
     label = cfg.label_column if cfg.source != "sentiment" else "label"
+    for where, rows in (("the train file", train), ("the eval file", evaluation)):
+        for key, column in (("text_column", text), ("text_pair_column", pair), ("label_column", label)):
+            if column is not None:
+                _column(key, column, rows, where)
+                missing = next((i for i, row in enumerate(rows) if row.get(column) in (None, "")), None)
+                if missing is not None:
+                    raise TaskError(f"task.{key}={column!r} is invalid: row {missing} of {where} has no value there; "
+                                    "allowed: a value in every row")
 
     def rows_of(rows):
         return [(str(row[text]), None if pair is None else str(row[pair]), row[label]) for row in rows]
@@ -144,7 +147,7 @@ def load_task(cfg) -> Task:
         return _token_task(name, label, train, evaluation, text)
     classes = None
     if problem == "classification":
-        classes = sorted({row[2] for row in train_rows}, key=lambda v: (str(type(v)), v))
+        classes = sorted({row[2] for row in train_rows}, key=_label_order)
         if len(classes) < 2:
             raise TaskError(f"task.label_column={label!r} is invalid: the train split has {len(classes)} class(es); "
                             "allowed: a column with at least 2 classes")
@@ -161,6 +164,12 @@ def load_task(cfg) -> Task:
     return Task(name, problem, train_rows, eval_rows, classes)
 
 
+def _label_order(value):
+    """Numbers (or numeric strings: CSV labels) in numeric order, so label id k is label k
+    where labels are 0..n-1; other labels after them, alphabetically."""
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, str(value))
+
+
 def _words(value) -> list[str]:
     return [str(w) for w in value] if isinstance(value, list) else str(value).split()
 
@@ -174,7 +183,7 @@ def _token_task(name: str, label: str, train: list[dict], evaluation: list[dict]
             raise TaskError(f"task.label_column={label!r} is invalid: {where} row {bad} has {len(pairs[bad][0])} words "
                             f"and {len(pairs[bad][1])} tags; allowed: one tag per word")
         splits.append([(words, None, tags) for words, tags in pairs])
-    classes = sorted({tag for _, _, tags in splits[0] for tag in tags})
+    classes = sorted({tag for _, _, tags in splits[0] for tag in tags}, key=_label_order)
     unknown = sorted({tag for _, _, tags in splits[1] for tag in tags} - set(classes))
     if unknown:
         raise TaskError(f"task.label_column={label!r} is invalid: the eval split has tags outside the train split's "
