@@ -4,17 +4,23 @@ saved model on a split, with the masking fixed by ``seed``.
 DIR is a model directory with its tokenizer (a training run's ``final/``, or any
 `save_pretrained` output of a bertode or HF BERT masked-LM). The data group chooses the
 text (``data=text data.files=[...] data.eval_files=[...]``); ``split=eval`` (default) or
-``train``. Prints one line and writes ``evaluation.json`` into the Hydra run directory.
+``train``. ``solver.*`` and ``deq.*`` choose the trained model's solve again for this
+evaluation (`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time
+compute. Prints one line and writes ``evaluation.json`` (loss, perplexity, accuracy, mean
+forward NFE or DEQ iterations per batch, seconds, the overrides) into the Hydra run
+directory; `bertode.report` tabulates and plots a sweep.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
+from . import solve_overrides
 from .cli import hydra_entry, import_plugins, usage_errors
 from .checks import check_count, torch_device
 from .corpus import check_data, load_tokenizer, prepare
@@ -52,6 +58,7 @@ def validate(cfg: DictConfig) -> Path:
     torch_device(cfg.device)
     check_data(cfg.data, trains_tokenizer=False)  # the checkpoint brings its tokenizer
     check_sources(cfg.data)
+    solve_overrides.check(cfg, saved.get("mode", "ode"))
     return folder
 
 
@@ -63,13 +70,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         tokenizer = load_tokenizer(folder)
         corpus = prepare(cfg.data, tokenizer=tokenizer)
     device = torch_device(cfg.device)
-    model = AutoModelForMaskedLM.from_pretrained(folder).to(device)
+    chosen = solve_overrides.overrides(cfg)
+    model = AutoModelForMaskedLM.from_pretrained(folder, **chosen).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
     batches = fixed_eval_batches(rows, tokenizer, cfg.data.mlm_probability, cfg.seed, cfg.batch_size, cfg.max_sequences)
+    started = time.perf_counter()
     result = evaluate_batches(model, batches, device)
-    result.update(checkpoint=str(folder), split=cfg.split, sequences=sum(len(b[0]) for b in batches))
+    config = model.config
+    result.update(checkpoint=str(folder), split=cfg.split, sequences=sum(len(b[0]) for b in batches),
+                  seconds=time.perf_counter() - started, overrides=chosen, mode=config.mode, solver=config.solver,
+                  steps=config.steps if config.mode == "ode" else None,
+                  deq_max_iter=config.deq_max_iter if config.mode == "deq" else None)
+    compute = "".join(f", {key} {result[key]:g}" for key in ("nfe_forward", "forward_iterations") if key in result)
     print(f"{folder} [{cfg.split}]: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-          f"accuracy {result['accuracy']:.3f} over {result['masked_tokens']} masked tokens", flush=True)
+          f"accuracy {result['accuracy']:.3f} over {result['masked_tokens']} masked tokens{compute}"
+          f"{' with ' + str(chosen) if chosen else ''}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     return result

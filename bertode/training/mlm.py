@@ -50,6 +50,7 @@ def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> d
     was_training = model.training
     model.eval()
     total, correct, count = 0.0, 0, 0
+    compute: dict[str, float] = {}  # the solves' cost, summed over batches
     for inputs, labels in batches:
         with autocast(device, precision):
             logits = model(input_ids=inputs.to(device)).logits
@@ -57,7 +58,11 @@ def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> d
         total += loss.item()
         correct += int(right)
         count += int((labels != -100).sum())
+        stats = model.solver_stats() if hasattr(model, "solver_stats") else {}
+        for key in ("nfe_forward", "forward_iterations"):
+            if isinstance(stats.get(key), (int, float)):
+                compute[key] = compute.get(key, 0.0) + stats[key]
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1),
-            "masked_tokens": count}
+            "masked_tokens": count, **{key: value / max(len(batches), 1) for key, value in compute.items()}}
