@@ -11,7 +11,7 @@ Public API:
   (`register_solver`, `ButcherTableau`), gradient methods (`ODEGradient`, `DEQGradient`,
   `register_gradient`), ODE-Transformer blocks (`Block`, `SchemeBlock`,
   `register_block`), fixed-point solvers (`register_fixed_point_solver`,
-  `FixedPointTracker`).
+  `FixedPointTracker`), ODE regularisers (`Regularizer`, `register_regularizer`).
 * initialisations that survive `post_init`: `zero_init`, `identity_init`.
 """
 
@@ -31,6 +31,7 @@ from .heads import (
 )
 from .modeling import BertODEForMaskedLM, BertODEModel, BertODEPreTrainedModel
 from .registry import registries
+from .regularizers import Regularizer, available_regularizers, register_regularizer
 from .solve.deq_gradients import FixedPointProblem
 from .solve.fixed_point import (
     DEQSolveError,
@@ -64,6 +65,7 @@ __all__ = [
     "ButcherTableau", "register_solver", "available_solvers", "get_solver", "ODEProblem",
     "ODEGradient", "DEQGradient", "register_gradient", "available_gradients", "get_gradient", "FixedPointProblem",
     "Block", "SchemeBlock", "register_block", "available_blocks",
+    "Regularizer", "register_regularizer", "available_regularizers",
     "register_fixed_point_solver", "available_fixed_point_solvers", "get_fixed_point_solver", "FixedPointTracker",
     "SolveInfo",
     "DEQSolveError", "zero_init", "identity_init",

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .blocks import BLOCKS
+from .regularizers import REGULARIZERS
 from .configuration import BertODEConfig
 from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.gradients import GRADIENTS, default_gradient
@@ -34,6 +35,7 @@ def markdown_tables() -> str:
              f"(default `{default_gradient('deq')}`) | `bertode.register_gradient` |",
              f"| `vector_field` | `vector_field` | {_names(VECTOR_FIELDS)} | `bertode.register_vector_field` |",
              f"| `block` | `block` | {_names(BLOCKS)} | `bertode.register_block` |",
+             f"| `regularizer` (mode=ode) | `regularizer` | {_names(REGULARIZERS)} | `bertode.register_regularizer` |",
              f"| `deq.solver`, `deq.backward_solver` | `deq_solver`, `deq_backward_solver` | {_names(FIXED_POINT_SOLVERS)} "
              "| `bertode.register_fixed_point_solver` |",
              "", "| solver | steps | order | torchdiffeq peer |", "|---|---|---|---|"]

@@ -13,6 +13,7 @@ import dataclasses
 from transformers import BertConfig
 
 from .blocks import BLOCKS
+from .regularizers import REGULARIZERS
 from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.gradients import GRADIENTS, available_gradients, default_gradient
 from .solve.ode import FIXED_STEP_LOOPS
@@ -40,12 +41,13 @@ NAMED_CHOICES = {
     "vector_field": ("ode", VECTOR_FIELDS),
     "solver": ("ode", SOLVERS),
     "block": (None, BLOCKS),
+    "regularizer": ("ode", REGULARIZERS),
     "deq_solver": ("deq", FIXED_POINT_SOLVERS),
     "deq_backward_solver": ("deq", FIXED_POINT_SOLVERS),
 }
 # Numeric and keyword fields each mode does not read: they must keep their defaults there.
 ODE_ONLY = ("steps", "t_end", "atol", "rtol", "adjoint_solver", "adjoint_atol", "adjoint_rtol", "ode_backend",
-            "fixed_step_loop", "vector_field_kwargs")
+            "fixed_step_loop", "vector_field_kwargs", "regularizer_weight")
 DEQ_ONLY = ("deq_max_iter", "deq_tol", "deq_stop_mode", "deq_damping", "deq_memory", "deq_phantom_steps",
             "deq_backward_max_iter", "deq_backward_tol", "deq_injection", "jac_reg_weight", "jac_reg_freq",
             "deq_weight_norm", "deq_pretrain_steps", "deq_pretrain_depth", "deq_on_nonfinite", "deq_spectral_radius")
@@ -76,6 +78,8 @@ class BertODEConfig(BertConfig):
         ``neural_ode`` (through torchdyn's ``NeuralODE``): same numbers.
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
     block, block_kwargs: an ODE-Transformer block over each whole layer (``none``: no block).
+    regularizer, regularizer_weight: a penalty on the dynamics integrated along every solve
+        while training (``kinetic``, ``jacobian``, ``rnode``; `regularizers.py`) and its weight.
 
     DEQ mode (see `deq.py`): deq_solver and deq_backward_solver (registered fixed-point
     solvers for the forward solve and the IFT's linear solve), deq_max_iter, deq_tol,
@@ -113,6 +117,8 @@ class BertODEConfig(BertConfig):
     weight_tying: bool = False
     block: str | None = None
     block_kwargs: dict | None = None
+    regularizer: str | None = None
+    regularizer_weight: float = 0.01
     deq_solver: str | None = None
     deq_max_iter: int = 30
     deq_tol: float = 1e-3
@@ -200,6 +206,8 @@ class BertODEConfig(BertConfig):
                 fail(name, getattr(self, name), "a probability in [0, 1)")
         check_deq_numbers(self)
         check_architecture(self)
+        if not is_number(self.regularizer_weight) or self.regularizer_weight < 0:
+            fail("regularizer_weight", self.regularizer_weight, "a number >= 0")
         self._check_unused_by_mode()
         self._check_gradient()
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:

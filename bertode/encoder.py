@@ -20,6 +20,7 @@ from torch import nn
 
 from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
+from .regularizers import REGULARIZERS, augmented
 from .solve import observe
 from .solve.gradients import build_gradient
 from .solve.ode import ODESolve
@@ -37,6 +38,7 @@ class Pass:
     layer_index: int
     qkv_injection: torch.Tensor | None = None
     dropout_masks: dict | None = None
+    penalties: list | None = None  # (integrals, names) of each regularised solve (`regularizers.py`)
 
 
 def ode_solve(config) -> ODESolve:
@@ -61,6 +63,7 @@ class ResidualSite(nn.Module):
             self.field = build_vector_field(config)
             self.solve = ode_solve(config)
             self.t_end = config.t_end
+            self.regularizer = REGULARIZERS[config.regularizer]()
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -115,7 +118,18 @@ class ResidualSite(nn.Module):
         name = f"layer.{run.layer_index}.{self.name}"
         if observer is not None:
             observer.begin(name, t0, x)
-        z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name)
+        regularizer = self.regularizer
+        if regularizer.names and run.penalties is not None and self.training and torch.is_grad_enabled():
+            # The penalties' integrals ride along as extra channels of the state (RNODE).
+            noise = torch.empty_like(x).bernoulli_(0.5).mul_(2).sub_(1) if regularizer.uses_jacobian else None
+            width = x.shape[-1]
+            state = torch.cat([x, x.new_zeros(*x.shape[:-1], len(regularizer.names))], -1)
+            state, record = self.solve(state, augmented(dynamics, regularizer, noise, width),
+                                       self.dynamics_parameters(), t0, t0 + self.t_end, name)
+            z = state[..., :width]
+            run.penalties.append((state[..., width:], regularizer.names))
+        else:
+            z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name)
         out = self.field.finish(z, self.norm)
         if observer is not None:
             observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.norm), out)
@@ -189,14 +203,23 @@ class BertODEEncoder(nn.Module):
         stats = SolverStats()
         states = [hidden] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        penalties: list = []
         for index in range(self.num_applications):
             layer = self.layer[index if len(self.layer) > 1 else 0]
+            run = Pass(index, penalties=penalties)
             if checkpointing:
-                hidden, records = self._checkpointed(layer, hidden, attn_mask, Pass(index))
+                hidden, records = self._checkpointed(layer, hidden, attn_mask, run)
             else:
-                hidden, records = layer(hidden, attn_mask, Pass(index))
+                hidden, records = layer(hidden, attn_mask, run)
             stats.records.extend(records)
             if states is not None:
                 states.append(hidden)
+        self.ode_penalty = None  # the regularisers' loss term of this forward (`regularizers.py`)
+        if penalties:
+            self.ode_penalty = sum(integrals.float().mean() for integrals, _ in penalties)
+            for integrals, names in penalties:  # logged: summed over sites, mean over batch and tokens
+                for channel, name in enumerate(names):
+                    stats.counters[name] = stats.counters.get(name, 0.0) + integrals[..., channel].float().mean().item()
+            del penalties[:]  # a checkpointed layer's recomputation appends again: nothing keeps those
         self.last_stats = stats
         return hidden, (tuple(states) if states is not None else None), stats

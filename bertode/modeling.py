@@ -172,12 +172,16 @@ class BertODEPreTrainedModel(PreTrainedModel):
         return torch.zeros((), device=self.device, requires_grad=True)
 
     def _regularised(self, loss, share: float = 1.0):
-        """Add the DEQ Jacobian penalty of the latest forward (weighted by ``share``, this
-        batch's part of the normalisation when the loss is a sum over ``num_items_in_batch``)."""
-        jac_loss = getattr(self.base_model.encoder, "jac_loss", None)
-        if loss is None or jac_loss is None:
-            return loss
-        return loss + self.config.jac_reg_weight * share * jac_loss
+        """Add the DEQ Jacobian penalty or the ODE regularisers' penalty of the latest forward
+        (weighted by ``share``, this batch's part of the normalisation when the loss is a sum
+        over ``num_items_in_batch``)."""
+        encoder = self.base_model.encoder
+        jac_loss, ode_penalty = getattr(encoder, "jac_loss", None), getattr(encoder, "ode_penalty", None)
+        if loss is not None and jac_loss is not None:
+            loss = loss + self.config.jac_reg_weight * share * jac_loss
+        if loss is not None and ode_penalty is not None:
+            loss = loss + self.config.regularizer_weight * share * ode_penalty
+        return loss
 
 
 class BertODEModel(BertODEPreTrainedModel):

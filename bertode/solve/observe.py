@@ -70,8 +70,10 @@ class Observer:
             return
         t = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
         if t > solve["times"][-1]:
+            shape = solve["shape"]
+            x = x.detach().reshape(*shape[:-1], -1)[..., :shape[-1]]  # an augmented state: its first channels
             solve["times"].append(t)
-            solve["states"].append(x.detach().reshape(solve["shape"]))
+            solve["states"].append(x)
 
     def end(self, t1: float, z1: torch.Tensor, finish=None, output: torch.Tensor | None = None) -> None:
         """Close the solve: ``states`` are the solver's states z(t); ``outputs`` what the site

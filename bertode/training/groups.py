@@ -1,11 +1,12 @@
 """The Hydra config groups that come from bertode's registries, and one name per setting.
 
-The groups ``solver``, ``sensitivity``, ``block``, ``vector_field`` and ``deq`` are not
+The groups ``solver``, ``sensitivity``, ``block``, ``vector_field``, ``regularizer`` and ``deq`` are not
 yaml files: `store_groups` writes one Hydra ConfigStore entry per registered name
 (your registrations included, e.g. a ``plugins=[my_module]`` module's), plus ``default``
 (the model's default for its mode). Every node's keys are `BertODEConfig` field names,
 by one rule (`field_for`): ``<group>.name`` sets the field ``<group>``,
-``<group>.kwargs`` sets ``<group>_kwargs``, ``deq.<key>`` sets ``deq_<key>`` where that
+``<group>.kwargs`` sets ``<group>_kwargs``, ``regularizer.weight`` sets
+``regularizer_weight``, ``deq.<key>`` sets ``deq_<key>`` where that
 field exists, and every other ``<group>.<key>`` sets ``<key>``. Default values are read
 off `BertODEConfig`, so no number or name is written twice.
 """
@@ -18,12 +19,14 @@ import inspect
 from hydra.core.config_store import ConfigStore
 
 from ..blocks import BLOCKS
+from ..regularizers import REGULARIZERS
 from ..configuration import BertODEConfig
 from ..solve.gradients import GRADIENTS
 from ..solve.solvers import SOLVERS
 from ..vector_fields import VECTOR_FIELDS
 
-REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS}
+REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS,
+                   "regularizer": REGULARIZERS}
 FIXED_STEP_KEYS = ("steps", "t_end", "ode_backend", "fixed_step_loop")
 ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
 DEFAULT = "default"
@@ -42,6 +45,8 @@ def field_for(group: str, key: str) -> str:
         return group
     if key == "kwargs":
         return f"{group}_kwargs"
+    if group == "regularizer" and key == "weight":
+        return "regularizer_weight"
     if group == "deq" and key not in DEQ_PLAIN_FIELDS:
         return f"deq_{key}"
     return key
@@ -78,6 +83,8 @@ def group_node(group: str, name: str) -> dict:
         return _solver_node(name)
     if group == "sensitivity":
         return _gradient_node(name)
+    if group == "regularizer":
+        return {"name": name, "weight": config_default("regularizer_weight")}
     return _kwargs_node(REGISTRY_GROUPS[group], name)
 
 
