@@ -107,14 +107,14 @@ def test_the_regularizer_group_composes_and_is_refused_outside_ode_mode():
 def test_kinetic_regularisation_keeps_an_adaptive_solver_cheap_at_equal_loss(tmp_path):
     """Training a dopri5 model stiffens its flow: without a penalty the forward NFE grows,
     with the kinetic penalty it stays low, at the same eval loss (same data, seed and
-    budget; CPU). Measured over 200 steps: 165 against 74 forward NFE in the last 20, eval
-    loss 5.516 against 5.485."""
+    budget; CPU). Measured: 200 against 74 forward NFE over steps 81-100, eval loss 5.735
+    against 5.725."""
     import json
 
     from bertode.train import compose, train
 
     common = [f"data.cache_dir={tmp_path / 'cache'}", "solver=dopri5", "solver.atol=1e-4", "solver.rtol=1e-4",
-              "solver.t_end=2", "trainer.max_steps=60", "model.hidden_size=32", "model.intermediate_size=64",
+              "solver.t_end=2", "trainer.max_steps=100", "model.hidden_size=32", "model.intermediate_size=64",
               "model.num_attention_heads=2", "data.seq_len=32", "data.vocab_size=500", "trainer.lr=1e-2",
               "trainer.batch_size=16", "trainer.log_every=50", "trainer.eval_every=1000",
               "model.hidden_dropout_prob=0", "data.max_eval_sequences=64"]
@@ -122,8 +122,8 @@ def test_kinetic_regularisation_keeps_an_adaptive_solver_cheap_at_equal_loss(tmp
     for name in ("none", "kinetic"):
         result = train(compose([*common, f"regularizer={name}", "regularizer.weight=0.1"]), tmp_path / name)
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        last = [r["nfe_forward"] for r in records if r["kind"] == "train"][-10:]
+        last = [r["nfe_forward"] for r in records if r["kind"] == "train"][-20:]
         nfe[name], loss[name] = sum(last) / len(last), result["eval"]["loss"]
-    print(f"forward NFE, steps 51-60: {nfe}; eval loss: {loss}")
+    print(f"forward NFE, steps 81-100: {nfe}; eval loss: {loss}")
     assert nfe["kinetic"] < 0.8 * nfe["none"], nfe
     assert abs(loss["kinetic"] - loss["none"]) <= 0.1, loss
