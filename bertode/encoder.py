@@ -61,6 +61,7 @@ class ResidualSite(nn.Module):
         self.compiled_evaluate = None  # torch.compile(ResidualSite.evaluate), set by compile_model
         if integrate:
             self.field = build_vector_field(config)
+            self.field.bind(branch)
             self.solve = ode_solve(config)
             self.t_end = config.t_end
             self.regularizer = REGULARIZERS[config.regularizer]()

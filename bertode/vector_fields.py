@@ -15,7 +15,10 @@ Built in, each reproducing BERT with one Euler step on [0, 1]:
 * ``residual``       dz/dt = G(z), LN after the solve (the ODE-Transformer view);
 * ``add_norm``       dz/dt = LN(z + G(z)) - z (its equilibria are DEQ fixed points);
 * ``time_residual``  dz/dt = G(z + W phi(t)), phi sinusoidal features of t, W zero at
-                     initialisation (so it starts as ``residual``), LN after the solve.
+                     initialisation (so it starts as ``residual``), LN after the solve;
+* ``time_weights``   dz/dt = G(z; W(t)): every Linear of the branch plus a rank-r change
+                     gated by phi(t) through a zero-initialised generator (it starts as
+                     ``residual``); it reaches the branch's layers through `VectorField.bind`.
 
 Users add their own with ``@bertode.register_vector_field("name")``; a field's own
 ``nn.Linear`` layers get BERT's initialisation from ``post_init`` unless marked with
@@ -25,6 +28,7 @@ Users add their own with ``@bertode.register_vector_field("name")``; a field's o
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from typing import Callable
 
@@ -57,6 +61,10 @@ class VectorField(nn.Module, abc.ABC):
     def finish(self, z: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         """Map the solution at t_end to the residual site's output (default: the identity)."""
         return z
+
+    def bind(self, branch: nn.Module) -> None:
+        """Called once with the site's branch module (default: nothing). A field that changes
+        the branch's weights with depth (``time_weights``) attaches itself here."""
 
 
 VECTOR_FIELDS = Registry("vector field", "vector_field", base=VectorField, decorator="register_vector_field")
@@ -123,6 +131,55 @@ class TimeResidualField(VectorField):
 
     def forward(self, t, z, branch, norm):
         return branch(z + self.time_embedding(t).to(z.dtype))
+
+    def finish(self, z, norm):
+        return norm(z)
+
+
+@register_vector_field("time_weights")
+class TimeWeightsField(VectorField):
+    """dz/dt = G(z; W(t)): every Linear W of the branch (Q, K, V, O; both feed-forward
+    layers) becomes W(t) = W + U_i diag(g_i(phi(t))) D_i, a rank-``rank`` change whose
+    gates g = A phi(t) come from a Fourier embedding of depth t through one generator A.
+    A starts at zero, so a fresh (or converted) model begins as ``residual`` exactly; the
+    LayerNorm is applied after the solve. Depth-varying weights, as in Tong et al., ICLR
+    2025 ("Neural ODE Transformers")."""
+
+    def __init__(self, config, rank: int = 4, time_features: int = 16, max_frequency: float = 4.0):
+        super().__init__(config)
+        if not (isinstance(rank, int) and rank >= 1) or time_features < 2 or time_features % 2:
+            raise ValueError(f"BertODEConfig.vector_field_kwargs={{'rank': {rank!r}, 'time_features': "
+                             f"{time_features!r}}} is invalid; allowed: rank >= 1, time_features even >= 2")
+        self.rank, self.time_features, self.max_frequency = rank, time_features, float(max_frequency)
+        self.down = nn.ParameterList()
+        self.up = nn.ParameterList()
+        self.generator = None
+        self._gates = None  # (linears, rank) while this field evaluates the branch
+
+    def bind(self, branch: nn.Module) -> None:
+        linears = [m for m in branch.modules() if isinstance(m, nn.Linear)]
+        for index, linear in enumerate(linears):
+            self.down.append(nn.Parameter(torch.randn(self.rank, linear.in_features) / math.sqrt(linear.in_features)))
+            self.up.append(nn.Parameter(torch.randn(linear.out_features, self.rank) / math.sqrt(self.rank)))
+            linear.register_forward_hook(functools.partial(self._delta, index))
+        self.generator = zero_init(nn.Linear(self.time_features, self.rank * len(linears), bias=False))
+
+    def _delta(self, index, module, inputs, output):
+        if self._gates is None:
+            return output
+        x = inputs[0]
+        return output + ((x @ self.down[index].T.to(x.dtype)) * self._gates[index].to(x.dtype)) @ self.up[index].T.to(x.dtype)
+
+    def forward(self, t, z, branch, norm):
+        weight = self.generator.weight
+        half = self.time_features // 2
+        freqs = torch.exp(torch.linspace(0.0, math.log(self.max_frequency), half, device=weight.device, dtype=torch.float32))
+        angles = t.to(device=weight.device, dtype=torch.float32) * freqs
+        self._gates = self.generator(torch.cat([angles.sin(), angles.cos()]).to(weight.dtype)).view(len(self.down), -1)
+        try:
+            return branch(z)
+        finally:
+            self._gates = None
 
     def finish(self, z, norm):
         return norm(z)
