@@ -27,7 +27,7 @@ from . import outputs as out
 from .configuration import BertODEConfig
 from .dropout import Dropout
 from .embeddings import _Predictions
-from .modeling import BertODEModel, BertODEPreTrainedModel
+from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder
 
 
 def _flags(kwargs: dict) -> dict:
@@ -119,27 +119,16 @@ class _PreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
-class BertODEForPreTraining(_Head):
+class BertODEForPreTraining(TiedMLMDecoder, _Head):
     """BERT's pre-training objective: masked LM plus next-sentence prediction; the loss is
     their sum when both ``labels`` and ``next_sentence_label`` are given."""
 
     accepts_loss_kwargs = False
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
 
     def __init__(self, config: BertODEConfig):
         super().__init__(config)
         self.cls = _PreTrainingHeads(config, masked_lm=True)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, next_sentence_label=None, output_hidden_states=None, return_dict=None, **kwargs):

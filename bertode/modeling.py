@@ -241,17 +241,14 @@ class BertODEModel(BertODEPreTrainedModel):
                                   attentions=attentions, solver_stats=stats, trajectory=trajectory)
 
 
-class BertODEForMaskedLM(BertODEPreTrainedModel):
+class TiedMLMDecoder:
+    """For heads with ``cls.predictions`` (masked LM, pre-training): the decoder is tied to
+    the word embeddings (and its bias to ``cls.predictions.bias``), as in HF BERT."""
+
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
-
-    def __init__(self, config: BertODEConfig):
-        super().__init__(config)
-        self.bert = BertODEModel(config, add_pooling_layer=False)
-        self.cls = BertODEMLMHead(config)
-        self.post_init()
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
@@ -259,6 +256,14 @@ class BertODEForMaskedLM(BertODEPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
+
+
+class BertODEForMaskedLM(TiedMLMDecoder, BertODEPreTrainedModel):
+    def __init__(self, config: BertODEConfig):
+        super().__init__(config)
+        self.bert = BertODEModel(config, add_pooling_layer=False)
+        self.cls = BertODEMLMHead(config)
+        self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,

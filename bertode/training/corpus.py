@@ -56,6 +56,14 @@ def _sample(lines: list[str], sample_bytes: int | None) -> list[str]:
     return taken
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (any of the files transformers reads)."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -111,8 +119,7 @@ def check_data(cfg, trains_tokenizer: bool = True) -> None:
     limit = cfg.max_eval_sequences
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"data.max_eval_sequences={limit!r} is invalid; allowed: null (all) or an integer >= 1")
-    if cfg.tokenizer and not any((Path(os.path.expanduser(str(cfg.tokenizer))) / name).is_file()
-                                 for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+    if cfg.tokenizer and not holds_tokenizer(Path(os.path.expanduser(str(cfg.tokenizer)))):
         raise DataError(f"data.tokenizer: {str(cfg.tokenizer)!r} is not a directory with a saved tokenizer")
     sample_bytes = cfg.get("tokenizer_sample_bytes")
     if sample_bytes is not None and (isinstance(sample_bytes, bool) or not isinstance(sample_bytes, int) or sample_bytes < 1):

@@ -23,7 +23,7 @@ from .. import modeling  # noqa: F401  (registers the Auto classes)
 from . import solve_overrides
 from .cli import hydra_entry, import_plugins, usage_errors
 from .checks import check_count, torch_device
-from .corpus import check_data, load_tokenizer, prepare
+from .corpus import check_data, holds_tokenizer, load_tokenizer, prepare
 from .sources import check_sources
 from .mlm import evaluate as evaluate_batches
 from .mlm import fixed_eval_batches
@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> Path:
         kind = saved.get("model_type") if isinstance(saved, dict) else None
         raise ValueError(f"checkpoint={str(folder)!r} is invalid: its model_type is {kind!r}; allowed: a bertode "
                          "model's directory ('bertode'; convert others with bertode.from_bert)")
-    if not any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt")):
+    if not holds_tokenizer(folder):
         raise ValueError(f"checkpoint={str(folder)!r} is invalid: it holds no tokenizer; allowed: a directory with "
                          "the model and its tokenizer (a bertode.train run's final/)")
     if cfg.split not in ("eval", "train"):

@@ -35,12 +35,12 @@ from ..configuration import BertODEConfig
 from ..families import FAMILIES
 from ..heads import BertODEForSequenceClassification, BertODEForTokenClassification
 from .checks import check_count, resolve_device
+from . import solve_overrides
 from .cli import hydra_entry, import_plugins, usage_errors
-from .corpus import SPECIAL_TOKENS
+from .corpus import SPECIAL_TOKENS, holds_tokenizer
 from .tasks import load_task, metrics
 from .wordpiece import train_tokenizer
 
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
 
 
 def _set(section: DictConfig) -> dict:
@@ -48,12 +48,7 @@ def _set(section: DictConfig) -> dict:
 
 
 def _check_solve(key: str, fields: dict, mode: str | None) -> None:
-    try:
-        BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8,
-                      **({"mode": mode} if mode else {}), **fields)
-    except ValueError as error:
-        message = str(error).replace("BertODEConfig.", f"{key}.", 1).replace("BertODEConfig.mode", "the model's mode")
-        raise ValueError(message) from None
+    solve_overrides.check_fields(fields, mode, lambda field: f"{key}.{field}")
 
 
 def _check_model(path, max_length: int) -> str | None:
@@ -72,7 +67,7 @@ def _check_model(path, max_length: int) -> str | None:
     if model_type != "bertode" and model_type not in FAMILIES:
         raise ValueError(f"{where}: model_type={model_type!r} is not supported; allowed: 'bertode', "
                          f"{', '.join(map(repr, FAMILIES))}")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not holds_tokenizer(folder):
         raise ValueError(f"{where}: it holds no tokenizer; allowed: a directory with its tokenizer")
     if model_type == "bertode":
         fields = saved

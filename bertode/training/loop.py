@@ -53,7 +53,7 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def validate(cfg: DictConfig):
+def validate(cfg: DictConfig, read_sources: bool = True):
     """Every check of the composed config that needs no data: also run before Hydra writes
     the run directory (`cli.hydra_entry`). Returns the model config (vocabulary size 1)."""
     trainer = cfg.trainer
@@ -72,7 +72,8 @@ def validate(cfg: DictConfig):
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     check_data(cfg.data)
-    check_sources(cfg.data)
+    if read_sources:  # a streaming pass over local files; `prepare` reads them with the same checks
+        check_sources(cfg.data)
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")
@@ -81,7 +82,7 @@ def validate(cfg: DictConfig):
 
 def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     """Everything that can reject the input, before any file of ours is written."""
-    config = validate(cfg)
+    config = validate(cfg, read_sources=False)  # prepare() below reads the data with the same checks
     if dist.main:
         corpus = prepare(cfg.data)
     dist.barrier()

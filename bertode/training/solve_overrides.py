@@ -28,15 +28,22 @@ def overrides(cfg: DictConfig) -> dict:
     return chosen
 
 
+def check_fields(fields: dict, mode: str | None, key_of) -> None:
+    """``fields`` (`BertODEConfig` names) must suit a model of ``mode`` (None: the default
+    mode); the one-line error names the command-line key ``key_of(field)``."""
+    try:
+        BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8,
+                      **({"mode": mode} if mode else {}), **fields)
+    except ValueError as error:
+        message = str(error)
+        for field in fields:
+            message = message.replace(f"BertODEConfig.{field}=", f"{key_of(field)}=")
+        raise ValueError(message.replace("BertODEConfig.mode", "the model's mode")) from None
+
+
 def check(cfg: DictConfig, mode: str) -> dict:
     """The overrides, checked against a model of ``mode``; one line naming the key."""
     chosen = overrides(cfg)
     names = {field: f"{group}.{key}" for (group, key), field in FIELDS.items()}
-    try:
-        BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8, mode=mode, **chosen)
-    except ValueError as error:
-        message = str(error)
-        for field, key in names.items():
-            message = message.replace(f"BertODEConfig.{field}=", f"{key}=")
-        raise ValueError(message.replace("BertODEConfig.mode", "the model's mode")) from None
+    check_fields(chosen, mode, names.get)
     return chosen
