@@ -41,7 +41,8 @@ from transformers import BertConfig, BertForMaskedLM
 import bertode
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
+# A GPU machine sees only the checkout: BERTODE_WIKITEXT points at a copy brought along.
+WIKITEXT = Path(os.environ.get("BERTODE_WIKITEXT", ROOT / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"))
 
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256, seq=32, batch=4, vocab=512),
@@ -56,6 +57,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def parser(description: str, steps: int = 10, warmup: int = 2) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the size's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = torch.autocast")
     p.add_argument("--steps", type=int, default=steps, help="timed repetitions (median reported)")
@@ -238,6 +240,36 @@ def instrumented_step(model, batch, optimizer, device, dtype, layers: int) -> di
     else:
         out.update(peak_bytes=None, peak_step_bytes=None)
     return out
+
+
+def sizes_of(args) -> dict:
+    """The size's dimensions, with ``--batch`` applied."""
+    return dict(SIZES[args.size], **({"batch": args.batch} if args.batch else {}))
+
+
+def host_syncs(fn, device: torch.device) -> int | None:
+    """Host synchronisations CUDA's sync detector reports during one ``fn()`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def matmul_rate(device: torch.device) -> float | None:
+    """FLOP/s of an 8192^3 bf16 matrix product measured here (CUDA only): an attainable peak."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / (time_calls(lambda: a @ b, 10, 3, device) / 1e3)
 
 
 def time_calls(fn, steps: int, warmup: int, device: torch.device) -> float:

@@ -26,6 +26,8 @@ ms/step (median of ``--steps`` after ``--warmup``; secondary here, bench_speed o
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 import _bench_common as common
@@ -37,8 +39,8 @@ def plan(args) -> list[tuple[str, str, dict]]:
     for n in args.iters:
         rows.append((f"deq_ift_iter{n}", "one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift",
                                                           deq_max_iter=n, deq_tol=1e-30)))
-    for solver in ("euler", "rk4"):
-        for sensitivity in ("autograd", "adjoint"):
+    for solver in args.solvers:
+        for sensitivity in args.sensitivities:
             for steps in args.ode_steps:
                 rows.append((f"ode_{solver}_{sensitivity}_s{steps}", "layers",
                              dict(solver=solver, steps=steps, sensitivity=sensitivity)))
@@ -54,9 +56,12 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=12, help="layers of the BERT and ODE rows (the DEQ has one)")
     p.add_argument("--iters", type=int_list, default=[10, 20, 40], help="DEQ max_iter values")
     p.add_argument("--ode-steps", type=int_list, default=[1, 2, 4, 8, 16, 32], help="ODE fixed-step counts")
+    p.add_argument("--solvers", type=lambda t: t.split(","), default=["euler", "rk4"], help="ODE rows' solvers")
+    p.add_argument("--sensitivities", type=lambda t: t.split(","), default=["autograd", "adjoint"],
+                   help="ODE rows' gradient methods")
     args = p.parse_args(argv)
     device = common.setup(args)
-    sizes = dict(common.SIZES[args.size], layers=args.layers)
+    sizes = dict(common.sizes_of(args), layers=args.layers)
 
     batch, data = common.mlm_batch(sizes, device, args.seed)
     sources = dict(hf=lambda: common.hf_source(sizes, args.seed),
@@ -83,6 +88,7 @@ def main(argv=None) -> dict:
             row["error"] = "out of memory"
         payload["rows"].append(row)
         del model, optimizer
+        gc.collect()  # an out-of-memory row's traceback holds its tensors in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

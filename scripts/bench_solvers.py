@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--weight-scale", type=float, default=4.0)
     args = p.parse_args(argv)
     device = common.setup(args)
-    sizes = common.SIZES[args.size]
+    sizes = common.sizes_of(args)
     batch, data = common.mlm_batch(sizes, device, args.seed)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     source = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)

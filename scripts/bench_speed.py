@@ -31,7 +31,8 @@ where `bertode.compile.whole_graph` holds, compiled fields otherwise; the row's 
 HF runs eager (the reference) and compiled (row ``hf_bert_compiled``), and counts come
 from one eager step before compiling.
 
-MFU (fixed-step autograd rows only; null for an unknown GPU):
+Host syncs per step (CUDA): synchronisations CUDA's sync detector reports during one
+timed step. MFU (fixed-step autograd rows only; null for an unknown GPU):
 
     f     = forward branch evaluations / (2 * layers)      (1 for BERT, 4 for rk4 1 step, 2 for rk2)
     FLOPs = 6 * tokens * (N_enc * f + N_head + hidden * vocab) + 12 * layers * seq * hidden * tokens * f
@@ -43,12 +44,15 @@ FLOPs), 12 * layers * seq * hidden per token the attention scores and values (fo
 and backward), and peak the dense bf16 peak of the GPU from `PEAK_BF16_FLOPS` (H100,
 H200 989e12; A100 312e12), whatever ``--dtype``. On CPU, peak is the fp32 matmul rate
 measured in the same process (1024 x 1024, median of 5, at the run's thread count): an
-attainable peak, not a datasheet one.
+attainable peak, not a datasheet one. On CUDA, ``mfu_measured`` divides by the rate of an
+8192^3 bf16 matrix product measured in the same process instead of the datasheet peak.
 """
 
 from __future__ import annotations
 
 import statistics
+
+import gc
 
 import torch
 
@@ -131,8 +135,9 @@ def time_rows(prepared: list, args, device, sizes) -> None:
     else:
         for row, step in timed:
             row["ms_per_step"] = common.time_calls(step, args.steps, 0, device)
-    for row, _ in timed:
+    for row, step in timed:
         row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
+        row["host_syncs_per_step"] = common.host_syncs(step, device)
 
 
 def main(argv=None) -> dict:
@@ -144,7 +149,7 @@ def main(argv=None) -> dict:
                    help="keep every model and time one step of each per round (for a noisy, shared CPU)")
     args = p.parse_args(argv)
     device = common.setup(args)
-    sizes = common.SIZES[args.size]
+    sizes = common.sizes_of(args)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -161,6 +166,7 @@ def main(argv=None) -> dict:
     payload = common.header(args, device, sizes, data=data, weight_scale=args.weight_scale, compile=args.compile,
                             interleave=args.interleave, parameters=counts, rows=[])
     payload["peak_flops"] = peak_flops(device, payload["device"])
+    payload["matmul_flops"] = common.matmul_rate(device)  # bf16 8192^3 here (CUDA), for mfu_measured
     common.print_header(payload)
 
     prepared = []
@@ -171,14 +177,21 @@ def main(argv=None) -> dict:
             model = common.hf_source(sizes, args.seed, weight_scale=args.weight_scale)
         else:
             model = common.bertode_model(source if kind == "layers" else one_layer, **overrides)
-        row, step = prepare_row(name, model, batch, args, device, sizes)
+        try:
+            row, step = prepare_row(name, model, batch, args, device, sizes)
+        except torch.OutOfMemoryError:  # e.g. dopri5 with autograd at a big batch: reported, not fatal
+            row, step = dict(name=name, error=f"out of memory at batch {sizes['batch']}", compiled=None), None
         row["config"] = overrides
         payload["rows"].append(row)
         if args.interleave:
             prepared.append((row, step))
         else:  # one model in memory at a time
-            time_rows([(row, step)], args, device, sizes)
+            try:
+                time_rows([(row, step)], args, device, sizes)
+            except torch.OutOfMemoryError:
+                row["error"] = f"out of memory at batch {sizes['batch']}"
             del model, step
+            gc.collect()  # an out-of-memory row's traceback holds its tensors in reference cycles
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     time_rows(prepared, args, device, sizes)
@@ -188,11 +201,14 @@ def main(argv=None) -> dict:
         if row["error"] is None:
             row["ratio"] = row["ms_per_step"] / reference if reference else None
             row["mfu"] = mfu(row, sizes, counts, payload["peak_flops"])
+            if row["mfu"] is not None and payload["matmul_flops"]:
+                row["mfu_measured"] = row["mfu"] * payload["peak_flops"] / payload["matmul_flops"]
     print(common.markdown_table(payload["rows"], [
         ("name", "row", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
         ("ratio", "× HF", ".2f"), ("nfe_forward", "nfe fwd", "d"), ("nfe_backward", "nfe bwd", "d"),
         ("branch_evals_forward", "branch evals fwd", "d"), ("activation_bytes", "activation bytes", ",d"),
         ("peak_bytes", "CUDA peak bytes", ",d"), ("mfu", "MFU", ".1%"),
+        ("mfu_measured", "MFU (measured matmul)", ".1%"), ("host_syncs_per_step", "host syncs", "d"),
     ]))
     print("wrote", common.write_json(args.out, payload, "bench_speed", device))
     return payload

@@ -160,3 +160,21 @@ def test_solvers_backends_agree_on_nfe_and_converge(runs):
         dopri5 = [rows[f"{backend} dopri5 tol={tol}"] for tol in ("1e-03", "1e-05", "1e-07")]
         assert dopri5[0]["rel_error"] > dopri5[2]["rel_error"] and dopri5[2]["rel_error"] <= 1e-5, backend
         assert dopri5[0]["nfe_forward"] <= dopri5[1]["nfe_forward"] <= dopri5[2]["nfe_forward"], backend
+
+
+def test_profile_steps_writes_each_row_and_the_batch_it_ran(tmp_path):
+    """scripts/profile_steps.py (the GPU run's profiler summary) on the CPU: one block per
+    row with its top operators, numbers in JSON at the ``--batch`` given; no CUDA, so no
+    kernels and no outside-kernel share."""
+    text, numbers = tmp_path / "profile.txt", tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_steps.py"), *COMMON, "--batch", "2",
+                           "--rows", "hf_bert,euler_1", "--top", "5", "--out", str(text), "--json", str(numbers)],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    payload = json.loads(numbers.read_text())
+    assert payload["sizes"]["batch"] == 2 and [r["name"] for r in payload["rows"]] == ["hf_bert", "euler_1"]
+    for row in payload["rows"]:
+        assert positive(row["wall_ms_per_step"]) and row["kernels_per_step"] == 0 and row["outside_kernels"] is None
+    summary = text.read_text()
+    assert summary.count("\n== ") == 2 and "aten::" in summary
