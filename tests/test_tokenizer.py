@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from bertode.training.corpus import SPECIAL_TOKENS
-from bertode.training.sources import SAMPLE_FILES, _read
+from bertode.training.documents import _file_lines
+from bertode.training.sources import SAMPLE_FILES
 from bertode.training.wordpiece import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_two_fresh_processes_train_the_same_tokenizer_and_losses(tmp_path):
 def test_the_vocabulary_matches_the_tokenizers_trainer_up_to_ties():
     from tokenizers import BertWordPieceTokenizer
 
-    lines = _read("files", SAMPLE_FILES["train"])
+    lines = list(_file_lines(SAMPLE_FILES["train"]))
     ours = train_tokenizer(lines, 2000, SPECIAL_TOKENS)
     reference = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
     reference.train_from_iterator(lines, vocab_size=2000, min_frequency=2, special_tokens=SPECIAL_TOKENS,

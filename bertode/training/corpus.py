@@ -1,12 +1,18 @@
 """Training data for masked-language modelling: text in, packed token ids out.
 
-`prepare(data_cfg)` reads the train and eval text (the embedded sample, local files and
-globs, or a `datasets` hub dataset), trains a WordPiece tokenizer on the train text
-(deterministically: `wordpiece.py`; on its first ``tokenizer_sample_bytes`` bytes) or
-loads one, packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T, and
-caches tokenizer and rows under ``cache_dir/<hash of the data config and inputs>``, so
-a rerun reuses them. Rows are stored with safetensors (no pickle). `mask_tokens` is
-`DataCollatorForLanguageModeling`'s 15 % / 80-10-10 rule with an explicit generator.
+`prepare(data_cfg)` reads the train and eval documents (`documents.py`: the embedded
+sample, local files and globs, or any `datasets` source), trains a WordPiece tokenizer on
+the train text (deterministically: `wordpiece.py`; on its first ``tokenizer_sample_bytes``
+bytes) or loads one, packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T
+(`shards.Packer`) and writes them as token shards (`shards.write_rows`) under
+``cache_dir/<hash of the data config and inputs>``: ``tokenizer/``, ``train/``, ``eval/``,
+each built beside the entry and renamed into it, so a rerun (or ``python -m
+bertode.prepare``, run once beforehand) reuses them and a killed run leaves nothing
+half-written. With ``data.streaming=true`` the train split is not written: training
+packs it on the fly (`stream.py`); the cache keeps the tokenizer, the eval rows and the
+first ``STREAM_HEAD_ROWS`` train rows (their token counts give the unigram baseline).
+`mask_tokens` is `DataCollatorForLanguageModeling`'s 15 % / 80-10-10 rule with an
+explicit generator.
 """
 
 from __future__ import annotations
@@ -20,23 +26,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from .sources import DataError, read_splits
+from .documents import documents, identities
+from .shards import Packer, ShardRows, write_rows
+from .sources import DataError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+STREAM_HEAD_ROWS = 2048
+STREAM_EVAL_ROWS = 4096  # eval rows kept for a streamed corpus when data.max_eval_sequences is null
 
 
 @dataclass
 class Corpus:
     tokenizer: object  # transformers BertTokenizerFast
-    train: torch.Tensor  # (rows, seq_len) int64
-    eval: torch.Tensor
+    train: ShardRows | None  # (rows, seq_len) on disk, read by row; None when streaming
+    eval: torch.Tensor  # (rows, seq_len) int64
     cache: Path
+    counts: torch.Tensor  # token counts of the train rows (streaming: of the first STREAM_HEAD_ROWS)
 
 
 # --- tokenizer and packing ------------------------------------------------------------
-def _train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool, sample_bytes: int | None = None):
+def _train_tokenizer(lines, vocab_size: int, lowercase: bool, sample_bytes: int | None = None):
     """WordPiece trained deterministically (`wordpiece.py`) on the train text, or on its
     first ``sample_bytes`` bytes (a bounded, deterministic sample for large corpora)."""
     from .wordpiece import train_tokenizer
@@ -44,9 +55,9 @@ def _train_tokenizer(lines: list[str], vocab_size: int, lowercase: bool, sample_
     return train_tokenizer(_sample(lines, sample_bytes), vocab_size, SPECIAL_TOKENS, lowercase)
 
 
-def _sample(lines: list[str], sample_bytes: int | None) -> list[str]:
+def _sample(lines, sample_bytes: int | None) -> list[str]:
     if not sample_bytes:
-        return lines
+        return list(lines)
     taken, size = [], 0
     for line in lines:
         if size >= sample_bytes:
@@ -72,22 +83,6 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def pack(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
-    """Concatenate the token ids of every line and cut rows [CLS] ... [SEP] of seq_len."""
-    ids: list[int] = []
-    for start in range(0, len(lines), 1000):
-        for row in tokenizer(lines[start:start + 1000], add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-    body = seq_len - 2
-    rows = len(ids) // body
-    if rows == 0:
-        raise DataError(f"data.seq_len={seq_len} is longer than the whole split ({len(ids)} tokens)")
-    table = torch.tensor(ids[: rows * body], dtype=torch.long).view(rows, body)
-    cls = torch.full((rows, 1), tokenizer.cls_token_id, dtype=torch.long)
-    sep = torch.full((rows, 1), tokenizer.sep_token_id, dtype=torch.long)
-    return torch.cat([cls, table, sep], dim=1)
-
-
 def vocabulary_hash(tokenizer) -> str:
     """A tokenizer's identity for the cache: its vocabulary, lower-casing and special tokens."""
     blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
@@ -97,10 +92,11 @@ def vocabulary_hash(tokenizer) -> str:
 
 def _cache_key(cfg, identities) -> str:
     fields = {k: cfg.get(k) for k in ("source", "hub_path", "hub_name", "eval_fraction", "seq_len", "vocab_size",
-                                      "lowercase", "tokenizer", "tokenizer_sample_bytes")}
+                                      "lowercase", "tokenizer", "tokenizer_sample_bytes", "text_column",
+                                      "train_split", "eval_split")}
     fields["tokenizer"] = str(Path(fields["tokenizer"]).resolve()) if fields["tokenizer"] else None
-    # format 2: WordPiece trained deterministically (format 1 entries hold a per-process draw)
-    blob = json.dumps({"fields": fields, "inputs": identities, "format": 2}, sort_keys=True, default=str)
+    # format 3: token shards (2: one safetensors file; 1: a per-process WordPiece draw)
+    blob = json.dumps({"fields": fields, "inputs": identities, "format": 3}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -126,36 +122,70 @@ def check_data(cfg, trains_tokenizer: bool = True) -> None:
         raise DataError(f"data.tokenizer_sample_bytes={sample_bytes!r} is invalid; allowed: null or an integer >= 1")
 
 
+def _build(entry: Path, part: str, write) -> Path:
+    """``entry/part``, written by ``write(folder)`` beside the entry and renamed into it
+    unless it is there already (another process that won the race leaves its copy)."""
+    target = entry / part
+    if not target.exists():
+        entry.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=entry))
+        try:
+            write(staging / part)
+            os.rename(staging / part, target)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _rows(folder: Path, tokenizer, texts, cfg, split: str, limit: int | None = None) -> None:
+    vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    if write_rows(folder, Packer(tokenizer, texts, cfg.seq_len), cfg.seq_len, vocab, limit) == 0:
+        raise DataError(f"data.seq_len={cfg.seq_len} is longer than the whole {split} split "
+                        "(not one row of tokens)")
+
+
 def prepare(cfg, tokenizer=None) -> Corpus:
     """Tokenizer and packed rows for this data config, from the cache when it has them.
 
     A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
     check_data(cfg)
-    train_lines, eval_lines, identities = read_splits(cfg)
+    inputs = identities(cfg)
     if tokenizer is not None:
-        identities = identities + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
+        inputs = inputs + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
     elif cfg.tokenizer:
-        identities = identities + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
-    cache = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, identities)
-    if (cache / "rows.safetensors").is_file():
-        rows = load_file(cache / "rows.safetensors")
-        tok = tokenizer if tokenizer is not None else load_tokenizer(cache / "tokenizer")
-        return Corpus(tok, rows["train"], rows["eval"], cache)
-
-    if tokenizer is None:
-        tokenizer = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
-                     _train_tokenizer(train_lines, cfg.vocab_size, cfg.lowercase, cfg.get("tokenizer_sample_bytes")))
-    train, evaluation = pack(tokenizer, train_lines, cfg.seq_len), pack(tokenizer, eval_lines, cfg.seq_len)
-    # Build beside the cache entry, then rename: a killed run leaves no half-written entry.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
-    tokenizer.save_pretrained(staging / "tokenizer")
-    save_file({"train": train.contiguous(), "eval": evaluation.contiguous()}, staging / "rows.safetensors")
+        inputs = inputs + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
+    entry = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, inputs)
+    created = not entry.exists()
     try:
-        os.rename(staging, cache)
-    except OSError:  # another process won the race; use its entry
-        shutil.rmtree(staging, ignore_errors=True)
-    return Corpus(tokenizer, train, evaluation, cache)
+        return _prepare(cfg, tokenizer, entry)
+    except DataError:  # bad data writes nothing: drop the entry this call began
+        if created:
+            shutil.rmtree(entry, ignore_errors=True)
+        raise
+
+
+def _prepare(cfg, tokenizer, entry: Path) -> Corpus:
+    if tokenizer is None:
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        else:
+            folder = _build(entry, "tokenizer", lambda f: _train_tokenizer(
+                documents(cfg, "train"), cfg.vocab_size, cfg.lowercase,
+                cfg.get("tokenizer_sample_bytes")).save_pretrained(f))
+            tokenizer = load_tokenizer(folder)
+    streaming = bool(cfg.get("streaming"))
+    eval_limit = (cfg.max_eval_sequences or STREAM_EVAL_ROWS) if streaming else None
+    eval_folder = _build(entry, "eval" if not streaming else f"eval-head-{eval_limit}",
+                         lambda f: _rows(f, tokenizer, documents(cfg, "eval"), cfg, "eval", eval_limit))
+    if streaming:
+        head = ShardRows(_build(entry, f"train-head-{STREAM_HEAD_ROWS}", lambda f: _rows(
+            f, tokenizer, documents(cfg, "train"), cfg, "train", STREAM_HEAD_ROWS)))
+        return Corpus(tokenizer, None, ShardRows(eval_folder)[:], entry, head.counts())
+    train = ShardRows(_build(entry, "train", lambda f: _rows(f, tokenizer, documents(cfg, "train"), cfg, "train")))
+    return Corpus(tokenizer, train, ShardRows(eval_folder)[:], entry, train.counts())
 
 
 # --- masking ---------------------------------------------------------------------------
@@ -175,9 +205,9 @@ def mask_tokens(rows: torch.Tensor, tokenizer, probability: float, generator: to
     return inputs, labels
 
 
-def unigram_cross_entropy(train: torch.Tensor, evaluation: torch.Tensor, vocab_size: int) -> float:
-    """Cross-entropy (nats) of eval tokens under the add-one unigram distribution of train:
-    the loss a model that ignores context would reach."""
-    counts = torch.bincount(train[:, 1:-1].flatten(), minlength=vocab_size).double() + 1
+def unigram_cross_entropy(counts: torch.Tensor, evaluation: torch.Tensor) -> float:
+    """Cross-entropy (nats) of eval tokens under the add-one unigram distribution of the
+    train tokens' ``counts``: the loss a model that ignores context would reach."""
+    counts = counts.double() + 1
     log_probs = (counts / counts.sum()).log()
     return -log_probs[evaluation[:, 1:-1].flatten()].mean().item()

@@ -44,6 +44,14 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
@@ -58,8 +66,8 @@ class BatchOrder:
     seeded by (seed, epoch), masked with a generator seeded by (seed, m). A pure function
     of m, so a resumed run sees exactly the batches the uninterrupted run would have."""
 
-    def __init__(self, rows: torch.Tensor, micro_batch: int, seed: int):
-        self.rows, self.micro_batch, self.seed = rows, micro_batch, seed
+    def __init__(self, rows, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
+        self.rows, self.micro_batch, self.seed, self.rank, self.world = rows, micro_batch, seed, rank, world
         self._epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -73,12 +81,25 @@ class BatchOrder:
         n = len(self.rows)
         return self.rows[torch.stack([self._permutation(p // n)[p % n] for p in positions])]
 
+    @staticmethod
+    def noise_seed_of(seed: int, m: int) -> int:
+        return seed * 2_654_435_761 + 104_729 * m + 17
+
     def noise_seed(self, m: int) -> int:
         """The seed of micro-batch m's dropout masks (`bertode.dropout.split_invariant`)."""
-        return self.seed * 2_654_435_761 + 104_729 * m + 17
+        return self.noise_seed_of(self.seed, m)
 
     def masked(self, m: int, tokenizer, probability: float):
         generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
         return mask_tokens(self.micro_batch_rows(m), tokenizer, probability, generator)
+
+    def local_masked(self, m: int, tokenizer, probability: float):
+        """This rank's rows of micro-batch m: the global batch masked at once, then sliced,
+        so the masks do not depend on the world size."""
+        inputs, labels = self.masked(m, tokenizer, probability)
+        return inputs[self.rank::self.world], labels[self.rank::self.world]
+
+    def state(self, dist) -> None:
+        return None  # a pure function of the micro-batch index: the step is the position
 
 

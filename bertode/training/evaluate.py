@@ -52,6 +52,9 @@ def validate(cfg: DictConfig) -> Path:
                          "the model and its tokenizer (a bertode.train run's final/)")
     if cfg.split not in ("eval", "train"):
         raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
+    if cfg.split == "train" and cfg.data.get("streaming"):
+        raise ValueError("split='train' is invalid with data.streaming=true (a stream has no fixed train rows); "
+                         "allowed: split=eval, or data.streaming=false")
     check_count("batch_size", cfg.batch_size, 1)
     check_count("seed", cfg.seed, 0)
     check_count("max_sequences", cfg.max_sequences, 1, nullable=True)

@@ -33,7 +33,8 @@ from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import check_data, prepare, unigram_cross_entropy
 from .sources import DataError, check_sources
-from .distributed import BatchOrder, Distributed
+from .distributed import Distributed
+from .stream import batch_order, check_layout
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
 from .run_log import RunLog, check_logger, keep_until, write_model_card
@@ -72,6 +73,10 @@ def validate(cfg: DictConfig, read_sources: bool = True):
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     check_data(cfg.data)
+    if cfg.data.get("streaming"):
+        problem = check_layout(cfg.data.stream_shards, cfg.data.num_workers, int(os.environ.get("WORLD_SIZE", "1")))
+        if problem:
+            raise DataError(problem)
     if read_sources:  # a streaming pass over local files; `prepare` reads them with the same checks
         check_sources(cfg.data)
     if cfg.data.seq_len > config.max_position_embeddings:
@@ -124,13 +129,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     model = BertODEForMaskedLM(config).to(dist.device)
     base = model
     optimizer = _optimizer(model, trainer, dist.device)
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0}
+    state, data_state = {"step": 0, "tokens": 0, "elapsed": 0.0}, None
     if resume_from is not None:
         with usage_errors():
             saved = checkpoint.load(resume_from, model)
         optimizer.load_state_dict(saved["optimizer"])
         checkpoint.set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in state}
+        state, data_state = {k: saved[k] for k in state}, saved.get("data")
+        if bool(cfg.data.streaming) != (data_state is not None):
+            with usage_errors():
+                raise DataError(f"data.streaming={cfg.data.streaming} is invalid for resuming {resume_from}: it was "
+                                f"trained with data.streaming={not cfg.data.streaming}; allowed: the run's own setting")
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if trainer.compile:
@@ -143,16 +152,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                  config=OmegaConf.to_container(cfg, resolve=True))
     seq_len = cfg.data.seq_len
     micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
-    order = BatchOrder(corpus.train, micro, cfg.seed)
+    order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
     eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
                                       max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
-    baseline = unigram_cross_entropy(corpus.train, corpus.eval, len(corpus.tokenizer))
+    baseline = unigram_cross_entropy(corpus.counts, corpus.eval)
     parameters = sum(p.numel() for p in base.parameters())
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {state['step']}")
     log.print(f"bertode.train: {config.mode} model, {parameters / 1e6:.2f} M parameters, {dist.world} process(es) on "
-              f"{dist.device}, {len(corpus.train)} train rows x {seq_len} tokens, run dir {run_dir}")
+              f"{dist.device}, {'streamed' if corpus.train is None else len(corpus.train)} train rows x {seq_len} "
+              f"tokens, run dir {run_dir}")
 
     def run_eval(step: int) -> dict:
         result = evaluate(base, eval_batches, dist.device, trainer.precision)
@@ -174,17 +184,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         factor = lr_factor(step, elapsed, trainer)
         for group in optimizer.param_groups:
             group["lr"] = trainer.lr * factor
-        micro_batches = [order.masked(step * trainer.grad_accumulation + a, corpus.tokenizer, cfg.data.mlm_probability)
-                         for a in range(trainer.grad_accumulation)]
-        total_masked = sum(int((labels != -100).sum()) for _, labels in micro_batches)
+        micro_batches = [order.local_masked(step * trainer.grad_accumulation + a, corpus.tokenizer,
+                                            cfg.data.mlm_probability) for a in range(trainer.grad_accumulation)]
+        total_masked = int(dist.all_sum([float(sum(int((labels != -100).sum()) for _, labels in micro_batches))])[0])
         # The loss of a step is the mean over every masked token of the global batch: the
         # model divides its sum by this rank's share of the count (DDP averages over ranks).
         items = torch.tensor(max(total_masked, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
         skipped_before = base.skipped_batches
         ce_total, correct_total = 0.0, 0
         for a, (inputs, labels) in enumerate(micro_batches):
-            inputs = inputs[dist.rank::dist.world].to(dist.device)
-            labels = labels[dist.rank::dist.world].to(dist.device)
+            inputs, labels = inputs.to(dist.device), labels.to(dist.device)
             sync = a == trainer.grad_accumulation - 1 or dist.world == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             # Dropout masks drawn for the whole micro-batch and sliced: the same at any world size.
@@ -223,12 +232,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         if step % trainer.eval_every == 0 and step < trainer.max_steps:
             result = run_eval(step)
         if step % trainer.checkpoint_every == 0:
-            failure = None
+            failure, data_position = None, order.state(dist)  # a collective call for streams
             if dist.main:
                 try:
                     checkpoint.save(run_dir / "checkpoints", step, base,
                                     {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                                     "step": step, "tokens": tokens, "elapsed": elapsed},
+                                     "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position},
                                     keep=trainer.keep_checkpoints)
                 except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
                     failure = str(error)

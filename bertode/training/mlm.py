@@ -38,8 +38,7 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 def fixed_eval_batches(rows: torch.Tensor, tokenizer, probability: float, seed: int, batch_size: int,
                        max_rows: int | None = None):
     """The eval rows masked once with ``seed``, cut into batches."""
-    if max_rows:
-        rows = rows[:max_rows]
+    rows = rows[:max_rows] if max_rows else rows[:]  # a tensor, also from token shards
     generator = torch.Generator().manual_seed(seed)
     inputs, labels = mask_tokens(rows, tokenizer, probability, generator)
     return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(rows), batch_size)]

@@ -1,7 +1,9 @@
 """Where the training text comes from (``data.source``): the embedded sample, local
-UTF-8 files and globs, or a `datasets` hub dataset. `check_sources` checks a data config
-before anything is written (files exist, are UTF-8 and hold text); `read_splits` reads
-the train and eval lines."""
+UTF-8 files and globs, or a `datasets` source (a hub name, or a local builder with
+``data.data_files``). `check_sources` checks a data config before anything is written:
+local files exist, are UTF-8 and hold text; a `datasets` source loads (streamed, nothing
+cached), has the splits and the text column asked for, and is not empty. Reading the
+documents is `documents.py`'s."""
 
 from __future__ import annotations
 
@@ -10,20 +12,20 @@ import glob
 import os
 from pathlib import Path
 
+from .errors import DataError
+
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_FILES = {"train": [SAMPLE_DIR / "moby_dick_train.txt"], "eval": [SAMPLE_DIR / "moby_dick_eval.txt"]}
 SOURCES = ("sample", "text", "hub")
 
 
-class DataError(ValueError):
-    """Bad data input; the message names the config field and the offending value."""
 
 
 def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _expand(field: str, patterns) -> list[Path]:
+def expand_files(field: str, patterns) -> list[Path]:
     if patterns is None or isinstance(patterns, str):
         patterns = [] if patterns is None else [patterns]
     files: list[Path] = []
@@ -37,18 +39,6 @@ def _expand(field: str, patterns) -> list[Path]:
                 raise DataError(f"data.{field}: {match!r} does not exist or is not a file")
             files.append(Path(match))
     return files
-
-
-def _read(field: str, files: list[Path]) -> list[str]:
-    lines: list[str] = []
-    for path in files:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise DataError(f"data.{field}: {str(path)!r} is not UTF-8 text (bad byte at offset {error.start})") from None
-        lines.extend(line for line in text.splitlines() if line.strip())
-    return lines
 
 
 def _text_lines(field: str, files: list[Path]) -> int:
@@ -81,9 +71,11 @@ def check_sources(cfg) -> None:
     if cfg.source == "hub" and not cfg.hub_path:
         raise DataError(f"data.hub_path={cfg.hub_path!r} is invalid with data.source='hub'; allowed: a dataset "
                         "name or a local dataset directory")
+    if not isinstance(cfg.get("streaming", False), bool):
+        raise DataError(f"data.streaming={cfg.streaming!r} is invalid; allowed: true, false")
     eval_files = []
     if cfg.source == "text":
-        train_files, eval_files = _expand("files", cfg.files), _expand("eval_files", cfg.eval_files)
+        train_files, eval_files = expand_files("files", cfg.files), expand_files("eval_files", cfg.eval_files)
         if not train_files:
             raise DataError("data.files is empty; give at least one text file or glob")
         lines = _text_lines("files", train_files)
@@ -93,50 +85,10 @@ def check_sources(cfg) -> None:
             raise DataError(f"data.eval_files: {[str(p) for p in eval_files]} contain no text")
         if not eval_files and lines < 2:
             raise DataError(f"data.files: {lines} line(s) of text are too few to hold out an eval split")
-    if cfg.source != "hub" and not eval_files and not (_real(cfg.eval_fraction) and 0 < cfg.eval_fraction < 1):
+    needs_holdout = not eval_files if cfg.source != "hub" else not cfg.get("eval_split")
+    if needs_holdout and not (_real(cfg.eval_fraction) and 0 < cfg.eval_fraction < 1):
         raise DataError(f"data.eval_fraction={cfg.eval_fraction!r} is invalid; allowed: a number in (0, 1)")
+    if cfg.source == "hub":
+        from .hub import check_hub
 
-
-def _hub_lines(cfg, split: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError as error:  # pragma: no cover - datasets is a dependency
-        raise DataError("data.source='hub' needs the `datasets` package: pip install datasets") from error
-    try:
-        cache = os.path.join(os.path.expanduser(str(cfg.cache_dir)), "datasets")
-        dataset = datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, cache_dir=cache)
-    except Exception as error:  # the hub is often unreachable; say which dataset
-        raise DataError(f"data.hub_path={cfg.hub_path!r} (name {cfg.hub_name!r}, split {split!r}) could not be loaded: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-    return [line for line in dataset["text"] if line.strip()]
-
-
-def read_splits(cfg) -> tuple[list[str], list[str], list[str]]:
-    """Train lines, eval lines, and the identities of the inputs (for the cache key)."""
-    if cfg.source == "sample":
-        train_files, eval_files = SAMPLE_FILES["train"], SAMPLE_FILES["eval"]
-    elif cfg.source == "text":
-        train_files, eval_files = _expand("files", cfg.files), _expand("eval_files", cfg.eval_files)
-        if not train_files:
-            raise DataError("data.files is empty; give at least one text file or glob")
-    elif cfg.source == "hub":
-        train, evaluation = _hub_lines(cfg, "train"), _hub_lines(cfg, "validation")
-        return train, evaluation, [f"hub:{cfg.hub_path}:{cfg.hub_name}"]
-    else:
-        raise DataError(f"data.source={cfg.source!r} is invalid; allowed: {', '.join(map(repr, SOURCES))}")
-    identities = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in train_files + eval_files]
-    train = _read("files", train_files)
-    if not train:
-        raise DataError(f"data.files: {[str(p) for p in train_files]} contain no text")
-    if eval_files:
-        evaluation = _read("eval_files", eval_files)
-        if not evaluation:
-            raise DataError(f"data.eval_files: {[str(p) for p in eval_files]} contain no text")
-    else:
-        if not (_real(cfg.eval_fraction) and 0 < cfg.eval_fraction < 1):
-            raise DataError(f"data.eval_fraction={cfg.eval_fraction!r} is invalid; allowed: a number in (0, 1)")
-        cut = max(1, int(len(train) * (1 - cfg.eval_fraction)))
-        if cut >= len(train):
-            raise DataError(f"data.files: {len(train)} line(s) of text are too few to hold out an eval split")
-        train, evaluation = train[:cut], train[cut:]
-    return train, evaluation, identities
+        check_hub(cfg)

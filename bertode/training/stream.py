@@ -1,0 +1,148 @@
+"""Streaming train rows (``data.streaming=true``): documents read, tokenized and packed on
+the fly in a `torch.utils.data` pipeline, in memory bounded whatever the corpus size.
+
+The global row sequence is fixed by the data and ``data.stream_shards`` (S) alone: train
+document i goes to shard i mod S; each shard is packed on its own (`shards.Packer`) and
+starts over when it runs out (its next epoch); global row k is row k // S of shard k mod S.
+Micro-batch m holds rows k = m B ... m B + B - 1. Rank r of W keeps the rows k ≡ r
+(mod W) (the rows `bertode.dropout` gives it too), and these come only from shards
+s ≡ r (mod W): each rank packs its own shards and no other's. Inside a rank the
+``data.num_workers`` (P) DataLoader workers split the rank's shards again (worker w packs
+every P-th, from where the rank's sequence resumes); the DataLoader's round-robin over
+its workers then returns exactly the rank's sequence. Hence W must divide S, and P the
+S / W shards of a rank. Every worker reads the document stream and tokenizes only its
+shards' documents.
+
+Each row arrives with its shard's position after it (epoch, document of the shard, token
+offset), so a checkpoint records where every shard stands (`StreamOrder.state`) and a
+resumed run continues with exactly the rows the uninterrupted run would have seen. MLM
+masks are drawn per row, keyed by the global row index k: a rank masks only its rows,
+and the masks do not depend on W.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .documents import documents
+from .shards import Packer
+
+
+def check_layout(shards, workers, world: int) -> str | None:
+    """What is wrong with ``data.stream_shards``/``data.num_workers`` at ``world`` ranks, or None."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        return f"data.stream_shards={shards!r} is invalid; allowed: an integer >= 1"
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        return f"data.num_workers={workers!r} is invalid; allowed: an integer >= 0"
+    if shards % world:
+        return (f"data.stream_shards={shards} is invalid with {world} processes; allowed: a multiple of the "
+                "process count (each rank packs its own shards)")
+    if (shards // world) % max(workers, 1):
+        return (f"data.num_workers={workers} is invalid with data.stream_shards={shards} over {world} process(es); "
+                f"allowed: a divisor of {shards // world} (the shards of one rank)")
+    return None
+
+
+def shard_rows(cfg, tokenizer, shard: int, position: tuple[int, int, int]):
+    """(row, position after it) of one shard, forever, from ``position`` (epoch, document, offset)."""
+    epoch, document, offset = position
+    shards = cfg.stream_shards
+    while True:
+        texts = (text for i, text in enumerate(documents(cfg, "train")) if i % shards == shard)
+        packer = Packer(tokenizer, itertools.islice(texts, document, None), cfg.seq_len, start=(document, offset))
+        produced = False
+        for row in packer:
+            produced = True
+            yield row, (epoch, *packer.position()), packer.lookahead()
+        if not produced and document == 0:
+            raise ValueError(f"data.stream_shards={shards}: shard {shard} holds less than one row of "
+                             f"{cfg.seq_len} tokens; allowed: fewer shards or a shorter data.seq_len")
+        epoch, document, offset = epoch + 1, 0, 0
+
+
+class StreamRows(IterableDataset):
+    """One rank's rows in its order, from its ``first`` local row on (module docstring)."""
+
+    def __init__(self, cfg, tokenizer, rank: int, world: int, first: int, positions: dict):
+        self.cfg, self.tokenizer, self.rank, self.world = cfg, tokenizer, rank, world
+        self.first, self.positions = first, positions
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        mine = list(range(self.rank, self.cfg.stream_shards, self.world))  # the rank's shards, in its order
+        start = (self.first + worker) % len(mine)
+        order = [mine[(start + workers * t) % len(mine)] for t in range(len(mine) // workers)]
+        streams = [shard_rows(self.cfg, self.tokenizer, s, tuple(self.positions.get(s, (0, 0, 0)))) for s in order]
+        for s, stream in itertools.cycle(zip(order, streams)):
+            row, position, lookahead = next(stream)
+            yield s, torch.tensor(row, dtype=torch.long), position, lookahead
+
+
+class StreamOrder:
+    """The streaming counterpart of `distributed.BatchOrder`: this rank's masked rows of
+    each micro-batch, in order, and the stream's position for checkpoints."""
+
+    def __init__(self, cfg, tokenizer, micro_batch: int, seed: int, rank: int, world: int,
+                 first_micro_batch: int = 0, state: dict | None = None):
+        self.cfg, self.tokenizer, self.micro, self.seed, self.rank, self.world = (cfg, tokenizer, micro_batch, seed,
+                                                                                   rank, world)
+        self.positions = {int(s): tuple(p) for s, p in (state or {}).get("positions", {}).items()}
+        self.next_micro_batch = first_micro_batch
+        first = first_micro_batch * micro_batch // world  # this rank's rows already consumed
+        workers = int(cfg.num_workers)
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
+        dataset = StreamRows(cfg, tokenizer, rank, world, first, self.positions)
+        self.loader = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                      prefetch_factor=2 if workers else None, persistent_workers=False))
+        self.lookahead = 0  # the most documents any packer had read beyond its next row
+
+    def local_masked(self, m: int, tokenizer, probability: float):
+        """(inputs, labels) of this rank's rows of micro-batch m (m must be the next one)."""
+        from .corpus import mask_tokens
+
+        if m != self.next_micro_batch:
+            raise RuntimeError(f"stream micro-batch {m} requested, {self.next_micro_batch} expected")
+        self.next_micro_batch += 1
+        inputs, labels = [], []
+        for j in range(self.rank, self.micro, self.world):
+            shard, row, position, lookahead = next(self.loader)
+            k = m * self.micro + j
+            if shard != k % self.cfg.stream_shards:  # the pipeline's order is the contract; never train out of it
+                raise RuntimeError(f"stream row {k} came from shard {shard}, expected {k % self.cfg.stream_shards}")
+            self.positions[shard] = position
+            self.lookahead = max(self.lookahead, lookahead)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            masked, label = mask_tokens(row[None], tokenizer, probability, generator)
+            inputs.append(masked)
+            labels.append(label)
+        return torch.cat(inputs), torch.cat(labels)
+
+    def noise_seed(self, m: int) -> int:
+        from .distributed import BatchOrder
+
+        return BatchOrder.noise_seed_of(self.seed, m)
+
+    def state(self, dist) -> dict:
+        """Every shard's position (gathered from all ranks: a collective call)."""
+        positions = {}
+        for part in dist.gather(self.positions):
+            positions.update(part)
+        return {"positions": {int(s): list(p) for s, p in positions.items()}, "micro_batches": self.next_micro_batch}
+
+
+def batch_order(data_cfg, corpus, micro_batch: int, seed: int, dist, first_micro_batch: int, state: dict | None):
+    """The rows of every micro-batch: the stream's (resumed from ``state``, the checkpoint's
+    stream position) or, from token shards, `distributed.BatchOrder` (a pure function of
+    the micro-batch index)."""
+    from .distributed import BatchOrder
+
+    if data_cfg.streaming:
+        return StreamOrder(data_cfg, corpus.tokenizer, micro_batch, seed, dist.rank, dist.world,
+                           first_micro_batch=first_micro_batch, state=state)
+    return BatchOrder(corpus.train, micro_batch, seed, dist.rank, dist.world)
