@@ -141,7 +141,7 @@ def test_stream_ranks_read_disjoint_shards_and_together_give_the_one_process_row
             inputs, labels = order.local_masked(m, tokenizer, 0.15)
             assert torch.equal(inputs, global_rows[m][0][r::2]) and torch.equal(labels, global_rows[m][1][r::2])
     assert set(ranks[0].positions) == {0, 2} and set(ranks[1].positions) == {1, 3}  # disjoint shards
-    state = {"positions": {**ranks[0].positions, **ranks[1].positions}}
+    state = {"positions": {**ranks[0].positions, **ranks[1].positions}, "stream_shards": 4}
     resumed = StreamOrder(cfg, tokenizer, 8, 0, 1, 2, first_micro_batch=6, state=state)
     further = StreamOrder(cfg, tokenizer, 8, 0, 1, 2)
     for m in range(8):
@@ -224,7 +224,7 @@ def test_bad_sources_give_one_line_and_write_nothing(corpus_files, tmp_path, mon
         (["data=hub", "data.hub_path=json", f"data.data_files=[{corpus_files / 'missing-*.jsonl'}]"], "matches no file"),
         (["data=c4"], "the Hugging Face hub is unreachable"),
         (["data=hub", "data.hub_path=someone/no-such-dataset"], "for local files use data.hub_path=json"),
-        (base + ["data.streaming=true", "data.stream_shards=0"], "data.stream_shards=0 is invalid; allowed: an integer >= 1"),
+        (base + ["data.streaming=true", "data.stream_shards=0"], "data.stream_shards=0 is invalid; allowed: null (one per worker of every rank) or an integer >= 1"),
         (base + ["data.streaming=true", "data.stream_shards=4", "data.num_workers=3"],
          "data.num_workers=3 is invalid with data.stream_shards=4 over 1 process(es); allowed: a divisor of 4"),
         (base + ["data.streaming=maybe"], "data.streaming='maybe' is invalid; allowed: true, false"),
@@ -244,3 +244,20 @@ def test_bad_sources_give_one_line_and_write_nothing(corpus_files, tmp_path, mon
         assert exit_info.value.code == 2, (overrides, error)
         assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (overrides, error)
         assert _snapshot(tmp_path, cache) == before, overrides
+
+
+def test_a_shard_too_small_for_one_row_is_a_data_error_and_a_resume_at_a_documents_tail_is_not(corpus_files, tmp_path):
+    from bertode.training.corpus import prepare
+    from bertode.training.errors import DataError
+    from bertode.training.stream import check_shards, shard_rows
+
+    cfg = compose_train(_hub(corpus_files, tmp_path / "cache")).data
+    tokenizer = prepare(cfg).tokenizer
+    cfg.stream_shards = 5000  # more shards than documents
+    with pytest.raises(DataError, match="data.stream_shards=5000: shard 0 holds less than one row"):
+        check_shards(cfg, tokenizer, 1)
+    cfg.stream_shards = 1
+    stream = shard_rows(cfg, tokenizer, 0, 1, (0, 0, 0))
+    rows = [next(stream) for _ in range(40)]
+    for (_, after, _), (row, _, _) in zip(rows, rows[1:]):  # each position restarts at the next row
+        assert next(shard_rows(cfg, tokenizer, 0, 1, after))[0] == row

@@ -152,7 +152,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                  config=OmegaConf.to_container(cfg, resolve=True))
     seq_len = cfg.data.seq_len
     micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
-    order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
+    with usage_errors():  # a stream resumed with another data.stream_shards
+        order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
     eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
                                       max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 BATCH_DOCUMENTS = 16
 BATCH_CHARS = 1 << 15
 SHARD_ROWS = 1 << 16
+OPEN_FILES = 64  # shard files a reader keeps open at once
 
 
 class Packer:
@@ -143,7 +145,8 @@ class ShardRows:
         self.files = [self.folder / f["file"] for f in index["files"]]
         self.starts = np.cumsum([0] + [f["rows"] for f in index["files"]])
         self.shape = (int(self.starts[-1]), self.seq_len)
-        self._handles: dict[int, int] = {}
+        self._handles: OrderedDict[int, int] = OrderedDict()  # at most OPEN_FILES, least recently used closed
+        weakref.finalize(self, _close_all, self._handles)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -155,7 +158,11 @@ class ShardRows:
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         shard = int(np.searchsorted(self.starts, i, side="right") - 1)
-        if shard not in self._handles:
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+        else:
+            if len(self._handles) >= OPEN_FILES:
+                os.close(self._handles.popitem(last=False)[1])
             self._handles[shard] = os.open(self.files[shard], os.O_RDONLY)
         data = os.pread(self._handles[shard], self.row_bytes, (i - int(self.starts[shard])) * self.row_bytes)
         return np.frombuffer(data, dtype=self.dtype)
@@ -167,21 +174,28 @@ class ShardRows:
         return torch.from_numpy(np.stack([self._row(i) for i in indices]).astype(np.int64))
 
     def __getitem__(self, key):
+        """Rows by an integer, a slice or a 1-D integer index (negatives count from the end),
+        optionally with columns: ``rows[index, columns]``."""
         columns = slice(None)
         if isinstance(key, tuple):
             key, columns = key
-        if isinstance(key, int):
-            return self._rows([key if key >= 0 else len(self) + key])[0][columns]
         if isinstance(key, slice):
             return self._rows(range(*key.indices(len(self))))[:, columns]
-        return self._rows(int(i) for i in torch.as_tensor(key).reshape(-1))[:, columns]
+        index = torch.as_tensor(key)
+        if index.dtype == torch.bool or index.is_floating_point() or index.dim() > 1:
+            raise IndexError(f"token shards are indexed by integers, slices or 1-D integer indices, not {key!r}")
+        rows = self._rows(i + len(self) if i < 0 else i for i in index.reshape(-1).tolist())
+        return (rows[0] if index.dim() == 0 else rows)[..., columns]
 
     def __getstate__(self):  # picklable (DataLoader workers): file handles are reopened
         return {k: v for k, v in self.__dict__.items() if k != "_handles"}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _handles={})
+        self.__dict__.update(state, _handles=OrderedDict())
+        weakref.finalize(self, _close_all, self._handles)
 
-    def __del__(self):
-        for handle in getattr(self, "_handles", {}).values():
-            os.close(handle)
+
+def _close_all(handles: dict) -> None:
+    for handle in handles.values():
+        os.close(handle)
+    handles.clear()
