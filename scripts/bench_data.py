@@ -13,9 +13,9 @@ lines repeated, each copy with its words rotated, until ``--corpus-mb`` MB):
   batches made beforehand (no pipeline) and with each batch pulled from the stream
   (2 workers) just before its step: the ratio is the pipeline's cost to training.
 * ``streaming_run``: ``python -m bertode.train`` streaming the whole generated corpus
-  (2 workers, tokenizer trained on its first 20 MB, eval on WikiText-2 test): the wall
-  time from launch to the first optimizer step's record and the peak resident memory of
-  the run and its workers (``getrusage`` of the waited-for children).
+  (2 workers, tokenizer trained on its first 20 MB beforehand, eval on WikiText-2 test):
+  the wall time from launch to the first optimizer step's record and the peak resident
+  memory of the run and its workers (``getrusage`` in a wrapper that only waits for it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,19 +133,25 @@ def streaming_run(corpus: Path, cache: Path, run_dir: Path) -> dict:
     overrides = data_overrides(corpus, cache, True, 2) + ["size=tiny", "trainer.max_steps=20", "trainer.log_every=1",
                                                           "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    # A fresh wrapper process waits for the run: its RUSAGE_CHILDREN peak covers the run and
+    # its DataLoader workers only (not this process's own earlier workers).
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
+               "print('peak_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bertode.train", *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first_step = None
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, sys.executable, "-m", "bertode.train", *overrides], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_step, peak_kib = None, None
     for line in proc.stdout:
         if first_step is None and line.startswith("step 1/"):
             first_step = time.perf_counter() - start
+        if line.startswith("peak_kib"):
+            peak_kib = int(line.split()[1])
     proc.wait()
     total = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return dict(returncode=proc.returncode, corpus_bytes=corpus.stat().st_size, seconds_to_first_step=first_step,
-                seconds_total=total, peak_rss_mib=peak_kib / 1024, steps=20, note="peak RSS: the largest "
-                "single process among the run and its DataLoader workers (getrusage RUSAGE_CHILDREN)")
+                seconds_total=total, peak_rss_mib=peak_kib / 1024 if peak_kib else None, steps=20,
+                note="peak RSS: the largest single process among the run and its DataLoader workers "
+                "(getrusage RUSAGE_CHILDREN of a wrapper process that only waits for the run)")
 
 
 def main() -> None:
