@@ -68,6 +68,15 @@ def parser(description: str, steps: int = 10, warmup: int = 2) -> argparse.Argum
     return p
 
 
+def row_names(p: argparse.ArgumentParser, text: str, allowed) -> list[str]:
+    """``--rows`` as a list, refused (argparse's one-line error) if a name is not in ``allowed``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; allowed: {', '.join(allowed)}")
+    return names
+
+
 def setup(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -150,10 +150,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = common.setup(args)
     sizes = common.sizes_of(args)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        p.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
+    names = common.row_names(p, args.rows, ROWS)
     names = ["hf_bert"] + [n for n in names if n != "hf_bert"]  # HF eager is the reference of every ratio
     if args.compile:
         names.insert(1, "hf_bert_compiled")

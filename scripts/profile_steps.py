@@ -13,7 +13,6 @@ time. Output: a text summary (``--out``, default stdout) and, with ``--json``, t
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -63,10 +62,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = common.setup(args)
     sizes = common.sizes_of(args)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        p.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
+    names = common.row_names(p, args.rows, ROWS)
     payload = common.header(args, device, sizes, rows=[])
     out = open(args.out, "w") if args.out else None
 

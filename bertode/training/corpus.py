@@ -183,9 +183,6 @@ def _prepare(cfg, tokenizer, entry: Path) -> Corpus:
     if streaming:
         head = ShardRows(_build(entry, f"train-head-{STREAM_HEAD_ROWS}", lambda f: _rows(
             f, tokenizer, documents(cfg, "train"), cfg, "train", STREAM_HEAD_ROWS)))
-        from .stream import check_shards
-
-        check_shards(cfg, tokenizer, int(os.environ.get("WORLD_SIZE", "1")))
         return Corpus(tokenizer, None, ShardRows(eval_folder)[:], entry, head.counts())
     train = ShardRows(_build(entry, "train", lambda f: _rows(f, tokenizer, documents(cfg, "train"), cfg, "train")))
     return Corpus(tokenizer, train, ShardRows(eval_folder)[:], entry, train.counts())

@@ -34,7 +34,7 @@ from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import check_data, prepare, unigram_cross_entropy
 from .sources import DataError, check_sources
 from .distributed import Distributed
-from .stream import batch_order, check_layout
+from .stream import batch_order, check_layout, check_shards
 from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .run_config import build_model_config
 from .run_log import RunLog, check_logger, keep_until, write_model_card
@@ -90,6 +90,8 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     config = validate(cfg, read_sources=False)  # prepare() below reads the data with the same checks
     if dist.main:
         corpus = prepare(cfg.data)
+        if cfg.data.streaming:  # every shard must pack a row (reads each shard's first documents)
+            check_shards(cfg.data, corpus.tokenizer, dist.world)
     dist.barrier()
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
