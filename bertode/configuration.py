@@ -34,6 +34,7 @@ from .validation import (
 from .vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
+NORM_POSITIONS = ("post", "pre")
 GRADIENT_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
 # Name fields chosen from a registry, the mode they belong to (None: every mode) and the
 # registry; None means "the registry's default" where the mode uses the field.
@@ -77,6 +78,10 @@ class BertODEConfig(BertConfig):
     fixed_step_loop: ``direct`` (torchdyn's solver steps called from bertode) or
         ``neural_ode`` (through torchdyn's ``NeuralODE``): same numbers.
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
+    norm_position: ``post`` (BERT: x -> LN(x + G(x)); the ODE is the vector field's) or
+        ``pre`` (GPT-2 and most modern layers: x -> x + G(LN(x)), one Euler step of
+        dz/dt = G(LN(z)) for every vector field, solver and block, and a final LayerNorm;
+        refused for the DEQ, whose map z + G(LN(z)) has no fixed point in general).
     block, block_kwargs: an ODE-Transformer block over each whole layer (``none``: no block).
     regularizer, regularizer_weight: a penalty on the dynamics integrated along every solve
         while training (``kinetic``, ``jacobian``, ``rnode``; `regularizers.py`) and its weight.
@@ -115,6 +120,7 @@ class BertODEConfig(BertConfig):
     ode_backend: str = "torchdyn"
     fixed_step_loop: str = "direct"
     weight_tying: bool = False
+    norm_position: str = "post"
     block: str | None = None
     block_kwargs: dict | None = None
     regularizer: str | None = None
@@ -198,6 +204,10 @@ class BertODEConfig(BertConfig):
         if self.adjoint_solver is not None and self.adjoint_solver not in SOLVERS:
             raise SOLVERS.invalid("adjoint_solver", self.adjoint_solver)
         check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
+        check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        if self.norm_position == "pre" and self.mode == "deq":  # z* = z* + G(LN(z*)) needs G(LN(z*)) = 0
+            raise ValueError("BertODEConfig.norm_position='pre' is invalid with mode='deq': a pre-LN map "
+                             "z + G(LN(z)) has a fixed point only where G vanishes; allowed: 'post'")
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")

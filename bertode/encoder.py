@@ -47,8 +47,11 @@ def ode_solve(config) -> ODESolve:
                     ode_backend=config.ode_backend, fixed_step_loop=config.fixed_step_loop)
 
 
+IDENTITY = nn.Identity()
+
+
 class ResidualSite(nn.Module):
-    """x -> LN(x + G(x)) when it does not integrate; otherwise integrate the vector field
+    """x -> LN(x + G(x)) (pre: x + G(LN(x))) when it does not integrate; otherwise integrate the vector field
     over [l t_end, (l + 1) t_end] from x and apply the field's `finish` (e.g. the LayerNorm)."""
 
     def __init__(self, config, branch: nn.Module, name: str, integrate: bool):
@@ -57,6 +60,8 @@ class ResidualSite(nn.Module):
         self.branch = branch
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden_dropout = config.hidden_dropout_prob
+        # pre: x + G(LN(x)); an ODE field then sees the branch G(LN(.)) and no norm of its own
+        self.pre_norm = getattr(config, "norm_position", "post") == "pre"
         self.ode = integrate
         self.compiled_evaluate = None  # torch.compile(ResidualSite.evaluate), set by compile_model
         if integrate:
@@ -72,7 +77,7 @@ class ResidualSite(nn.Module):
 
     def dynamics_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters the dynamics use (what an adjoint must differentiate)."""
-        modules = [self.branch, self.field] + ([self.norm] if self.field.uses_norm else [])
+        modules = [self.branch, self.field] + ([self.norm] if self.field.uses_norm or self.pre_norm else [])
         return [p for module in modules for p in module.parameters()]
 
     def evaluate(self, t: torch.Tensor, z: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -81,10 +86,14 @@ class ResidualSite(nn.Module):
         mask ``keep`` (one evaluation; what ``compile_model(scope="fields")`` compiles)."""
 
         def branch(state):
-            update = self.branch(state, attn_mask)
+            update = self.branch(self.norm(state) if self.pre_norm else state, attn_mask)
             return update if keep is None else update * keep
 
-        return self.field(t, z, branch, self.norm)
+        return self.field(t, z, branch, self.field_norm())
+
+    def field_norm(self) -> nn.Module:
+        """The norm the vector field sees: the site's (post) or none (pre: it is in the branch)."""
+        return IDENTITY if self.pre_norm else self.norm
 
     def _dropout(self, update: torch.Tensor, run: Pass) -> torch.Tensor:
         if not (self.training and self.hidden_dropout > 0):
@@ -102,6 +111,8 @@ class ResidualSite(nn.Module):
         if observer is not None:
             observer.layer = run.layer_index
         if not self.ode:
+            if self.pre_norm:
+                return x + self._dropout(self.branch(self.norm(x), attn_mask, run.qkv_injection), run), None
             update = self._dropout(self.branch(x, attn_mask, run.qkv_injection), run)
             return self.norm(x + update), None
 
@@ -131,9 +142,9 @@ class ResidualSite(nn.Module):
             run.penalties.append((state[..., width:], regularizer.names))
         else:
             z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name)
-        out = self.field.finish(z, self.norm)
+        out = self.field.finish(z, self.field_norm())
         if observer is not None:
-            observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.norm), out)
+            observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.field_norm()), out)
         return out, record
 
 

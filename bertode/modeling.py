@@ -1,9 +1,8 @@
 """ODE-BERT models as `transformers` `PreTrainedModel`s, registered with the Auto classes.
 
-`BertODEModel` is BERT's embeddings and pooler (reused from `transformers`) around the
-`BertODEEncoder` or `BertDEQEncoder`; the heads are BERT's. Outputs are transformers'
-output dataclasses with a ``solver_stats`` field (`outputs.py`), and
-``model.solver_stats()`` reports the latest forward's (and backward's) solves.
+`BertODEModel` is BERT's embeddings and pooler around the `BertODEEncoder` or `BertDEQEncoder`
+(and a final LayerNorm for pre-LN layers); the heads are BERT's. Outputs are transformers' output
+dataclasses with ``solver_stats`` (`outputs.py`); ``model.solver_stats()`` reports the latest solves.
 
 The model owns its training semantics, so `bertode.train` and `transformers.Trainer`
 train it the same way: the heads add the DEQ's Jacobian penalty to the loss, honour
@@ -20,12 +19,8 @@ import contextlib
 
 import torch
 from torch.nn import CrossEntropyLoss
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    PreTrainedModel,
-)
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import logging
 
@@ -189,6 +184,8 @@ class BertODEModel(BertODEPreTrainedModel):
         super().__init__(config)
         self.embeddings = BertODEEmbeddings(config)
         self.encoder = BertDEQEncoder(config) if config.mode == "deq" else BertODEEncoder(config)
+        pre = getattr(config, "norm_position", "post") == "pre"  # pre-LN layers end with a LayerNorm
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if pre else None
         self.pooler = BertODEPooler(config) if add_pooling_layer else None
         self.post_init()
 
@@ -232,6 +229,9 @@ class BertODEModel(BertODEPreTrainedModel):
         )
         with self._skip_guard(), observing(observer):
             sequence_output, states, stats = self.encoder(hidden, sdpa_mask(attention_mask), output_hidden_states)
+        if self.final_norm is not None:  # the last hidden state is the normed one (as GPT-2's)
+            sequence_output = self.final_norm(sequence_output)
+            states = states[:-1] + (sequence_output,) if states is not None else None
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
         attentions = observer.attentions() if observer is not None else None
         trajectory = observer.trajectory() if observer is not None else None

@@ -235,6 +235,7 @@ def _bad(tmp_path, cache_dir):
         (["data.mlm_probability=1.5"], "data.mlm_probability=1.5 is invalid; allowed: a number in (0, 1)"),
         (["model.num_attention_heads=5"], "model.num_attention_heads=5 is invalid; allowed: a divisor of hidden_size"),
         (["model.mode=foo"], "model.mode='foo' is invalid; allowed: 'ode', 'discrete', 'deq'"),
+        (["model.norm_position=middle"], "model.norm_position='middle' is invalid; allowed: 'post', 'pre'"),
         (["model.hidden_size=-4"], "model.hidden_size=-4 is invalid; allowed: an integer >= 1"),
         (["model.intermediate_size=0"], "model.intermediate_size=0 is invalid; allowed: an integer >= 1"),
         (["model.num_hidden_layers=0"], "model.num_hidden_layers=0 is invalid; allowed: an integer >= 1"),
