@@ -3,7 +3,8 @@
 Public API:
 
 * configuration and models: `BertODEConfig`, `BertODEModel`, `BertODEForMaskedLM`,
-  `BertODEForSequenceClassification` and BERT's other heads (`heads.py`),
+  `BertODEForSequenceClassification` and BERT's other heads (`heads.py`), `BertODEForCausalLM`
+  (causal attention with ``is_decoder=True``, `generate()`; `causal_lm.py`),
   `BertODEPreTrainedModel`; `from_bert` (conversion from the BERT family: BERT, RoBERTa,
   XLM-R, CamemBERT, ELECTRA, ALBERT, DistilBERT); `compile_model`; `SolverStatsCallback` (Trainer logs).
 * one registry per axis, each with a decorator and a listing (`available()` gives all):
@@ -17,6 +18,7 @@ Public API:
 
 from .blocks import Block, SchemeBlock, available_blocks, register_block
 from .callbacks import SolverStatsCallback
+from .causal_lm import BertODEForCausalLM
 from .compile import compile_model
 from .configuration import BertODEConfig
 from .convert import from_bert
@@ -59,7 +61,7 @@ def available() -> dict[str, tuple[str, ...]]:
 __all__ = [
     "BertODEConfig", "BertODEModel", "BertODEForMaskedLM", "BertODEForSequenceClassification",
     "BertODEForPreTraining", "BertODEForNextSentencePrediction", "BertODEForTokenClassification",
-    "BertODEForQuestionAnswering", "BertODEForMultipleChoice",
+    "BertODEForQuestionAnswering", "BertODEForMultipleChoice", "BertODEForCausalLM",
     "BertODEPreTrainedModel", "from_bert", "compile_model", "SolverStatsCallback", "SolverStats", "available",
     "VectorField", "register_vector_field", "available_vector_fields",
     "ButcherTableau", "register_solver", "available_solvers", "get_solver", "ODEProblem",

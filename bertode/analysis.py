@@ -43,7 +43,7 @@ def _encoder_input(model, input_ids, attention_mask):
 
     base = model.base_model
     hidden = base.embeddings(input_ids=input_ids)
-    return hidden, sdpa_mask(attention_mask)
+    return hidden, sdpa_mask(attention_mask, model.config.is_decoder, hidden.shape[1], hidden.device)
 
 
 @torch.no_grad()

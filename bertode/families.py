@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from . import heads
+from .causal_lm import BertODEForCausalLM
 from .modeling import BertODEForMaskedLM, BertODEModel
 
 # The BertConfig fields every BERT-layout config shares with BertODEConfig.
@@ -22,7 +23,7 @@ BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
                "type_vocab_size", "initializer_range", "layer_norm_eps", "classifier_dropout")
 COMMON_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "id2label", "label2id", "problem_type",
-                 "tie_word_embeddings")
+                 "tie_word_embeddings", "is_decoder")  # is_decoder: causal attention (sublayers.sdpa_mask)
 
 # bertode's names inside one layer, after the family's layer prefix.
 BERT_LAYER = [
@@ -117,7 +118,7 @@ ROBERTA = Family(
 FAMILIES: dict[str, Family] = {
     "bert": Family("Bert", "bert", bert_config, BERT_LAYER, {
         **BERT_HEADS, "ForPreTraining": heads.BertODEForPreTraining,
-        "ForNextSentencePrediction": heads.BertODEForNextSentencePrediction}),
+        "ForNextSentencePrediction": heads.BertODEForNextSentencePrediction, "LMHeadModel": BertODEForCausalLM}),
     "roberta": ROBERTA,
     "xlm-roberta": replace(ROBERTA, class_prefix="XLMRoberta"),
     "camembert": replace(ROBERTA, class_prefix="Camembert"),

@@ -228,13 +228,13 @@ class BertODEModel(BertODEPreTrainedModel):
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
         with self._skip_guard(), observing(observer):
-            sequence_output, states, stats = self.encoder(hidden, sdpa_mask(attention_mask), output_hidden_states)
+            mask = sdpa_mask(attention_mask, self.config.is_decoder, hidden.shape[1], hidden.device)
+            sequence_output, states, stats = self.encoder(hidden, mask, output_hidden_states)
         if self.final_norm is not None:  # the last hidden state is the normed one (as GPT-2's)
             sequence_output = self.final_norm(sequence_output)
             states = states[:-1] + (sequence_output,) if states is not None else None
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
-        attentions = observer.attentions() if observer is not None else None
-        trajectory = observer.trajectory() if observer is not None else None
+        attentions, trajectory = (observer.attentions(), observer.trajectory()) if observer is not None else (None, None)
         if not return_dict:
             return tuple(v for v in (sequence_output, pooled, states, attentions) if v is not None)
         return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,

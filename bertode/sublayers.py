@@ -85,15 +85,28 @@ class FeedForwardBranch(nn.Module):
         return self.dense(self.activation(self.intermediate(hidden)))
 
 
-def sdpa_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(batch, seq) 1/0 padding mask -> boolean (batch, 1, 1, seq) SDPA mask (True = attend); None if nothing is masked.
+def sdpa_mask(attention_mask: torch.Tensor | None, causal: bool = False, length: int | None = None,
+              device: torch.device | None = None) -> torch.Tensor | None:
+    """(batch, seq) 1/0 padding mask -> boolean SDPA mask (True = attend): (batch, 1, 1, seq),
+    or with ``causal`` (a decoder, ``config.is_decoder``) (batch or 1, 1, seq, seq) where
+    position i attends to positions <= i; None if nothing is masked.
 
-    Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention. The
+    Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention. Every
+    evaluation of a sublayer (each solver stage, adjoint and DEQ solve) receives this mask,
+    so causality holds wherever the layer is evaluated. A query with no key left (a padded
+    first position) attends to itself, so that its softmax is not NaN (its output is ignored). The
     all-ones test reads the mask on the host; a compiled model keeps the mask instead, so
     its graph does not break there.
     """
-    if attention_mask is None:
-        return None
-    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
-        return None
-    return attention_mask[:, None, None, :].to(torch.bool)
+    padding = attention_mask
+    if padding is not None and not torch.compiler.is_compiling() and bool(padding.all()):
+        padding = None
+    if not causal:
+        return None if padding is None else padding[:, None, None, :].to(torch.bool)
+    length = attention_mask.shape[1] if attention_mask is not None else length
+    device = attention_mask.device if attention_mask is not None else device
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if padding is not None:
+        mask = mask & padding[:, None, None, :].to(torch.bool)
+        mask = mask | (torch.eye(length, dtype=torch.bool, device=device) & ~mask.any(-1, keepdim=True))
+    return mask

@@ -75,6 +75,8 @@ def test_euler1_conversion_equals_the_source_in_outputs_and_gradients(tmp_path, 
     config = CONFIGS[model_type]()
     if suffix in ("ForQuestionAnswering", "ForPreTraining"):
         config.num_labels = 2  # start and end; ALBERT's sentence-order head
+    if suffix == "LMHeadModel":
+        config.is_decoder = True  # causal attention (bertode refuses a bidirectional causal LM)
     source = hf_class(config).eval()
     source.save_pretrained(tmp_path)
     inputs = _inputs(source.config, suffix, torch.Generator().manual_seed(0))

@@ -1,0 +1,74 @@
+"""`BertODEForCausalLM`: next-token prediction over causal attention, with `generate()`.
+
+BERT's LM head (`BertLMHeadModel`'s, tied to the word embeddings) on a `BertODEModel`
+whose attention is causal (``config.is_decoder=True``, `sublayers.sdpa_mask`), so the
+ODE, block and DEQ modes all predict the next token from the tokens up to it. The loss
+of position i is the cross-entropy of token i + 1 (labels are shifted inside, as in
+transformers' causal-LM loss; the last position has no target).
+
+No key/value cache: an ODE layer re-evaluates attention at every solver stage on that
+stage's state, so the keys and values of earlier positions are not one fixed tensor per
+layer. `generate()` (transformers' `GenerationMixin`: greedy, sampling, beams) therefore
+re-runs the whole prefix for every new token; its outputs are exact, each step costs a
+full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import CrossEntropyLoss
+from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from .configuration import BertODEConfig
+from .embeddings import BertODEMLMHead
+from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder
+
+
+class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BertODEConfig):
+        if not config.is_decoder:
+            raise ValueError("BertODEForCausalLM needs BertODEConfig.is_decoder=True (causal attention); "
+                             "allowed: a decoder config, or BertODEForMaskedLM for a bidirectional model")
+        super().__init__(config)
+        self.bert = BertODEModel(config, add_pooling_layer=False)
+        self.cls = BertODEMLMHead(config)
+        self.post_init()
+        self.generation_config.use_cache = False  # module docstring: no key/value cache
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, num_items_in_batch=None, **kwargs):
+        """``labels`` (batch, seq): the tokens themselves (shifted here), -100 where ignored.
+        Generation's cache arguments (``cache``, ``use_cache``) are accepted and unused."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids, position_ids=position_ids,
+                                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        if skipped is not None:
+            shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
+            loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
+            return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits) if return_dict else (loss, logits)
+        logits = self.cls(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            flat_logits = logits[:, :-1].reshape(-1, self.config.vocab_size).float()
+            flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            if num_items_in_batch is None:
+                loss = self._regularised(CrossEntropyLoss()(flat_logits, flat_labels))
+            else:  # a sum over this batch's targets / the count over all batches of the step
+                targets = (flat_labels != -100).sum()
+                loss = CrossEntropyLoss(reduction="sum")(flat_logits, flat_labels) / num_items_in_batch
+                loss = self._regularised(loss, targets / num_items_in_batch)
+        if not return_dict:
+            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + rest) if loss is not None else rest
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                                 attentions=outputs.attentions)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """The whole prefix at every step (no cache)."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+AutoModelForCausalLM.register(BertODEConfig, BertODEForCausalLM, exist_ok=True)
