@@ -16,7 +16,6 @@ full forward.
 from __future__ import annotations
 
 import torch
-from torch.nn import CrossEntropyLoss
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
@@ -52,14 +51,8 @@ class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            flat_logits = logits[:, :-1].reshape(-1, self.config.vocab_size).float()
-            flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
-            if num_items_in_batch is None:
-                loss = self._regularised(CrossEntropyLoss()(flat_logits, flat_labels))
-            else:  # a sum over this batch's targets / the count over all batches of the step
-                targets = (flat_labels != -100).sum()
-                loss = CrossEntropyLoss(reduction="sum")(flat_logits, flat_labels) / num_items_in_batch
-                loss = self._regularised(loss, targets / num_items_in_batch)
+            flat_labels = labels[:, 1:].reshape(-1).to(logits.device)  # position i predicts token i + 1
+            loss = self._token_loss(logits[:, :-1].reshape(-1, self.config.vocab_size), flat_labels, num_items_in_batch)
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest

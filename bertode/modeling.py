@@ -166,6 +166,13 @@ class BertODEPreTrainedModel(PreTrainedModel):
         """A skipped batch's loss: zero, with no path to any parameter."""
         return torch.zeros((), device=self.device, requires_grad=True)
 
+    def _token_loss(self, flat_logits, flat_labels, num_items_in_batch=None):
+        """Cross-entropy over the targets (-100: none) + regularisers; summed / ``num_items_in_batch`` if given."""
+        if num_items_in_batch is None:
+            return self._regularised(CrossEntropyLoss()(flat_logits.float(), flat_labels))
+        loss = CrossEntropyLoss(reduction="sum")(flat_logits.float(), flat_labels) / num_items_in_batch
+        return self._regularised(loss, (flat_labels != -100).sum() / num_items_in_batch)
+
     def _regularised(self, loss, share: float = 1.0):
         """Add the DEQ Jacobian penalty or the ODE regularisers' penalty of the latest forward
         (weighted by ``share``, this batch's part of the normalisation when the loss is a sum
@@ -242,8 +249,7 @@ class BertODEModel(BertODEPreTrainedModel):
 
 
 class TiedMLMDecoder:
-    """For heads with ``cls.predictions`` (masked LM, pre-training): the decoder is tied to
-    the word embeddings (and its bias to ``cls.predictions.bias``), as in HF BERT."""
+    """Heads with ``cls.predictions``: the decoder tied to the word embeddings (bias: ``cls.predictions.bias``)."""
 
     _tied_weights_keys = {
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -280,13 +286,7 @@ class BertODEForMaskedLM(TiedMLMDecoder, BertODEPreTrainedModel):
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            flat_logits, flat_labels = logits.reshape(-1, self.config.vocab_size).float(), labels.reshape(-1)
-            if num_items_in_batch is None:
-                loss = self._regularised(CrossEntropyLoss()(flat_logits, flat_labels))
-            else:  # a sum over this batch's targets / the count over all batches of the step
-                targets = (flat_labels != -100).sum()
-                loss = CrossEntropyLoss(reduction="sum")(flat_logits, flat_labels) / num_items_in_batch
-                loss = self._regularised(loss, targets / num_items_in_batch)
+            loss = self._token_loss(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1), num_items_in_batch)
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest

@@ -153,8 +153,7 @@ class StreamOrder:
         positions = {}
         for part in dist.gather(self.positions):
             positions.update(part)
-        return {"positions": {int(s): list(p) for s, p in positions.items()}, "micro_batches": self.next_micro_batch,
-                "stream_shards": self.shards}
+        return {"positions": {int(s): list(p) for s, p in positions.items()}, "stream_shards": self.shards}
 
 
 def batch_order(data_cfg, corpus, micro_batch: int, seed: int, dist, first_micro_batch: int, state: dict | None):
