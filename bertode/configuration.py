@@ -99,6 +99,9 @@ class BertODEConfig(BertConfig):
     (``None``: a Linear to hidden_size when the widths differ), position_scheme
     (``absolute`` or RoBERTa's ``after_padding``), ``type_vocab_size=0`` (no token types),
     head_hidden_act (the MLM head's activation; ``None``: hidden_act), pooler_hidden_act.
+    GPT-2 (`from_bert` of a ``GPT2LMHeadModel``): ``embedding_norm=False`` (no LayerNorm
+    after the embeddings) and ``lm_head_type="linear"`` (the tied decoder alone, no bias;
+    ``"bert"``: BERT's dense, activation, LayerNorm, then the tied decoder and a bias).
     """
 
     model_type = "bertode"
@@ -148,6 +151,8 @@ class BertODEConfig(BertConfig):
     position_scheme: str = "absolute"
     head_hidden_act: str | None = None
     pooler_hidden_act: str = "tanh"
+    embedding_norm: bool = True
+    lm_head_type: str = "bert"
 
     def __post_init__(self, **kwargs):
         legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the gradient axis

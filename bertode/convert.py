@@ -1,6 +1,7 @@
 """`from_bert`: turn a transformers BERT-family model into the matching ODE-BERT, with all
-weights: BERT (every head), RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ALBERT, DistilBERT
-(`families.py` holds each family's config translation and renaming table).
+weights: BERT (every head), RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ALBERT, DistilBERT,
+and GPT-2 (pre-LN, causal; `families.py` holds each family's config translation and
+renaming table).
 
 Parameter names follow HF BERT's except inside a layer, where each Add & Norm residual
 is a site with a ``branch`` and a ``norm``. Parameters the source has no counterpart
@@ -81,7 +82,8 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
             f"{layers} layers; allowed: the source's count, or weight_tying=True with a 1-layer source"
         )
     target = model_class(config, add_pooling_layer=False) if not pooled else model_class(config)
-    state = {rename_key(k, family): v for k, v in source.state_dict().items()}
+    state = source.state_dict()
+    state = {rename_key(k, family): v for k, v in (family.adapt(state) if family.adapt else state).items()}
     # The MLM decoder's bias: one tensor in some families (ELECTRA, DistilBERT), two (tied
     # or, with tie_word_embeddings=False, not) in others; bertode's decoder applies its own.
     for one, other in (("cls.predictions.bias", "cls.predictions.decoder.bias"),
@@ -134,8 +136,8 @@ def load_foreign(cls, path, kwargs: dict):
     if model_type == "bertode":
         return None
     family = family_of(model_type)
-    suffix = cls.__name__[len("BertODE"):]
-    if suffix not in family.heads or family.heads[suffix] is not cls:
+    suffix = next((name for name, target in family.heads.items() if target is cls), None)  # LMHeadModel: ForCausalLM
+    if suffix is None:
         allowed = ", ".join(c.__name__ for c in dict.fromkeys(family.heads.values()))
         raise ValueError(f"{cls.__name__}.from_pretrained: a {model_type!r} checkpoint has no {cls.__name__} "
                          f"conversion; allowed: {allowed}")

@@ -11,7 +11,11 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
 * `BertODEPooler`: dense + ``pooler_hidden_act`` on the first token (tanh for BERT, RoBERTa
   and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
 * `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
-  then the decoder tied to the word embeddings, and a bias.
+  then the decoder tied to the word embeddings, and a bias; with ``lm_head_type="linear"``
+  (GPT-2) the tied decoder alone, without a bias.
+
+GPT-2's embeddings are these with ``type_vocab_size=0`` and ``embedding_norm=False`` (no
+LayerNorm: its layers normalise their own inputs).
 
 Parameter names are BERT's (``embeddings.word_embeddings``, ``pooler.dense``,
 ``cls.predictions.transform.dense``, ...), so models saved before these classes load.
@@ -48,7 +52,8 @@ class BertODEEmbeddings(nn.Module):
         position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
-        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        norm = getattr(config, "embedding_norm", True)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps) if norm else None
         self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.dropout.split_invariant
         self.project = nn.Linear(width, config.hidden_size) if projects_embeddings(config) else None
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
@@ -74,7 +79,9 @@ class BertODEEmbeddings(nn.Module):
                 token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + self.position_embeddings(position_ids)
-        embeddings = self.dropout(self.LayerNorm(embeddings))
+        if self.LayerNorm is not None:
+            embeddings = self.LayerNorm(embeddings)
+        embeddings = self.dropout(embeddings)
         return self.project(embeddings) if self.project is not None else embeddings
 
 
@@ -103,12 +110,13 @@ class _Transform(nn.Module):
 class _Predictions(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.transform = _Transform(config)
-        self.decoder = nn.Linear(embedding_width(config), config.vocab_size)  # its bias is tied to `bias`
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        linear = getattr(config, "lm_head_type", "bert") == "linear"  # GPT-2: logits = h E^T
+        self.transform = None if linear else _Transform(config)
+        self.decoder = nn.Linear(embedding_width(config), config.vocab_size, bias=not linear)  # bias tied to `bias`
+        self.bias = None if linear else nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden_states))
+        return self.decoder(self.transform(hidden_states) if self.transform is not None else hidden_states)
 
 
 class BertODEMLMHead(nn.Module):

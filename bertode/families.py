@@ -2,11 +2,14 @@
 config becomes a `BertODEConfig`, how its parameter names become bertode's (regex
 renames), and which HF architectures map to which bertode head.
 
-Every family here is a post-LN encoder of BERT layers (attention + Add & Norm, feed-
-forward + Add & Norm); what differs is naming, the embeddings (RoBERTa's position
+Every BERT-family model here is a post-LN encoder of BERT layers (attention + Add & Norm,
+feed-forward + Add & Norm); what differs is naming, the embeddings (RoBERTa's position
 numbering, ELECTRA's and ALBERT's factorised embeddings with a projection, DistilBERT's
 missing token types), ALBERT's one shared layer (``weight_tying=True``) and the
-activations of the heads. Adding a family is adding a `Family` entry.
+activations of the heads. GPT-2 is the same two sublayers pre-LN (``norm_position="pre"``,
+a final LayerNorm), causal (``is_decoder=True``), with no embedding LayerNorm and a bare
+tied decoder; its Conv1D weights are Linear weights transposed and its fused Q/K/V
+projection is split (`gpt2_state`). Adding a family is adding a `Family` entry.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Family:
     renames: list
     heads: dict
     base_pooler: bool = True  # whether the family's base model has a pooler
+    adapt: Callable | None = None  # the source's state dict -> tensors laid out as bertode's, before renaming
 
 
 def _common(hf) -> dict:
@@ -105,6 +109,53 @@ def distilbert_config(hf) -> dict:
             "initializer_range": hf.initializer_range, "layer_norm_eps": 1e-12,
             "classifier_dropout": hf.seq_classif_dropout, "pooler_hidden_act": "relu", **_common(hf)}
 
+
+def gpt2_config(hf) -> dict:
+    refusals = {"scale_attn_weights": (hf.scale_attn_weights, True), "add_cross_attention":
+                (getattr(hf, "add_cross_attention", False), False), "scale_attn_by_inverse_layer_idx":
+                (hf.scale_attn_by_inverse_layer_idx, False), "embd_pdrop": (hf.embd_pdrop, hf.resid_pdrop)}
+    for name, (value, allowed) in refusals.items():
+        if value != allowed:
+            raise ValueError(f"from_bert: GPT-2 with {name}={value!r} is not supported; allowed: {allowed!r}"
+                             + (" (resid_pdrop: one hidden dropout)" if name == "embd_pdrop" else ""))
+    return {"vocab_size": hf.vocab_size, "hidden_size": hf.n_embd, "num_hidden_layers": hf.n_layer,
+            "num_attention_heads": hf.n_head, "intermediate_size": hf.n_inner or 4 * hf.n_embd,
+            "hidden_act": hf.activation_function, "hidden_dropout_prob": hf.resid_pdrop,
+            "attention_probs_dropout_prob": hf.attn_pdrop, "max_position_embeddings": hf.n_positions,
+            "type_vocab_size": 0, "initializer_range": hf.initializer_range, "layer_norm_eps": hf.layer_norm_epsilon,
+            **_common(hf), "pad_token_id": hf.pad_token_id,  # None: no embedding row without gradient
+            "is_decoder": True, "norm_position": "pre", "embedding_norm": False,
+            "lm_head_type": "linear"}
+
+
+def gpt2_state(state: dict) -> dict:
+    """GPT-2's Conv1D weights (in, out) become Linear weights (out, in); the fused
+    ``attn.c_attn`` (in, 3 * hidden) becomes ``attn.query``/``key``/``value``."""
+    adapted = {}
+    for key, tensor in state.items():
+        if ".attn.c_attn." in key:
+            for part, chunk in zip(("query", "key", "value"), tensor.chunk(3, dim=-1)):
+                adapted[key.replace(".c_attn.", f".{part}.")] = chunk.t() if key.endswith("weight") else chunk
+        elif key.endswith((".c_proj.weight", ".c_fc.weight")):
+            adapted[key] = tensor.t()
+        else:
+            adapted[key] = tensor
+    return adapted
+
+
+GPT2 = Family(
+    "GPT2", "transformer", gpt2_config,
+    [(r"(^|\.)wte\.", r"\1embeddings.word_embeddings."),
+     (r"(^|\.)wpe\.", r"\1embeddings.position_embeddings."),
+     (r"(^|\.)h\.(\d+)\.ln_1\.", r"\1encoder.layer.\2.attention.norm."),
+     (r"(^|\.)h\.(\d+)\.attn\.(query|key|value)\.", r"\1encoder.layer.\2.attention.branch.\3."),
+     (r"(^|\.)h\.(\d+)\.attn\.c_proj\.", r"\1encoder.layer.\2.attention.branch.dense."),
+     (r"(^|\.)h\.(\d+)\.ln_2\.", r"\1encoder.layer.\2.feed_forward.norm."),
+     (r"(^|\.)h\.(\d+)\.mlp\.c_fc\.", r"\1encoder.layer.\2.feed_forward.branch.intermediate."),
+     (r"(^|\.)h\.(\d+)\.mlp\.c_proj\.", r"\1encoder.layer.\2.feed_forward.branch.dense."),
+     (r"(^|\.)ln_f\.", r"\1final_norm."),
+     (r"^lm_head\.weight$", "cls.predictions.decoder.weight")],
+    {"Model": BertODEModel, "LMHeadModel": BertODEForCausalLM}, base_pooler=False, adapt=gpt2_state)
 
 ROBERTA = Family(
     "Roberta", "roberta", roberta_config,
@@ -164,6 +215,7 @@ FAMILIES: dict[str, Family] = {
          (r"^vocab_projector\.bias$", "cls.predictions.bias"),
          (r"^pre_classifier\.", "bert.pooler.dense.")],
         BERT_HEADS, base_pooler=False),
+    "gpt2": GPT2,
 }
 
 
@@ -174,7 +226,7 @@ def supported() -> str:
 def family_of(model_type) -> Family:
     if model_type not in FAMILIES:
         raise ValueError(f"from_bert: model_type={model_type!r} is not supported; allowed: {supported()} "
-                         "(post-LN BERT-layer encoders)")
+                         "(BERT-layer encoders, and GPT-2)")
     return FAMILIES[model_type]
 
 

@@ -107,7 +107,7 @@ class BertODEPreTrainedModel(PreTrainedModel):
         if isinstance(module, BertDEQEncoder):
             for name in COUNTERS:
                 init.zeros_(getattr(module, name))
-        elif isinstance(module, _Predictions):
+        elif isinstance(module, _Predictions) and module.bias is not None:
             init.zeros_(module.bias)
         elif isinstance(module, BertODEEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
@@ -251,17 +251,17 @@ class BertODEModel(BertODEPreTrainedModel):
 class TiedMLMDecoder:
     """Heads with ``cls.predictions``: the decoder tied to the word embeddings (bias: ``cls.predictions.bias``)."""
 
-    _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
-    }
+    @property
+    def _tied_weights_keys(self) -> dict:  # lm_head_type="linear" (GPT-2) has no decoder bias
+        bias = {"cls.predictions.decoder.bias": "cls.predictions.bias"} if self.config.lm_head_type == "bert" else {}
+        return {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight", **bias}
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
+        self.cls.predictions.bias = new_embeddings.bias if self.cls.predictions.bias is not None else None
 
 
 class BertODEForMaskedLM(TiedMLMDecoder, BertODEPreTrainedModel):

@@ -11,6 +11,7 @@ DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
 POSITION_SCHEMES = ("absolute", "after_padding")
+LM_HEAD_TYPES = ("bert", "linear")
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
@@ -94,6 +95,9 @@ def check_architecture(config) -> None:
     if not is_number(config.layer_norm_eps) or config.layer_norm_eps <= 0:
         fail("layer_norm_eps", config.layer_norm_eps, "a finite number > 0")
     check_choice("position_scheme", config.position_scheme, POSITION_SCHEMES)
+    if not isinstance(config.embedding_norm, bool):
+        fail("embedding_norm", config.embedding_norm, "True or False")
+    check_choice("lm_head_type", config.lm_head_type, LM_HEAD_TYPES)
     for name in ("hidden_act", "head_hidden_act", "pooler_hidden_act"):
         value = getattr(config, name)
         if (value is not None or name != "head_hidden_act") and isinstance(value, str) and value not in ACT2FN:
