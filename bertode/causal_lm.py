@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from .configuration import BertODEConfig
 from .embeddings import BertODEMLMHead
 from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder
+from .outputs import BertODECausalLMOutput
 
 
 class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin):
@@ -37,17 +37,18 @@ class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
-                return_dict=None, num_items_in_batch=None, **kwargs):
+                output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
         """``labels`` (batch, seq): the tokens themselves (shifted here), -100 where ignored.
         Generation's cache arguments (``cache``, ``use_cache``) are accepted and unused."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
                                         token_type_ids=token_type_ids, position_ids=position_ids,
-                                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+                                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                        output_trajectory=output_trajectory)
         if skipped is not None:
             shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
             loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
-            return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits) if return_dict else (loss, logits)
+            return BertODECausalLMOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -56,8 +57,9 @@ class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
-        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                                 attentions=outputs.attentions)
+        return BertODECausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, solver_stats=outputs.solver_stats,
+                                     trajectory=outputs.trajectory)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         """The whole prefix at every step (no cache)."""

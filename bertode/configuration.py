@@ -50,7 +50,7 @@ NAMED_CHOICES = {
 ODE_ONLY = ("steps", "t_end", "atol", "rtol", "adjoint_solver", "adjoint_atol", "adjoint_rtol", "ode_backend",
             "fixed_step_loop", "vector_field_kwargs", "regularizer_weight")
 DEQ_ONLY = ("deq_max_iter", "deq_tol", "deq_stop_mode", "deq_damping", "deq_memory", "deq_phantom_steps",
-            "deq_backward_max_iter", "deq_backward_tol", "deq_injection", "jac_reg_weight", "jac_reg_freq",
+            "deq_backward_max_iter", "deq_backward_tol", "deq_injection", "jac_reg_weight", "jac_reg_freq", "jac_reg_increment_every",
             "deq_weight_norm", "deq_pretrain_steps", "deq_pretrain_depth", "deq_on_nonfinite", "deq_spectral_radius")
 FOREIGN = {"ode": DEQ_ONLY, "deq": ODE_ONLY, "discrete": ODE_ONLY + DEQ_ONLY}
 
@@ -90,7 +90,9 @@ class BertODEConfig(BertConfig):
     solvers for the forward solve and the IFT's linear solve), deq_max_iter, deq_tol,
     deq_stop_mode (``rel``/``abs``), deq_damping (tau of damped steps; Anderson's beta),
     deq_memory, deq_phantom_steps, deq_backward_max_iter, deq_backward_tol, deq_injection
-    (``add``/``qkv``), jac_reg_weight and jac_reg_freq (Hutchinson Jacobian penalty),
+    (``add``/``qkv``), jac_reg_weight and jac_reg_freq (Hutchinson Jacobian penalty; its
+    weight grows by 0.1 every ``jac_reg_increment_every`` training forwards, 0: constant,
+    locuslab/deq's ``--jac_incremental``),
     deq_weight_norm, deq_pretrain_steps and deq_pretrain_depth (unrolled warm-up),
     deq_on_nonfinite (``raise`` or ``skip`` and count), deq_spectral_radius (at eval).
 
@@ -141,6 +143,7 @@ class BertODEConfig(BertConfig):
     deq_injection: str = "add"
     jac_reg_weight: float = 0.0
     jac_reg_freq: float = 1.0
+    jac_reg_increment_every: int = 0
     deq_weight_norm: bool = False
     deq_pretrain_steps: int = 0
     deq_pretrain_depth: int = 4

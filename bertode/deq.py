@@ -13,7 +13,8 @@ gives z* its gradient path. This module owns the DEQ's training semantics, so th
 `bertode.train` and `transformers.Trainer` behave the same:
 
 * stabilisers: the Hutchinson Jacobian penalty E|eps^T J_f(z*)|^2 / dim (added to the
-  loss by the heads), weight normalisation, one dropout mask per forward reused by every
+  loss by the heads with ``jac_weight``: ``jac_reg_weight``, plus 0.1 per
+  ``jac_reg_increment_every`` training forwards when that is set), weight normalisation, one dropout mask per forward reused by every
   evaluation, and an unrolled warm-up for the first ``deq_pretrain_steps`` training forwards;
 * ``deq_on_nonfinite="skip"``: a non-finite value in the forward solve (the heads return a
   zero loss) or in the implicit backward solve (the batch's gradients are rolled back at
@@ -133,6 +134,8 @@ class BertDEQEncoder(nn.Module):
                                     self._backward_solver(record, ON_BACKWARD_SKIP.get()), record)
         if self.training:
             self.training_forwards += 1
+        every = cfg.jac_reg_increment_every  # locuslab/deq's --jac_incremental: +0.1 per period
+        self.jac_weight = cfg.jac_reg_weight + (0.1 * (int(self.training_forwards) // every) if every else 0.0)
         if self.training and cfg.deq_pretrain_steps and int(self.training_forwards) <= cfg.deq_pretrain_steps:
             z = z0
             for _ in range(cfg.deq_pretrain_depth):
@@ -144,7 +147,7 @@ class BertDEQEncoder(nn.Module):
             out = self.gradient(problem)
             z_star = out.detach()
             solved = self.gradient.solves_fixed_point
-            if solved and self.training and cfg.jac_reg_weight > 0 and torch.is_grad_enabled() \
+            if solved and self.training and self.jac_weight > 0 and torch.is_grad_enabled() \
                     and torch.rand(()) < cfg.jac_reg_freq:
                 self.jac_loss = self._jacobian_penalty(f.eager, z_star, record)
             if solved and not self.training and cfg.deq_spectral_radius:

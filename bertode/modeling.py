@@ -180,7 +180,7 @@ class BertODEPreTrainedModel(PreTrainedModel):
         encoder = self.base_model.encoder
         jac_loss, ode_penalty = getattr(encoder, "jac_loss", None), getattr(encoder, "ode_penalty", None)
         if loss is not None and jac_loss is not None:
-            loss = loss + self.config.jac_reg_weight * share * jac_loss
+            loss = loss + encoder.jac_weight * share * jac_loss  # `deq.py`: the weight's schedule
         if loss is not None and ode_penalty is not None:
             loss = loss + self.config.regularizer_weight * share * ode_penalty
         return loss

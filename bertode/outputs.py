@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
     MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
@@ -35,6 +36,12 @@ class BertODEModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
 
 @dataclass
 class BertODEMaskedLMOutput(MaskedLMOutput):
+    solver_stats: SolverStats | None = None
+    trajectory: tuple | None = None
+
+
+@dataclass
+class BertODECausalLMOutput(CausalLMOutputWithCrossAttentions):
     solver_stats: SolverStats | None = None
     trajectory: tuple | None = None
 

@@ -75,6 +75,7 @@ def check_deq_numbers(config) -> None:
         fail("jac_reg_weight", config.jac_reg_weight, "a number >= 0")
     if not is_number(config.jac_reg_freq) or not 0 <= config.jac_reg_freq <= 1:
         fail("jac_reg_freq", config.jac_reg_freq, "a number in [0, 1]")
+    check_int("jac_reg_increment_every", config.jac_reg_increment_every, 0)
     for name in ("deq_weight_norm", "deq_spectral_radius"):
         if not isinstance(getattr(config, name), bool):
             fail(name, getattr(config, name), "True or False")

@@ -127,27 +127,29 @@ def test_stream_ranks_read_disjoint_shards_and_together_give_the_one_process_row
     """Rank r of 2 (2 workers each) yields exactly the one-process rows k ≡ r (mod 2), from
     its own shards only; resuming from recorded positions continues the same sequence."""
     from bertode.training.corpus import prepare
+    from bertode.training.objective import Objective
     from bertode.training.stream import StreamOrder
 
     cfg = compose_train(_hub(corpus_files, tmp_path / "cache", "data.stream_shards=4")).data
     tokenizer = prepare(cfg).tokenizer
+    mlm = Objective("mlm", tokenizer, 0.15)
     cfg.num_workers = 0
     one = StreamOrder(cfg, tokenizer, 8, 0, 0, 1)
-    global_rows = [one.local_masked(m, tokenizer, 0.15) for m in range(6)]
+    global_rows = [one.local_batch(m, mlm.corrupt) for m in range(6)]
     cfg.num_workers = 2
     ranks = [StreamOrder(cfg, tokenizer, 8, 0, r, 2) for r in range(2)]
     for m in range(6):
         for r, order in enumerate(ranks):
-            inputs, labels = order.local_masked(m, tokenizer, 0.15)
+            inputs, labels = order.local_batch(m, mlm.corrupt)
             assert torch.equal(inputs, global_rows[m][0][r::2]) and torch.equal(labels, global_rows[m][1][r::2])
     assert set(ranks[0].positions) == {0, 2} and set(ranks[1].positions) == {1, 3}  # disjoint shards
     state = {"positions": {**ranks[0].positions, **ranks[1].positions}, "stream_shards": 4}
     resumed = StreamOrder(cfg, tokenizer, 8, 0, 1, 2, first_micro_batch=6, state=state)
     further = StreamOrder(cfg, tokenizer, 8, 0, 1, 2)
     for m in range(8):
-        expected = further.local_masked(m, tokenizer, 0.15)
+        expected = further.local_batch(m, mlm.corrupt)
         if m >= 6:
-            assert torch.equal(resumed.local_masked(m, tokenizer, 0.15)[0], expected[0])
+            assert torch.equal(resumed.local_batch(m, mlm.corrupt)[0], expected[0])
 
 
 def _hub(files, cache, *extra):

@@ -248,6 +248,22 @@ def test_jacobian_penalty_is_added_to_the_loss(batch):
     assert penalty > 0 and abs(total.item() - base.item() - 0.5 * penalty) <= 1e-5
 
 
+def test_jacobian_weight_grows_by_a_tenth_every_increment_period(batch):
+    """locuslab/deq's --jac_incremental: weight + 0.1 per period of training forwards, from 0 too."""
+    plain = deq_model(bertode.BertODEForMaskedLM)
+    model = deq_model(bertode.BertODEForMaskedLM, jac_reg_increment_every=2)
+    seen = []
+    for _ in range(5):
+        base = plain(**batch, labels=batch["input_ids"]).loss
+        total = model(**batch, labels=batch["input_ids"]).loss
+        penalty = model.solver_stats().get("jac_loss", 0.0)
+        seen.append(round(model.base_model.encoder.jac_weight, 6))
+        assert abs(total.item() - base.item() - seen[-1] * penalty) <= 1e-5
+    assert seen == [0.0, 0.1, 0.1, 0.2, 0.2] and penalty > 0
+    with pytest.raises(ValueError, match="jac_reg_increment_every=-1 is invalid; allowed: an integer >= 0"):
+        bertode.BertODEConfig(mode="deq", jac_reg_increment_every=-1)
+
+
 def test_pretraining_runs_the_layer_unrolled_first(batch):
     model = deq_model(bertode.BertODEForMaskedLM, deq_pretrain_steps=2, deq_pretrain_depth=3)
     seen = []

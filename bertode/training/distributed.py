@@ -9,7 +9,6 @@ import os
 import torch
 
 from .checks import resolve_device
-from .corpus import mask_tokens
 
 
 class Distributed:
@@ -89,14 +88,15 @@ class BatchOrder:
         """The seed of micro-batch m's dropout masks (`bertode.dropout.split_invariant`)."""
         return self.noise_seed_of(self.seed, m)
 
-    def masked(self, m: int, tokenizer, probability: float):
+    def batch(self, m: int, corrupt):
+        """Micro-batch m as ``corrupt(rows, generator)`` makes it (`objective.Objective.corrupt`)."""
         generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
-        return mask_tokens(self.micro_batch_rows(m), tokenizer, probability, generator)
+        return corrupt(self.micro_batch_rows(m), generator)
 
-    def local_masked(self, m: int, tokenizer, probability: float):
-        """This rank's rows of micro-batch m: the global batch masked at once, then sliced,
-        so the masks do not depend on the world size."""
-        inputs, labels = self.masked(m, tokenizer, probability)
+    def local_batch(self, m: int, corrupt):
+        """This rank's (inputs, labels) of micro-batch m: the global batch made at once, then
+        sliced, so the MLM masks do not depend on the world size."""
+        inputs, labels = self.batch(m, corrupt)
         return inputs[self.rank::self.world], labels[self.rank::self.world]
 
     def state(self, dist) -> None:

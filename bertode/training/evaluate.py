@@ -1,8 +1,10 @@
-"""`python -m bertode.evaluate checkpoint=DIR`: MLM loss, perplexity and accuracy of a
-saved model on a split, with the masking fixed by ``seed``.
+"""`python -m bertode.evaluate checkpoint=DIR`: language-model loss, perplexity and accuracy
+of a saved model on a split: MLM with the masking fixed by ``seed``, or next-token (CLM).
 
 DIR is a model directory with its tokenizer (a training run's ``final/``, or any
-`save_pretrained` output of a bertode or HF BERT masked-LM). The data group chooses the
+`save_pretrained` output of a bertode model). ``objective`` (null: the checkpoint's own:
+``clm`` for a `BertODEForCausalLM`, else ``mlm``) is refused in one line where the
+checkpoint's head cannot do it (``clm`` on a bidirectional masked LM). The data group chooses the
 text (``data=text data.files=[...] data.eval_files=[...]``); ``split=eval`` (default) or
 ``train``. ``solver.*`` and ``deq.*`` choose the trained model's solve again for this
 evaluation (`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time
@@ -25,13 +27,27 @@ from .cli import hydra_entry, import_plugins, usage_errors
 from .checks import check_count, torch_device
 from .corpus import check_data, holds_tokenizer, load_tokenizer, prepare
 from .sources import check_sources
-from .mlm import evaluate as evaluate_batches
-from .mlm import fixed_eval_batches
+from .lm import evaluate as evaluate_batches
+from .lm import fixed_eval_batches
+from .objective import Objective, check_objective
 
 
-def validate(cfg: DictConfig) -> Path:
-    """The checks that need no data (also run before Hydra creates the run directory)."""
-    import_plugins(cfg.get("plugins"))
+def checkpoint_objective(cfg: DictConfig, folder: Path, saved: dict) -> str:
+    """The objective to evaluate: ``cfg.objective``, or the checkpoint's; one line where its head cannot."""
+    causal = "BertODEForCausalLM" in (saved.get("architectures") or [])
+    own = "clm" if causal else "mlm"
+    if cfg.get("objective") is None:
+        return own
+    if check_objective(cfg.objective) != own:
+        head = "a causal LM (BertODEForCausalLM)" if causal else "a bidirectional masked LM, an MLM-only head"
+        raise ValueError(f"objective={cfg.objective!r} is invalid for checkpoint={str(folder)!r}: it is {head}; "
+                         f"allowed: objective={own}" + ("" if causal else " (train a causal one with objective=clm)"))
+    return own
+
+
+def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
+    """``cfg.checkpoint``: a bertode model's directory with its tokenizer, and its config.json
+    (also `bertode.generate`'s); one line otherwise."""
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ValueError("checkpoint is missing; allowed: checkpoint=DIR, a directory written by save_pretrained")
     folder = Path(str(cfg.checkpoint))
@@ -50,6 +66,13 @@ def validate(cfg: DictConfig) -> Path:
     if not holds_tokenizer(folder):
         raise ValueError(f"checkpoint={str(folder)!r} is invalid: it holds no tokenizer; allowed: a directory with "
                          "the model and its tokenizer (a bertode.train run's final/)")
+    return folder, saved
+
+
+def validate(cfg: DictConfig) -> Path:
+    """The checks that need no data (also run before Hydra creates the run directory)."""
+    import_plugins(cfg.get("plugins"))
+    folder, saved = read_checkpoint(cfg)
     if cfg.split not in ("eval", "train"):
         raise ValueError(f"split={cfg.split!r} is invalid; allowed: 'eval', 'train'")
     if cfg.split == "train" and cfg.data.get("streaming"):
@@ -62,31 +85,35 @@ def validate(cfg: DictConfig) -> Path:
     check_data(cfg.data, trains_tokenizer=False)  # the checkpoint brings its tokenizer
     check_sources(cfg.data)
     solve_overrides.check(cfg, saved.get("mode", "ode"))
+    checkpoint_objective(cfg, folder, saved)
     return folder
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from transformers import AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     with usage_errors():
         folder = validate(cfg)
+        name = checkpoint_objective(cfg, folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
         tokenizer = load_tokenizer(folder)
         corpus = prepare(cfg.data, tokenizer=tokenizer)
     device = torch_device(cfg.device)
     chosen = solve_overrides.overrides(cfg)
-    model = AutoModelForMaskedLM.from_pretrained(folder, **chosen).to(device)
+    auto = AutoModelForCausalLM if name == "clm" else AutoModelForMaskedLM
+    model = auto.from_pretrained(folder, **chosen).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
-    batches = fixed_eval_batches(rows, tokenizer, cfg.data.mlm_probability, cfg.seed, cfg.batch_size, cfg.max_sequences)
+    objective = Objective(name, tokenizer, cfg.data.mlm_probability)
+    batches = fixed_eval_batches(rows, objective, cfg.seed, cfg.batch_size, cfg.max_sequences)
     started = time.perf_counter()
-    result = evaluate_batches(model, batches, device)
+    result = evaluate_batches(model, batches, objective, device)
     config = model.config
-    result.update(checkpoint=str(folder), split=cfg.split, sequences=sum(len(b[0]) for b in batches),
+    result.update(checkpoint=str(folder), split=cfg.split, objective=name, sequences=sum(len(b[0]) for b in batches),
                   seconds=time.perf_counter() - started, overrides=chosen, mode=config.mode, solver=config.solver,
                   steps=config.steps if config.mode == "ode" else None,
                   deq_max_iter=config.deq_max_iter if config.mode == "deq" else None)
     compute = "".join(f", {key} {result[key]:g}" for key in ("nfe_forward", "forward_iterations") if key in result)
-    print(f"{folder} [{cfg.split}]: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-          f"accuracy {result['accuracy']:.3f} over {result['masked_tokens']} masked tokens{compute}"
+    print(f"{folder} [{cfg.split}]: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+          f"accuracy {result['accuracy']:.3f} over {result['target_tokens']} target tokens{compute}"
           f"{' with ' + str(chosen) if chosen else ''}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))

@@ -32,7 +32,7 @@ ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
 DEFAULT = "default"
 # The gradient methods' own config fields (beyond kwargs), shown in their group node.
 GRADIENT_KEYS = ("adjoint_solver", "adjoint_atol", "adjoint_rtol")
-DEQ_PLAIN_FIELDS = ("jac_reg_weight", "jac_reg_freq")
+DEQ_PLAIN_FIELDS = ("jac_reg_weight", "jac_reg_freq", "jac_reg_increment_every")
 
 
 def config_default(field: str):

@@ -1,8 +1,10 @@
-"""`python -m bertode.train`: Hydra-configured masked-language-model training.
+"""`python -m bertode.train`: Hydra-configured language-model training (``objective=mlm``,
+BERT's masked LM, or ``clm``, next-token prediction over causal attention; `objective.py`).
 
     python -m bertode.train                                   # tiny ODE-BERT on the embedded sample
     python -m bertode.train solver=dopri5 sensitivity=adjoint solver.atol=1e-4
     python -m bertode.train model=deq deq.solver=broyden sensitivity=phantom
+    python -m bertode.train objective=clm model.norm_position=pre solver=rk4
     python -m bertode.train -m solver=euler,rk4 seed=1,2      # a sweep, one directory per run
     torchrun --nproc_per_node=2 -m bertode.train              # DDP (gloo on CPU, NCCL on GPU)
 
@@ -27,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..compile import compile_model, resolve_scope
 from ..dropout import split_invariant
-from ..modeling import BertODEForMaskedLM
 from . import checkpoint, lock
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
@@ -35,9 +36,10 @@ from .corpus import check_data, prepare, unigram_cross_entropy
 from .sources import DataError, check_sources
 from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
-from .mlm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
+from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
+from .objective import HEADS, Objective, check_objective
 from .run_config import build_model_config
-from .run_log import RunLog, check_logger, keep_until, write_model_card
+from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
 
 
@@ -61,10 +63,11 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
     check_logger(cfg.logger.kind)
+    check_objective(cfg.objective)
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
-            BertODEForMaskedLM(config)
+            HEADS[cfg.objective](config)
     except (RuntimeError, NotImplementedError):
         pass  # a module that cannot be built without data (reads a tensor): checked when built for real
     if trainer.compile not in (True, False):
@@ -128,7 +131,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.use_deterministic_algorithms(True)
 
     torch.manual_seed(cfg.seed)
-    model = BertODEForMaskedLM(config).to(dist.device)
+    objective = Objective(cfg.objective, corpus.tokenizer, cfg.data.mlm_probability)
+    model = objective.model_class(config).to(dist.device)
     base = model
     optimizer = _optimizer(model, trainer, dist.device)
     state, data_state = {"step": 0, "tokens": 0, "elapsed": 0.0}, None
@@ -157,8 +161,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     with usage_errors():  # a stream resumed with another data.stream_shards
         order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
-    eval_batches = fixed_eval_batches(corpus.eval, corpus.tokenizer, cfg.data.mlm_probability, cfg.seed,
-                                      max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
+    eval_batches = fixed_eval_batches(corpus.eval, objective, cfg.seed, max(1, trainer.batch_size // dist.world),
+                                      cfg.data.max_eval_sequences)
     baseline = unigram_cross_entropy(corpus.counts, corpus.eval)
     parameters = sum(p.numel() for p in base.parameters())
     if resume_from is not None:
@@ -168,9 +172,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
               f"tokens, run dir {run_dir}")
 
     def run_eval(step: int) -> dict:
-        result = evaluate(base, eval_batches, dist.device, trainer.precision)
+        result = evaluate(base, eval_batches, objective, dist.device, trainer.precision)
         log.write({"step": step, "kind": "eval", **result, "unigram_baseline": baseline})
-        log.print(f"eval @ step {step}: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+        log.print(f"eval @ step {step}: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
                   f"accuracy {result['accuracy']:.3f} (unigram baseline loss {baseline:.4f})")
         return result
 
@@ -187,10 +191,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         factor = lr_factor(step, elapsed, trainer)
         for group in optimizer.param_groups:
             group["lr"] = trainer.lr * factor
-        micro_batches = [order.local_masked(step * trainer.grad_accumulation + a, corpus.tokenizer,
-                                            cfg.data.mlm_probability) for a in range(trainer.grad_accumulation)]
-        total_masked = int(dist.all_sum([float(sum(int((labels != -100).sum()) for _, labels in micro_batches))])[0])
-        # The loss of a step is the mean over every masked token of the global batch: the
+        micro_batches = [order.local_batch(step * trainer.grad_accumulation + a, objective.corrupt)
+                         for a in range(trainer.grad_accumulation)]
+        total_masked = int(dist.all_sum([float(sum(objective.targets(labels) for _, labels in micro_batches))])[0])
+        # The loss of a step is the mean over every target token of the global batch: the
         # model divides its sum by this rank's share of the count (DDP averages over ranks).
         items = torch.tensor(max(total_masked, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
         skipped_before = base.skipped_batches
@@ -204,7 +208,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             with context, noise:
                 with autocast(dist.device, trainer.precision):
                     out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
-                ce_sum, correct = masked_ce_sum(out.logits.detach(), labels)
+                ce_sum, correct = masked_ce_sum(*objective.aligned(out.logits.detach(), labels))
                 if out.loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
                     out.loss.backward()
             ce_total += ce_sum.item()
@@ -230,7 +234,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
             record["peak_memory_mb"] = _peak_memory_mb(dist.device)
             window_start, window_tokens = now, 0
-            log.print(_progress_line(record, trainer, elapsed))
+            log.print(progress_line(record, trainer, elapsed))
         log.write(record)
         if step % trainer.eval_every == 0 and step < trainer.max_steps:
             result = run_eval(step)
@@ -261,7 +265,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         summary = {"step": step, "tokens": tokens, "elapsed": elapsed, "eval": result, "unigram_baseline": baseline,
                    "solver_stats": _numeric_stats(base.solver_stats())}
         (final / "train_results.json").write_text(json.dumps(summary, indent=2, default=float))
-        write_model_card(final, mode=config.mode, loss=result["loss"], step=step)
+        write_model_card(final, objective.causal, mode=config.mode, loss=result["loss"], step=step)
         log.print(f"final model: {final}")
     log.close()
     dist.barrier()
@@ -275,23 +279,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _progress_line(record: dict, trainer, elapsed: float) -> str:
-    step = record["step"]
-    remaining = []
-    if trainer.max_steps:
-        remaining.append(elapsed / step * (trainer.max_steps - step))
-    if trainer.max_time:
-        remaining.append(trainer.max_time - elapsed)
-    eta = max(0.0, min(remaining)) if remaining else float("nan")
-    extra = ""
-    if "nfe_forward" in record:
-        extra = f" | NFE {record['nfe_forward']}/{record.get('nfe_backward', 0)}"
-    elif "forward_iterations" in record:
-        extra = f" | iters {record['forward_iterations']} res {record.get('forward_rel_residual', float('nan')):.1e}"
-    return (f"step {step}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")
 
 
 main = hydra_entry("train", train, precheck=validate, distributed=True)

@@ -34,6 +34,12 @@ def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tup
             put(field_for(group, key), value, group if key == "name" else f"{group}.{key}")
     for key, value in cfg.get("model_overrides", {}).items():
         put(key, value, f"model_overrides.{key}")
+    causal = cfg.get("objective", "mlm") == "clm"  # the objective chooses the attention (`objective.py`)
+    if kwargs.get("is_decoder", causal) != causal:
+        raise ValueError(f"{origin['is_decoder']}={kwargs['is_decoder']!r} is invalid with objective="
+                         f"{cfg.get('objective', 'mlm')!r}; allowed: leave it unset (objective=clm makes "
+                         "attention causal, objective=mlm bidirectional)")
+    put("is_decoder", causal, "objective")
     put("vocab_size", vocab_size, "data.vocab_size")
     put("pad_token_id", pad_token_id, "data.tokenizer")
     return kwargs, origin

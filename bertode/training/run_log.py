@@ -1,6 +1,6 @@
-"""Where a training run's numbers go: the console, ``metrics.jsonl`` in the run directory,
-optionally TensorBoard (``logger=tensorboard``) or Weights & Biases (``logger=wandb``), and
-the model card written beside the final model.
+"""Where a training run's numbers go: the console (`progress_line`), ``metrics.jsonl`` in
+the run directory, optionally TensorBoard (``logger=tensorboard``) or Weights & Biases
+(``logger=wandb``), and the model card written beside the final model.
 
 One record per call; every record carries ``step`` and a ``kind`` (``train`` or ``eval``).
 Only rank 0 of a distributed run writes.
@@ -112,9 +112,9 @@ class RunLog:
             self.wandb.finish()
 
 
-MODEL_CARD = """# A bertode masked-language model
+MODEL_CARD = """# A bertode {kind} model
 
-Trained by `python -m bertode.train` ({mode} mode, {step} steps, eval MLM loss {loss:.4f}; the
+Trained by `python -m bertode.train` ({mode} mode, {step} steps, eval {label} loss {loss:.4f}; the
 composed config is in the run directory's `.hydra/`, the numbers in `train_results.json`).
 
 `model_type` is `bertode`: transformers knows it once bertode is imported, which registers
@@ -122,13 +122,33 @@ the configuration and models with the Auto classes:
 
 ```python
 import bertode  # registers model_type "bertode"
-from transformers import AutoModelForMaskedLM, AutoTokenizer
-model = AutoModelForMaskedLM.from_pretrained("path/to/this/folder")
+from transformers import {auto}, AutoTokenizer
+model = {auto}.from_pretrained("path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
 """
 
 
-def write_model_card(folder: Path, **facts) -> None:
+def write_model_card(folder: Path, causal: bool = False, **facts) -> None:
     """``README.md`` beside a saved model: what it is and how to load it."""
-    (folder / "README.md").write_text(MODEL_CARD.format(**facts), encoding="utf-8")
+    kind = dict(kind="causal language", label="CLM", auto="AutoModelForCausalLM") if causal else \
+        dict(kind="masked-language", label="MLM", auto="AutoModelForMaskedLM")
+    (folder / "README.md").write_text(MODEL_CARD.format(**kind, **facts), encoding="utf-8")
+
+
+def progress_line(record: dict, trainer, elapsed: float) -> str:
+    """The console line of a logged training step: loss, lr, throughput, solve cost, ETA."""
+    step = record["step"]
+    remaining = []
+    if trainer.max_steps:
+        remaining.append(elapsed / step * (trainer.max_steps - step))
+    if trainer.max_time:
+        remaining.append(trainer.max_time - elapsed)
+    eta = max(0.0, min(remaining)) if remaining else float("nan")
+    extra = ""
+    if "nfe_forward" in record:
+        extra = f" | NFE {record['nfe_forward']}/{record.get('nfe_backward', 0)}"
+    elif "forward_iterations" in record:
+        extra = f" | iters {record['forward_iterations']} res {record.get('forward_rel_residual', float('nan')):.1e}"
+    return (f"step {step}/{trainer.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_s']:,.0f} tok/s{extra} | ETA {eta / 60:.1f} min")

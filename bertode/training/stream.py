@@ -100,7 +100,7 @@ class StreamRows(IterableDataset):
 
 
 class StreamOrder:
-    """The streaming counterpart of `distributed.BatchOrder`: this rank's masked rows of
+    """The streaming counterpart of `distributed.BatchOrder`: this rank's (inputs, labels) of
     each micro-batch, in order, and the stream's position for checkpoints."""
 
     def __init__(self, cfg, tokenizer, micro_batch: int, seed: int, rank: int, world: int,
@@ -122,10 +122,9 @@ class StreamOrder:
                                       prefetch_factor=2 if workers else None, persistent_workers=False))
         self.lookahead = 0  # the most documents any packer had read beyond its next row
 
-    def local_masked(self, m: int, tokenizer, probability: float):
-        """(inputs, labels) of this rank's rows of micro-batch m (m must be the next one)."""
-        from .corpus import mask_tokens
-
+    def local_batch(self, m: int, corrupt):
+        """(inputs, labels) of this rank's rows of micro-batch m (m must be the next one), each
+        row made by ``corrupt(row, generator)`` with a generator keyed by its global index."""
         if m != self.next_micro_batch:
             raise RuntimeError(f"stream micro-batch {m} requested, {self.next_micro_batch} expected")
         self.next_micro_batch += 1
@@ -138,7 +137,7 @@ class StreamOrder:
             self.positions[shard] = position
             self.lookahead = max(self.lookahead, lookahead)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-            masked, label = mask_tokens(torch.tensor([row], dtype=torch.long), tokenizer, probability, generator)
+            masked, label = corrupt(torch.tensor([row], dtype=torch.long), generator)
             inputs.append(masked)
             labels.append(label)
         return torch.cat(inputs), torch.cat(labels)

@@ -1,9 +1,10 @@
-"""Masked-language-model loss and evaluation, shared by `train` and `evaluate`.
+"""Language-model loss and evaluation (either `objective.Objective`), shared by `train`
+and `evaluate`.
 
-The training loss of a step is the mean cross-entropy over *all* masked tokens of the
+The training loss of a step is the mean cross-entropy over *all* target tokens of the
 step's global batch (every rank and accumulation micro-batch), so a torchrun run with the
 same global batch computes the same loss and gradient as one process. Evaluation masks
-the held-out rows once with a fixed seed, so numbers are comparable across runs.
+the held-out rows once with a fixed seed (MLM), so numbers are comparable across runs.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from .corpus import mask_tokens
 
 
 def autocast(device: torch.device, precision: str):
@@ -35,17 +34,16 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return loss, correct
 
 
-def fixed_eval_batches(rows: torch.Tensor, tokenizer, probability: float, seed: int, batch_size: int,
-                       max_rows: int | None = None):
-    """The eval rows masked once with ``seed``, cut into batches."""
+def fixed_eval_batches(rows: torch.Tensor, objective, seed: int, batch_size: int, max_rows: int | None = None):
+    """The eval rows made into (inputs, labels) once with ``seed``, cut into batches."""
     rows = rows[:max_rows] if max_rows else rows[:]  # a tensor, also from token shards
     generator = torch.Generator().manual_seed(seed)
-    inputs, labels = mask_tokens(rows, tokenizer, probability, generator)
+    inputs, labels = objective.corrupt(rows, generator)
     return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 @torch.no_grad()
-def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> dict:
+def evaluate(model, batches, objective, device: torch.device, precision: str = "fp32") -> dict:
     was_training = model.training
     model.eval()
     total, correct, count = 0.0, 0, 0
@@ -53,10 +51,10 @@ def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> d
     for inputs, labels in batches:
         with autocast(device, precision):
             logits = model(input_ids=inputs.to(device)).logits
-        loss, right = masked_ce_sum(logits, labels.to(device))
+        loss, right = masked_ce_sum(*objective.aligned(logits, labels.to(device)))
         total += loss.item()
         correct += int(right)
-        count += int((labels != -100).sum())
+        count += objective.targets(labels)
         stats = model.solver_stats() if hasattr(model, "solver_stats") else {}
         for key in ("nfe_forward", "forward_iterations"):
             if isinstance(stats.get(key), (int, float)):
@@ -64,4 +62,4 @@ def evaluate(model, batches, device: torch.device, precision: str = "fp32") -> d
     model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(count, 1),
-            "masked_tokens": count, **{key: value / max(len(batches), 1) for key, value in compute.items()}}
+            "target_tokens": count, **{key: value / max(len(batches), 1) for key, value in compute.items()}}

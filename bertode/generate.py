@@ -1,0 +1,103 @@
+"""`python -m bertode.generate checkpoint=DIR prompt='...'`: continue a prompt with a causal LM.
+
+    python -m bertode.generate checkpoint=outputs/.../final prompt='the whale' max_new_tokens=30
+    python -m bertode.generate checkpoint=DIR do_sample=true temperature=0.8 top_k=20 num_return_sequences=3
+    python -m bertode.generate checkpoint=DIR solver.name=rk4 solver.steps=4     # another solve than trained
+
+DIR holds a `BertODEForCausalLM` and its tokenizer (``bertode.train objective=clm``'s
+``final/``). The prompt is tokenized without special tokens after the tokenizer's [CLS]
+(where it has one), as training rows begin; transformers' ``generate`` continues it
+(greedy, or sampling seeded by ``seed``), without a key/value cache (`causal_lm.py`).
+A masked LM, which cannot generate, and every bad option are refused in one line, exit 2,
+before the model is loaded. Prints one continuation per line; writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .training import solve_overrides
+from .training.checks import check_count, torch_device
+from .training.cli import hydra_entry, import_plugins, usage_errors
+from .training.corpus import load_tokenizer
+from .training.evaluate import read_checkpoint
+
+
+def _check_number(key: str, value, low: float, high: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > low
+    if not ok or (high is not None and value > high):
+        bound = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+        raise ValueError(f"{key}={value!r} is invalid; allowed: a number {bound}")
+
+
+def validate(cfg) -> Path:
+    """Every check that needs neither the model's weights nor its tokenizer."""
+    import_plugins(cfg.get("plugins"))
+    folder, saved = read_checkpoint(cfg)
+    if "BertODEForCausalLM" not in (saved.get("architectures") or []) or not saved.get("is_decoder"):
+        kind = ", ".join(saved.get("architectures") or ["a model without a language-model head"])
+        raise ValueError(f"checkpoint={str(folder)!r} is invalid for generation: it is {kind} (bidirectional "
+                         "attention), which cannot generate; allowed: a causal LM's directory (bertode.train "
+                         "objective=clm, or a converted GPT-2 / BertLMHeadModel saved with its tokenizer)")
+    if not isinstance(cfg.prompt, str):
+        raise ValueError(f"prompt={cfg.prompt!r} is invalid; allowed: a string (quote it: prompt='...')")
+    check_count("max_new_tokens", cfg.max_new_tokens, 1)
+    check_count("top_k", cfg.top_k, 0)
+    check_count("num_return_sequences", cfg.num_return_sequences, 1)
+    check_count("seed", cfg.seed, 0)
+    if cfg.do_sample not in (True, False):
+        raise ValueError(f"do_sample={cfg.do_sample!r} is invalid; allowed: true, false")
+    _check_number("temperature", cfg.temperature, 0.0)
+    _check_number("top_p", cfg.top_p, 0.0, 1.0)
+    if not cfg.do_sample and cfg.num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences={cfg.num_return_sequences} is invalid with do_sample=false "
+                         "(greedy search returns one sequence); allowed: 1, or do_sample=true")
+    torch_device(cfg.device)
+    solve_overrides.check(cfg, saved.get("mode", "ode"))
+    return folder
+
+
+def run(cfg, run_dir: Path | None) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import causal_lm  # noqa: F401  (registers AutoModelForCausalLM)
+
+    with usage_errors():
+        folder = validate(cfg)
+        tokenizer = load_tokenizer(folder)
+        ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
+        start = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
+        if not ids and not start:
+            raise ValueError("prompt='' is invalid for a tokenizer without a [CLS] token; allowed: a non-empty prompt")
+        ids = start + ids
+        limit = _position_limit(folder)
+        if len(ids) + cfg.max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens={cfg.max_new_tokens} is invalid: the prompt's {len(ids)} tokens plus "
+                             f"it exceed the model's {limit} positions; allowed: <= {limit - len(ids)}")
+    device = torch_device(cfg.device)
+    model = AutoModelForCausalLM.from_pretrained(folder, **solve_overrides.overrides(cfg)).to(device).eval()
+    torch.manual_seed(int(cfg.seed))
+    sampling = dict(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p)) \
+        if cfg.do_sample else {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=int(cfg.max_new_tokens),
+                             do_sample=bool(cfg.do_sample), num_return_sequences=int(cfg.num_return_sequences),
+                             pad_token_id=pad, **sampling)
+    texts = [tokenizer.decode(row[len(ids):], skip_special_tokens=True) for row in out.tolist()]
+    for text in texts:
+        print(f"{cfg.prompt}{' ' if cfg.prompt else ''}{text}", flush=True)
+    return texts
+
+
+def _position_limit(folder: Path) -> int:
+    import json
+
+    return int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"])
+
+
+main = hydra_entry("generate", run, precheck=validate)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``objective=clm`` (issue 15 item 4): next-token training and evaluation over causal
+attention, the first-token convention of packed rows, the DEQ with ``qkv`` injection,
+exact resume, `bertode.generate`, and the one-line refusals (an MLM-only head asked for
+next tokens, a masked LM asked to generate, ``norm_position=middle``)."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bertode
+from bertode.training.objective import Objective
+from test_train import cache_dir, compose_train, run_train, small  # noqa: F401  (cache_dir: the fixture)
+
+
+class _Tokenizer:
+    """The special ids of bertode's WordPiece tokenizer ([PAD] 0 ... [MASK] 4)."""
+
+    all_special_ids = [0, 1, 2, 3, 4]
+
+
+def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy():
+    rows = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 22, 23, 3]])  # [CLS] t1..t4 [SEP]
+    clm = Objective("clm", _Tokenizer())
+    inputs, labels = clm.corrupt(rows, torch.Generator())
+    assert torch.equal(inputs, rows)
+    assert clm.targets(labels) == 2 * 4  # T - 2 per row: t1..t4; neither [CLS] nor [SEP]
+    logits = torch.randn(2, 6, 30, generator=torch.Generator().manual_seed(0))
+    shifted_logits, shifted_labels = clm.aligned(logits, labels)
+    assert torch.equal(shifted_labels, torch.tensor([[10, 11, 12, 13, -100], [20, 21, 22, 23, -100]]))
+    # The oracle: -log p(t_{i+1} | tokens <= i) for i = 0 ([CLS]) .. T-3, written out.
+    expected = torch.stack([-F.log_softmax(logits[b, i], -1)[rows[b, i + 1]] for b in range(2) for i in range(4)]).mean()
+    model = bertode.BertODEForCausalLM(bertode.BertODEConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=32,
+                                                              is_decoder=True))
+    own = model._token_loss(shifted_logits.reshape(-1, 30), shifted_labels.reshape(-1))
+    assert abs(own.item() - expected.item()) <= 1e-6
+    mlm = Objective("mlm", type("T", (), {"all_special_ids": [0, 1, 2, 3, 4], "mask_token_id": 4,
+                                          "__len__": lambda self: 30})(), 0.5)
+    masked, mlm_labels = mlm.corrupt(rows, torch.Generator().manual_seed(1))
+    assert mlm.targets(mlm_labels) == int((mlm_labels != -100).sum()) and mlm.aligned(logits, mlm_labels)[0] is logits
+
+
+def test_train_objective_clm_beats_the_unigram_baseline_and_evaluate_and_generate_agree(tmp_path, cache_dir,
+                                                                                         monkeypatch, capsys):
+    result, records = run_train(tmp_path / "run", small(cache_dir, "objective=clm", "trainer.max_steps=600",
+                                                        "trainer.batch_size=16", "trainer.lr=3e-3",
+                                                        "data.max_eval_sequences=32", "trainer.log_every=200"))
+    assert result["eval"]["loss"] < result["unigram_baseline"] - 0.3, result
+    assert result["eval"]["target_tokens"] == 32 * (16 - 2)  # every text token of every eval row
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["architectures"] == ["BertODEForCausalLM"] and saved["is_decoder"] is True
+    assert "AutoModelForCausalLM" in (final / "README.md").read_text()
+
+    from bertode.evaluate import main as evaluate_main
+    from bertode.generate import main as generate_main
+
+    data = [f"data.cache_dir={cache_dir}", "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=32"]
+    monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"checkpoint={final}", *data,
+                                      f"hydra.run.dir={tmp_path / 'evaluation'}"])
+    evaluate_main()
+    evaluation = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["objective"] == "clm"
+    assert abs(evaluation["loss"] - result["eval"]["loss"]) <= 1e-5  # the training run's own number
+    assert abs(evaluation["perplexity"] - math.exp(evaluation["loss"])) <= 1e-6 * evaluation["perplexity"]
+    capsys.readouterr()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bertode.generate", f"checkpoint={final}", "prompt=the whale",
+                                      "max_new_tokens=6"])
+    generate_main()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = [tokenizer.cls_token_id] + tokenizer("the whale", add_special_tokens=False)["input_ids"]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert printed == "the whale " + tokenizer.decode(expected[0, len(ids):], skip_special_tokens=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation", "run"]  # generate writes nothing
+
+
+def test_clm_deq_with_qkv_injection_trains_and_resumes_exactly(tmp_path, cache_dir):
+    common = small(cache_dir, "objective=clm", "model=deq", "deq.injection=qkv", "trainer.max_steps=6",
+                   "trainer.checkpoint_every=3", "model.hidden_dropout_prob=0.1", "deq.jac_reg_weight=0.1")
+    _, straight = run_train(tmp_path / "straight", common)
+    assert all(math.isfinite(r["loss"]) for r in straight) and straight[-1]["forward_iterations"] >= 1
+    interrupted = tmp_path / "interrupted"
+    run_train(interrupted, common + [f"trainer.max_tokens={3 * 4 * 16}"])
+    _, records = run_train(interrupted, common + ["trainer.resume=auto"])
+    resumed = [r for r in records if r["step"] > 3][-3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(straight[3:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
+    config = bertode.BertODEConfig.from_pretrained(tmp_path / "straight" / "final")
+    assert (config.mode, config.deq_injection, config.is_decoder) == ("deq", "qkv", True)
+
+
+@pytest.fixture(scope="module")
+def mlm_checkpoint(tmp_path_factory):
+    from bertode.train import train
+
+    folder, cache = tmp_path_factory.mktemp("mlm"), tmp_path_factory.mktemp("mlm-cache")
+    train(compose_train(small(cache)), folder)
+    return folder / "final", cache
+
+
+def _refused(monkeypatch, capsys, main, argv, expected, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, (argv, error)
+    assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (argv, error)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # nothing written
+
+
+def test_bad_objectives_and_generation_requests_are_refused_in_one_line(tmp_path, monkeypatch, capsys, mlm_checkpoint):
+    from bertode.evaluate import main as evaluate_main
+    from bertode.generate import main as generate_main
+    from bertode.train import main as train_main
+
+    final, cache = mlm_checkpoint
+    monkeypatch.chdir(tmp_path)
+    data = [f"data.cache_dir={cache}", "data.seq_len=16", "data.vocab_size=500"]
+    run = [f"hydra.run.dir={tmp_path / 'run'}", *data]
+    cases = [
+        (evaluate_main, ["bertode.evaluate", f"checkpoint={final}", "objective=clm", *run],
+         f"objective='clm' is invalid for checkpoint='{final}': it is a bidirectional masked LM, an MLM-only head; "
+         "allowed: objective=mlm"),
+        (generate_main, ["bertode.generate", f"checkpoint={final}", "prompt=call me"],
+         "is invalid for generation: it is BertODEForMaskedLM (bidirectional attention), which cannot generate"),
+        (train_main, ["bertode.train", "model.norm_position=middle", *run],
+         "model.norm_position='middle' is invalid; allowed: 'post', 'pre'"),
+        (train_main, ["bertode.train", "objective=xlm", *run], "objective='xlm' is invalid; allowed: 'mlm', 'clm'"),
+        (train_main, ["bertode.train", "objective=clm", "+model_overrides.is_decoder=false", *run],
+         "model_overrides.is_decoder=False is invalid with objective='clm'"),
+        (train_main, ["bertode.train", "objective=clm", "model=deq", "model.norm_position=pre", *run],
+         "model.norm_position='pre' is invalid with"),
+    ]
+    for main, argv, expected in cases:
+        _refused(monkeypatch, capsys, main, argv, expected, tmp_path)
