@@ -62,8 +62,9 @@ class BertODEForCausalLM(TiedMLMDecoder, BertODEPreTrainedModel, GenerationMixin
                                      trajectory=outputs.trajectory)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """The whole prefix at every step (no cache)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        """The whole prefix at every step (no cache), with generation's position ids (counted
+        over real tokens, so a left-padded row is numbered as it would be unpadded)."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": kwargs.get("position_ids")}
 
 
 AutoModelForCausalLM.register(BertODEConfig, BertODEForCausalLM, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`python -m bertode.evaluate checkpoint=DIR`: MLM loss, perplexity and accuracy of a
+"""`python -m bertode.evaluate checkpoint=DIR`: MLM or next-token loss, perplexity and accuracy of a
 saved model (the command lives in `bertode.training.evaluate`)."""
 
 from .training.evaluate import main, run

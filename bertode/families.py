@@ -123,8 +123,9 @@ def gpt2_config(hf) -> dict:
             "hidden_act": hf.activation_function, "hidden_dropout_prob": hf.resid_pdrop,
             "attention_probs_dropout_prob": hf.attn_pdrop, "max_position_embeddings": hf.n_positions,
             "type_vocab_size": 0, "initializer_range": hf.initializer_range, "layer_norm_eps": hf.layer_norm_epsilon,
-            **_common(hf), "pad_token_id": hf.pad_token_id,  # None: no embedding row without gradient
-            "is_decoder": True, "norm_position": "pre", "embedding_norm": False,
+            # GPT-2's embedding has no padding row (BERT's pad row gets no gradient): none here, whatever
+            # pad id the source names (it changes nothing GPT-2 computes; pass pad_token_id to generate()).
+            **_common(hf), "pad_token_id": None, "is_decoder": True, "norm_position": "pre", "embedding_norm": False,
             "lm_head_type": "linear"}
 
 

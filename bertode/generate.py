@@ -9,7 +9,7 @@ DIR holds a `BertODEForCausalLM` and its tokenizer (``bertode.train objective=cl
 (where it has one), as training rows begin; transformers' ``generate`` continues it
 (greedy, or sampling seeded by ``seed``), without a key/value cache (`causal_lm.py`).
 A masked LM, which cannot generate, and every bad option are refused in one line, exit 2,
-before the model is loaded. Prints one continuation per line; writes nothing.
+before the model is loaded. Prints each sequence (prompt and continuation) on a line; writes nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def _check_number(key: str, value, low: float, high: float | None = None) -> Non
         raise ValueError(f"{key}={value!r} is invalid; allowed: a number {bound}")
 
 
-def validate(cfg) -> Path:
-    """Every check that needs neither the model's weights nor its tokenizer."""
+def validate(cfg) -> tuple[Path, dict]:
+    """Every check that needs neither the model's weights nor its tokenizer: the folder and its config.json."""
     import_plugins(cfg.get("plugins"))
     folder, saved = read_checkpoint(cfg)
     if "BertODEForCausalLM" not in (saved.get("architectures") or []) or not saved.get("is_decoder"):
@@ -49,12 +49,14 @@ def validate(cfg) -> Path:
         raise ValueError(f"do_sample={cfg.do_sample!r} is invalid; allowed: true, false")
     _check_number("temperature", cfg.temperature, 0.0)
     _check_number("top_p", cfg.top_p, 0.0, 1.0)
-    if not cfg.do_sample and cfg.num_return_sequences > 1:
-        raise ValueError(f"num_return_sequences={cfg.num_return_sequences} is invalid with do_sample=false "
-                         "(greedy search returns one sequence); allowed: 1, or do_sample=true")
+    greedy_defaults = {"num_return_sequences": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    for key, default in greedy_defaults.items():  # what greedy search would silently ignore
+        if not cfg.do_sample and cfg[key] != default:
+            raise ValueError(f"{key}={cfg[key]!r} is invalid with do_sample=false (greedy search does not sample); "
+                             f"allowed: {default!r}, or do_sample=true")
     torch_device(cfg.device)
     solve_overrides.check(cfg, saved.get("mode", "ode"))
-    return folder
+    return folder, saved
 
 
 def run(cfg, run_dir: Path | None) -> list[str]:
@@ -64,14 +66,14 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     from . import causal_lm  # noqa: F401  (registers AutoModelForCausalLM)
 
     with usage_errors():
-        folder = validate(cfg)
+        folder, saved = validate(cfg)
         tokenizer = load_tokenizer(folder)
         ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
         start = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
         if not ids and not start:
             raise ValueError("prompt='' is invalid for a tokenizer without a [CLS] token; allowed: a non-empty prompt")
         ids = start + ids
-        limit = _position_limit(folder)
+        limit = int(saved["max_position_embeddings"])
         if len(ids) + cfg.max_new_tokens > limit:
             raise ValueError(f"max_new_tokens={cfg.max_new_tokens} is invalid: the prompt's {len(ids)} tokens plus "
                              f"it exceed the model's {limit} positions; allowed: <= {limit - len(ids)}")
@@ -80,21 +82,17 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     torch.manual_seed(int(cfg.seed))
     sampling = dict(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p)) \
         if cfg.do_sample else {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Rows that stop early are padded: the tokenizer's pad, else its (or the model's) end of text.
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id)
+                if isinstance(t, int)), 0)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=int(cfg.max_new_tokens),
                              do_sample=bool(cfg.do_sample), num_return_sequences=int(cfg.num_return_sequences),
                              pad_token_id=pad, **sampling)
-    texts = [tokenizer.decode(row[len(ids):], skip_special_tokens=True) for row in out.tolist()]
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]  # the prompt and its continuation
     for text in texts:
-        print(f"{cfg.prompt}{' ' if cfg.prompt else ''}{text}", flush=True)
+        print(text, flush=True)
     return texts
-
-
-def _position_limit(folder: Path) -> int:
-    import json
-
-    return int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"])
 
 
 main = hydra_entry("generate", run, precheck=validate)

@@ -1,4 +1,4 @@
-"""`python -m bertode.train`: masked-language-model training (the loop is
+"""`python -m bertode.train`: language-model training, masked (``objective=mlm``) or causal (``clm``) (the loop is
 `bertode.training.loop`; this module keeps the command and the Python entry points).
 
     cfg = bertode.train.compose(["solver=rk4", "trainer.max_steps=10"])

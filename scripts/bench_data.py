@@ -78,10 +78,10 @@ def pipeline_rate(cfg, tokenizer, rows: int, batch: int, workers: int) -> dict:
 
     cfg.num_workers = workers
     order = StreamOrder(cfg, tokenizer, batch, 0, 0, 1)
-    order.local_batch(0, _mlm(tokenizer).corrupt)  # start-up (workers, first documents) not counted
+    order.local_batch(0, _mlm(tokenizer).make_batch)  # start-up (workers, first documents) not counted
     start, m = time.perf_counter(), 1
     while m * batch < rows:
-        order.local_batch(m, _mlm(tokenizer).corrupt)
+        order.local_batch(m, _mlm(tokenizer).make_batch)
         m += 1
     seconds = time.perf_counter() - start
     produced = (m - 1) * batch
@@ -95,7 +95,7 @@ def shard_rate(corpus_cfg, tokenizer, train, rows: int, batch: int) -> dict:
     order = BatchOrder(train, batch, 0)
     start, m = time.perf_counter(), 0
     while m * batch < rows:
-        order.local_batch(m, _mlm(tokenizer).corrupt)
+        order.local_batch(m, _mlm(tokenizer).make_batch)
         m += 1
     seconds = time.perf_counter() - start
     return dict(kind="token shards (random rows)", rows=m * batch, rows_per_s=m * batch / seconds,
@@ -114,7 +114,7 @@ def step_times(size: str, cfg_data, tokenizer, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cfg_data.num_workers = 2
     order = StreamOrder(cfg_data, tokenizer, 32, 0, 0, 1)
-    made = [order.local_batch(m, _mlm(tokenizer).corrupt) for m in range(2)]
+    made = [order.local_batch(m, _mlm(tokenizer).make_batch) for m in range(2)]
 
     def step(inputs, labels):
         model(input_ids=inputs, labels=labels).loss.backward()
@@ -128,7 +128,7 @@ def step_times(size: str, cfg_data, tokenizer, steps: int) -> dict:
         step(*made[m % 2])
         without.append(time.perf_counter() - start)
         start = time.perf_counter()
-        step(*order.local_batch(m + 2, _mlm(tokenizer).corrupt))
+        step(*order.local_batch(m + 2, _mlm(tokenizer).make_batch))
         with_pipeline.append(time.perf_counter() - start)
     a, b = statistics.median(without) * 1e3, statistics.median(with_pipeline) * 1e3
     return dict(size=size, batch=32, seq_len=cfg_data.seq_len, ms_per_step_premade=a, ms_per_step_with_stream=b,

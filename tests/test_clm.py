@@ -16,21 +16,15 @@ from bertode.training.objective import Objective
 from test_train import cache_dir, compose_train, run_train, small  # noqa: F401  (cache_dir: the fixture)
 
 
-class _Tokenizer:
-    """The special ids of bertode's WordPiece tokenizer ([PAD] 0 ... [MASK] 4)."""
-
-    all_special_ids = [0, 1, 2, 3, 4]
-
-
 def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy():
-    rows = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 22, 23, 3]])  # [CLS] t1..t4 [SEP]
-    clm = Objective("clm", _Tokenizer())
-    inputs, labels = clm.corrupt(rows, torch.Generator())
+    rows = torch.tensor([[2, 10, 1, 12, 13, 3], [2, 20, 21, 22, 23, 3]])  # [CLS] t1..t4 [SEP]; [UNK] (1) is text
+    clm = Objective("clm", tokenizer=None)
+    inputs, labels = clm.make_batch(rows, torch.Generator())
     assert torch.equal(inputs, rows)
-    assert clm.targets(labels) == 2 * 4  # T - 2 per row: t1..t4; neither [CLS] nor [SEP]
+    assert clm.targets(labels) == 2 * 4  # T - 2 per row: t1..t4, as the unigram baseline's [:, 1:-1]; no [CLS], [SEP]
     logits = torch.randn(2, 6, 30, generator=torch.Generator().manual_seed(0))
     shifted_logits, shifted_labels = clm.aligned(logits, labels)
-    assert torch.equal(shifted_labels, torch.tensor([[10, 11, 12, 13, -100], [20, 21, 22, 23, -100]]))
+    assert torch.equal(shifted_labels, torch.tensor([[10, 1, 12, 13, -100], [20, 21, 22, 23, -100]]))
     # The oracle: -log p(t_{i+1} | tokens <= i) for i = 0 ([CLS]) .. T-3, written out.
     expected = torch.stack([-F.log_softmax(logits[b, i], -1)[rows[b, i + 1]] for b in range(2) for i in range(4)]).mean()
     model = bertode.BertODEForCausalLM(bertode.BertODEConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
@@ -40,7 +34,7 @@ def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_
     assert abs(own.item() - expected.item()) <= 1e-6
     mlm = Objective("mlm", type("T", (), {"all_special_ids": [0, 1, 2, 3, 4], "mask_token_id": 4,
                                           "__len__": lambda self: 30})(), 0.5)
-    masked, mlm_labels = mlm.corrupt(rows, torch.Generator().manual_seed(1))
+    masked, mlm_labels = mlm.make_batch(rows, torch.Generator().manual_seed(1))
     assert mlm.targets(mlm_labels) == int((mlm_labels != -100).sum()) and mlm.aligned(logits, mlm_labels)[0] is logits
 
 
@@ -80,8 +74,14 @@ def test_train_objective_clm_beats_the_unigram_baseline_and_evaluate_and_generat
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     ids = [tokenizer.cls_token_id] + tokenizer("the whale", add_special_tokens=False)["input_ids"]
     expected = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert printed == "the whale " + tokenizer.decode(expected[0, len(ids):], skip_special_tokens=True)
+    assert printed == tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert printed.startswith("the whale") and len(printed) > len("the whale ")  # "##s" may extend the word
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation", "run"]  # generate writes nothing
+    for option, expected in (("temperature=0.5", "temperature=0.5 is invalid with do_sample=false"),
+                             ("do_sample=true top_p=1.5", "top_p=1.5 is invalid; allowed: a number in (0, 1]"),
+                             ("max_new_tokens=600", "max_new_tokens=600 is invalid: the prompt's")):
+        _refused(monkeypatch, capsys, generate_main, ["bertode.generate", f"checkpoint={final}", "prompt=the whale",
+                                                      *option.split()], expected, tmp_path)
 
 
 def test_clm_deq_with_qkv_injection_trains_and_resumes_exactly(tmp_path, cache_dir):
@@ -98,6 +98,10 @@ def test_clm_deq_with_qkv_injection_trains_and_resumes_exactly(tmp_path, cache_d
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
     config = bertode.BertODEConfig.from_pretrained(tmp_path / "straight" / "final")
     assert (config.mode, config.deq_injection, config.is_decoder) == ("deq", "qkv", True)
+    mlm = [o for o in common if o != "objective=clm"] + ["trainer.resume=auto", "trainer.max_steps=9"]
+    with pytest.raises(SystemExit) as exit_info:  # the same parameters would silently train the other head
+        run_train(interrupted, mlm)
+    assert exit_info.value.code == 2
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,7 @@ def mlm_checkpoint(tmp_path_factory):
 
 
 def _refused(monkeypatch, capsys, main, argv, expected, tmp_path):
+    capsys.readouterr()  # what came before
     before = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

@@ -135,21 +135,21 @@ def test_stream_ranks_read_disjoint_shards_and_together_give_the_one_process_row
     mlm = Objective("mlm", tokenizer, 0.15)
     cfg.num_workers = 0
     one = StreamOrder(cfg, tokenizer, 8, 0, 0, 1)
-    global_rows = [one.local_batch(m, mlm.corrupt) for m in range(6)]
+    global_rows = [one.local_batch(m, mlm.make_batch) for m in range(6)]
     cfg.num_workers = 2
     ranks = [StreamOrder(cfg, tokenizer, 8, 0, r, 2) for r in range(2)]
     for m in range(6):
         for r, order in enumerate(ranks):
-            inputs, labels = order.local_batch(m, mlm.corrupt)
+            inputs, labels = order.local_batch(m, mlm.make_batch)
             assert torch.equal(inputs, global_rows[m][0][r::2]) and torch.equal(labels, global_rows[m][1][r::2])
     assert set(ranks[0].positions) == {0, 2} and set(ranks[1].positions) == {1, 3}  # disjoint shards
     state = {"positions": {**ranks[0].positions, **ranks[1].positions}, "stream_shards": 4}
     resumed = StreamOrder(cfg, tokenizer, 8, 0, 1, 2, first_micro_batch=6, state=state)
     further = StreamOrder(cfg, tokenizer, 8, 0, 1, 2)
     for m in range(8):
-        expected = further.local_batch(m, mlm.corrupt)
+        expected = further.local_batch(m, mlm.make_batch)
         if m >= 6:
-            assert torch.equal(resumed.local_batch(m, mlm.corrupt)[0], expected[0])
+            assert torch.equal(resumed.local_batch(m, mlm.make_batch)[0], expected[0])
 
 
 def _hub(files, cache, *extra):

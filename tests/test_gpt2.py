@@ -121,3 +121,22 @@ def test_a_gpt2_head_without_a_bertode_class_and_gpt2_as_a_deq_are_refused():
         bertode.from_bert(_gpt2(GPT2ForSequenceClassification, pad_token_id=0))
     with pytest.raises(ValueError, match="norm_position='pre' is invalid with mode='deq'"):
         bertode.from_bert(_gpt2(), mode="deq")
+
+
+def test_a_named_pad_token_and_left_padded_generation_match_gpt2():
+    """Fine-tuned GPT-2s often name a pad (the eos id): its embedding row still learns, and a
+    left-padded batch generates what GPT-2 generates (positions counted over real tokens)."""
+    hf = _gpt2(pad_token_id=5)
+    ode = bertode.from_bert(hf).eval()
+    ids = torch.full((2, 8), 5)
+    ids[:, 2:] = torch.randint(6, SMALL["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(2))
+    hf(ids, labels=ids).loss.backward()
+    ode(ids, labels=ids).loss.backward()
+    row = hf.transformer.wte.weight.grad[5]
+    assert row.abs().max() > 0 and (ode.bert.embeddings.word_embeddings.weight.grad[5] - row).abs().max() <= 1e-5
+    prompt = torch.randint(6, SMALL["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    prompt[0, :2], mask[0, :2] = 5, 0  # left padding
+    expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=5)
+    assert torch.equal(ode.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=5),
+                       expected)

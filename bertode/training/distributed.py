@@ -88,15 +88,15 @@ class BatchOrder:
         """The seed of micro-batch m's dropout masks (`bertode.dropout.split_invariant`)."""
         return self.noise_seed_of(self.seed, m)
 
-    def batch(self, m: int, corrupt):
-        """Micro-batch m as ``corrupt(rows, generator)`` makes it (`objective.Objective.corrupt`)."""
+    def batch(self, m: int, make_batch):
+        """Micro-batch m as ``make_batch(rows, generator)`` makes it (`objective.Objective.make_batch`)."""
         generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
-        return corrupt(self.micro_batch_rows(m), generator)
+        return make_batch(self.micro_batch_rows(m), generator)
 
-    def local_batch(self, m: int, corrupt):
+    def local_batch(self, m: int, make_batch):
         """This rank's (inputs, labels) of micro-batch m: the global batch made at once, then
         sliced, so the MLM masks do not depend on the world size."""
-        inputs, labels = self.batch(m, corrupt)
+        inputs, labels = self.batch(m, make_batch)
         return inputs[self.rank::self.world], labels[self.rank::self.world]
 
     def state(self, dist) -> None:

@@ -69,8 +69,9 @@ def read_checkpoint(cfg: DictConfig) -> tuple[Path, dict]:
     return folder, saved
 
 
-def validate(cfg: DictConfig) -> Path:
-    """The checks that need no data (also run before Hydra creates the run directory)."""
+def validate(cfg: DictConfig) -> tuple[Path, str]:
+    """The checks that need no data (also run before Hydra creates the run directory):
+    the checkpoint's folder and the objective to evaluate."""
     import_plugins(cfg.get("plugins"))
     folder, saved = read_checkpoint(cfg)
     if cfg.split not in ("eval", "train"):
@@ -85,17 +86,19 @@ def validate(cfg: DictConfig) -> Path:
     check_data(cfg.data, trains_tokenizer=False)  # the checkpoint brings its tokenizer
     check_sources(cfg.data)
     solve_overrides.check(cfg, saved.get("mode", "ode"))
-    checkpoint_objective(cfg, folder, saved)
-    return folder
+    return folder, checkpoint_objective(cfg, folder, saved)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     with usage_errors():
-        folder = validate(cfg)
-        name = checkpoint_objective(cfg, folder, json.loads((folder / "config.json").read_text(encoding="utf-8")))
+        folder, name = validate(cfg)
         tokenizer = load_tokenizer(folder)
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:  # e.g. a converted GPT-2's
+            raise ValueError(f"checkpoint={str(folder)!r} is invalid for bertode.evaluate: its tokenizer has no "
+                             "[CLS]/[SEP] tokens, which every packed row starts and ends with; allowed: a checkpoint "
+                             "with a BERT-style tokenizer (a bertode.train run's final/)")
         corpus = prepare(cfg.data, tokenizer=tokenizer)
     device = torch_device(cfg.device)
     chosen = solve_overrides.overrides(cfg)

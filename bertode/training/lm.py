@@ -38,7 +38,7 @@ def fixed_eval_batches(rows: torch.Tensor, objective, seed: int, batch_size: int
     """The eval rows made into (inputs, labels) once with ``seed``, cut into batches."""
     rows = rows[:max_rows] if max_rows else rows[:]  # a tensor, also from token shards
     generator = torch.Generator().manual_seed(seed)
-    inputs, labels = objective.corrupt(rows, generator)
+    inputs, labels = objective.make_batch(rows, generator)
     return [(inputs[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 

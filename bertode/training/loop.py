@@ -139,6 +139,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from is not None:
         with usage_errors():
             saved = checkpoint.load(resume_from, model)
+            if saved.get("objective", "mlm") != cfg.objective:  # the same parameters train either head
+                raise ValueError(f"objective={cfg.objective!r} is invalid for resuming {resume_from}: it was trained "
+                                 f"with objective={saved.get('objective', 'mlm')!r}; allowed: the run's own objective")
         optimizer.load_state_dict(saved["optimizer"])
         checkpoint.set_rng_state(saved["rng"])
         state, data_state = {k: saved[k] for k in state}, saved.get("data")
@@ -163,7 +166,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
     eval_batches = fixed_eval_batches(corpus.eval, objective, cfg.seed, max(1, trainer.batch_size // dist.world),
                                       cfg.data.max_eval_sequences)
-    baseline = unigram_cross_entropy(corpus.counts, corpus.eval)
+    baseline = unigram_cross_entropy(corpus.counts, corpus.eval[:cfg.data.max_eval_sequences or len(corpus.eval)])
     parameters = sum(p.numel() for p in base.parameters())
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {state['step']}")
@@ -191,12 +194,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         factor = lr_factor(step, elapsed, trainer)
         for group in optimizer.param_groups:
             group["lr"] = trainer.lr * factor
-        micro_batches = [order.local_batch(step * trainer.grad_accumulation + a, objective.corrupt)
+        micro_batches = [order.local_batch(step * trainer.grad_accumulation + a, objective.make_batch)
                          for a in range(trainer.grad_accumulation)]
-        total_masked = int(dist.all_sum([float(sum(objective.targets(labels) for _, labels in micro_batches))])[0])
+        total_targets = int(dist.all_sum([float(sum(objective.targets(labels) for _, labels in micro_batches))])[0])
         # The loss of a step is the mean over every target token of the global batch: the
         # model divides its sum by this rank's share of the count (DDP averages over ranks).
-        items = torch.tensor(max(total_masked, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
+        items = torch.tensor(max(total_targets, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
         skipped_before = base.skipped_batches
         ce_total, correct_total = 0.0, 0
         for a, (inputs, labels) in enumerate(micro_batches):
@@ -225,8 +228,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         window_tokens += step_tokens
         elapsed = time.perf_counter() - started
         ce_total, correct_total = dist.all_sum([ce_total, float(correct_total)])
-        record = {"step": step, "kind": "train", "loss": ce_total / max(total_masked, 1),
-                  "accuracy": correct_total / max(total_masked, 1), "lr": trainer.lr * factor,
+        record = {"step": step, "kind": "train", "loss": ce_total / max(total_targets, 1),
+                  "accuracy": correct_total / max(total_targets, 1), "lr": trainer.lr * factor,
                   "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
                   **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {})}
         if step % trainer.log_every == 0 or step == 1:
@@ -244,7 +247,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 try:
                     checkpoint.save(run_dir / "checkpoints", step, base,
                                     {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-                                     "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position},
+                                     "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position,
+                                     "objective": cfg.objective},
                                     keep=trainer.keep_checkpoints)
                 except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
                     failure = str(error)

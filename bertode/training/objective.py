@@ -52,12 +52,14 @@ class Objective:
     def label(self) -> str:
         return self.name.upper()
 
-    def corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of packed rows; labels are -100 where nothing is predicted."""
+    def make_batch(self, rows: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of packed rows; labels are -100 where nothing is predicted (for
+        ``clm`` by position: the first and last token of every row, [CLS] and [SEP])."""
         if not self.causal:
             return mask_tokens(rows, self.tokenizer, self.mlm_probability, generator)
-        special = torch.isin(rows, torch.tensor(self.tokenizer.all_special_ids, dtype=rows.dtype))
-        return rows.clone(), rows.masked_fill(special, -100)
+        labels = rows.clone()
+        labels[:, 0] = labels[:, -1] = -100
+        return rows.clone(), labels
 
     def aligned(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the labels they predict: position i's against token i + 1 under ``clm``

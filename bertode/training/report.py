@@ -110,7 +110,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
             compute = r.get("nfe_forward") if r.get("nfe_forward") is not None else r.get("forward_iterations")
             ax.plot(compute, r["loss"], "o")
             ax.annotate(r["label"], (compute, r["loss"]), fontsize=8)
-        ax.set(xlabel="forward NFE (or DEQ iterations) per batch", ylabel="eval MLM loss", xscale="log",
+        ax.set(xlabel="forward NFE (or DEQ iterations) per batch", ylabel="eval loss (MLM or next-token)", xscale="log",
                title="quality against inference compute")
         written.append(out / "evaluation_vs_compute.png")
         fig.tight_layout(), fig.savefig(written[-1], dpi=120), plt.close(fig)

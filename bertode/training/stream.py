@@ -122,9 +122,9 @@ class StreamOrder:
                                       prefetch_factor=2 if workers else None, persistent_workers=False))
         self.lookahead = 0  # the most documents any packer had read beyond its next row
 
-    def local_batch(self, m: int, corrupt):
+    def local_batch(self, m: int, make_batch):
         """(inputs, labels) of this rank's rows of micro-batch m (m must be the next one), each
-        row made by ``corrupt(row, generator)`` with a generator keyed by its global index."""
+        row made by ``make_batch(row, generator)`` with a generator keyed by its global index."""
         if m != self.next_micro_batch:
             raise RuntimeError(f"stream micro-batch {m} requested, {self.next_micro_batch} expected")
         self.next_micro_batch += 1
@@ -137,7 +137,7 @@ class StreamOrder:
             self.positions[shard] = position
             self.lookahead = max(self.lookahead, lookahead)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-            masked, label = corrupt(torch.tensor([row], dtype=torch.long), generator)
+            masked, label = make_batch(torch.tensor([row], dtype=torch.long), generator)
             inputs.append(masked)
             labels.append(label)
         return torch.cat(inputs), torch.cat(labels)
