@@ -36,3 +36,9 @@ def tiny_ode_config(**overrides):
     import bertode
 
     return bertode.BertODEConfig(**{**TINY, **overrides})
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One data cache (tokenizer, token shards) shared by the short training runs."""
+    return tmp_path_factory.mktemp("bertode-cache")

@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["model", "size", "solver", "sensitivity", "vector_field", "block", "deq", "data", "trainer", "logger", "experiment"]
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("bertode-cache")
-
-
 def small(cache_dir, *overrides):
     """Overrides of a seconds-long run: tiny model, short rows, 3 steps."""
     return [f"data.cache_dir={cache_dir}", "data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=4",
@@ -110,17 +105,24 @@ def test_main_job_learns_beyond_the_unigram_baseline_and_loads_in_a_pipeline(tmp
     assert len(predictions) == 5 and all(0 <= p["score"] <= 1 for p in predictions)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
-    common = small(cache_dir, "trainer.max_steps=6", "trainer.checkpoint_every=3", "model.hidden_dropout_prob=0.1",
-                   "model=deq", "deq.jac_reg_weight=0.1", "deq.jac_reg_freq=0.5",
-                   "deq.pretrain_steps=4")  # the warm-up spans the interruption
+def straight_and_resumed(tmp_path, common):
+    """The train records of a 6-step run of ``small`` overrides ``common`` (checkpoints every 3
+    steps), and of the same run "interrupted" after step 3 by a token budget, then resumed in
+    the same directory: steps 4-6 of each."""
     _, straight = run_train(tmp_path / "straight", common)
-    # "Interrupted" after step 3 by a token budget, then resumed in the same directory.
     interrupted = tmp_path / "interrupted"
     run_train(interrupted, common + [f"trainer.max_tokens={3 * 4 * 16}"])
     _, records = run_train(interrupted, common + ["trainer.resume=auto"])
     resumed = [r for r in records if r["step"] > 3][-3:]
     assert [r["step"] for r in resumed] == [4, 5, 6]
+    return straight, resumed
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
+    common = small(cache_dir, "trainer.max_steps=6", "trainer.checkpoint_every=3", "model.hidden_dropout_prob=0.1",
+                   "model=deq", "deq.jac_reg_weight=0.1", "deq.jac_reg_freq=0.5",
+                   "deq.pretrain_steps=4")  # the warm-up spans the interruption
+    straight, resumed = straight_and_resumed(tmp_path, common)
     for a, b in zip(straight[3:], resumed):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["loss"], b["loss"])
 
