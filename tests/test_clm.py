@@ -4,6 +4,7 @@ exact resume, `bertode.generate`, and the one-line refusals (an MLM-only head as
 next tokens, a masked LM asked to generate, ``norm_position=middle``)."""
 
 import json
+import logging
 import math
 import sys
 
@@ -14,6 +15,17 @@ import torch.nn.functional as F
 import bertode
 from bertode.training.objective import Objective
 from test_train import compose_train, run_train, small, straight_and_resumed
+
+
+@pytest.fixture
+def restore_logging():
+    """Hydra's in-process runs point the root logger at pytest's captured streams, which close
+    after the test: put the root logger back, so later tests' warnings do not hit a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy():
@@ -39,7 +51,8 @@ def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_
 
 
 def test_train_objective_clm_beats_the_unigram_baseline_and_evaluate_and_generate_agree(tmp_path, cache_dir,
-                                                                                         monkeypatch, capsys):
+                                                                                         monkeypatch, capsys,
+                                                                                         restore_logging):
     result, records = run_train(tmp_path / "run", small(cache_dir, "objective=clm", "trainer.max_steps=600",
                                                         "trainer.batch_size=16", "trainer.lr=3e-3",
                                                         "data.max_eval_sequences=32", "trainer.log_every=200"))
@@ -120,7 +133,8 @@ def _refused(monkeypatch, capsys, main, argv, expected, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before, argv  # nothing written
 
 
-def test_bad_objectives_and_generation_requests_are_refused_in_one_line(tmp_path, monkeypatch, capsys, mlm_checkpoint):
+def test_bad_objectives_and_generation_requests_are_refused_in_one_line(tmp_path, monkeypatch, capsys, mlm_checkpoint,
+                                                                       restore_logging):
     from bertode.evaluate import main as evaluate_main
     from bertode.generate import main as generate_main
     from bertode.train import main as train_main
