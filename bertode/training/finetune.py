@@ -64,9 +64,10 @@ def _check_model(path, max_length: int) -> str | None:
         model_type = saved.get("model_type")
     except (ValueError, AttributeError, UnicodeDecodeError):
         raise ValueError(f"{where}: its config.json is not a JSON object") from None
-    if model_type != "bertode" and model_type not in FAMILIES:
+    encoders = [name for name, family in FAMILIES.items() if "ForSequenceClassification" in family.heads]  # not GPT-2
+    if model_type != "bertode" and model_type not in encoders:
         raise ValueError(f"{where}: model_type={model_type!r} is not supported; allowed: 'bertode', "
-                         f"{', '.join(map(repr, FAMILIES))}")
+                         f"{', '.join(map(repr, encoders))} (encoders with a classification head)")
     if not holds_tokenizer(folder):
         raise ValueError(f"{where}: it holds no tokenizer; allowed: a directory with its tokenizer")
     if model_type == "bertode":
