@@ -1,16 +1,14 @@
 """ODE-BERT models as `transformers` `PreTrainedModel`s, registered with the Auto classes.
 
-`BertODEModel` is BERT's embeddings and pooler around the `BertODEEncoder` or `BertDEQEncoder`
-(and a final LayerNorm for pre-LN layers); the heads are BERT's. Outputs are transformers' output
-dataclasses with ``solver_stats`` (`outputs.py`); ``model.solver_stats()`` reports the latest solves.
+`BertODEModel` is BERT's embeddings and pooler around the `BertODEEncoder` or `BertDEQEncoder` (and a final
+LayerNorm for pre-LN layers); the heads are BERT's. Outputs are transformers' output dataclasses with
+``solver_stats`` (`outputs.py`); ``model.solver_stats()`` reports the latest solves.
 
-The model owns its training semantics, so `bertode.train` and `transformers.Trainer`
-train it the same way: the heads add the DEQ's Jacobian penalty to the loss, honour
-``num_items_in_batch`` (the loss is then a sum over this batch's targets divided by that
-count, as Trainer passes it with gradient accumulation), and with
-``deq_on_nonfinite="skip"`` turn a failed DEQ solve into a skipped batch: a zero loss
-(forward) or gradients rolled back to what they were before this batch (implicit
-backward; `_skip_guard`).
+The model owns its training semantics, so `bertode.train` and `transformers.Trainer` train it the same way: the
+heads add the DEQ's Jacobian penalty to the loss, honour ``num_items_in_batch`` (the loss is then a sum over this
+batch's targets divided by that count, as Trainer passes it with gradient accumulation), and with
+``deq_on_nonfinite="skip"`` turn a failed DEQ solve into a skipped batch: a zero loss (forward) or gradients
+rolled back to what they were before this batch (implicit backward; `_skip_guard`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.nn import CrossEntropyLoss
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers import initialization as init
@@ -45,38 +42,32 @@ class BertODEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "bert"
     _supports_sdpa = True
     _no_split_modules = ["BertODEEmbeddings", "BertODELayer"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: BertODEConfig, *args, **kwargs):
         config.validate_ode()  # fields changed since construction (e.g. from_pretrained(..., mode="deq"))
         super().__init__(config, *args, **kwargs)
 
-    supports_gradient_checkpointing = True
-
-    def _checkpointing_refusal(self) -> str | None:
-        config = self.config
+    def _refuse_checkpointing(self, method: str) -> None:
+        """One line where per-layer checkpointing would save nothing (DEQ, adjoints)."""
+        config, refusal = self.config, None
         if config.mode == "deq":
-            return ("mode='deq': the implicit gradient keeps no activations of the solve (memory is already "
-                    "constant in its iterations)")
-        if config.mode == "ode" and get_gradient(config.sensitivity).reevaluates_field:
-            return (f"sensitivity={config.sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
-                    "already constant in its steps)")
-        return None
+            refusal = ("mode='deq': the implicit gradient keeps no activations of the solve (memory is already "
+                       "constant in its iterations)")
+        elif config.mode == "ode" and get_gradient(config.sensitivity).reevaluates_field:
+            refusal = (f"sensitivity={config.sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
+                       "already constant in its steps)")
+        if refusal:
+            raise ValueError(f"{method}() is invalid with {refusal}; allowed: mode='discrete' or mode='ode' with "
+                             "sensitivity='autograd'")
 
     def gradient_checkpointing_enable(self, *args, **kwargs):
-        """Per-layer activation checkpointing where a layer keeps activations for its
-        backward (discrete, and ODE mode with ``sensitivity="autograd"``); one line where
-        it would save nothing (DEQ, adjoints)."""
-        refusal = self._checkpointing_refusal()
-        if refusal:
-            raise ValueError(f"gradient_checkpointing_enable() is invalid with {refusal}; allowed: mode='discrete' or "
-                             "mode='ode' with sensitivity='autograd'")
+        """Per-layer activation checkpointing (discrete, ODE with ``sensitivity="autograd"``); refused for DEQ, adjoints."""
+        self._refuse_checkpointing("gradient_checkpointing_enable")
         return super().gradient_checkpointing_enable(*args, **kwargs)
 
     def activation_checkpointing_enable(self, *args, **kwargs):
-        refusal = self._checkpointing_refusal()
-        if refusal:
-            raise ValueError(f"activation_checkpointing_enable() is invalid with {refusal}; allowed: mode='discrete' "
-                             "or mode='ode' with sensitivity='autograd'")
+        self._refuse_checkpointing("activation_checkpointing_enable")
         return super().activation_checkpointing_enable(*args, **kwargs)
 
     def post_init(self):
@@ -87,10 +78,9 @@ class BertODEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, key_mapping: dict | None = None, **kwargs):
-        """transformers' ``from_pretrained``. A local directory of another BERT-family model
-        type is converted (`convert.load_foreign`), or refused in one line; checkpoints
-        written before the blocks' registry (the rk2_gated gate at ``encoder.layer.N.gate``)
-        load into today's names."""
+        """transformers' ``from_pretrained``. A local directory of another family (BERT's, GPT-2) is converted
+        (`convert.load_foreign`), or refused in one line; checkpoints written before the blocks' registry (the
+        rk2_gated gate at ``encoder.layer.N.gate``) load into today's names."""
         if FOREIGN_CHECKPOINTS is not None and not args:
             converted = FOREIGN_CHECKPOINTS(cls, pretrained_model_name_or_path, kwargs)
             if converted is not None:
@@ -113,9 +103,8 @@ class BertODEPreTrainedModel(PreTrainedModel):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
     def solver_stats(self) -> dict:
-        """The latest forward's solves (and its backward's, once run), one shape for both
-        modes: totals, per-site rows under ``layers``; DEQ also iterations, residuals,
-        converged fraction and the counters. See `bertode.solve.stats`."""
+        """The latest forward's solves (and its backward's, once run), one shape for both modes: totals, per-site
+        rows under ``layers``; DEQ also iterations, residuals, converged fraction, counters (`bertode.solve.stats`)."""
         return self.base_model.encoder.solver_stats()
 
     @property
@@ -169,8 +158,8 @@ class BertODEPreTrainedModel(PreTrainedModel):
     def _token_loss(self, flat_logits, flat_labels, num_items_in_batch=None):
         """Cross-entropy over the targets (-100: none) + regularisers; summed / ``num_items_in_batch`` if given."""
         if num_items_in_batch is None:
-            return self._regularised(CrossEntropyLoss()(flat_logits.float(), flat_labels))
-        loss = CrossEntropyLoss(reduction="sum")(flat_logits.float(), flat_labels) / num_items_in_batch
+            return self._regularised(nn.CrossEntropyLoss()(flat_logits.float(), flat_labels))
+        loss = nn.CrossEntropyLoss(reduction="sum")(flat_logits.float(), flat_labels) / num_items_in_batch
         return self._regularised(loss, (flat_labels != -100).sum() / num_items_in_batch)
 
     def _regularised(self, loss, share: float = 1.0):
@@ -264,7 +253,12 @@ class TiedMLMDecoder:
         self.cls.predictions.bias = new_embeddings.bias if self.cls.predictions.bias is not None else None
 
 
-class BertODEForMaskedLM(TiedMLMDecoder, BertODEPreTrainedModel):
+class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
+    """Logits at every position and their cross-entropy: masked LM, or causal (``shift_labels``: i predicts i + 1)."""
+
+    output_class = BertODEMaskedLMOutput
+    shift_labels = False
+
     def __init__(self, config: BertODEConfig):
         super().__init__(config)
         self.bert = BertODEModel(config, add_pooling_layer=False)
@@ -282,17 +276,23 @@ class BertODEForMaskedLM(TiedMLMDecoder, BertODEPreTrainedModel):
         if skipped is not None:
             shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
             loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
-            return BertODEMaskedLMOutput(loss=loss, logits=logits) if return_dict else (loss, logits)
+            return self.output_class(loss=loss, logits=logits) if return_dict else (loss, logits)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = self._token_loss(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1), num_items_in_batch)
+            scored, labels = (logits[:, :-1], labels[:, 1:]) if self.shift_labels else (logits, labels)
+            loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), labels.reshape(-1).to(logits.device),
+                                    num_items_in_batch)
         if not return_dict:
             rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
             return ((loss,) + rest) if loss is not None else rest
-        return BertODEMaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                     attentions=outputs.attentions, solver_stats=outputs.solver_stats,
-                                     trajectory=outputs.trajectory)
+        return self.output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, solver_stats=outputs.solver_stats,
+                                 trajectory=outputs.trajectory)
+
+
+class BertODEForMaskedLM(LanguageModelHead):
+    """BERT's masked-LM head: each position's logits score its own label."""
 
 
 AutoConfig.register("bertode", BertODEConfig, exist_ok=True)
