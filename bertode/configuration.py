@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import BertConfig
 
 from .blocks import BLOCKS
@@ -30,6 +31,7 @@ from .validation import (
     fail,
     is_number,
     wrong_mode,
+    wrong_type,
 )
 from .vector_fields import VECTOR_FIELDS
 
@@ -101,6 +103,9 @@ class BertODEConfig(BertConfig):
     (``None``: a Linear to hidden_size when the widths differ), position_scheme
     (``absolute`` or RoBERTa's ``after_padding``), ``type_vocab_size=0`` (no token types),
     head_hidden_act (the MLM head's activation; ``None``: hidden_act), pooler_hidden_act.
+    objective: the training objective's registered name (``bertode.train objective=``),
+        saved with the model so that evaluation and fine-tuning read it (None: not trained
+        by bertode; its head says which).
     GPT-2 (`from_bert` of a ``GPT2LMHeadModel``): ``embedding_norm=False`` (no LayerNorm
     after the embeddings) and ``lm_head_type="linear"`` (the tied decoder alone, no bias;
     ``"bert"``: BERT's dense, activation, LayerNorm, then the tied decoder and a bias).
@@ -156,6 +161,7 @@ class BertODEConfig(BertConfig):
     pooler_hidden_act: str = "tanh"
     embedding_norm: bool = True
     lm_head_type: str = "bert"
+    objective: str | None = None
 
     def __post_init__(self, **kwargs):
         legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the gradient axis
@@ -171,7 +177,10 @@ class BertODEConfig(BertConfig):
         filled = self.__dict__.get("_filled")
         if filled is not None and key in filled:
             filled.discard(key)  # set by the user now: no longer the mode's default
-        super().__setattr__(key, value)
+        try:
+            super().__setattr__(key, value)
+        except StrictDataclassError as error:  # transformers' type check of a field: one line, as ours
+            fail(key, value, wrong_type(error))
 
     def _forget_unused(self) -> None:
         """Saved configs (older ones carry every mode's values) load as the model they were."""
@@ -217,6 +226,8 @@ class BertODEConfig(BertConfig):
             raise ValueError("BertODEConfig.norm_position='pre' is invalid with mode='deq': a pre-LN map "
                              "z + G(LN(z)) has a fixed point only where G vanishes; allowed: 'post'")
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
+        if self.objective is not None and (not isinstance(self.objective, str) or not self.objective.isidentifier()):
+            fail("objective", self.objective, "None or a registered objective's name")
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):

@@ -2,7 +2,7 @@
 
     python -m bertode.generate checkpoint=outputs/.../final prompt='the whale' max_new_tokens=30
     python -m bertode.generate checkpoint=DIR do_sample=true temperature=0.8 top_k=20 num_return_sequences=3
-    python -m bertode.generate checkpoint=DIR solver.name=rk4 solver.steps=4     # another solve than trained
+    python -m bertode.generate checkpoint=DIR solver=rk4 solver.steps=4     # another solve than trained
 
 DIR holds a `BertODEForCausalLM` and its tokenizer (``bertode.train objective=clm``'s
 ``final/``). The prompt is tokenized without special tokens after the tokenizer's [CLS]
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .causal_lm import BertODEForCausalLM
 from .training import solve_overrides
 from .training.checks import check_count, torch_device
 from .training.cli import hydra_entry, import_plugins, usage_errors
@@ -30,7 +31,7 @@ def _check_number(key: str, value, low: float, high: float | None = None) -> Non
         raise ValueError(f"{key}={value!r} is invalid; allowed: a number {bound}")
 
 
-def validate(cfg) -> tuple[Path, dict]:
+def validate(cfg) -> tuple[Path, dict, dict]:
     """Every check that needs neither the model's weights nor its tokenizer: the folder and its config.json."""
     import_plugins(cfg.get("plugins"))
     folder, saved = read_checkpoint(cfg)
@@ -55,8 +56,9 @@ def validate(cfg) -> tuple[Path, dict]:
             raise ValueError(f"{key}={cfg[key]!r} is invalid with do_sample=false (greedy search does not sample); "
                              f"allowed: {default!r}, or do_sample=true")
     torch_device(cfg.device)
-    solve_overrides.check(cfg, saved.get("mode", "ode"))
-    return folder, saved
+    fields = solve_overrides.checkpoint_fields(cfg, saved)
+    solve_overrides.check_parameters(BertODEForCausalLM, folder, saved, fields)
+    return folder, saved, fields
 
 
 def run(cfg, run_dir: Path | None) -> list[str]:
@@ -66,7 +68,7 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     from . import causal_lm  # noqa: F401  (registers AutoModelForCausalLM)
 
     with usage_errors():
-        folder, saved = validate(cfg)
+        folder, saved, chosen = validate(cfg)
         tokenizer = load_tokenizer(folder)
         ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
         start = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
@@ -78,7 +80,8 @@ def run(cfg, run_dir: Path | None) -> list[str]:
             raise ValueError(f"max_new_tokens={cfg.max_new_tokens} is invalid: the prompt's {len(ids)} tokens plus "
                              f"it exceed the model's {limit} positions; allowed: <= {limit - len(ids)}")
     device = torch_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(folder, **solve_overrides.overrides(cfg)).to(device).eval()
+    with usage_errors():
+        model = solve_overrides.load(AutoModelForCausalLM, folder, chosen).to(device).eval()
     torch.manual_seed(int(cfg.seed))
     sampling = dict(temperature=float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p)) \
         if cfg.do_sample else {}
@@ -95,7 +98,7 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     return texts
 
 
-main = hydra_entry("generate", run, precheck=validate)
+main = hydra_entry("generate", run, precheck=validate, lock=False)  # writes into the shared "."
 
 if __name__ == "__main__":
     main()

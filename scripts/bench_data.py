@@ -68,9 +68,9 @@ def data_overrides(corpus: Path, cache: Path, streaming: bool, workers: int = 0)
 
 
 def _mlm(tokenizer):
-    from bertode.training.objective import Objective
+    from bertode.training.objective import make_objective
 
-    return Objective("mlm", tokenizer, 0.15)
+    return make_objective("mlm", tokenizer, 0.15)
 
 
 def pipeline_rate(cfg, tokenizer, rows: int, batch: int, workers: int) -> dict:

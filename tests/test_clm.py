@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bertode
-from bertode.training.objective import Objective
+from bertode.training.objective import make_objective
 from test_train import compose_train, run_train, small, straight_and_resumed
 
 
@@ -30,7 +30,7 @@ def restore_logging():
 
 def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy():
     rows = torch.tensor([[2, 10, 1, 12, 13, 3], [2, 20, 21, 22, 23, 3]])  # [CLS] t1..t4 [SEP]; [UNK] (1) is text
-    clm = Objective("clm", tokenizer=None)
+    clm = make_objective("clm", tokenizer=None)
     inputs, labels = clm.make_batch(rows, torch.Generator())
     assert torch.equal(inputs, rows)
     assert clm.targets(labels) == 2 * 4  # T - 2 per row: t1..t4, as the unigram baseline's [:, 1:-1]; no [CLS], [SEP]
@@ -44,7 +44,7 @@ def test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_
                                                               is_decoder=True))
     own = model._token_loss(shifted_logits.reshape(-1, 30), shifted_labels.reshape(-1))
     assert abs(own.item() - expected.item()) <= 1e-6
-    mlm = Objective("mlm", type("T", (), {"all_special_ids": [0, 1, 2, 3, 4], "mask_token_id": 4,
+    mlm = make_objective("mlm", type("T", (), {"all_special_ids": [0, 1, 2, 3, 4], "mask_token_id": 4,
                                           "__len__": lambda self: 30})(), 0.5)
     masked, mlm_labels = mlm.make_batch(rows, torch.Generator().manual_seed(1))
     assert mlm.targets(mlm_labels) == int((mlm_labels != -100).sum()) and mlm.aligned(logits, mlm_labels)[0] is logits

@@ -127,12 +127,12 @@ def test_stream_ranks_read_disjoint_shards_and_together_give_the_one_process_row
     """Rank r of 2 (2 workers each) yields exactly the one-process rows k ≡ r (mod 2), from
     its own shards only; resuming from recorded positions continues the same sequence."""
     from bertode.training.corpus import prepare
-    from bertode.training.objective import Objective
+    from bertode.training.objective import make_objective
     from bertode.training.stream import StreamOrder
 
     cfg = compose_train(_hub(corpus_files, tmp_path / "cache", "data.stream_shards=4")).data
     tokenizer = prepare(cfg).tokenizer
-    mlm = Objective("mlm", tokenizer, 0.15)
+    mlm = make_objective("mlm", tokenizer, 0.15)
     cfg.num_workers = 0
     one = StreamOrder(cfg, tokenizer, 8, 0, 0, 1)
     global_rows = [one.local_batch(m, mlm.make_batch) for m in range(6)]
@@ -256,7 +256,7 @@ def test_a_shard_too_small_for_one_row_is_a_data_error_and_a_resume_at_a_documen
     cfg = compose_train(_hub(corpus_files, tmp_path / "cache")).data
     tokenizer = prepare(cfg).tokenizer
     cfg.stream_shards = 5000  # more shards than documents
-    with pytest.raises(DataError, match="data.stream_shards=5000: shard 0 holds less than one row"):
+    with pytest.raises(DataError, match="data.stream_shards=5000 is invalid: shard 0 holds less than one row"):
         check_shards(cfg, tokenizer, 1)
     cfg.stream_shards = 1
     stream = shard_rows(cfg, tokenizer, 0, 1, (0, 0, 0))

@@ -69,16 +69,21 @@ def test_report_refuses_directories_without_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["solver.steps=0"], "solver.steps=0 is invalid; allowed: an integer >= 1"),
-    (["deq.max_iter=5"], "deq.max_iter=5 is invalid with the model's mode='ode'"),
-    (["solver.name=heun3"], "solver.name='heun3' is invalid"),
+    (["deq.max_iter=5"], "deq.max_iter=5 is invalid with mode='ode'"),
+    (["solver=heun3"], "solver='heun3' is invalid"),
+    (["solver.name=rk4"], "solver.name=rk4 is invalid: this setting is spelled solver=rk4 now"),
+    (["vector_field=time_weights"], "vector_field='time_weights' is invalid for checkpoint="),
 ])
 def test_evaluate_refuses_a_bad_solve_in_one_line(tmp_path, monkeypatch, capsys, overrides, expected):
     import bertode
     from bertode.evaluate import main
 
     model_dir = tmp_path / "model"
-    bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64).save_pretrained(model_dir)
+    config = bertode.BertODEConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                   num_hidden_layers=1)
+    bertode.BertODEForMaskedLM(config).save_pretrained(model_dir)
     (model_dir / "tokenizer_config.json").write_text("{}")
+    capsys.readouterr()  # save_pretrained's progress bar
     monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"checkpoint={model_dir}", f"hydra.run.dir={tmp_path / 'e'}",
                                       *overrides])
     with pytest.raises(SystemExit) as exit_info:

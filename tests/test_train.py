@@ -394,7 +394,8 @@ def test_hub_data_path_through_datasets_with_local_files(tmp_path, cache_dir):
 
 
 def test_mlm_masking_follows_bert_and_skips_special_tokens(cache_dir):
-    from bertode.training.corpus import mask_tokens, prepare
+    from bertode.training.corpus import prepare
+    from bertode.training.objective import mask_tokens
 
     corpus = prepare(compose_train(small(cache_dir)).data)
     tokenizer = corpus.tokenizer

@@ -57,21 +57,66 @@ def config_groups() -> list[str]:
     return sorted(files | set(REGISTRY_GROUPS) | {"deq"})
 
 
-def check_group_choices(argv: list[str], config_name: str | None = None) -> None:
-    """``solver=heun3`` fails here in one line, not in Hydra's multi-line composition error.
-    A plain key of the command's own config (``model=DIR`` for finetune) is not a group."""
+def command_groups(config_name: str) -> list[str]:
+    """The config groups ``python -m bertode.<config_name>`` takes: its defaults list's."""
     from omegaconf import OmegaConf
 
+    groups = []
+    for entry in OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")).get("defaults", []):
+        if isinstance(entry, dict):
+            key = next(iter(entry)).removeprefix("optional ").strip()
+            if not key.startswith(("override ", "hydra")):
+                groups.append(key)
+    return groups
+
+
+def print_help(config_name: str, command_doc: str) -> None:
+    """``--help``: what the command is, the groups it takes (with their choices) and its own keys."""
+    from omegaconf import OmegaConf
+
+    from .groups import store_groups
+
+    store_groups()
+    print(command_doc.strip().split("\n\n")[0].strip())
+    print(f"\nusage: python -m bertode.{config_name} [group=choice] [key=value ...]  (Hydra overrides; -m sweeps)")
+    groups = command_groups(config_name)
+    print("\nconfig groups (group=choice; <group>.<key>=value sets one of its keys, null: as before):")
+    for group in groups:
+        print(f"  {group}: {', '.join(group_options(group))}")
+    own = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml")
+    for key in ("defaults", "hydra"):
+        own.pop(key, None)
+    print("\nkeys (key=value):")
+    print("  " + OmegaConf.to_yaml(own).strip().replace("\n", "\n  "))
+    print("\nSee the README's config reference; --cfg job prints the composed config.")
+
+
+def check_group_choices(argv: list[str], config_name: str | None = None) -> None:
+    """``solver=heun3`` fails here in one line, not in Hydra's multi-line composition error.
+    A plain key of the command's own config (``model=DIR`` for finetune) is not a group.
+    An old spelling (``solver.name=rk4``, finetune's ``solve.steps=2``) is refused naming
+    today's (``solver=rk4``, ``solver.steps=2``: every command spells a setting alike)."""
+    from omegaconf import OmegaConf
+
+    from .run_config import renamed
+
+    old = renamed([a for a in argv if not a.startswith("-")])
+    if old:
+        _fail(old)
     plain = set()
     if config_name is not None:
         plain = {k for k in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").keys() if k != "defaults"}
     groups = [g for g in config_groups() if g not in plain]
+    own = command_groups(config_name) if config_name is not None else groups
     for argument in argv:
         if argument.startswith(("-", "+", "~")) or "=" not in argument:
             continue
         key, value = argument.split("=", 1)
         if "." in key or "/" in key or key not in groups:
             continue
+        if key not in own:
+            _fail(f"{argument} is invalid for bertode.{config_name}: it takes no {key} group; allowed groups: "
+                  f"{', '.join(own)} (python -m bertode.{config_name} --help)")
         for choice in value.split(","):
             if choice.startswith(("range(", "choice(", "glob(")) or choice == "null":
                 continue
@@ -94,13 +139,20 @@ def usage_errors():
         _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
-def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False):
+def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False, prerun=None, lock: bool = True):
     """``main()`` for ``python -m bertode.<config_name>``: import plugins, store the
     registry groups, check group choices and overrides, run ``precheck(cfg)`` (the checks
     that need no data) on the composed config, and only then hand over to Hydra, which
     creates the run directory and runs ``task(cfg, run_dir)``. A ``distributed`` command
     runs on torchrun's other ranks without Hydra (``task(cfg, None)``: rank 0 says where
-    to write); the others refuse torchrun in one line."""
+    to write); the others refuse torchrun in one line.
+
+    Before Hydra writes anything into the run directory (`RunDirectoryCallback`), a
+    ``lock`` command takes the directory's lock (`lock.py`: one run per directory; the
+    commands whose directory is shared, ``prepare``'s cache and ``generate``'s ``.``, take
+    none) and ``prerun(cfg, run_dir)`` runs the checks that need the directory (a resumed
+    run's settings). A run refused later (exit status 2) leaves the directory as it found
+    it; the lock is released, its file removed, however the run ends."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -111,6 +163,9 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
     def main():
         from .groups import store_groups
 
+        if any(a in ("--help", "-h") for a in sys.argv[1:]):
+            print_help(config_name, sys.modules[task.__module__].__doc__ or "")
+            return None
         with usage_errors():
             import_plugins(plugins_from_argv(sys.argv[1:]))
         store_groups()
@@ -130,9 +185,93 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
             # torchrun's other ranks: no Hydra run directory of their own; `task` writes
             # under the directory rank 0 broadcasts.
             return task(cfg, None)
-        return _run()
+        if cfg is None:  # Hydra's own flags (a sweep: each job's task takes its lock)
+            return _run()
+        return _guarded(_run, cfg, prerun, lock)
 
     return main
+
+
+_ENTRY: dict = {}  # the command running in this process: its checks and its run directory's record
+
+
+def _guarded(run, cfg, prerun, take_lock: bool):
+    """``run()`` (Hydra) with `RunDirectoryCallback` added: on exit status 2 the run
+    directory is put back as it was; the lock is let go however the run ends."""
+    from . import lock
+
+    callback = f"+hydra.callbacks.bertode_run_directory._target_={__name__}.RunDirectoryCallback"
+    argv = sys.argv
+    _ENTRY.clear()
+    _ENTRY.update(cfg=cfg, prerun=prerun, lock=take_lock)
+    sys.argv = [*argv, callback]
+    try:
+        return run()
+    except SystemExit as exit_info:
+        if exit_info.code == 2 and "record" in _ENTRY:
+            _ENTRY["record"].restore()
+        raise
+    finally:
+        sys.argv = argv
+        if "run_dir" in _ENTRY:
+            lock.release(_ENTRY["run_dir"])
+        _ENTRY.clear()
+
+
+class RunDirectoryCallback:
+    """Hydra calls `on_run_start` with the composed config before it creates the run
+    directory and writes ``.hydra/`` and the job's log there (`hydra_entry` adds it)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            _start_run(config)
+        except (ValueError, OSError) as error:
+            _fail(_one_line(error))
+        except Exception:  # Hydra would turn it into a warning and run on unlocked
+            import traceback
+
+            traceback.print_exc()
+            sys.exit(1)
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    on_run_end = on_multirun_start = on_multirun_end = on_job_start = on_job_end = on_compose_config = _nothing
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"hydra.run.dir: {str(error.filename)!r} is invalid: {error.strerror}; allowed: a directory to write into"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _start_run(config) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from . import lock
+
+    if not _ENTRY:  # a Hydra run not started by `hydra_entry` (e.g. a copied config)
+        return
+    HydraConfig.instance().set_config(config)
+    run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = str(run_dir)  # what Hydra sets next, for the log file's name
+    written = []
+    if config.hydra.output_subdir is not None:
+        written += [run_dir / str(config.hydra.output_subdir) / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    for handler in (OmegaConf.select(config, "hydra.job_logging.handlers") or {}).values():
+        if "filename" in handler:
+            written.append(Path(os.path.abspath(str(handler.filename))))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"hydra.run.dir={str(run_dir)!r} is invalid: it is a file; allowed: a directory (or a path "
+                         "to create)")
+    _ENTRY["record"] = lock.RunDirectory(run_dir, written)
+    if _ENTRY["lock"]:
+        lock.hold(run_dir)
+        _ENTRY["run_dir"] = run_dir
+    if _ENTRY["prerun"] is not None:
+        _ENTRY["prerun"](_ENTRY["cfg"], run_dir)
 
 
 def check_overrides(config_name: str, argv: list[str]):

@@ -11,8 +11,7 @@ bertode.prepare``, run once beforehand) reuses them and a killed run leaves noth
 half-written. With ``data.streaming=true`` the train split is not written: training
 packs it on the fly (`stream.py`); the cache keeps the tokenizer, the eval rows and the
 first ``STREAM_HEAD_ROWS`` train rows (their token counts give the unigram baseline).
-`mask_tokens` is `DataCollatorForLanguageModeling`'s 15 % / 80-10-10 rule with an
-explicit generator.
+What a row becomes as inputs and labels is the objective's (`objective.py`).
 """
 
 from __future__ import annotations
@@ -120,6 +119,11 @@ def check_data(cfg, trains_tokenizer: bool = True) -> None:
     sample_bytes = cfg.get("tokenizer_sample_bytes")
     if sample_bytes is not None and (isinstance(sample_bytes, bool) or not isinstance(sample_bytes, int) or sample_bytes < 1):
         raise DataError(f"data.tokenizer_sample_bytes={sample_bytes!r} is invalid; allowed: null or an integer >= 1")
+    cache = Path(os.path.expanduser(str(cfg.cache_dir)))
+    blocker = next((p for p in (cache, *cache.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"data.cache_dir={str(cfg.cache_dir)!r} is invalid: {str(blocker)!r} is a file; allowed: a "
+                        "directory (or a path to create)")
 
 
 def _build(entry: Path, part: str, write) -> Path:
@@ -143,8 +147,8 @@ def _build(entry: Path, part: str, write) -> Path:
 def _rows(folder: Path, tokenizer, texts, cfg, split: str, limit: int | None = None) -> None:
     vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     if write_rows(folder, Packer(tokenizer, texts, cfg.seq_len), cfg.seq_len, vocab, limit) == 0:
-        raise DataError(f"data.seq_len={cfg.seq_len} is longer than the whole {split} split "
-                        "(not one row of tokens)")
+        raise DataError(f"data.seq_len={cfg.seq_len} is invalid: the whole {split} split holds less than one row "
+                        f"of {cfg.seq_len} tokens; allowed: a shorter data.seq_len, or more text")
 
 
 def prepare(cfg, tokenizer=None) -> Corpus:
@@ -158,12 +162,18 @@ def prepare(cfg, tokenizer=None) -> Corpus:
     elif cfg.tokenizer:
         inputs = inputs + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
     entry = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, inputs)
-    created = not entry.exists()
+    # what this call may create, deepest first: the entry and the cache_dir's missing folders
+    created = [] if entry.exists() else [entry, *(p for p in entry.parents if not p.exists())]
     try:
         return _prepare(cfg, tokenizer, entry)
-    except DataError:  # bad data writes nothing: drop the entry this call began
+    except DataError:  # bad data writes nothing: drop the entry this call began (and the cache_dir it made)
         if created:
             shutil.rmtree(entry, ignore_errors=True)
+            for folder in created[1:]:
+                try:
+                    folder.rmdir()
+                except OSError:  # another process's entry is there now
+                    break
         raise
 
 
@@ -189,22 +199,6 @@ def _prepare(cfg, tokenizer, entry: Path) -> Corpus:
 
 
 # --- masking ---------------------------------------------------------------------------
-def mask_tokens(rows: torch.Tensor, tokenizer, probability: float, generator: torch.Generator):
-    """BERT's MLM corruption: choose ``probability`` of the tokens that are not special
-    ([CLS], [SEP], [PAD], [UNK], [MASK]); of those,
-    80 % become [MASK], 10 % a random token, 10 % stay. Labels are -100 elsewhere."""
-    labels = rows.clone()
-    special = torch.isin(rows, torch.tensor(tokenizer.all_special_ids, dtype=rows.dtype))  # as HF's collator
-    chosen = (torch.rand(rows.shape, generator=generator) < probability) & ~special
-    labels[~chosen] = -100
-    inputs = rows.clone()
-    draw = torch.rand(rows.shape, generator=generator)
-    inputs[chosen & (draw < 0.8)] = tokenizer.mask_token_id
-    randomise = chosen & (draw >= 0.8) & (draw < 0.9)
-    inputs[randomise] = torch.randint(len(tokenizer), rows.shape, generator=generator)[randomise]
-    return inputs, labels
-
-
 def unigram_cross_entropy(counts: torch.Tensor, evaluation: torch.Tensor) -> float:
     """Cross-entropy (nats) of eval tokens under the add-one unigram distribution of the
     train tokens' ``counts``: the loss a model that ignores context would reach."""

@@ -3,11 +3,16 @@
 
     python -m bertode.finetune                                    # shipped sentiment task, model from scratch
     python -m bertode.finetune checkpoint=outputs/.../final            # a bertode.train model
-    python -m bertode.finetune checkpoint=/path/to/roberta solve.solver=rk4 solve.steps=2   # converted on the fly
+    python -m bertode.finetune checkpoint=/path/to/roberta solver=rk4 solver.steps=2   # converted on the fly
+    python -m bertode.finetune model=deq deq.max_iter=12                   # bertode.train's groups, same spellings
     python -m bertode.finetune eval_solve.solver=rk4 eval_solve.steps=4   # another solve at evaluation only
     python -m bertode.finetune task.source=files task.train_file=a.csv task.eval_file=b.csv task.text_column=text
 
-Every input is checked before Hydra writes anything (one line, exit 2). The run
+The groups ``model`` (the mode), ``solver``, ``sensitivity``, ``vector_field``, ``block``,
+``deq`` and ``regularizer`` are `bertode.train`'s, with null values meaning the
+checkpoint's (`run_config`). A causal language model (``objective=clm``) is refused: its
+[CLS] would see only itself. Every input is checked before Hydra writes anything (one
+line, exit 2). The run
 directory receives ``metrics.jsonl`` (Trainer's logs with ``solver/`` statistics),
 ``final/`` (model and tokenizer) and ``results.json``: the eval metrics of ``final/``
 reloaded with ``eval_solve``, its forward NFE, and the majority-class baseline.
@@ -36,6 +41,7 @@ from ..families import FAMILIES
 from ..heads import BertODEForSequenceClassification, BertODEForTokenClassification
 from .checks import check_count, resolve_device
 from . import solve_overrides
+from .run_config import check_changes, checkpoint_fields, group_fields, rename
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import SPECIAL_TOKENS, holds_tokenizer
 from .tasks import load_task, metrics
@@ -47,13 +53,15 @@ def _set(section: DictConfig) -> dict:
     return {key: value for key, value in OmegaConf.to_container(section).items() if value is not None}
 
 
-def _check_solve(key: str, fields: dict, mode: str | None) -> None:
-    solve_overrides.check_fields(fields, mode, lambda field: f"{key}.{field}")
+def _mode_choice(cfg: DictConfig) -> dict:
+    """``model=deq`` (and ``model.*`` keys), as `checkpoint_fields`' extra fields."""
+    node = cfg.get("model") or {}
+    return {key: (value, "model" if key == "mode" else f"model.{key}") for key, value in node.items() if value is not None}
 
 
-def _check_model(path, max_length: int) -> str | None:
-    """The checkpoint's mode (bertode) or None (a BERT family, converted); one line for a
-    directory that is neither, holds no tokenizer, cannot be converted or is too short."""
+def _check_model(path, max_length: int) -> dict:
+    """The checkpoint's config fields (a BERT family's as converted); one line for a
+    directory that is neither, holds no tokenizer, is a causal LM, cannot be converted or is too short."""
     folder = Path(str(path))
     where = f"checkpoint={str(folder)!r} is invalid"
     if not (folder / "config.json").is_file():
@@ -85,7 +93,24 @@ def _check_model(path, max_length: int) -> str | None:
     if max_length > positions:
         raise ValueError(f"task.max_length={max_length} is invalid with {str(folder)!r}; allowed: <= {positions} "
                          "(its position embeddings)")
-    return saved.get("mode", "ode") if model_type == "bertode" else None
+    if fields.get("is_decoder"):
+        raise ValueError(f"{where}: it is a causal language model (objective={fields.get('objective')!r}, causal "
+                         "attention), whose [CLS] sees only itself, so a classifier on it ignores the sentence; allowed: "
+                         "a bidirectional checkpoint (bertode.train objective=mlm, a BERT-family encoder)")
+    return fields
+
+
+def _scratch_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0, **labels) -> BertODEConfig:
+    """The from-scratch model's config: ``scratch.*``, then the groups; one line naming the key."""
+    fields, origin = group_fields(cfg)
+    for field, (value, key) in _mode_choice(cfg).items():
+        fields[field], origin[field] = value, key
+    scratch = OmegaConf.to_container(cfg.scratch)
+    origin.update({key: f"scratch.{key}" for key in scratch})
+    try:
+        return BertODEConfig(**scratch | {"vocab_size": vocab_size}, pad_token_id=pad_token_id, **labels, **fields)
+    except ValueError as error:
+        raise ValueError(rename(str(error), origin)) from None
 
 
 def validate(cfg: DictConfig):
@@ -106,14 +131,19 @@ def validate(cfg: DictConfig):
             raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: {span}")
     resolve_device(trainer.device)
     check_count("task.max_length", cfg.task.max_length, 8)
-    saved_mode = None
     if cfg.checkpoint is not None:
-        saved_mode = _check_model(cfg.checkpoint, cfg.task.max_length)
+        saved = _check_model(cfg.checkpoint, cfg.task.max_length)
+        fields = checkpoint_fields(cfg, saved, _mode_choice(cfg))
     else:
         check_count("scratch.vocab_size", cfg.scratch.vocab_size, len(SPECIAL_TOKENS) + 1)
-    solve = _set(cfg.solve)
-    _check_solve("solve", solve, saved_mode)  # against the checkpoint's mode unless solve.mode sets one
-    _check_solve("eval_solve", _set(cfg.eval_solve), solve.get("mode") or saved_mode)
+        check_count("scratch.max_position_embeddings", cfg.scratch.max_position_embeddings, 8)
+        if cfg.task.max_length > cfg.scratch.max_position_embeddings:
+            raise ValueError(f"task.max_length={cfg.task.max_length} is invalid; allowed: <= "
+                             f"scratch.max_position_embeddings={cfg.scratch.max_position_embeddings}")
+        config = _scratch_config(cfg, cfg.scratch.vocab_size)
+        saved, fields = config.to_dict(), {}
+    eval_solve = _set(cfg.eval_solve)
+    check_changes({**saved, **fields}, eval_solve, {field: f"eval_solve.{field}" for field in eval_solve})
     return load_task(cfg.task)
 
 
@@ -135,16 +165,14 @@ def _model_and_tokenizer(cfg: DictConfig, task):
     labels = {"num_labels": 1, "problem_type": "regression"} if task.classes is None else {
         "num_labels": len(task.classes), "problem_type": "single_label_classification",
         "id2label": {i: str(c) for i, c in enumerate(task.classes)}, "label2id": {str(c): i for i, c in enumerate(task.classes)}}
-    solve = _set(cfg.solve)
     if cfg.checkpoint is None:
         lines = [" ".join(text) if isinstance(text, list) else text for row in task.train for text in row[:2] if text]
         tokenizer = train_tokenizer(lines, cfg.scratch.vocab_size, SPECIAL_TOKENS)
-        config = BertODEConfig(**OmegaConf.to_container(cfg.scratch) | {"vocab_size": len(tokenizer)},
-                               max_position_embeddings=max(cfg.task.max_length, 64), pad_token_id=tokenizer.pad_token_id,
-                               **labels, **solve)
+        config = _scratch_config(cfg, len(tokenizer), tokenizer.pad_token_id, **labels)
         return _head(task)(config), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.checkpoint))
-    return _head(task).from_pretrained(str(cfg.checkpoint), **labels, **solve), tokenizer
+    fields = checkpoint_fields(cfg, _check_model(cfg.checkpoint, cfg.task.max_length), _mode_choice(cfg))
+    return _head(task).from_pretrained(str(cfg.checkpoint), **labels, **fields), tokenizer
 
 
 class _Rows(torch.utils.data.Dataset):

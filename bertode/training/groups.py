@@ -3,12 +3,18 @@
 The groups ``solver``, ``sensitivity``, ``block``, ``vector_field``, ``regularizer`` and ``deq`` are not
 yaml files: `store_groups` writes one Hydra ConfigStore entry per registered name
 (your registrations included, e.g. a ``plugins=[my_module]`` module's), plus ``default``
-(the model's default for its mode). Every node's keys are `BertODEConfig` field names,
-by one rule (`field_for`): ``<group>.name`` sets the field ``<group>``,
-``<group>.kwargs`` sets ``<group>_kwargs``, ``regularizer.weight`` sets
-``regularizer_weight``, ``deq.<key>`` sets ``deq_<key>`` where that
-field exists, and every other ``<group>.<key>`` sets ``<key>``. Default values are read
-off `BertODEConfig`, so no number or name is written twice.
+(nothing chosen). Every command that solves (train, evaluate, finetune, generate) takes
+these groups with the same spellings (`SOLVE_GROUPS`, `TRAINING_GROUPS`).
+
+Every node's keys are `BertODEConfig` field names, by one rule (`field_for`): the choice
+itself (``solver=rk4``) sets the field ``<group>``, ``<group>.kwargs.<k>`` sets
+``<group>_kwargs``, ``regularizer.weight`` sets ``regularizer_weight``, ``deq.<key>`` sets
+``deq_<key>`` where that field exists, and every other ``<group>.<key>`` sets ``<key>``.
+
+Every value is ``null``, meaning "the base's value": `BertODEConfig`'s default for a new
+model (train, finetune from scratch), the checkpoint's for a saved one (evaluate,
+generate, finetune from a checkpoint). So ``solver=rk4 solver.steps=2`` sets exactly the
+fields ``solver`` and ``steps`` on every command, and no default is written twice.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from ..vector_fields import VECTOR_FIELDS
 
 REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS,
                    "regularizer": REGULARIZERS}
+# The groups every solving command takes (train, evaluate, finetune, generate), and the ones
+# that only mean something while training (a penalty added to the loss).
+SOLVE_GROUPS = ("solver", "sensitivity", "vector_field", "block", "deq")
+TRAINING_GROUPS = ("regularizer",)
 FIXED_STEP_KEYS = ("steps", "t_end", "ode_backend", "fixed_step_loop")
 ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
 DEFAULT = "default"
@@ -52,9 +62,20 @@ def field_for(group: str, key: str) -> str:
     return key
 
 
+def key_for(group: str, field: str) -> str | None:
+    """What a user types for the `BertODEConfig` field ``field`` in ``group`` (``solver`` for the
+    choice, else ``<group>.<key>``); None where the group has no key for it."""
+    keys = {"solver": FIXED_STEP_KEYS + ADAPTIVE_KEYS, "sensitivity": GRADIENT_KEYS, "regularizer": ("weight",),
+            "deq": tuple(deq_node())}.get(group, ())
+    for key in ("name", "kwargs", *keys):
+        if field_for(group, key) == field:
+            return group if key == "name" else f"{group}.{key}"
+    return None
+
+
 def _solver_node(name):
     keys = ADAPTIVE_KEYS if SOLVERS[name].adaptive else FIXED_STEP_KEYS
-    return {"name": name, **{key: config_default(key) for key in keys}}
+    return {"name": name, **dict.fromkeys(keys)}
 
 
 def _keyword_defaults(function, skip: int) -> dict:
@@ -64,18 +85,23 @@ def _keyword_defaults(function, skip: int) -> dict:
             and p.default is not p.empty}
 
 
+def _kwargs(names) -> dict | None:
+    """A ``kwargs`` node: each constructor keyword, null (its own default) unless set."""
+    return dict.fromkeys(names) or None
+
+
 def _gradient_node(name):
     """``name``, the config fields of this group the method reads, and its other
     constructor arguments under ``kwargs`` (its DEQ fields live in the deq group)."""
     method = GRADIENTS[name]
     own = {field for field in method.config_fields.values() if field in GRADIENT_KEYS}
-    kwargs = {k: v for k, v in _keyword_defaults(method.__init__, 1).items() if k not in method.config_fields}
-    return {"name": name, **{field: config_default(field) for field in sorted(own)}, "kwargs": kwargs or None}
+    kwargs = [k for k in _keyword_defaults(method.__init__, 1) if k not in method.config_fields]
+    return {"name": name, **dict.fromkeys(sorted(own)), "kwargs": _kwargs(kwargs)}
 
 
 def _kwargs_node(registry, name):
-    """A field's or block's constructor keywords and their defaults, overridable as kwargs.<key>."""
-    return {"name": name, "kwargs": _keyword_defaults(registry[name].__init__, 2) or None}
+    """A field's or block's constructor keywords, overridable as kwargs.<key>."""
+    return {"name": name, "kwargs": _kwargs(_keyword_defaults(registry[name].__init__, 2))}
 
 
 def group_node(group: str, name: str) -> dict:
@@ -84,16 +110,16 @@ def group_node(group: str, name: str) -> dict:
     if group == "sensitivity":
         return _gradient_node(name)
     if group == "regularizer":
-        return {"name": name, "weight": config_default("regularizer_weight")}
+        return {"name": name, "weight": None}
     return _kwargs_node(REGISTRY_GROUPS[group], name)
 
 
 def default_node(group: str) -> dict:
-    """The ``default`` choice: every key of the group's nodes, the name left to the mode."""
+    """The ``default`` choice: every key of the group's nodes, nothing chosen."""
     node: dict = {}
     for name in REGISTRY_GROUPS[group].names():
         for key, value in group_node(group, name).items():
-            node.setdefault(key, value)
+            node.setdefault(key, None)
     node.update(name=None)
     if "kwargs" in node:
         node["kwargs"] = None
@@ -103,13 +129,13 @@ def default_node(group: str) -> dict:
 
 
 def deq_node() -> dict:
-    """The ``deq`` group: every DEQ field, with `BertODEConfig`'s defaults."""
+    """The ``deq`` group: every DEQ field, null (the base's value) unless set."""
     node = {}
     for field in dataclasses.fields(BertODEConfig):
         if field.name.startswith("deq_"):
-            node[field.name[len("deq_"):]] = field.default
+            node[field.name[len("deq_"):]] = None
         elif field.name in DEQ_PLAIN_FIELDS:
-            node[field.name] = field.default
+            node[field.name] = None
     return node
 
 

@@ -10,8 +10,11 @@ BERT's masked LM, or ``clm``, next-token prediction over causal attention; `obje
 
 The run directory (Hydra's) receives ``.hydra/`` (the composed config), ``metrics.jsonl``,
 ``checkpoints/`` and ``final/`` (model + tokenizer, loadable with the Auto classes).
-Bad input stops the run before anything is written beyond Hydra's config, with one line
-on stderr naming the field, and exit status 2.
+Bad input stops the run with one line on stderr naming the field, and exit status 2,
+leaving the run directory as it was (absent if it was). Resuming (``trainer.resume``)
+with a model setting other than the checkpoint's (``solver=rk4`` on an Euler run, any
+`BertODEConfig` field but `checkpoint.NEUTRAL_FIELDS`) is refused naming the key, before
+Hydra rewrites ``.hydra/``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .sources import DataError, check_sources
 from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
 from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
-from .objective import HEADS, Objective, check_objective
+from .objective import get_objective, make_objective
 from .run_config import build_model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
@@ -63,11 +66,11 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
     check_logger(cfg.logger.kind)
-    check_objective(cfg.objective)
+    head = get_objective(cfg.objective)(None).model_class
     config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
-            HEADS[cfg.objective](config)
+            head(config)
     except (RuntimeError, NotImplementedError):
         pass  # a module that cannot be built without data (reads a tensor): checked when built for real
     if trainer.compile not in (True, False):
@@ -99,14 +102,72 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
     config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
-    return corpus, config, checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", dist.main)
+    resume_from = checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", dist.main)
+    if resume_from is not None:
+        check_settings(cfg, resume_from, config)
+    return corpus, config, resume_from
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """Before Hydra rewrites the run directory's ``.hydra/`` (`cli.hydra_entry`'s prerun):
+    the checkpoint a resume would read verifies, and the command line keeps the settings
+    it was trained with."""
+    target = checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", main=False)
+    if target is not None:
+        check_settings(cfg, target)
+
+
+def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
+    """One line naming the first model setting that ``cfg`` (``config``: its model config;
+    None: built with the checkpoint's vocabulary) changes on the checkpoint ``target``'s,
+    other than those that change neither the model's function nor its training
+    (`checkpoint.NEUTRAL_FIELDS`). A checkpoint written before checkpoints kept their
+    config is not compared."""
+    from ..configuration import BertODEConfig
+    from .run_config import model_kwargs
+
+    saved = checkpoint.saved_config(target)
+    if saved is None:
+        return
+    try:
+        before = BertODEConfig.from_dict(saved)
+    except ValueError as error:
+        raise checkpoint.CheckpointError(f"checkpoint {str(target)!r}: its {checkpoint.CONFIG} does not load "
+                                         f"({str(error).splitlines()[0]})") from None
+    if config is None:
+        config = build_model_config(cfg, vocab_size=before.vocab_size, pad_token_id=before.pad_token_id)
+    change = checkpoint.changed_setting(before, config)
+    if change is None:
+        return
+    field, old, new = change
+    where = f"the run being resumed ({target})"
+    if field == "is_decoder":
+        raise ValueError(f"objective={cfg.objective!r} is invalid: {where} was trained with "
+                         f"{'causal' if old else 'bidirectional'} attention; allowed: its own objective (or a new run "
+                         "directory)")
+    origin = model_kwargs(cfg, config.vocab_size, config.pad_token_id)[1]
+    raise ValueError(f"{origin.get(field) or _typed_key(cfg, field)}={new!r} is invalid: {where} was trained with "
+                     f"{old!r}; allowed: {old!r} (or a new run directory)")
+
+
+def _typed_key(cfg: DictConfig, field: str) -> str:
+    """The command-line key of a `BertODEConfig` field that ``cfg`` leaves to its default."""
+    from .groups import REGISTRY_GROUPS, field_for
+
+    for group in (*REGISTRY_GROUPS, "deq"):
+        for key in cfg.get(group) or {}:
+            if field_for(group, key) == field:
+                return group if key == "name" else f"{group}.{key}"
+    return f"model.{field}" if field in cfg.model else f"model_overrides.{field}"
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    held = run_dir is not None and lock.holds(Path(run_dir))  # by `cli.hydra_entry`, which lets go itself
     try:
         return _train(cfg, run_dir)
     finally:
-        lock.release_all()  # however the run ended, a long-lived process (a notebook) lets go
+        if not held:
+            lock.release_all()  # however the run ended, a long-lived process (a notebook) lets go
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -131,7 +192,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.use_deterministic_algorithms(True)
 
     torch.manual_seed(cfg.seed)
-    objective = Objective(cfg.objective, corpus.tokenizer, cfg.data.mlm_probability)
+    objective = make_objective(cfg.objective, corpus.tokenizer, cfg.data.mlm_probability)
     model = objective.model_class(config).to(dist.device)
     base = model
     optimizer = _optimizer(model, trainer, dist.device)
@@ -139,9 +200,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from is not None:
         with usage_errors():
             saved = checkpoint.load(resume_from, model)
-            if saved.get("objective", "mlm") != cfg.objective:  # the same parameters train either head
-                raise ValueError(f"objective={cfg.objective!r} is invalid for resuming {resume_from}: it was trained "
-                                 f"with objective={saved.get('objective', 'mlm')!r}; allowed: the run's own objective")
+            trained = saved.get("objective") or get_objective(None).registry_name
+            if trained != objective.name:  # the same parameters train either head
+                raise ValueError(f"objective={objective.name!r} is invalid for resuming {resume_from}: it was trained "
+                                 f"with objective={trained!r}; allowed: the run's own objective")
         optimizer.load_state_dict(saved["optimizer"])
         checkpoint.set_rng_state(saved["rng"])
         state, data_state = {k: saved[k] for k in state}, saved.get("data")
@@ -155,14 +217,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         options = dict(backend=trainer.compile_backend, mode=trainer.compile_mode)
         model = compile_model(model, "auto" if trainer.compile is True else trainer.compile, **options)
 
-    if dist.main:  # one history: what came after the checkpoint (or all, starting over) is redone
-        keep_until(run_dir / "metrics.jsonl", state["step"])
-    log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
-                 config=OmegaConf.to_container(cfg, resolve=True))
     seq_len = cfg.data.seq_len
     micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
     with usage_errors():  # a stream resumed with another data.stream_shards
         order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
+    if dist.main:  # one history: what came after the checkpoint (or all, starting over) is redone
+        keep_until(run_dir / "metrics.jsonl", state["step"])
+    log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
+                 config=OmegaConf.to_container(cfg, resolve=True))
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
     eval_batches = fixed_eval_batches(corpus.eval, objective, cfg.seed, max(1, trainer.batch_size // dist.world),
                                       cfg.data.max_eval_sequences)
@@ -248,7 +310,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     checkpoint.save(run_dir / "checkpoints", step, base,
                                     {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
                                      "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position,
-                                     "objective": cfg.objective},
+                                     "objective": objective.name},
                                     keep=trainer.keep_checkpoints)
                 except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
                     failure = str(error)
@@ -285,7 +347,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-main = hydra_entry("train", train, precheck=validate, distributed=True)
+main = hydra_entry("train", train, precheck=validate, distributed=True, prerun=check_resume)
 
 if __name__ == "__main__":
     main()

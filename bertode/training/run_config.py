@@ -1,11 +1,14 @@
-"""From a composed Hydra config to a validated `BertODEConfig`, with errors that name the
-command-line keys.
+"""From a composed Hydra config to a validated `BertODEConfig`: the one place where the
+command line becomes a model config, for every command.
 
 Each group node's keys map to `BertODEConfig` fields by one rule (`groups.field_for`), so
-a setting keeps one name from the command line to the solve. `BertODEConfig` validates
-every field and every pairing; here its field names are translated back to the keys a
-user typed (``solver.atol`` rather than ``atol``), also for options the model's mode does
-not use, which `BertODEConfig` refuses when changed (``model=bert solver.steps=4``).
+a setting keeps one name from the command line to the solve, and a null value means "the
+base's": `BertODEConfig`'s defaults for a new model (`build_model_config`, train and
+finetune from scratch), the saved config for a checkpoint (`checkpoint_fields`, evaluate,
+generate, finetune). `BertODEConfig` validates every field and every pairing; here its
+field names are translated back to the keys a user typed (``solver.atol`` rather than
+``atol``), also for options the model's mode does not use, which `BertODEConfig` refuses
+when set (``model=bert solver.steps=4``).
 """
 
 from __future__ import annotations
@@ -15,31 +18,84 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration import BertODEConfig
-from .groups import REGISTRY_GROUPS, field_for
+from .groups import REGISTRY_GROUPS, field_for, key_for
+
+# Keys of the old grammar (before every command took the same groups), and their spelling now.
+RENAMED = {"solve.mode": "model", "solve.solver": "solver", "solve.steps": "solver.steps", "solve.atol": "solver.atol",
+           "solve.rtol": "solver.rtol", **{f"{group}.name": group for group in REGISTRY_GROUPS}}
+
+
+def renamed(argv: list[str]) -> str | None:
+    """The one-line error for the first old spelling in ``argv`` (None: there is none)."""
+    for argument in argv:
+        key, _, value = argument.lstrip("+~").partition("=")
+        if key in RENAMED or key.startswith("solve."):
+            new = RENAMED.get(key, key.replace("solve.", "solver.", 1))
+            return f"{argument} is invalid: this setting is spelled {new}={value} now; allowed: {new}={value}"
+    return None
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def group_fields(cfg: DictConfig, base: dict | None = None) -> tuple[dict, dict]:
+    """The `BertODEConfig` fields that ``cfg``'s solve groups set (their null values left to
+    ``base``, a saved config's dict; None: the defaults), and per field the key a user typed.
+
+    ``<group>.kwargs.<k>`` values merge over the base's keyword arguments while the group's
+    choice stays the base's; a new choice starts from its own constructor's defaults."""
+    base = base or {}
+    fields: dict = {}
+    origin: dict = {}
+    for group in (*REGISTRY_GROUPS, "deq"):
+        node = cfg.get(group)
+        if node is None:
+            continue
+        name = node.get("name")
+        for key, value in node.items():
+            field, value = field_for(group, key), _plain(value)
+            if key == "kwargs":
+                given = {k: v for k, v in (value or {}).items() if v is not None}
+                if name is None or name == base.get(group):
+                    if not given:
+                        continue
+                    given = {**(base.get(field) or {}), **given}
+                value = given or None
+            elif value is None:
+                continue
+            fields[field] = value
+            origin[field] = key_for(group, field)
+    return fields, origin
 
 
 def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tuple[dict, dict]:
-    """BertODEConfig keyword arguments and, per argument, the command-line key it came from."""
+    """BertODEConfig keyword arguments of a new model and, per argument, the command-line key it came from."""
+    from .objective import get_objective
+
     kwargs: dict = {}
     origin: dict = {}
 
     def put(field, value, key):
-        kwargs[field] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        kwargs[field] = _plain(value)
         origin[field] = key
 
     for key, value in cfg.model.items():
-        put(key, value, f"model.{key}")
-    for group in (*REGISTRY_GROUPS, "deq"):
-        for key, value in cfg[group].items():
-            put(field_for(group, key), value, group if key == "name" else f"{group}.{key}")
+        if value is not None:
+            put(key, value, f"model.{key}")
+    fields, keys = group_fields(cfg)
+    for field, value in fields.items():
+        put(field, value, keys[field])
     for key, value in cfg.get("model_overrides", {}).items():
         put(key, value, f"model_overrides.{key}")
-    causal = cfg.get("objective", "mlm") == "clm"  # the objective chooses the attention (`objective.py`)
+    objective = get_objective(cfg.get("objective"))
+    name, causal = objective.registry_name, objective.causal  # the objective chooses the attention
     if kwargs.get("is_decoder", causal) != causal:
-        raise ValueError(f"{origin['is_decoder']}={kwargs['is_decoder']!r} is invalid with objective="
-                         f"{cfg.get('objective', 'mlm')!r}; allowed: leave it unset (objective=clm makes "
-                         "attention causal, objective=mlm bidirectional)")
+        raise ValueError(f"{origin['is_decoder']}={kwargs['is_decoder']!r} is invalid with objective={name!r}; "
+                         f"allowed: leave it unset (objective={name!r} makes attention "
+                         f"{'causal' if causal else 'bidirectional'})")
     put("is_decoder", causal, "objective")
+    put("objective", name, "objective")
     put("vocab_size", vocab_size, "data.vocab_size")
     put("pad_token_id", pad_token_id, "data.tokenizer")
     return kwargs, origin
@@ -50,10 +106,35 @@ def build_model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) 
     try:
         return BertODEConfig(**kwargs)
     except ValueError as error:
-        raise ValueError(_rename(str(error), origin)) from None
+        raise ValueError(rename(str(error), origin)) from None
 
 
-def _rename(message: str, origin: dict) -> str:
+def checkpoint_fields(cfg: DictConfig, saved: dict, extra: dict | None = None) -> dict:
+    """The fields ``cfg``'s groups (and ``extra``, e.g. finetune's ``model=``) change on the
+    saved config ``saved``, checked as the model they make; one line naming the typed key."""
+    fields, origin = group_fields(cfg, saved)
+    for field, (value, key) in (extra or {}).items():
+        fields[field], origin[field] = value, key
+    check_changes(saved, fields, origin)
+    return fields
+
+
+def check_changes(saved: dict, fields: dict, origin: dict) -> None:
+    """``fields`` set on the saved config ``saved`` must make a valid model; one line naming
+    ``origin[field]``, the key a user typed."""
+    if not fields:
+        return
+    try:
+        config = BertODEConfig.from_dict(saved)  # as `from_pretrained` loads it: unused options forgotten
+        for field, value in fields.items():
+            setattr(config, field, value)
+        config.validate_ode()
+    except ValueError as error:
+        message = rename(str(error), origin)
+        raise ValueError(message.replace("BertODEConfig.mode", "the checkpoint's mode")) from None
+
+
+def rename(message: str, origin: dict) -> str:
     """``BertODEConfig.<field>=`` -> the command-line key that set the field."""
 
     def key(match):

@@ -1,49 +1,56 @@
-"""A trained model's solve, chosen again at evaluation (inference-time compute).
+"""A saved model loaded with the command line's solve (inference-time compute).
 
-``bertode.evaluate`` takes ``solver.name``, ``solver.steps``, ``solver.atol``,
-``solver.rtol``, ``deq.solver``, ``deq.max_iter`` and ``deq.tol`` (null: as trained),
-so that ``python -m bertode.evaluate checkpoint=DIR -m solver.steps=1,2,4,8,16`` is a
-sweep of compute against quality; `bertode.finetune`'s ``eval_solve`` is the same idea.
-The keys map onto `BertODEConfig` fields and are checked against the model's mode.
+`bertode.evaluate`, `bertode.generate` and `bertode.finetune` take the groups
+``solver``, ``sensitivity``, ``vector_field``, ``block`` and ``deq`` with the spellings
+of `bertode.train` (``solver=rk4 solver.steps=2 deq.max_iter=60``); a null value keeps
+the checkpoint's (`run_config.checkpoint_fields`), so ``python -m bertode.evaluate
+checkpoint=DIR -m solver.steps=1,2,4,8,16`` is a sweep of compute against quality. A
+choice that would change the model's parameters (a vector field with weights of its
+own, another block's gate) is refused in one line, since those weights were never trained.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from pathlib import Path
 
-from ..configuration import BertODEConfig
-
-FIELDS = {("solver", "name"): "solver", ("solver", "steps"): "steps", ("solver", "atol"): "atol",
-          ("solver", "rtol"): "rtol", ("deq", "solver"): "deq_solver", ("deq", "max_iter"): "deq_max_iter",
-          ("deq", "tol"): "deq_tol"}
+from .groups import REGISTRY_GROUPS, key_for
+from .run_config import checkpoint_fields
 
 
-def overrides(cfg: DictConfig) -> dict:
-    """The `BertODEConfig` fields set by the command line (the null keys left out)."""
-    chosen = {}
-    for (group, key), field in FIELDS.items():
-        value = cfg.get(group, {}).get(key) if cfg.get(group) is not None else None
-        if value is not None:
-            chosen[field] = value
-    return chosen
+def typed_key(field: str) -> str:
+    """The command-line key of a `BertODEConfig` field (``steps`` -> ``solver.steps``)."""
+    keys = (key_for(group, field) for group in (*REGISTRY_GROUPS, "deq"))
+    return next((key for key in keys if key is not None), field)
 
 
-def check_fields(fields: dict, mode: str | None, key_of) -> None:
-    """``fields`` (`BertODEConfig` names) must suit a model of ``mode`` (None: the default
-    mode); the one-line error names the command-line key ``key_of(field)``."""
-    try:
-        BertODEConfig(hidden_size=8, num_attention_heads=1, intermediate_size=8, vocab_size=8,
-                      **({"mode": mode} if mode else {}), **fields)
-    except ValueError as error:
-        message = str(error)
-        for field in fields:
-            message = message.replace(f"BertODEConfig.{field}=", f"{key_of(field)}=")
-        raise ValueError(message.replace("BertODEConfig.mode", "the model's mode")) from None
+def check_parameters(model_class, folder: Path, saved: dict, fields: dict) -> None:
+    """One line (ValueError) where ``fields`` make a model whose parameters (names and
+    shapes) differ from the saved model's: weights no training has seen. Built on the meta
+    device, so nothing is allocated."""
+    if not fields:
+        return
+    import torch
+
+    from ..configuration import BertODEConfig
+
+    def shapes(changes: dict) -> dict:
+        config = BertODEConfig.from_dict(saved)
+        for field, value in changes.items():
+            setattr(config, field, value)
+        config.validate_ode()
+        with torch.device("meta"):
+            return {name: tuple(p.shape) for name, p in model_class(config).named_parameters()}
+
+    trained, chosen = shapes({}), shapes(fields)
+    if trained != chosen:
+        new = sorted(set(chosen) - set(trained)) or sorted(k for k in chosen if chosen[k] != trained.get(k))
+        dropped = sorted(set(trained) - set(chosen))
+        typed = " ".join(f"{typed_key(field)}={value!r}" for field, value in fields.items() if value is not None)
+        raise ValueError(f"{typed} is invalid for checkpoint={str(folder)!r}: the model it makes has parameters the "
+                         f"checkpoint never trained ({(new or dropped)[0]}, {len(new)} new, {len(dropped)} dropped); "
+                         "allowed: choices that keep the trained parameters (solver, steps, tolerances, deq.* iterations)")
 
 
-def check(cfg: DictConfig, mode: str) -> dict:
-    """The overrides, checked against a model of ``mode``; one line naming the key."""
-    chosen = overrides(cfg)
-    names = {field: f"{group}.{key}" for (group, key), field in FIELDS.items()}
-    check_fields(chosen, mode, names.get)
-    return chosen
+def load(model_class, folder: Path, fields: dict, **kwargs):
+    """``model_class.from_pretrained(folder)`` with ``fields`` changed (checked by `check_parameters`)."""
+    return model_class.from_pretrained(folder, **fields, **kwargs)
