@@ -13,6 +13,8 @@ Public API:
   `register_gradient`), ODE-Transformer blocks (`Block`, `SchemeBlock`,
   `register_block`), fixed-point solvers (`register_fixed_point_solver`,
   `FixedPointTracker`), ODE regularisers (`Regularizer`, `register_regularizer`).
+* training objectives (`Objective`, `register_objective`; ``mlm``, ``clm`` built in), saved
+  with the model as ``BertODEConfig.objective``.
 * initialisations that survive `post_init`: `zero_init`, `identity_init`.
 """
 
@@ -48,6 +50,7 @@ from .solve.ode import ODEProblem
 from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
 from .solve.stats import SolverStats
 from .vector_fields import VectorField, available_vector_fields, register_vector_field
+from .training.objective import Objective, available_objectives, register_objective
 
 __version__ = "0.2.0"
 
@@ -70,5 +73,5 @@ __all__ = [
     "Regularizer", "register_regularizer", "available_regularizers",
     "register_fixed_point_solver", "available_fixed_point_solvers", "get_fixed_point_solver", "FixedPointTracker",
     "SolveInfo",
-    "DEQSolveError", "zero_init", "identity_init",
+    "DEQSolveError", "zero_init", "identity_init", "Objective", "register_objective", "available_objectives",
 ]

@@ -40,6 +40,12 @@ def test_the_offline_default_beats_the_majority_baseline_and_saves_a_loadable_mo
     assert result["majority_baseline"] == 0.5 and result["eval_rows"] == 1000  # Yelp: 500 / 500
     assert result["accuracy"] >= result["majority_baseline"] + 0.1, result  # measured 0.694
     assert "accuracy" in stdout and "majority_baseline 0.500" in stdout
+    assert stdout.startswith("bertode.finetune: ode model, 0.20 M parameters, sentiment (Amazon -> Yelp): 1000 train rows")
+    assert "step 10: loss 0." in stdout and "'loss': '" not in stdout  # numbers, not Trainer's quoted strings
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: path.stat().st_mode & 0o777 for path in (run / "final").iterdir()}["model.safetensors"] == \
+        0o666 & ~umask
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("solver/nfe_forward" in record for record in logs)  # SolverStatsCallback in Trainer's logs
     model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "final")
@@ -88,7 +94,7 @@ def test_a_converted_roberta_directory_fine_tunes_on_local_csv_files(tmp_path):
     tokenizer.save_pretrained(tmp_path / "roberta")
     done = _finetune(f"checkpoint={tmp_path / 'roberta'}", "task.source=files", f"task.train_file={train}",
                      f"task.eval_file={evaluation}", "task.text_column=text", "task.label_column=sentiment",
-                     "trainer.epochs=1", "solve.solver=rk4", "solve.steps=2", f"hydra.run.dir={tmp_path / 'run'}",
+                     "trainer.epochs=1", "solver=rk4", "solver.steps=2", f"hydra.run.dir={tmp_path / 'run'}",
                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -114,6 +120,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
         mode="discrete", vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64)).save_pretrained(discrete)
     train_tokenizer(["good bad fine"], 40, SPECIAL_TOKENS).save_pretrained(discrete)
+    causal = tmp_path / "causal"  # a bertode.train objective=clm model: its [CLS] sees only itself
+    bertode.BertODEForCausalLM(bertode.BertODEConfig(
+        vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64, is_decoder=True,
+        objective="clm")).save_pretrained(causal)
+    train_tokenizer(["good bad fine"], 40, SPECIAL_TOKENS).save_pretrained(causal)
     files = ["task.source=files", f"task.train_file={train}", "task.text_column=text"]
     cases = [
         (["task.source=imdb"], "task.source='imdb' is invalid; allowed: 'sentiment', 'files', 'glue'"),
@@ -127,7 +138,11 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, caps
         ([f"checkpoint={gpt2}"], "model_type='gpt2' is not supported; allowed: 'bertode', 'bert', 'roberta'"),
         ([f"checkpoint={tmp_path / 'nowhere'}"], "is invalid; allowed: null, a bertode directory"),
         (["eval_solve.solver=heun3"], "eval_solve.solver='heun3' is invalid"),
-        (["solve.steps=0"], "solve.steps=0 is invalid"),
+        (["solver.steps=0"], "solver.steps=0 is invalid"),
+        (["model=deq", "solver=rk4"], "solver='rk4' is invalid with model='deq'"),
+        ([f"checkpoint={causal}"], "it is a causal language model (objective='clm', causal attention)"),
+        (["scratch.num_attention_heads=3"], "scratch.num_attention_heads=3 is invalid; allowed: a divisor of hidden_size"),
+        (["task.max_length=100000"], "task.max_length=100000 is invalid; allowed: <= scratch.max_position_embeddings=512"),
         (["trainer.lr=0"], "trainer.lr=0 is invalid; allowed: a number > 0"),
         (["trainer.epochs=0"], "trainer.epochs=0 is invalid"),
         (["task.problem=ranking"], "task.problem='ranking' is invalid; allowed: 'classification', 'regression', "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_callback import PrinterCallback
 
 from ..callbacks import SolverStatsCallback
 from ..configuration import BertODEConfig
@@ -195,7 +197,8 @@ class _Rows(torch.utils.data.Dataset):
 
 
 class _JsonlLog(TrainerCallback):
-    """Trainer's logs (with the solver statistics) appended to ``metrics.jsonl``."""
+    """Trainer's logs (with the solver statistics) appended to ``metrics.jsonl`` and printed
+    as one line of numbers (Trainer's own printer, which quotes them, is removed)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -204,6 +207,9 @@ class _JsonlLog(TrainerCallback):
         if logs and state.is_world_process_zero:
             with open(self.path, "a", encoding="utf-8") as stream:
                 stream.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+            numbers = ", ".join(f"{key} {value:.4g}" for key, value in logs.items()
+                                if isinstance(value, (int, float)) and not isinstance(value, bool))
+            print(f"step {state.global_step}: {numbers}", flush=True)
 
 
 @torch.no_grad()
@@ -220,6 +226,16 @@ def _predict(model, dataset, collator, batch_size: int, device) -> tuple[list, f
             predictions += (logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)).tolist()
         nfe.append(model.solver_stats().get("nfe_forward", 0))
     return predictions, sum(nfe) / max(len(nfe), 1)
+
+
+def _readable(folder: Path) -> None:
+    """Files as the user's umask would make them (Trainer writes the weights through a private
+    temporary file, mode 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -242,10 +258,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
                       callbacks=[SolverStatsCallback(), _JsonlLog(run_dir / "metrics.jsonl")])
+    trainer.remove_callback(PrinterCallback)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"bertode.finetune: {model.config.mode} model, {parameters / 1e6:.2f} M parameters, {task.name}: "
+          f"{len(train)} train rows, {len(evaluation)} eval rows, {cfg.trainer.epochs} epochs on {device}, run dir "
+          f"{run_dir}", flush=True)
     trainer.train()
     final = run_dir / "final"
     trainer.save_model(str(final))
     tokenizer.save_pretrained(final)
+    _readable(final)
 
     eval_solve = _set(cfg.eval_solve)
     evaluated = _head(task).from_pretrained(final, **eval_solve)
