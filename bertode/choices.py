@@ -7,8 +7,8 @@ the README holds exactly this output.
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import sys
 
 from .blocks import BLOCKS
 from .regularizers import REGULARIZERS
@@ -51,8 +51,17 @@ def markdown_tables() -> str:
 
 
 def main(argv=None) -> None:
-    for module in (sys.argv[1:] if argv is None else argv):
-        importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="python -m bertode.choices",
+        description="Print every registered choice (solvers, gradients, vector fields, blocks, regularizers, "
+                    "fixed-point solvers) as the README's markdown tables.")
+    parser.add_argument("plugins", nargs="*", metavar="MODULE",
+                        help="modules to import first, so that their registrations are listed (as plugins=[...])")
+    for module in parser.parse_args(argv).plugins:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            parser.exit(2, f"error: plugin {module!r} cannot be imported: {error}\n")
     BertODEConfig()  # the registries are complete once the model's modules are imported
     print(markdown_tables())
 

@@ -10,7 +10,7 @@ written into a sink.
 
 The solve knows neither the vector field nor the model: it gets a ``dynamics(t, z)``
 callable and the parameters that callable uses. It handles the torchdyn 1.0.6 traps at
-this one place (docs/torchdyn.md has the table):
+this one place (docs/solve.md has the table, with the test that pins each):
 
 * ``args`` never reaches the field, so context (attention mask, dropout mask) lives in
   the ``dynamics`` closure, bound to a small adapter module before each solve and bound
