@@ -6,6 +6,7 @@ groups; a user objective registered in a plugin trains and is evaluated as itsel
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,22 +124,10 @@ def test_help_lists_exactly_the_commands_own_groups(monkeypatch, capsys, command
     assert ("size" in listed) == (command == "train")
 
 
-PLUGIN = '''
-import torch
-import bertode
-
-
-@bertode.register_objective("span3")
-class Span3(bertode.Objective):
-    """Mask the tokens at positions 2, 3 and 4 of every row (a fixed span): 3 targets a row."""
-
-    def make_batch(self, rows, generator):
-        labels = torch.full_like(rows, -100)
-        labels[:, 2:5] = rows[:, 2:5]
-        inputs = rows.clone()
-        inputs[:, 2:5] = self.tokenizer.mask_token_id
-        return inputs, labels
-'''
+ROOT = Path(__file__).resolve().parents[1]
+_DOC = (ROOT / "docs" / "extending.md").read_text(encoding="utf-8")
+_SECTION = _DOC[_DOC.index("## An objective"):]
+PLUGIN = _SECTION[_SECTION.index("```python") + len("```python"):_SECTION.index("```", _SECTION.index("```python") + 9)]
 
 
 def test_a_plugin_objective_trains_from_the_cli_and_is_evaluated_as_itself(tmp_path, cache_dir, monkeypatch, capsys):

@@ -69,7 +69,7 @@ def test_report_refuses_directories_without_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["solver.steps=0"], "solver.steps=0 is invalid; allowed: an integer >= 1"),
-    (["deq.max_iter=5"], "deq.max_iter=5 is invalid with mode='ode'"),
+    (["deq.max_iter=5"], "deq.max_iter=5 is invalid with the model's mode='ode'"),
     (["solver=heun3"], "solver='heun3' is invalid"),
     (["solver.name=rk4"], "solver.name=rk4 is invalid: this setting is spelled solver=rk4 now"),
     (["vector_field=time_weights"], "vector_field='time_weights' is invalid for checkpoint="),

@@ -130,8 +130,8 @@ def check_changes(saved: dict, fields: dict, origin: dict) -> None:
             setattr(config, field, value)
         config.validate_ode()
     except ValueError as error:
-        message = rename(str(error), origin)
-        raise ValueError(message.replace("BertODEConfig.mode", "the checkpoint's mode")) from None
+        message = str(error) if "mode" in origin else str(error).replace("BertODEConfig.mode=", "the model's mode=")
+        raise ValueError(rename(message, origin)) from None
 
 
 def rename(message: str, origin: dict) -> str:
