@@ -23,7 +23,6 @@ from transformers import AutoConfig, PreTrainedModel
 
 from .configuration import BertODEConfig
 from .families import FAMILIES, family_of, target_class
-from . import modeling
 from .modeling import BertODEModel
 
 
@@ -147,5 +146,3 @@ def load_foreign(cls, path, kwargs: dict):
     source = getattr(transformers, family.class_prefix + suffix).from_pretrained(path, **kwargs)
     return from_bert(source, **overrides)
 
-
-modeling.FOREIGN_CHECKPOINTS = load_foreign

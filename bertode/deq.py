@@ -12,28 +12,34 @@ fixed-point solver ``deq_solver`` (`solve/fixed_point.py`); the gradient method
 gives z* its gradient path. This module owns the DEQ's training semantics, so that
 `bertode.train` and `transformers.Trainer` behave the same:
 
-* stabilisers: the Hutchinson Jacobian penalty E|eps^T J_f(z*)|^2 / dim (added to the
-  loss by the heads with ``jac_weight``: ``jac_reg_weight``, plus 0.1 per
-  ``jac_reg_increment_every`` training forwards when that is set), weight normalisation, one dropout mask per forward reused by every
-  evaluation, and an unrolled warm-up for the first ``deq_pretrain_steps`` training forwards;
-* ``deq_on_nonfinite="skip"``: a non-finite value in the forward solve (the heads return a
-  zero loss) or in the implicit backward solve (the batch's gradients are rolled back at
-  the end of the backward pass, see `modeling.py`) skips the batch and counts it;
+* stabilisers: the Hutchinson Jacobian penalty E|eps^T J_f(z*)|^2 / dim (the forward's
+  penalty, times ``jac_weight``: ``jac_reg_weight``, plus 0.1 per ``jac_reg_increment_every``
+  training forwards when that is set), weight normalisation, one dropout mask per forward
+  reused by every evaluation, and an unrolled warm-up for the first ``deq_pretrain_steps``
+  training forwards;
+* ``deq_on_nonfinite="skip"``: a non-finite value in the forward solve (the forward
+  returns ``skipped``, and the heads a zero loss) or in the implicit backward solve (the
+  gradients of the model's parameters are rolled back at the end of the backward pass,
+  `rollback_guard`) skips the batch and counts it;
 * counters (``training_forwards``, ``skipped_batches``, ``nonconverged_solves``) are
   persistent buffers: ``save_pretrained``, ``from_pretrained`` and Trainer checkpoints
   carry them, so a resumed warm-up continues where it stopped.
+
+`build_encoder` picks the encoder of a config's mode (`ENCODERS`): `modeling.py` never reads the mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+from functools import partial
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
-from .encoder import BertODELayer, Pass
+from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 from .solve import observe
 from .solve.deq_gradients import FixedPointProblem
 from .solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
@@ -42,8 +48,8 @@ from .solve.stats import FixedPointRecord, SolverStats
 
 logger = logging.get_logger(__name__)
 COUNTERS = ("training_forwards", "skipped_batches", "nonconverged_solves")
-# What to do when the implicit backward of the current forward is skipped: set by the
-# model's forward (modeling.py), read when the map is built, so each forward keeps its own.
+# What to do when the implicit backward of the current forward is skipped: set by
+# `rollback_guard` around the model's forward, read when the map is built, so each forward keeps its own.
 ON_BACKWARD_SKIP: contextvars.ContextVar = contextvars.ContextVar("bertode_on_backward_skip", default=None)
 
 
@@ -54,7 +60,11 @@ def apply_weight_norm(layers: nn.Module) -> None:
             torch.nn.utils.parametrizations.weight_norm(module)
 
 
-class BertDEQEncoder(nn.Module):
+class BertDEQEncoder(Encoder):
+    """The layers as one fixed-point map, solved per forward; its attention is reported at z*."""
+
+    observed_attention = "last"
+
     def __init__(self, config):
         from .init import identity_init
 
@@ -121,8 +131,9 @@ class BertDEQEncoder(nn.Module):
                                               damping=cfg.deq_damping, memory=cfg.deq_memory, name=name)
 
     # --- forward -----------------------------------------------------------------------
-    def forward(self, embeddings: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
-        """(hidden, hidden states or None, `SolverStats`) of this forward."""
+    def forward(self, embeddings: torch.Tensor, attn_mask: torch.Tensor | None,
+                output_hidden_states: bool = False) -> EncoderOutput:
+        """This forward's output; its penalty: ``jac_weight`` times the Jacobian penalty (when drawn)."""
         cfg = self.config
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
         z0 = embeddings.new_zeros(embeddings.shape[0], embeddings[0].numel(), dtype=dtype)
@@ -144,7 +155,14 @@ class BertDEQEncoder(nn.Module):
             record.extra.update(pretrain=True, forward_iterations=cfg.deq_pretrain_depth)
             out = z
         else:
-            out = self.gradient(problem)
+            try:
+                out = self.gradient(problem)
+            except DEQSolveError as error:
+                if cfg.deq_on_nonfinite != "skip":
+                    raise
+                self.skipped_batches += 1
+                logger.warning("skipping a batch: %s", error)
+                return EncoderOutput(torch.zeros_like(embeddings), None, SolverStats([record]), skipped=True)
             z_star = out.detach()
             solved = self.gradient.solves_fixed_point
             if solved and self.training and self.jac_weight > 0 and torch.is_grad_enabled() \
@@ -155,7 +173,8 @@ class BertDEQEncoder(nn.Module):
         stats = SolverStats([record], counters=self.counters())
         self.last_stats = stats
         hidden = out.view(embeddings.shape).to(embeddings.dtype)
-        return hidden, ((embeddings, hidden) if output_hidden_states else None), stats
+        penalty = self.jac_weight * self.jac_loss if self.jac_loss is not None else None
+        return EncoderOutput(hidden, (embeddings, hidden) if output_hidden_states else None, stats, penalty)
 
     def _solve_forward(self, f, z0, record, shape=None):
         observer = observe.active()
@@ -231,9 +250,50 @@ class BertDEQEncoder(nn.Module):
                 v = w
         return estimate.max().item()
 
+    def checkpointing_refusal(self) -> str | None:
+        return ("mode='deq': the implicit gradient keeps no activations of the solve (memory is already "
+                "constant in its iterations)")
+
+    @contextlib.contextmanager
+    def rollback_guard(self, parameters):
+        """If this forward's implicit backward is skipped, restore every one of ``parameters()``'s gradients to
+        their values before this batch, at the end of that backward pass (the outermost guard acts)."""
+        if not (self.config.deq_on_nonfinite == "skip" and self.training and torch.is_grad_enabled()
+                and ON_BACKWARD_SKIP.get() is None):
+            yield
+            return
+        before = [(p, None if p.grad is None else p.grad.clone()) for p in parameters() if p.requires_grad]
+
+        def restore():
+            for parameter, grad in before:
+                parameter.grad = grad
+
+        def on_skip():  # called inside the backward pass: restore once it has finished
+            torch.autograd.Variable._execution_engine.queue_callback(restore)
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                logger.warning_once("deq_on_nonfinite='skip' rolled this rank's gradients back; the other ranks must "
+                                    "skip this step too (bertode.train does), or their replicas drift apart")
+
+        token = ON_BACKWARD_SKIP.set(on_skip)
+        try:
+            yield
+        finally:
+            ON_BACKWARD_SKIP.reset(token)
+
     def counters(self) -> dict:
         """The running counters (persistent buffers: checkpoints carry them)."""
         return {name: int(getattr(self, name)) for name in COUNTERS}
 
     def solver_stats(self) -> dict:
         return SolverStats(self.last_stats.records, self.counters()).summary()
+
+
+# The encoder of each mode (`configuration.MODES`): the sites integrate in ODE mode only.
+ENCODERS = {"ode": partial(BertODEEncoder, integrate=True), "discrete": partial(BertODEEncoder, integrate=False),
+            "deq": BertDEQEncoder}
+
+
+def build_encoder(config) -> Encoder:
+    """The encoder of ``config.mode``."""
+    return ENCODERS[config.mode](config)

@@ -3,16 +3,22 @@
 `ResidualSite` is one Add & Norm residual (a branch G, its LayerNorm, and, in ODE mode,
 a vector field and a solve); `BertODELayer` is attention site then feed-forward site,
 stepped by a block (`blocks.py`; ``none`` applies it once); `BertODEEncoder` applies
-``num_hidden_layers`` layers (or one layer that many times, with ``weight_tying``) and
-returns the solves' statistics with its output.
+``num_hidden_layers`` layers (or one layer that many times, with ``weight_tying``).
 
-Nothing here reads ``config.mode``: the encoder that builds the layers says whether the
-sites integrate (``integrate``) and whether attention dropout may be drawn per
-evaluation (``attention_dropout``); a DEQ forward hands the sites its dropout masks.
+`Encoder` is the contract every encoder keeps with the model and its heads (the DEQ's is
+in `deq.py`): a forward returns an `EncoderOutput` (hidden states, the solves'
+statistics, one penalty term already weighted for the loss, a skipped flag), and the
+encoder answers what depends on its kind (which attention evaluation to report, whether
+activation checkpointing saves anything, the gradient rollback of a skipped backward).
+
+Nothing here reads ``config.mode``: whoever builds an encoder (`deq.build_encoder`) says
+whether the sites integrate (``integrate``) and whether attention dropout may be drawn
+per evaluation (``attention_dropout``); a DEQ forward hands the sites its dropout masks.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +28,7 @@ from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
 from .regularizers import REGULARIZERS, augmented
 from .solve import observe
-from .solve.gradients import build_gradient
+from .solve.gradients import build_gradient, get_gradient
 from .solve.ode import ODESolve
 from .solve.stats import SolveRecord, SolverStats
 from .sublayers import AttentionBranch, FeedForwardBranch
@@ -181,19 +187,61 @@ class BertODELayer(nn.Module):
         return out, [r for r in records if r is not None]
 
 
-class BertODEEncoder(nn.Module):
-    def __init__(self, config):
+@dataclass
+class EncoderOutput:
+    """What an encoder's forward gives the model (which passes it on to its heads): the last
+    hidden state, the embeddings and every layer's output (``output_hidden_states``) or None,
+    this forward's `SolverStats`, the loss's penalty term of this forward, already weighted
+    (None: none), and whether the batch was skipped (``deq_on_nonfinite="skip"``: ``hidden``
+    is then zeros with no path to any parameter, and the heads return a zero loss)."""
+
+    hidden: torch.Tensor
+    states: tuple | None
+    stats: SolverStats
+    penalty: torch.Tensor | None = None
+    skipped: bool = False
+
+
+class Encoder(nn.Module):
+    """What the model asks of every encoder, beside ``forward`` (an `EncoderOutput`), ``solver_stats()`` and
+    ``skipped_batches``; the defaults are those of an encoder that never skips."""
+
+    observed_attention = "first"  # the evaluation whose attention ``output_attentions`` reports per layer
+
+    def checkpointing_refusal(self) -> str | None:
+        """Why per-layer activation checkpointing would save nothing here (a phrase), or None."""
+        return None
+
+    def rollback_guard(self, parameters):
+        """A context for one forward of the model that owns ``parameters`` (a callable): if that forward's
+        backward is skipped, its gradients are rolled back (the DEQ's; here nothing to do)."""
+        return contextlib.nullcontext()
+
+
+class BertODEEncoder(Encoder):
+    """``num_hidden_layers`` layers whose residuals are ODE solves (``integrate``) or BERT's (discrete)."""
+
+    def __init__(self, config, integrate: bool):
         super().__init__()
+        self.config = config
+        self.integrate = integrate
         self.num_applications = config.num_hidden_layers
         distinct = 1 if config.weight_tying else config.num_hidden_layers
-        integrate = config.mode == "ode"
         self.layer = nn.ModuleList(BertODELayer(config, integrate) for _ in range(distinct))
         self.last_stats = SolverStats()
-        self.skipped_batches = 0  # the DEQ's counter; an ODE encoder never skips
+        self.ode_penalty = None  # the regularisers' integrals of the latest forward, unweighted (`regularizers.py`)
+        self.skipped_batches = 0  # what `Encoder` users read; an ODE encoder never skips
         self.gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable()
 
     def solver_stats(self) -> dict:
         return self.last_stats.summary()
+
+    def checkpointing_refusal(self) -> str | None:
+        sensitivity = self.config.sensitivity
+        if self.integrate and get_gradient(sensitivity).reevaluates_field:
+            return (f"sensitivity={sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
+                    "already constant in its steps)")
+        return None
 
     def _checkpointed(self, layer, hidden, attn_mask, run: Pass):
         """One layer under activation checkpointing: its activations are recomputed in the
@@ -210,8 +258,9 @@ class BertODEEncoder(nn.Module):
 
         return self._gradient_checkpointing_func(apply, hidden), captured[0]
 
-    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None, output_hidden_states: bool = False):
-        """(hidden, hidden states or None, `SolverStats` of this forward)."""
+    def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None,
+                output_hidden_states: bool = False) -> EncoderOutput:
+        """This forward's output; its penalty: ``regularizer_weight`` times the regularisers' integrals."""
         stats = SolverStats()
         states = [hidden] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -226,7 +275,7 @@ class BertODEEncoder(nn.Module):
             stats.records.extend(records)
             if states is not None:
                 states.append(hidden)
-        self.ode_penalty = None  # the regularisers' loss term of this forward (`regularizers.py`)
+        self.ode_penalty = None
         if penalties:
             self.ode_penalty = sum(integrals.float().mean() for integrals, _ in penalties)
             for integrals, names in penalties:  # logged: summed over sites, mean over batch and tokens
@@ -234,4 +283,5 @@ class BertODEEncoder(nn.Module):
                     stats.counters[name] = stats.counters.get(name, 0.0) + integrals[..., channel].float().mean().item()
             del penalties[:]  # a checkpointed layer's recomputation appends again: nothing keeps those
         self.last_stats = stats
-        return hidden, (tuple(states) if states is not None else None), stats
+        penalty = self.config.regularizer_weight * self.ode_penalty if self.ode_penalty is not None else None
+        return EncoderOutput(hidden, tuple(states) if states is not None else None, stats, penalty)

@@ -4,9 +4,9 @@
 `BertODEForNextSentencePrediction`, `BertODEForTokenClassification`,
 `BertODEForQuestionAnswering` and `BertODEForMultipleChoice` (`BertODEForMaskedLM` is in
 `modeling.py`). Parameter names are HF BERT's (``cls.seq_relationship``, ``classifier``,
-``qa_outputs``), so `from_bert` copies them one to one. Like every bertode model they
-add the DEQ's Jacobian penalty to their loss and turn a skipped DEQ batch into a zero
-loss with zero logits.
+``qa_outputs``), so `from_bert` copies them one to one. A head adds a projection and a
+loss, nothing else: the encoder's penalty and a skipped batch (a zero loss, zero logits)
+are `BertODEPreTrainedModel._result`'s, the same for every head.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _classifier_dropout(config) -> Dropout:
 
 
 class _Head(BertODEPreTrainedModel):
-    """A base model and a head: `_run` encodes (or reports a skipped DEQ batch), `_result`
-    packs the output dataclass (or HF's tuple) with the solves' statistics."""
+    """A base model and a head: `_run` encodes, `_result` packs the output dataclass (or HF's
+    tuple) with the solves' statistics (`modeling.py`)."""
 
     pooled = True  # whether the head reads the pooler output
 
@@ -52,19 +52,6 @@ class _Head(BertODEPreTrainedModel):
     def _run(self, input_ids, inputs_embeds, output_attentions=None, output_trajectory=False, **kwargs):
         return self._encode(input_ids, inputs_embeds, output_attentions=output_attentions,
                             output_trajectory=output_trajectory, **kwargs)
-
-    def _skipped(self, output_class, return_dict, **logits):
-        loss = self._zero_loss()
-        logits = {name: torch.zeros(shape, device=self.device) for name, shape in logits.items()}
-        return output_class(loss=loss, **logits) if return_dict else (loss, *logits.values())
-
-    def _result(self, output_class, return_dict, loss, outputs, **logits):
-        loss = self._regularised(loss)
-        if not return_dict:
-            rest = tuple(logits.values()) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return output_class(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                            solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
 
     @staticmethod
     def _return_dict(config, return_dict):
@@ -84,14 +71,11 @@ class BertODEForSequenceClassification(_Head):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
-        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            return self._skipped(out.BertODESequenceClassifierOutput, return_dict, logits=(rows, self.num_labels))
+        outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = self._loss(logits, labels) if labels is not None else None
-        return self._result(out.BertODESequenceClassifierOutput, return_dict, loss, outputs, logits=logits)
+        return self._result(out.BertODESequenceClassifierOutput, return_dict, outputs, loss, logits=logits)
 
     def _loss(self, logits, labels):
         """HF BERT's rule: regression for one label, single- or multi-label classification otherwise."""
@@ -133,19 +117,15 @@ class BertODEForPreTraining(TiedMLMDecoder, _Head):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, next_sentence_label=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
-        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            return self._skipped(out.BertODEForPreTrainingOutput, return_dict,
-                                 prediction_logits=(*shape, self.config.vocab_size), seq_relationship_logits=(shape[0], 2))
+        outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         prediction = self.cls.predictions(outputs.last_hidden_state)
         relationship = self.cls.seq_relationship(outputs.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:
             loss = (CrossEntropyLoss()(prediction.view(-1, self.config.vocab_size).float(), labels.view(-1))
                     + CrossEntropyLoss()(relationship.view(-1, 2).float(), next_sentence_label.view(-1)))
-        return self._result(out.BertODEForPreTrainingOutput, return_dict, loss, outputs,
+        return self._result(out.BertODEForPreTrainingOutput, return_dict, outputs, loss,
                             prediction_logits=prediction, seq_relationship_logits=relationship)
 
 
@@ -160,14 +140,11 @@ class BertODEForNextSentencePrediction(_Head):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
-        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            return self._skipped(out.BertODENextSentencePredictorOutput, return_dict, logits=(rows, 2))
+        outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         logits = self.cls.seq_relationship(outputs.pooler_output)
         loss = CrossEntropyLoss()(logits.view(-1, 2).float(), labels.view(-1)) if labels is not None else None
-        return self._result(out.BertODENextSentencePredictorOutput, return_dict, loss, outputs, logits=logits)
+        return self._result(out.BertODENextSentencePredictorOutput, return_dict, outputs, loss, logits=logits)
 
 
 class BertODEForTokenClassification(_Head):
@@ -184,16 +161,13 @@ class BertODEForTokenClassification(_Head):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
-        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            return self._skipped(out.BertODETokenClassifierOutput, return_dict, logits=(*shape, self.num_labels))
+        outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        return self._result(out.BertODETokenClassifierOutput, return_dict, loss, outputs, logits=logits)
+        return self._result(out.BertODETokenClassifierOutput, return_dict, outputs, loss, logits=logits)
 
 
 class BertODEForQuestionAnswering(_Head):
@@ -212,11 +186,8 @@ class BertODEForQuestionAnswering(_Head):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_hidden_states=None, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
-        outputs, skipped = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                     position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
-            return self._skipped(out.BertODEQuestionAnsweringOutput, return_dict, start_logits=shape, end_logits=shape)
+        outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
         start, end = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
@@ -225,7 +196,7 @@ class BertODEForQuestionAnswering(_Head):
             criterion = CrossEntropyLoss(ignore_index=ignored)
             loss = (criterion(start.float(), start_positions.view(-1).clamp(0, ignored))
                     + criterion(end.float(), end_positions.view(-1).clamp(0, ignored))) / 2
-        return self._result(out.BertODEQuestionAnsweringOutput, return_dict, loss, outputs, start_logits=start,
+        return self._result(out.BertODEQuestionAnsweringOutput, return_dict, outputs, loss, start_logits=start,
                             end_logits=end)
 
 
@@ -248,15 +219,12 @@ class BertODEForMultipleChoice(_Head):
         def flat(x):
             return None if x is None else x.reshape(-1, *x.shape[2:])
 
-        outputs, skipped = self._run(flat(input_ids), flat(inputs_embeds), attention_mask=flat(attention_mask),
-                                     token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-                                     output_hidden_states=output_hidden_states, **_flags(kwargs))
-        if skipped is not None:
-            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-            return self._skipped(out.BertODEMultipleChoiceModelOutput, return_dict, logits=(rows, choices))
+        outputs = self._run(flat(input_ids), flat(inputs_embeds), attention_mask=flat(attention_mask),
+                            token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
+                            output_hidden_states=output_hidden_states, **_flags(kwargs))
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, choices)
         loss = CrossEntropyLoss()(logits.float(), labels.view(-1)) if labels is not None else None
-        return self._result(out.BertODEMultipleChoiceModelOutput, return_dict, loss, outputs, logits=logits)
+        return self._result(out.BertODEMultipleChoiceModelOutput, return_dict, outputs, loss, logits=logits)
 
 
 HEADS = {

@@ -4,37 +4,30 @@
 LayerNorm for pre-LN layers); the heads are BERT's. Outputs are transformers' output dataclasses with
 ``solver_stats`` (`outputs.py`); ``model.solver_stats()`` reports the latest solves.
 
-The model owns its training semantics, so `bertode.train` and `transformers.Trainer` train it the same way: the
-heads add the DEQ's Jacobian penalty to the loss, honour ``num_items_in_batch`` (the loss is then a sum over this
-batch's targets divided by that count, as Trainer passes it with gradient accumulation), and with
-``deq_on_nonfinite="skip"`` turn a failed DEQ solve into a skipped batch: a zero loss (forward) or gradients
-rolled back to what they were before this batch (implicit backward; `_skip_guard`).
+The model owns its training semantics, so `bertode.train` and `transformers.Trainer` train it the same way. The
+encoder (`deq.build_encoder`) owns what depends on the mode: its forward returns the states, the solves' statistics,
+one weighted penalty term and a skipped flag (`encoder.EncoderOutput`), which the base model passes on
+(`BertODEModelOutput.penalty`, ``skipped``); the DEQ's ``deq_on_nonfinite="skip"`` policy (a failed forward solve
+skips the batch; a failed implicit backward rolls the gradients back) is the encoder's. Nothing here reads the mode.
+A head adds a projection and a loss; `_result` is its one path to the output: the penalty added to the loss
+(weighted by the batch's share of ``num_items_in_batch``, as Trainer passes it with gradient accumulation), and for
+a skipped batch a zero loss with no path to any parameter and zero logits.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import logging
 
 from .configuration import BertODEConfig
 from .embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler, _Predictions
-from .deq import COUNTERS, ON_BACKWARD_SKIP, BertDEQEncoder
-from .encoder import BertODEEncoder
+from .deq import COUNTERS, BertDEQEncoder, build_encoder
 from .init import apply_rule
 from .outputs import BertODEMaskedLMOutput, BertODEModelOutput
-from .solve.fixed_point import DEQSolveError
-from .solve.gradients import get_gradient
 from .solve.observe import Observer, observing
 from .sublayers import sdpa_mask
-
-logger = logging.get_logger(__name__)
-# Set by `convert.py` (which imports this module): converts another model type's directory.
-FOREIGN_CHECKPOINTS = None
 
 
 class BertODEPreTrainedModel(PreTrainedModel):
@@ -49,14 +42,8 @@ class BertODEPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
 
     def _refuse_checkpointing(self, method: str) -> None:
-        """One line where per-layer checkpointing would save nothing (DEQ, adjoints)."""
-        config, refusal = self.config, None
-        if config.mode == "deq":
-            refusal = ("mode='deq': the implicit gradient keeps no activations of the solve (memory is already "
-                       "constant in its iterations)")
-        elif config.mode == "ode" and get_gradient(config.sensitivity).reevaluates_field:
-            refusal = (f"sensitivity={config.sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
-                       "already constant in its steps)")
+        """One line where per-layer checkpointing would save nothing (the encoder says why: DEQ, adjoints)."""
+        refusal = self.base_model.encoder.checkpointing_refusal()
         if refusal:
             raise ValueError(f"{method}() is invalid with {refusal}; allowed: mode='discrete' or mode='ode' with "
                              "sensitivity='autograd'")
@@ -81,8 +68,11 @@ class BertODEPreTrainedModel(PreTrainedModel):
         """transformers' ``from_pretrained``. A local directory of another family (BERT's, GPT-2) is converted
         (`convert.load_foreign`), or refused in one line; checkpoints written before the blocks' registry (the
         rk2_gated gate at ``encoder.layer.N.gate``) load into today's names."""
-        if FOREIGN_CHECKPOINTS is not None and not args:
-            converted = FOREIGN_CHECKPOINTS(cls, pretrained_model_name_or_path, kwargs)
+        if not args:
+            # The one lazy import back: convert.py builds on this module (from_bert makes these classes).
+            from .convert import load_foreign
+
+            converted = load_foreign(cls, pretrained_model_name_or_path, kwargs)
             if converted is not None:
                 return converted
         legacy = {r"(encoder\.layer\.\d+)\.gate\.": r"\1.block.gate."}
@@ -112,74 +102,41 @@ class BertODEPreTrainedModel(PreTrainedModel):
         """Batches skipped so far under ``deq_on_nonfinite="skip"`` (0 for ODE models)."""
         return int(self.base_model.encoder.skipped_batches)
 
-    @contextlib.contextmanager
-    def _skip_guard(self):
-        """For this forward: if its implicit backward is skipped, restore every parameter's
-        gradient to what it was before this batch, at the end of that backward pass."""
-        if not (self.config.mode == "deq" and self.config.deq_on_nonfinite == "skip" and self.training
-                and torch.is_grad_enabled() and ON_BACKWARD_SKIP.get() is None):
-            yield
-            return
-        before = [(p, None if p.grad is None else p.grad.clone()) for p in self.parameters() if p.requires_grad]
-
-        def restore():
-            for parameter, grad in before:
-                parameter.grad = grad
-
-        def on_skip():  # called inside the backward pass: restore once it has finished
-            torch.autograd.Variable._execution_engine.queue_callback(restore)
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                logger.warning_once("deq_on_nonfinite='skip' rolled this rank's gradients back; the other ranks must "
-                                    "skip this step too (bertode.train does), or their replicas drift apart")
-
-        token = ON_BACKWARD_SKIP.set(on_skip)
-        try:
-            yield
-        finally:
-            ON_BACKWARD_SKIP.reset(token)
-
-    def _encode(self, input_ids, inputs_embeds, **kwargs):
-        """The base model's output, or the `DEQSolveError` a skipped forward raised."""
-        try:
-            with self._skip_guard():
-                return self.bert(input_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs), None
-        except DEQSolveError as error:
-            if self.config.deq_on_nonfinite != "skip":
-                raise
-            self.base_model.encoder.skipped_batches += 1
-            logger.warning("skipping a batch: %s", error)
-            return None, error
-
-    def _zero_loss(self):
-        """A skipped batch's loss: zero, with no path to any parameter."""
-        return torch.zeros((), device=self.device, requires_grad=True)
+    def _encode(self, input_ids, inputs_embeds, **kwargs) -> BertODEModelOutput:
+        """The base model's output; if the encoder skips this forward's backward, every parameter of this model
+        (the head's too) gets its gradient back as it was before this batch (`Encoder.rollback_guard`)."""
+        with self.base_model.encoder.rollback_guard(self.parameters):
+            return self.bert(input_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
 
     def _token_loss(self, flat_logits, flat_labels, num_items_in_batch=None):
-        """Cross-entropy over the targets (-100: none) + regularisers; summed / ``num_items_in_batch`` if given."""
+        """Cross-entropy over the targets (-100: none); summed / ``num_items_in_batch`` if given."""
         if num_items_in_batch is None:
-            return self._regularised(nn.CrossEntropyLoss()(flat_logits.float(), flat_labels))
-        loss = nn.CrossEntropyLoss(reduction="sum")(flat_logits.float(), flat_labels) / num_items_in_batch
-        return self._regularised(loss, (flat_labels != -100).sum() / num_items_in_batch)
+            return nn.CrossEntropyLoss()(flat_logits.float(), flat_labels)
+        return nn.CrossEntropyLoss(reduction="sum")(flat_logits.float(), flat_labels) / num_items_in_batch
 
-    def _regularised(self, loss, share: float = 1.0):
-        """Add the DEQ Jacobian penalty or the ODE regularisers' penalty of the latest forward
-        (weighted by ``share``, this batch's part of the normalisation when the loss is a sum
-        over ``num_items_in_batch``)."""
-        encoder = self.base_model.encoder
-        jac_loss, ode_penalty = getattr(encoder, "jac_loss", None), getattr(encoder, "ode_penalty", None)
-        if loss is not None and jac_loss is not None:
-            loss = loss + encoder.jac_weight * share * jac_loss  # `deq.py`: the weight's schedule
-        if loss is not None and ode_penalty is not None:
-            loss = loss + self.config.regularizer_weight * share * ode_penalty
-        return loss
+    def _result(self, output_class, return_dict, outputs, loss, share=1.0, **logits):
+        """A head's output (or HF's tuple) from its loss and logits and the base model's ``outputs``: the loss
+        plus ``share`` times the encoder's penalty (``share``: this batch's part of the normalisation when the
+        loss is a sum over ``num_items_in_batch``). A skipped batch: a zero loss with no path to any parameter
+        and zero logits of each shape, nothing else."""
+        if outputs.skipped:
+            loss = torch.zeros((), device=self.device, requires_grad=True)
+            logits = {name: torch.zeros(value.shape, device=self.device) for name, value in logits.items()}
+            return output_class(loss=loss, **logits) if return_dict else (loss, *logits.values())
+        if loss is not None and outputs.penalty is not None:
+            loss = loss + share * outputs.penalty
+        if not return_dict:
+            rest = tuple(logits.values()) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + rest) if loss is not None else rest
+        return output_class(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                            solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
 
 
 class BertODEModel(BertODEPreTrainedModel):
     def __init__(self, config: BertODEConfig, add_pooling_layer: bool = True):
         super().__init__(config)
         self.embeddings = BertODEEmbeddings(config)
-        self.encoder = BertDEQEncoder(config) if config.mode == "deq" else BertODEEncoder(config)
+        self.encoder = build_encoder(config)
         pre = getattr(config, "norm_position", "post") == "pre"  # pre-LN layers end with a LayerNorm
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if pre else None
         self.pooler = BertODEPooler(config) if add_pooling_layer else None
@@ -218,14 +175,15 @@ class BertODEModel(BertODEPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         observer = None
         if output_attentions or output_trajectory:
-            keep = "all" if output_attentions == "all" else "last" if self.config.mode == "deq" else "first"
+            keep = "all" if output_attentions == "all" else self.encoder.observed_attention
             observer = Observer(attentions=bool(output_attentions), trajectory=bool(output_trajectory), keep=keep)
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        with self._skip_guard(), observing(observer):
+        with self.encoder.rollback_guard(self.parameters), observing(observer):
             mask = sdpa_mask(attention_mask, self.config.is_decoder, hidden.shape[1], hidden.device)
-            sequence_output, states, stats = self.encoder(hidden, mask, output_hidden_states)
+            encoded = self.encoder(hidden, mask, output_hidden_states)
+        sequence_output, states = encoded.hidden, encoded.states
         if self.final_norm is not None:  # the last hidden state is the normed one (as GPT-2's)
             sequence_output = self.final_norm(sequence_output)
             states = states[:-1] + (sequence_output,) if states is not None else None
@@ -234,7 +192,8 @@ class BertODEModel(BertODEPreTrainedModel):
         if not return_dict:
             return tuple(v for v in (sequence_output, pooled, states, attentions) if v is not None)
         return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,
-                                  attentions=attentions, solver_stats=stats, trajectory=trajectory)
+                                  attentions=attentions, solver_stats=encoded.stats, trajectory=trajectory,
+                                  penalty=encoded.penalty, skipped=encoded.skipped or None)
 
 
 class TiedMLMDecoder:
@@ -269,26 +228,17 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs, skipped = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask,
-                                        token_type_ids=token_type_ids, position_ids=position_ids,
-                                        output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                                        output_trajectory=output_trajectory)
-        if skipped is not None:
-            shape = (*(input_ids if input_ids is not None else inputs_embeds).shape[:2], self.config.vocab_size)
-            loss, logits = self._zero_loss(), torch.zeros(shape, device=self.device)
-            return self.output_class(loss=loss, logits=logits) if return_dict else (loss, logits)
+        outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               position_ids=position_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions, output_trajectory=output_trajectory)
         logits = self.cls(outputs.last_hidden_state)
-        loss = None
+        loss, share = None, 1.0
         if labels is not None:
             scored, labels = (logits[:, :-1], labels[:, 1:]) if self.shift_labels else (logits, labels)
-            loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), labels.reshape(-1).to(logits.device),
-                                    num_items_in_batch)
-        if not return_dict:
-            rest = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + rest) if loss is not None else rest
-        return self.output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                 attentions=outputs.attentions, solver_stats=outputs.solver_stats,
-                                 trajectory=outputs.trajectory)
+            labels = labels.reshape(-1).to(logits.device)
+            loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), labels, num_items_in_batch)
+            share = 1.0 if num_items_in_batch is None else (labels != -100).sum() / num_items_in_batch
+        return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
 
 
 class BertODEForMaskedLM(LanguageModelHead):

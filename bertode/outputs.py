@@ -1,4 +1,5 @@
-"""Model outputs: transformers' dataclasses plus the solves' statistics of the forward.
+"""Model outputs: transformers' dataclasses plus the solves' statistics of the forward (the
+base model's also the encoder's penalty term and skipped flag, which its heads consume).
 
 ``solver_stats`` is the forward's `SolverStats` (a read-only mapping onto its summary;
 backward counts arrive once the backward has run). ``trajectory`` (with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -30,8 +32,14 @@ from .solve.stats import SolverStats
 
 @dataclass
 class BertODEModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
+    """The base model's output; what its encoder returned beside the states (`encoder.EncoderOutput`) rides along
+    for the heads: ``penalty``, the loss's weighted penalty term (None: none), and ``skipped`` (True: the encoder
+    skipped this batch, ``deq_on_nonfinite="skip"``; None otherwise)."""
+
     solver_stats: SolverStats | None = None
     trajectory: tuple | None = None
+    penalty: torch.Tensor | None = None
+    skipped: bool | None = None
 
 
 @dataclass
