@@ -145,13 +145,13 @@ def test_bad_objectives_and_generation_requests_are_refused_in_one_line(tmp_path
     run = [f"hydra.run.dir={tmp_path / 'run'}", *data]
     cases = [
         (evaluate_main, ["bertode.evaluate", f"checkpoint={final}", "objective=clm", *run],
-         f"objective='clm' is invalid for checkpoint='{final}': it is a bidirectional masked LM, an MLM-only head; "
-         "allowed: objective=mlm"),
+         f"objective='clm' is invalid for checkpoint='{final}': it was trained with objective='mlm' and causal "
+         "attention would ask another model; allowed: objective=mlm or null"),
         (generate_main, ["bertode.generate", f"checkpoint={final}", "prompt=call me"],
          "is invalid for generation: it is BertODEForMaskedLM (bidirectional attention), which cannot generate"),
         (train_main, ["bertode.train", "model.norm_position=middle", *run],
          "model.norm_position='middle' is invalid; allowed: 'post', 'pre'"),
-        (train_main, ["bertode.train", "objective=xlm", *run], "objective='xlm' is invalid; allowed: 'mlm', 'clm'"),
+        (train_main, ["bertode.train", "objective=xlm", *run], "objective='xlm' is invalid; allowed: 'clm', 'mlm' (registered objectives"),
         (train_main, ["bertode.train", "objective=clm", "+model_overrides.is_decoder=false", *run],
          "model_overrides.is_decoder=False is invalid with objective='clm'"),
         (train_main, ["bertode.train", "objective=clm", "model=deq", "model.norm_position=pre", *run],
