@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from huggingface_hub.errors import StrictDataclassError
 from transformers import BertConfig
 
-from .blocks import BLOCKS
-from .regularizers import REGULARIZERS
+from .layers.blocks import BLOCKS
+from .layers.regularizers import REGULARIZERS
 from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.gradients import GRADIENTS, available_gradients, default_gradient
 from .solve.ode import FIXED_STEP_LOOPS
@@ -30,10 +29,10 @@ from .validation import (
     check_positive,
     fail,
     is_number,
+    type_errors,
     wrong_mode,
-    wrong_type,
 )
-from .vector_fields import VECTOR_FIELDS
+from .layers.vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
 NORM_POSITIONS = ("post", "pre")
@@ -177,10 +176,8 @@ class BertODEConfig(BertConfig):
         filled = self.__dict__.get("_filled")
         if filled is not None and key in filled:
             filled.discard(key)  # set by the user now: no longer the mode's default
-        try:
+        with type_errors(key, value):  # transformers' own type check of the field, in one line as ours
             super().__setattr__(key, value)
-        except StrictDataclassError as error:  # transformers' type check of a field: one line, as ours
-            fail(key, value, wrong_type(error))
 
     def _forget_unused(self) -> None:
         """Saved configs (older ones carry every mode's values) load as the model they were."""

@@ -3,15 +3,24 @@ the bad value and what is allowed (and, for a pairing, the field it conflicts wi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import re
 from typing import Any
+
+from huggingface_hub.errors import StrictDataclassError
 
 DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
 POSITION_SCHEMES = ("absolute", "after_padding")
 LM_HEAD_TYPES = ("bert", "linear")
+# Upper bounds of the sizes: far beyond any model built with bertode (BERT-large: 24 layers,
+# 1024 wide, 512 positions, 30522 tokens; the largest vocabularies ~256k), so that a typo
+# (``max_position_embeddings=1e11``) is refused instead of allocating terabytes.
+SIZE_LIMITS = {"num_hidden_layers": 4096, "hidden_size": 2**16, "num_attention_heads": 2**16,
+               "intermediate_size": 2**18, "max_position_embeddings": 2**20, "vocab_size": 2**24}
 
 
 def fail(field: str, value: Any, allowed: str) -> None:
@@ -36,9 +45,22 @@ def check_positive(field: str, value: Any) -> None:
         fail(field, value, "a finite number > 0")
 
 
-def check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"an integer >= {minimum}")
+def check_int(field: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        fail(field, value, f"an integer >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else ""))
+
+
+@contextlib.contextmanager
+def type_errors(field: str, value: Any):
+    """transformers' type check of a field (a multi-line ``StrictDataclassError``, not a
+    ValueError: a traceback) as one of ours: ``max_position_embeddings=1e11``."""
+    try:
+        yield
+    except StrictDataclassError as error:
+        match = re.search(r"expected (.+?), got", str(error.__cause__ or error))
+        names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False"}
+        fail(field, value, names.get(match.group(1), f"a value of type {match.group(1)}") if match
+             else str(error).splitlines()[-1].strip())
 
 
 def check_kwargs(field: str, value: Any) -> None:
@@ -85,12 +107,11 @@ def check_architecture(config) -> None:
     """Sizes, and the BERT-family choices of the embeddings and heads."""
     from transformers.activations import ACT2FN
 
-    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings", "vocab_size"):
-        check_int(name, getattr(config, name), 1)
-    check_int("type_vocab_size", config.type_vocab_size, 0)
+    for name, maximum in SIZE_LIMITS.items():
+        check_int(name, getattr(config, name), 1, maximum)
+    check_int("type_vocab_size", config.type_vocab_size, 0, 2**16)
     if config.embedding_size is not None:
-        check_int("embedding_size", config.embedding_size, 1)
+        check_int("embedding_size", config.embedding_size, 1, SIZE_LIMITS["hidden_size"])
     if config.embedding_projection is not None and not isinstance(config.embedding_projection, bool):
         fail("embedding_projection", config.embedding_projection, "None, True or False")
     if not is_number(config.layer_norm_eps) or config.layer_norm_eps <= 0:

@@ -4,6 +4,7 @@ mode's defaults, and training checkpoints whose DEQ counters lived in ``state.pt
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -58,9 +59,13 @@ def test_a_0_1_training_checkpoint_resumes_with_its_counters(tmp_path):
     model = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**TINY, mode="deq", deq_pretrain_steps=5))
     target = checkpoint.save(tmp_path, 3, model, {"step": 3, "encoder_counters": {
         "training_forwards": 3, "nonconverged_solves": 1, "skipped_batches": 0}})
+    (target / "config.json").unlink()  # 0.1 wrote neither a config nor a manifest
+    (target / "manifest.json").unlink()
     _as_written_by_0_1(target, "deq")
-    (target / "manifest.json").unlink()  # 0.1 wrote none
     fresh = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**TINY, mode="deq", deq_pretrain_steps=5))
+    with pytest.raises(checkpoint.CheckpointError, match="manifest.json is missing"):  # never trusted silently
+        checkpoint.load(target, fresh)
+    checkpoint.seal(target)  # its owner vouches for its files
     state = checkpoint.load(target, fresh)
     assert state["step"] == 3
     assert fresh.bert.encoder.counters() == {"training_forwards": 3, "skipped_batches": 0, "nonconverged_solves": 1}

@@ -3,13 +3,16 @@ arbitrary objects.
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` holding ``model.safetensors``,
 ``state.pt`` (optimizer, RNG states, step, tokens, elapsed time: tensors and plain Python
-values, read back with ``torch.load(weights_only=True)``) and, written last,
+values, read back with ``torch.load(weights_only=True)``), ``config.json`` (the model's
+`BertODEConfig`: a resumed run must keep it, `resume.py`) and, written last,
 ``manifest.json`` (each file's size and SHA-256). It is built in a hidden staging
 directory and renamed into place; ``checkpoints/latest`` names the newest. `choose` takes
 the newest checkpoint that verifies and says why it passed over newer ones; `load`
-verifies before it reads and names the damaged file in one line. A failed write (full or
-read-only disk, I/O error) raises `CheckpointError` naming the path and the cause and
-leaves the previous checkpoints as they were.
+verifies before it reads and names the damaged file in one line. A checkpoint without a
+manifest (bertode 0.1 wrote none) cannot be verified and is never used silently: it is
+refused, or passed over with a line, until its owner vouches for it with `seal`. A
+failed write (full or read-only disk, I/O error) raises `CheckpointError` naming the path
+and the cause and leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from safetensors.torch import load_model, save_model
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
 FILES = ("model.safetensors", "state.pt")
 
 
@@ -76,8 +80,12 @@ def save(folder: Path, step: int, model: torch.nn.Module, state: dict, keep: int
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
         save_model(model, str(staging / "model.safetensors"))  # handles tied (shared) weights
         torch.save(state, staging / "state.pt")
+        names = FILES
+        if hasattr(getattr(model, "config", None), "to_json_string"):
+            _write_text(staging / CONFIG, model.config.to_json_string(use_diff=False))
+            names = (*FILES, CONFIG)
         manifest = {"step": step, "files": {}}
-        for name in FILES:
+        for name in names:
             with open(staging / name, "rb") as stream:
                 os.fsync(stream.fileno())
             manifest["files"][name] = {"bytes": (staging / name).stat().st_size, "sha256": _digest(staging / name)}
@@ -117,11 +125,13 @@ def remove_staging(folder: Path) -> list[Path]:
 
 
 def verify(target: Path) -> None:
-    """Raise `CheckpointError` naming the file that is missing or damaged."""
+    """Raise `CheckpointError` naming the file that is missing or damaged (a missing
+    manifest included: without it no file can be checked)."""
     manifest_path = target / MANIFEST
     if not manifest_path.is_file():
-        _verify_legacy(target)
-        return
+        raise CheckpointError(f"checkpoint {str(target)!r}: {MANIFEST} is missing, so its files cannot be verified "
+                              "(bertode.train writes one last; a checkpoint of bertode 0.1 has none: vouch for it with "
+                              f"bertode.training.checkpoint.seal({str(target)!r}))")
     try:
         files = {name: (int(entry["bytes"]), str(entry["sha256"]))
                  for name, entry in json.loads(manifest_path.read_text())["files"].items()}
@@ -138,6 +148,30 @@ def verify(target: Path) -> None:
         if not intact:
             raise CheckpointError(f"checkpoint {str(target)!r}: {name} is damaged "
                                   f"({path.stat().st_size} bytes, checksum differs from {MANIFEST})")
+
+
+def seal(target: Path) -> None:
+    """Write the manifest of a checkpoint that has none (bertode 0.1's), after checking
+    that its files are present and readable: the caller vouches that they are intact."""
+    target = Path(target)
+    if (target / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {str(target)!r}: it has its {MANIFEST} already")
+    _verify_legacy(target)
+    names = [name for name in (*FILES, CONFIG) if (target / name).is_file()]
+    manifest = {"step": None, "sealed": True,
+                "files": {name: {"bytes": (target / name).stat().st_size, "sha256": _digest(target / name)}
+                          for name in names}}
+    _write_text(target / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def saved_config(target: Path) -> dict | None:
+    """The model config a (verified) checkpoint was trained with; None if it predates them."""
+    try:
+        return json.loads((Path(target) / CONFIG).read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as error:
+        raise CheckpointError(f"checkpoint {str(target)!r}: {CONFIG} is damaged ({error})") from None
 
 
 def _verify_legacy(target: Path) -> None:

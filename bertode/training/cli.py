@@ -147,7 +147,7 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
     runs on torchrun's other ranks without Hydra (``task(cfg, None)``: rank 0 says where
     to write); the others refuse torchrun in one line.
 
-    Before Hydra writes anything into the run directory (`RunDirectoryCallback`), a
+    Before Hydra writes anything into the run directory (`lock.RunDirectoryCallback`), a
     ``lock`` command takes the directory's lock (`lock.py`: one run per directory; the
     commands whose directory is shared, ``prepare``'s cache and ``generate``'s ``.``, take
     none) and ``prerun(cfg, run_dir)`` runs the checks that need the directory (a resumed
@@ -187,91 +187,11 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
             return task(cfg, None)
         if cfg is None:  # Hydra's own flags (a sweep: each job's task takes its lock)
             return _run()
-        return _guarded(_run, cfg, prerun, lock)
+        from .lock import guarded_run
+
+        return guarded_run(_run, cfg, prerun, lock)
 
     return main
-
-
-_ENTRY: dict = {}  # the command running in this process: its checks and its run directory's record
-
-
-def _guarded(run, cfg, prerun, take_lock: bool):
-    """``run()`` (Hydra) with `RunDirectoryCallback` added: on exit status 2 the run
-    directory is put back as it was; the lock is let go however the run ends."""
-    from . import lock
-
-    callback = f"+hydra.callbacks.bertode_run_directory._target_={__name__}.RunDirectoryCallback"
-    argv = sys.argv
-    _ENTRY.clear()
-    _ENTRY.update(cfg=cfg, prerun=prerun, lock=take_lock)
-    sys.argv = [*argv, callback]
-    try:
-        return run()
-    except SystemExit as exit_info:
-        if exit_info.code == 2 and "record" in _ENTRY:
-            _ENTRY["record"].restore()
-        raise
-    finally:
-        sys.argv = argv
-        if "run_dir" in _ENTRY:
-            lock.release(_ENTRY["run_dir"])
-        _ENTRY.clear()
-
-
-class RunDirectoryCallback:
-    """Hydra calls `on_run_start` with the composed config before it creates the run
-    directory and writes ``.hydra/`` and the job's log there (`hydra_entry` adds it)."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        try:
-            _start_run(config)
-        except (ValueError, OSError) as error:
-            _fail(_one_line(error))
-        except Exception:  # Hydra would turn it into a warning and run on unlocked
-            import traceback
-
-            traceback.print_exc()
-            sys.exit(1)
-
-    def _nothing(self, *args, **kwargs) -> None:
-        return None
-
-    on_run_end = on_multirun_start = on_multirun_end = on_job_start = on_job_end = on_compose_config = _nothing
-
-
-def _one_line(error: Exception) -> str:
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"hydra.run.dir: {str(error.filename)!r} is invalid: {error.strerror}; allowed: a directory to write into"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def _start_run(config) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict, read_write
-
-    from . import lock
-
-    if not _ENTRY:  # a Hydra run not started by `hydra_entry` (e.g. a copied config)
-        return
-    HydraConfig.instance().set_config(config)
-    run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
-    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-        config.hydra.runtime.output_dir = str(run_dir)  # what Hydra sets next, for the log file's name
-    written = []
-    if config.hydra.output_subdir is not None:
-        written += [run_dir / str(config.hydra.output_subdir) / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
-    for handler in (OmegaConf.select(config, "hydra.job_logging.handlers") or {}).values():
-        if "filename" in handler:
-            written.append(Path(os.path.abspath(str(handler.filename))))
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"hydra.run.dir={str(run_dir)!r} is invalid: it is a file; allowed: a directory (or a path "
-                         "to create)")
-    _ENTRY["record"] = lock.RunDirectory(run_dir, written)
-    if _ENTRY["lock"]:
-        lock.hold(run_dir)
-        _ENTRY["run_dir"] = run_dir
-    if _ENTRY["prerun"] is not None:
-        _ENTRY["prerun"](_ENTRY["cfg"], run_dir)
 
 
 def check_overrides(config_name: str, argv: list[str]):

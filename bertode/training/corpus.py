@@ -151,10 +151,12 @@ def _rows(folder: Path, tokenizer, texts, cfg, split: str, limit: int | None = N
                         f"of {cfg.seq_len} tokens; allowed: a shorter data.seq_len, or more text")
 
 
-def prepare(cfg, tokenizer=None) -> Corpus:
+def prepare(cfg, tokenizer=None, check=None) -> Corpus:
     """Tokenizer and packed rows for this data config, from the cache when it has them.
 
-    A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``."""
+    A given ``tokenizer`` (e.g. a checkpoint's) replaces ``data.tokenizer``. ``check(corpus)``
+    checks the prepared data further: its DataError, like bad data's, drops the entry this
+    call began."""
     check_data(cfg)
     inputs = identities(cfg)
     if tokenizer is not None:
@@ -165,7 +167,10 @@ def prepare(cfg, tokenizer=None) -> Corpus:
     # what this call may create, deepest first: the entry and the cache_dir's missing folders
     created = [] if entry.exists() else [entry, *(p for p in entry.parents if not p.exists())]
     try:
-        return _prepare(cfg, tokenizer, entry)
+        corpus = _prepare(cfg, tokenizer, entry)
+        if check is not None:
+            check(corpus)
+        return corpus
     except DataError:  # bad data writes nothing: drop the entry this call began (and the cache_dir it made)
         if created:
             shutil.rmtree(entry, ignore_errors=True)

@@ -13,7 +13,7 @@ The run directory (Hydra's) receives ``.hydra/`` (the composed config), ``metric
 Bad input stops the run with one line on stderr naming the field, and exit status 2,
 leaving the run directory as it was (absent if it was). Resuming (``trainer.resume``)
 with a model setting other than the checkpoint's (``solver=rk4`` on an Euler run, any
-`BertODEConfig` field but `checkpoint.NEUTRAL_FIELDS`) is refused naming the key, before
+`BertODEConfig` field but `resume.NEUTRAL_FIELDS`) is refused naming the key, before
 Hydra rewrites ``.hydra/``.
 """
 
@@ -31,8 +31,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..compile import compile_model, resolve_scope
-from ..dropout import split_invariant
-from . import checkpoint, lock
+from ..layers.dropout import split_invariant
+from . import checkpoint, lock, resume
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, usage_errors
 from .corpus import check_data, prepare, unigram_cross_entropy
@@ -95,70 +95,17 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     """Everything that can reject the input, before any file of ours is written."""
     config = validate(cfg, read_sources=False)  # prepare() below reads the data with the same checks
     if dist.main:
-        corpus = prepare(cfg.data)
-        if cfg.data.streaming:  # every shard must pack a row (reads each shard's first documents)
-            check_shards(cfg.data, corpus.tokenizer, dist.world)
+        # every shard of a stream must pack a row (reads each shard's first documents)
+        shards = (lambda corpus: check_shards(cfg.data, corpus.tokenizer, dist.world)) if cfg.data.streaming else None
+        corpus = prepare(cfg.data, check=shards)
     dist.barrier()
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
     config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
     resume_from = checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", dist.main)
     if resume_from is not None:
-        check_settings(cfg, resume_from, config)
+        resume.check_settings(cfg, resume_from, config)
     return corpus, config, resume_from
-
-
-def check_resume(cfg: DictConfig, run_dir: Path) -> None:
-    """Before Hydra rewrites the run directory's ``.hydra/`` (`cli.hydra_entry`'s prerun):
-    the checkpoint a resume would read verifies, and the command line keeps the settings
-    it was trained with."""
-    target = checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", main=False)
-    if target is not None:
-        check_settings(cfg, target)
-
-
-def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
-    """One line naming the first model setting that ``cfg`` (``config``: its model config;
-    None: built with the checkpoint's vocabulary) changes on the checkpoint ``target``'s,
-    other than those that change neither the model's function nor its training
-    (`checkpoint.NEUTRAL_FIELDS`). A checkpoint written before checkpoints kept their
-    config is not compared."""
-    from ..configuration import BertODEConfig
-    from .run_config import model_kwargs
-
-    saved = checkpoint.saved_config(target)
-    if saved is None:
-        return
-    try:
-        before = BertODEConfig.from_dict(saved)
-    except ValueError as error:
-        raise checkpoint.CheckpointError(f"checkpoint {str(target)!r}: its {checkpoint.CONFIG} does not load "
-                                         f"({str(error).splitlines()[0]})") from None
-    if config is None:
-        config = build_model_config(cfg, vocab_size=before.vocab_size, pad_token_id=before.pad_token_id)
-    change = checkpoint.changed_setting(before, config)
-    if change is None:
-        return
-    field, old, new = change
-    where = f"the run being resumed ({target})"
-    if field == "is_decoder":
-        raise ValueError(f"objective={cfg.objective!r} is invalid: {where} was trained with "
-                         f"{'causal' if old else 'bidirectional'} attention; allowed: its own objective (or a new run "
-                         "directory)")
-    origin = model_kwargs(cfg, config.vocab_size, config.pad_token_id)[1]
-    raise ValueError(f"{origin.get(field) or _typed_key(cfg, field)}={new!r} is invalid: {where} was trained with "
-                     f"{old!r}; allowed: {old!r} (or a new run directory)")
-
-
-def _typed_key(cfg: DictConfig, field: str) -> str:
-    """The command-line key of a `BertODEConfig` field that ``cfg`` leaves to its default."""
-    from .groups import REGISTRY_GROUPS, field_for
-
-    for group in (*REGISTRY_GROUPS, "deq"):
-        for key in cfg.get(group) or {}:
-            if field_for(group, key) == field:
-                return group if key == "name" else f"{group}.{key}"
-    return f"model.{field}" if field in cfg.model else f"model_overrides.{field}"
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -347,7 +294,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-main = hydra_entry("train", train, precheck=validate, distributed=True, prerun=check_resume)
+main = hydra_entry("train", train, precheck=validate, distributed=True, prerun=resume.check_resume)
 
 if __name__ == "__main__":
     main()

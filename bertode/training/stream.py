@@ -67,7 +67,7 @@ def shard_rows(cfg, tokenizer, shard: int, shards: int, position: tuple[int, int
             produced = True
             yield row, (epoch, *packer.position()), packer.lookahead()
         if not produced and document == 0 and offset == 0:
-            raise DataError(f"data.stream_shards={shards}: shard {shard} holds less than one row of "
+            raise DataError(f"data.stream_shards={shards} is invalid: shard {shard} holds less than one row of "
                              f"{cfg.seq_len} tokens; allowed: fewer shards or a shorter data.seq_len")
         epoch, document, offset = epoch + 1, 0, 0
 
