@@ -249,3 +249,27 @@ def test_absurd_model_sizes_are_one_line_not_an_allocation(tmp_path, cache_dir, 
                      f"model.max_position_embeddings={value}")
     assert expected in error, error
     assert _tree(tmp_path, cache_dir) == before
+
+
+def test_the_lock_is_taken_in_the_directory_hydra_writes_and_removed_after(trained, tmp_path, cache_dir, capsys,
+                                                                           monkeypatch):
+    """The default run directory holds the time (``evaluate/${now:...}``): the lock is taken in
+    the one Hydra then writes, though a second passes in between, and is gone after the run."""
+    import time
+
+    from bertode.training import lock
+
+    model = tmp_path / "final"
+    shutil.copytree(trained / "final", model)
+    start = lock._start_run
+
+    def slow(config):
+        start(config)
+        time.sleep(1.1)
+
+    monkeypatch.setattr(lock, "_start_run", slow)
+    code = _command("evaluate", [f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=16"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    runs = list((tmp_path / "evaluate").iterdir())
+    assert len(runs) == 1 and (runs[0] / "evaluation.json").is_file(), runs
+    assert not list(tmp_path.rglob(".lock"))
