@@ -18,13 +18,13 @@ Public API:
 * initialisations that survive `post_init`: `zero_init`, `identity_init`.
 """
 
-from .blocks import Block, SchemeBlock, available_blocks, register_block
+from .layers.blocks import Block, SchemeBlock, available_blocks, register_block
 from .callbacks import SolverStatsCallback
 from .causal_lm import BertODEForCausalLM
 from .compile import compile_model
 from .configuration import BertODEConfig
 from .convert import from_bert
-from .init import identity_init, zero_init
+from .layers.init import identity_init, zero_init
 from .heads import (
     BertODEForMultipleChoice,
     BertODEForNextSentencePrediction,
@@ -35,7 +35,7 @@ from .heads import (
 )
 from .modeling import BertODEForMaskedLM, BertODEModel, BertODEPreTrainedModel
 from .registry import registries
-from .regularizers import Regularizer, available_regularizers, register_regularizer
+from .layers.regularizers import Regularizer, available_regularizers, register_regularizer
 from .solve.deq_gradients import FixedPointProblem
 from .solve.fixed_point import (
     DEQSolveError,
@@ -49,7 +49,7 @@ from .solve.gradients import DEQGradient, ODEGradient, available_gradients, get_
 from .solve.ode import ODEProblem
 from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
 from .solve.stats import SolverStats
-from .vector_fields import VectorField, available_vector_fields, register_vector_field
+from .layers.vector_fields import VectorField, available_vector_fields, register_vector_field
 from .training.objective import Objective, available_objectives, register_objective
 
 __version__ = "0.2.0"

@@ -39,7 +39,7 @@ def eager_attention(model):
 
 
 def _encoder_input(model, input_ids, attention_mask):
-    from .sublayers import sdpa_mask
+    from .layers.sublayers import sdpa_mask
 
     base = model.base_model
     hidden = base.embeddings(input_ids=input_ids)

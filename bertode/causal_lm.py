@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .configuration import BertODEConfig
 from .modeling import LanguageModelHead
-from .outputs import BertODECausalLMOutput
+from .layers.outputs import BertODECausalLMOutput
 
 
 class BertODEForCausalLM(LanguageModelHead, GenerationMixin):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .blocks import BLOCKS
-from .regularizers import REGULARIZERS
+from .layers.blocks import BLOCKS
+from .layers.regularizers import REGULARIZERS
 from .configuration import BertODEConfig
 from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.gradients import GRADIENTS, default_gradient
 from .solve.solvers import SOLVERS
-from .vector_fields import VECTOR_FIELDS
+from .layers.vector_fields import VECTOR_FIELDS
 
 
 def _names(registry, default=None) -> str:

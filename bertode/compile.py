@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .deq import BertDEQEncoder
-from .encoder import ResidualSite
+from .layers.deq import BertDEQEncoder
+from .layers.encoder import ResidualSite
 from .solve.gradients import get_gradient
 
 SCOPES = ("auto", "model", "fields")

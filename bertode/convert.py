@@ -105,7 +105,7 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
         if name in frozen:
             parameter.requires_grad_(False)
     if weight_norm:
-        from .deq import apply_weight_norm
+        from .layers.deq import apply_weight_norm
 
         apply_weight_norm(target.base_model.encoder.layer)
         target.config.deq_weight_norm = True

@@ -23,10 +23,10 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from . import outputs as out
+from .layers import outputs as out
 from .configuration import BertODEConfig
-from .dropout import Dropout
-from .embeddings import _Predictions
+from .layers.dropout import Dropout
+from .layers.embeddings import _Predictions
 from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder
 
 

@@ -22,12 +22,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from transformers import initialization as init
 
 from .configuration import BertODEConfig
-from .embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler, _Predictions
-from .deq import COUNTERS, BertDEQEncoder, build_encoder
-from .init import apply_rule
-from .outputs import BertODEMaskedLMOutput, BertODEModelOutput
+from .layers.embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler, _Predictions
+from .layers.deq import COUNTERS, BertDEQEncoder, build_encoder
+from .layers.init import apply_rule
+from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.observe import Observer, observing
-from .sublayers import sdpa_mask
+from .layers.sublayers import sdpa_mask
 
 
 class BertODEPreTrainedModel(PreTrainedModel):

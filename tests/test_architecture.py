@@ -1,5 +1,6 @@
 """The package's shape: every registered name is written once (where it is registered),
-the numerics do not import the model, imports (also those inside functions, but for documented lazy ones) have no
+the numerics do not import the model, the layers import only the numerics and the registry, the top level holds
+only the commands and the public face, imports (also those inside functions, but for documented lazy ones) have no
 cycle, no module outgrows one idea (about 300 lines), and the model and its heads never branch on the mode."""
 
 import ast
@@ -104,6 +105,41 @@ def test_numerics_do_not_import_the_model_or_the_app():
         outside = {m for m in _imports(path, top_level_only=False)
                    if not m.startswith("bertode.solve") and m != "bertode.registry"}
         assert not outside, (path.name, outside)
+
+
+def test_layers_import_only_the_numerics_and_the_registry():
+    """bertode/layers/ sits under the public face: it never imports configuration, modeling, heads or the app."""
+    for path in sorted((PACKAGE / "layers").glob("*.py")):
+        outside = {m for m in _imports(path, top_level_only=False)
+                   if not m.startswith(("bertode.layers", "bertode.solve")) and m != "bertode.registry"}
+        assert not outside, (path.name, outside)
+
+
+# The top level is the public face: the commands (python -m bertode.X) and the modules a user imports. The
+# layers live in layers/, the numerics in solve/, the CLI app in training/ (its Hydra files in configs/); a new
+# module goes into one of those.
+COMMANDS = {"train", "evaluate", "finetune", "generate", "prepare", "report", "choices", "demo"}
+PUBLIC_FACE = {"__init__", "configuration", "modeling", "heads", "causal_lm", "convert", "families", "compile",
+               "callbacks", "analysis", "registry", "validation"}
+SUBPACKAGES = {"layers", "solve", "training", "configs"}
+
+
+def _strays(names: set[str]) -> set[str]:
+    """Top-level module and package names that are neither a command, the public face nor a known subpackage."""
+    return names - COMMANDS - PUBLIC_FACE - SUBPACKAGES
+
+
+def test_the_top_level_is_the_commands_and_the_public_face():
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert not _strays(modules | packages), sorted(_strays(modules | packages))
+    assert SUBPACKAGES <= packages, sorted(SUBPACKAGES - packages)
+
+
+def test_the_top_level_check_can_fail():
+    """A layer module put back at the top level (or any new one) is found."""
+    planted = {path.stem for path in PACKAGE.glob("*.py")} | {"deq", "vector_fields"}
+    assert _strays(planted) == {"deq", "vector_fields"}
 
 
 # Documented lazy imports back (importer -> imported), each inside one function: from_pretrained converts another

@@ -16,7 +16,7 @@ from torch._dynamo.backends.debugging import aot_eager
 
 import bertode
 from bertode.compile import compile_model, whole_graph
-from bertode.encoder import ResidualSite
+from bertode.layers.encoder import ResidualSite
 from conftest import tiny_ode_config
 
 

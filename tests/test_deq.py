@@ -275,7 +275,7 @@ def test_pretraining_runs_the_layer_unrolled_first(batch):
 
 
 def test_weight_norm_keeps_the_function_and_round_trips(batch, tmp_path):
-    from bertode.deq import apply_weight_norm
+    from bertode.layers.deq import apply_weight_norm
 
     plain = deq_model().eval()
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import bertode
-from bertode.deq import BertDEQEncoder, build_encoder
-from bertode.encoder import BertODEEncoder
+from bertode.layers.deq import BertDEQEncoder, build_encoder
+from bertode.layers.encoder import BertODEEncoder
 
 from conftest import TINY
 

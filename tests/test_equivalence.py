@@ -70,7 +70,7 @@ def test_add_norm_euler_steps_are_the_damped_iteration(batch):
     model = bertode.BertODEModel(tiny_ode_config(vector_field="add_norm", steps=3, num_hidden_layers=1)).eval()
     site = model.encoder.layer[0].attention
     x = torch.randn(2, 10, 32)
-    from bertode.encoder import Pass
+    from bertode.layers.encoder import Pass
 
     got, _ = site(x, None, Pass(0))
     z, h = x, 1.0 / 3

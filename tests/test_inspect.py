@@ -10,7 +10,7 @@ import torch
 from transformers import BertModel
 
 import bertode
-from bertode.dropout import split_invariant
+from bertode.layers.dropout import split_invariant
 from conftest import tiny_bert_config
 
 

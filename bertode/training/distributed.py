@@ -85,7 +85,7 @@ class BatchOrder:
         return seed * 2_654_435_761 + 104_729 * m + 17
 
     def noise_seed(self, m: int) -> int:
-        """The seed of micro-batch m's dropout masks (`bertode.dropout.split_invariant`)."""
+        """The seed of micro-batch m's dropout masks (`bertode.layers.dropout.split_invariant`)."""
         return self.noise_seed_of(self.seed, m)
 
     def batch(self, m: int, make_batch):

@@ -24,12 +24,12 @@ import inspect
 
 from hydra.core.config_store import ConfigStore
 
-from ..blocks import BLOCKS
-from ..regularizers import REGULARIZERS
+from ..layers.blocks import BLOCKS
+from ..layers.regularizers import REGULARIZERS
 from ..configuration import BertODEConfig
 from ..solve.gradients import GRADIENTS
 from ..solve.solvers import SOLVERS
-from ..vector_fields import VECTOR_FIELDS
+from ..layers.vector_fields import VECTOR_FIELDS
 
 REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS,
                    "regularizer": REGULARIZERS}

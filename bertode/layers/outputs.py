@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.models.bert.modeling_bert import BertForPreTrainingOutput
 
-from .solve.stats import SolverStats
+from ..solve.stats import SolverStats
 
 
 @dataclass

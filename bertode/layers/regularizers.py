@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .registry import Registry
+from ..registry import Registry
 
 
 class Regularizer:

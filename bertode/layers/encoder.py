@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..solve import observe
+from ..solve.gradients import build_gradient, get_gradient
+from ..solve.ode import ODESolve
+from ..solve.stats import SolveRecord, SolverStats
 from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
 from .regularizers import REGULARIZERS, augmented
-from .solve import observe
-from .solve.gradients import build_gradient, get_gradient
-from .solve.ode import ODESolve
-from .solve.stats import SolveRecord, SolverStats
 from .sublayers import AttentionBranch, FeedForwardBranch
 from .vector_fields import build_vector_field
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..solve import observe
 from .dropout import keep_mask, splitting_rows
-from .solve import observe
 
 
 class AttentionBranch(nn.Module):
@@ -51,7 +51,7 @@ class AttentionBranch(nn.Module):
         observer = observe.active()
         recorded = observer is not None and observer.needs_attention()
         # Eager attention where the probabilities are wanted (output_attentions, or
-        # attn_implementation="eager") or the dropout mask must come from bertode.dropout.
+        # attn_implementation="eager") or the dropout mask must come from bertode.layers.dropout.
         if recorded or (p > 0 and splitting_rows()) or getattr(self.config, "_attn_implementation", None) == "eager":
             context, probs = eager_attention(q, k, v, attn_mask, p)
             if recorded:

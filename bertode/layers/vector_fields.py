@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..registry import Registry
 from .init import zero_init
-from .registry import Registry
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
 

@@ -39,12 +39,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
+from ..solve import observe
+from ..solve.deq_gradients import FixedPointProblem
+from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
+from ..solve.gradients import build_gradient
+from ..solve.stats import FixedPointRecord, SolverStats
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
-from .solve import observe
-from .solve.deq_gradients import FixedPointProblem
-from .solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
-from .solve.gradients import build_gradient
-from .solve.stats import FixedPointRecord, SolverStats
 
 logger = logging.get_logger(__name__)
 COUNTERS = ("training_forwards", "skipped_batches", "nonconverged_solves")

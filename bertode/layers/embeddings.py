@@ -54,7 +54,7 @@ class BertODEEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
         norm = getattr(config, "embedding_norm", True)
         self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps) if norm else None
-        self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.dropout.split_invariant
+        self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.layers.dropout.split_invariant
         self.project = nn.Linear(width, config.hidden_size) if projects_embeddings(config) else None
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
                              persistent=False)

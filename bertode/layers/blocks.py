@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..registry import Registry
+from ..solve._torchdyn import RungeKutta4
+from ..solve.ode import ODESolve
+from ..solve.solvers import HEUN, get_solver, solver_spec
 from .init import zero_init
-from .registry import Registry
-from .solve._torchdyn import RungeKutta4
-from .solve.ode import ODESolve
-from .solve.solvers import HEUN, get_solver, solver_spec
 
 LayerMap = Callable[[torch.Tensor], torch.Tensor]
 
