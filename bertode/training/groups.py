@@ -90,18 +90,26 @@ def _kwargs(names) -> dict | None:
     return dict.fromkeys(names) or None
 
 
+def kwargs_defaults(group: str, name: str) -> dict:
+    """The constructor keywords (and defaults) of ``group``'s choice ``name`` that ``<group>.kwargs.<k>`` sets."""
+    if group == "sensitivity":
+        method = GRADIENTS[name]
+        return {k: v for k, v in _keyword_defaults(method.__init__, 1).items() if k not in method.config_fields}
+    if group in ("vector_field", "block"):
+        return _keyword_defaults(REGISTRY_GROUPS[group][name].__init__, 2)
+    return {}
+
+
 def _gradient_node(name):
     """``name``, the config fields of this group the method reads, and its other
     constructor arguments under ``kwargs`` (its DEQ fields live in the deq group)."""
-    method = GRADIENTS[name]
-    own = {field for field in method.config_fields.values() if field in GRADIENT_KEYS}
-    kwargs = [k for k in _keyword_defaults(method.__init__, 1) if k not in method.config_fields]
-    return {"name": name, **dict.fromkeys(sorted(own)), "kwargs": _kwargs(kwargs)}
+    own = {field for field in GRADIENTS[name].config_fields.values() if field in GRADIENT_KEYS}
+    return {"name": name, **dict.fromkeys(sorted(own)), "kwargs": _kwargs(kwargs_defaults("sensitivity", name))}
 
 
-def _kwargs_node(registry, name):
+def _kwargs_node(group, name):
     """A field's or block's constructor keywords, overridable as kwargs.<key>."""
-    return {"name": name, "kwargs": _kwargs(_keyword_defaults(registry[name].__init__, 2))}
+    return {"name": name, "kwargs": _kwargs(kwargs_defaults(group, name))}
 
 
 def group_node(group: str, name: str) -> dict:
@@ -111,7 +119,7 @@ def group_node(group: str, name: str) -> dict:
         return _gradient_node(name)
     if group == "regularizer":
         return {"name": name, "weight": None}
-    return _kwargs_node(REGISTRY_GROUPS[group], name)
+    return _kwargs_node(group, name)
 
 
 def default_node(group: str) -> dict:

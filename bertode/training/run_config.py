@@ -18,7 +18,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration import BertODEConfig
-from .groups import REGISTRY_GROUPS, field_for, key_for
+from .groups import REGISTRY_GROUPS, field_for, key_for, kwargs_defaults
 
 # Keys of the old grammar (before every command took the same groups), and their spelling now.
 RENAMED = {"solve.mode": "model", "solve.solver": "solver", "solve.steps": "solver.steps", "solve.atol": "solver.atol",
@@ -44,7 +44,8 @@ def group_fields(cfg: DictConfig, base: dict | None = None) -> tuple[dict, dict]
     ``base``, a saved config's dict; None: the defaults), and per field the key a user typed.
 
     ``<group>.kwargs.<k>`` values merge over the base's keyword arguments while the group's
-    choice stays the base's; a new choice starts from its own constructor's defaults."""
+    choice stays the base's; a new choice starts from its own constructor's defaults, saved
+    with the model so that it reloads as trained."""
     base = base or {}
     fields: dict = {}
     origin: dict = {}
@@ -61,6 +62,8 @@ def group_fields(cfg: DictConfig, base: dict | None = None) -> tuple[dict, dict]
                     if not given:
                         continue
                     given = {**(base.get(field) or {}), **given}
+                else:
+                    given = {**kwargs_defaults(group, name), **given}
                 value = given or None
             elif value is None:
                 continue
