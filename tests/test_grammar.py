@@ -160,3 +160,32 @@ def test_a_plugin_objective_trains_from_the_cli_and_is_evaluated_as_itself(tmp_p
     masked = evaluate(compose("evaluate", [*base, "objective=mlm"]), tmp_path / "e2")
     assert masked["objective"] == "mlm" and masked["target_tokens"] != own["target_tokens"]
     assert result["eval"]["loss"] == pytest.approx(own["loss"], abs=1e-5)  # train's last eval: the same batches
+
+
+def test_one_training_run_validates_and_builds_its_model_config_once(tmp_path, cache_dir, monkeypatch, capsys):
+    """`python -m bertode.train` checks its config before Hydra starts, Hydra composes its own
+    copy for the run: the checks and the model config are not done again (issue 23)."""
+    from bertode.training import loop, run_config
+    from test_train import small
+
+    calls = {"build": 0, "check_run": 0}
+    build, check_run = run_config.build_model_config, loop.check_run
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(run_config, "build_model_config", counted("build", build))
+    monkeypatch.setattr(loop, "check_run", counted("check_run", check_run))
+    monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={tmp_path / 'run'}",
+                                      *small(cache_dir, "trainer.max_steps=1")])
+    loop.main()
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert calls == {"build": 1, "check_run": 1}
+    # A second run in the same process (a notebook's) checks and builds again.
+    monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={tmp_path / 'run2'}",
+                                      *small(cache_dir, "trainer.max_steps=1")])
+    loop.main()
+    assert calls == {"build": 2, "check_run": 2}

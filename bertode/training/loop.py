@@ -41,7 +41,7 @@ from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
 from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
 from .objective import get_objective, make_objective
-from .run_config import build_model_config
+from .run_config import forget_model_configs, model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
 
@@ -59,15 +59,21 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+_CHECKED: dict[str, bool] = {}  # composed configs validated in this process -> their sources read too
+
+
 def validate(cfg: DictConfig, read_sources: bool = True):
     """Every check of the composed config that needs no data: also run before Hydra writes
     the run directory (`cli.hydra_entry`). Returns the model config (vocabulary size 1)."""
+    key = OmegaConf.to_yaml(cfg)
+    if key in _CHECKED and (_CHECKED[key] or not read_sources):  # Hydra's copy of a config checked before
+        return model_config(cfg, vocab_size=1)
     trainer = cfg.trainer
     check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
     check_logger(cfg.logger.kind)
     head = get_objective(cfg.objective)(None).model_class
-    config = build_model_config(cfg, vocab_size=1)  # validates the model before any data work
+    config = model_config(cfg, vocab_size=1)  # validates the model before any data work
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
             head(config)
@@ -88,6 +94,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")
+    _CHECKED[key] = read_sources
     return config
 
 
@@ -101,7 +108,7 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     dist.barrier()
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
-    config = build_model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
+    config = model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
     resume_from = checkpoint.resume_target(cfg.trainer.resume, run_dir / "checkpoints", dist.main)
     if resume_from is not None:
         resume.check_settings(cfg, resume_from, config)
@@ -113,6 +120,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         return _train(cfg, run_dir)
     finally:
+        _CHECKED.clear()  # the next run (a notebook's, a test's) checks its files again
+        forget_model_configs()
         if not held:
             lock.release_all()  # however the run ended, a long-lived process (a notebook) lets go
 

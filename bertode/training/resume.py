@@ -7,7 +7,7 @@ a user types, before Hydra rewrites the run directory's ``.hydra/`` (`check_resu
 by `cli.hydra_entry` once the directory is locked), and again with the data's vocabulary
 once it is prepared (`check_settings`). The checkpoint's ``config.json`` says what it was
 trained as (`checkpoint.saved_config`); the command line's model config comes from
-`run_config.build_model_config`, as for a new run.
+`run_config.model_config`, as for a new run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ..configuration import BertODEConfig
 from . import checkpoint
 from .groups import REGISTRY_GROUPS, field_for
-from .run_config import build_model_config, model_kwargs
+from .run_config import model_config, model_kwargs
 
 # BertODEConfig fields a resumed run may change: they change neither what the model
 # computes nor how it trains (outputs asked for, bookkeeping, the initialisation of the
@@ -56,7 +56,7 @@ def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {str(target)!r}: its {checkpoint.CONFIG} does not load "
                                          f"({str(error).splitlines()[0]})") from None
     if config is None:
-        config = build_model_config(cfg, vocab_size=before.vocab_size, pad_token_id=before.pad_token_id)
+        config = model_config(cfg, vocab_size=before.vocab_size, pad_token_id=before.pad_token_id)
     change = changed_setting(before, config)
     if change is None:
         return

@@ -13,6 +13,7 @@ when set (``model=bert solver.steps=4``).
 
 from __future__ import annotations
 
+import copy
 import re
 
 from omegaconf import DictConfig, OmegaConf
@@ -110,6 +111,26 @@ def build_model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) 
         return BertODEConfig(**kwargs)
     except ValueError as error:
         raise ValueError(rename(str(error), origin)) from None
+
+
+_BUILT: dict[str, BertODEConfig] = {}  # a composed config (as yaml) -> its validated model config
+
+
+def model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> BertODEConfig:
+    """The run's model config with the data's vocabulary: built and validated once per
+    composed config in this process (the checks before Hydra starts, the resume check and
+    the training loop all ask; Hydra composes its own copy of the same config)."""
+    key = OmegaConf.to_yaml(cfg)
+    if key not in _BUILT:
+        _BUILT[key] = build_model_config(cfg, vocab_size=1)
+    config = copy.deepcopy(_BUILT[key])
+    config.vocab_size, config.pad_token_id = vocab_size, pad_token_id
+    return config
+
+
+def forget_model_configs() -> None:
+    """The end of a run: the next one builds its model config again."""
+    _BUILT.clear()
 
 
 def checkpoint_fields(cfg: DictConfig, saved: dict, extra: dict | None = None) -> dict:
