@@ -9,14 +9,20 @@ Public API:
   XLM-R, CamemBERT, ELECTRA, ALBERT, DistilBERT); `compile_model`; `SolverStatsCallback` (Trainer logs).
 * one registry per axis, each with a decorator and a listing (`available()` gives all):
   vector fields (`VectorField`, `register_vector_field`), ODE solvers
-  (`register_solver`, `ButcherTableau`), gradient methods (`ODEGradient`, `DEQGradient`,
-  `register_gradient`), ODE-Transformer blocks (`Block`, `SchemeBlock`,
+  (`register_solver`, `ButcherTableau`), sensitivity methods (`ODESensitivity`, `DEQSensitivity`,
+  `register_sensitivity`; ``sensitivity=``), ODE-Transformer blocks (`Block`, `SchemeBlock`,
   `register_block`), fixed-point solvers (`register_fixed_point_solver`,
   `FixedPointTracker`), ODE regularisers (`Regularizer`, `register_regularizer`).
 * training objectives (`Objective`, `register_objective`; ``mlm``, ``clm`` built in), saved
   with the model as ``BertODEConfig.objective``.
 * initialisations that survive `post_init`: `zero_init`, `identity_init`.
+
+Deprecated, for one release (each warns with a FutureWarning naming its replacement): the
+sensitivity axis's former names `register_gradient`, `available_gradients`, `get_gradient`,
+`ODEGradient`, `DEQGradient`.
 """
+
+import warnings as _warnings
 
 from .layers.blocks import Block, SchemeBlock, available_blocks, register_block
 from .callbacks import SolverStatsCallback
@@ -36,7 +42,7 @@ from .heads import (
 from .modeling import BertODEForMaskedLM, BertODEModel, BertODEPreTrainedModel
 from .registry import registries
 from .layers.regularizers import Regularizer, available_regularizers, register_regularizer
-from .solve.deq_gradients import FixedPointProblem
+from .solve.deq_sensitivities import FixedPointProblem
 from .solve.fixed_point import (
     DEQSolveError,
     FixedPointTracker,
@@ -45,7 +51,13 @@ from .solve.fixed_point import (
     get_fixed_point_solver,
     register_fixed_point_solver,
 )
-from .solve.gradients import DEQGradient, ODEGradient, available_gradients, get_gradient, register_gradient
+from .solve.sensitivities import (
+    DEQSensitivity,
+    ODESensitivity,
+    available_sensitivities,
+    get_sensitivity,
+    register_sensitivity,
+)
 from .solve.ode import ODEProblem
 from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
 from .solve.stats import SolverStats
@@ -61,6 +73,19 @@ def available() -> dict[str, tuple[str, ...]]:
     return {field: registry.names() for field, registry in registries().items()}
 
 
+# The sensitivity axis's former names (0.2): each still works for one release, with a FutureWarning.
+_DEPRECATED = {"register_gradient": "register_sensitivity", "available_gradients": "available_sensitivities",
+               "get_gradient": "get_sensitivity", "ODEGradient": "ODESensitivity", "DEQGradient": "DEQSensitivity"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        _warnings.warn(f"bertode.{name} is deprecated; use bertode.{new}", FutureWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BertODEConfig", "BertODEModel", "BertODEForMaskedLM", "BertODEForSequenceClassification",
     "BertODEForPreTraining", "BertODEForNextSentencePrediction", "BertODEForTokenClassification",
@@ -68,7 +93,8 @@ __all__ = [
     "BertODEPreTrainedModel", "from_bert", "compile_model", "SolverStatsCallback", "SolverStats", "available",
     "VectorField", "register_vector_field", "available_vector_fields",
     "ButcherTableau", "register_solver", "available_solvers", "get_solver", "ODEProblem",
-    "ODEGradient", "DEQGradient", "register_gradient", "available_gradients", "get_gradient", "FixedPointProblem",
+    "ODESensitivity", "DEQSensitivity", "register_sensitivity", "available_sensitivities", "get_sensitivity",
+    "FixedPointProblem",
     "Block", "SchemeBlock", "register_block", "available_blocks",
     "Regularizer", "register_regularizer", "available_regularizers",
     "register_fixed_point_solver", "available_fixed_point_solvers", "get_fixed_point_solver", "FixedPointTracker",

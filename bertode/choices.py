@@ -14,7 +14,7 @@ from .layers.blocks import BLOCKS
 from .layers.regularizers import REGULARIZERS
 from .configuration import BertODEConfig
 from .solve.fixed_point import FIXED_POINT_SOLVERS
-from .solve.gradients import GRADIENTS, default_gradient
+from .solve.sensitivities import SENSITIVITIES, default_sensitivity
 from .solve.solvers import SOLVERS
 from .layers.vector_fields import VECTOR_FIELDS
 
@@ -28,11 +28,11 @@ def markdown_tables() -> str:
     lines = ["| axis (CLI group) | `BertODEConfig` field | registered | add your own |", "|---|---|---|---|",
              f"| `solver` | `solver` | {_names(SOLVERS)} | `bertode.register_solver` |",
              f"| `sensitivity` (mode=ode) | `sensitivity` | "
-             f"{', '.join(f'`{n}`' for n, c in GRADIENTS.items() if c.family == 'ode')} "
-             f"(default `{default_gradient('ode')}`) | `bertode.register_gradient` |",
+             f"{', '.join(f'`{n}`' for n, c in SENSITIVITIES.items() if c.family == 'ode')} "
+             f"(default `{default_sensitivity('ode')}`) | `bertode.register_sensitivity` |",
              f"| `sensitivity` (mode=deq) | `sensitivity` | "
-             f"{', '.join(f'`{n}`' for n, c in GRADIENTS.items() if c.family == 'deq')} "
-             f"(default `{default_gradient('deq')}`) | `bertode.register_gradient` |",
+             f"{', '.join(f'`{n}`' for n, c in SENSITIVITIES.items() if c.family == 'deq')} "
+             f"(default `{default_sensitivity('deq')}`) | `bertode.register_sensitivity` |",
              f"| `vector_field` | `vector_field` | {_names(VECTOR_FIELDS)} | `bertode.register_vector_field` |",
              f"| `block` | `block` | {_names(BLOCKS)} | `bertode.register_block` |",
              f"| `regularizer` (mode=ode) | `regularizer` | {_names(REGULARIZERS)} | `bertode.register_regularizer` |",
@@ -42,8 +42,8 @@ def markdown_tables() -> str:
     for name, spec in SOLVERS.items():
         kind = "adaptive (`atol`, `rtol`)" if spec.adaptive else "fixed (`steps`)"
         lines.append(f"| `{name}` | {kind} | {spec.order} | {f'`{spec.torchdiffeq}`' if spec.torchdiffeq else '—'} |")
-    lines += ["", "| gradient | family | re-evaluates the field | backends |", "|---|---|---|---|"]
-    for name, method in GRADIENTS.items():
+    lines += ["", "| sensitivity | family | re-evaluates the field | backends |", "|---|---|---|---|"]
+    for name, method in SENSITIVITIES.items():
         backends = ", ".join(getattr(method, "backends", ())) or "—"
         again = "yes" if getattr(method, "reevaluates_field", False) else "no"
         lines.append(f"| `{name}` | {method.family} | {again if method.family == 'ode' else '—'} | {backends} |")
@@ -53,7 +53,7 @@ def markdown_tables() -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bertode.choices",
-        description="Print every registered choice (solvers, gradients, vector fields, blocks, regularizers, "
+        description="Print every registered choice (solvers, sensitivities, vector fields, blocks, regularizers, "
                     "fixed-point solvers) as the README's markdown tables.")
     parser.add_argument("plugins", nargs="*", metavar="MODULE",
                         help="modules to import first, so that their registrations are listed (as plugins=[...])")

@@ -13,7 +13,7 @@
   VJPs through (``retain_graph``, refused by compiled graphs' donated buffers) use the
   eager map; the forward solve's evaluations, the bulk of the work, are compiled.
 * ``scope="auto"`` (default): ``model`` where that gives one graph (discrete mode; ODE
-  mode with fixed steps, a traceable gradient method such as autograd, torchdyn's direct
+  mode with fixed steps, a traceable sensitivity method such as autograd, torchdyn's direct
   loop), ``fields`` otherwise.
 
 The compiled functions are the classes' functions compiled once per call and called
@@ -28,7 +28,7 @@ from torch import nn
 
 from .layers.deq import BertDEQEncoder
 from .layers.encoder import ResidualSite
-from .solve.gradients import get_gradient
+from .solve.sensitivities import get_sensitivity
 
 SCOPES = ("auto", "model", "fields")
 
@@ -37,7 +37,7 @@ def whole_graph(config) -> bool:
     """True when ``torch.compile(model)`` traces a forward of this config as one graph."""
     if config.mode == "discrete":
         return True
-    return (config.mode == "ode" and not config.adaptive and get_gradient(config.sensitivity).traceable
+    return (config.mode == "ode" and not config.adaptive and get_sensitivity(config.sensitivity).traceable
             and config.ode_backend == "torchdyn" and config.fixed_step_loop == "direct")
 
 

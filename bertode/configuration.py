@@ -1,7 +1,7 @@
 """`BertODEConfig`: BERT's configuration plus the choices that make its encoder an ODE.
 
 Every field added here is one orthogonal choice (the vector field, the solver, the
-gradient method, the backend, weight tying, the ODE-Transformer block, the mode) and is
+sensitivity method, the backend, weight tying, the ODE-Transformer block, the mode) and is
 checked when the config is built: a bad value raises a one-line ValueError naming the
 field, the value and what is allowed.
 """
@@ -15,9 +15,9 @@ from transformers import BertConfig
 from .layers.blocks import BLOCKS
 from .layers.regularizers import REGULARIZERS
 from .solve.fixed_point import FIXED_POINT_SOLVERS
-from .solve.gradients import GRADIENTS, available_gradients, default_gradient
+from .solve.sensitivities import SENSITIVITIES, available_sensitivities, default_sensitivity
 from .solve.ode import FIXED_STEP_LOOPS
-from .solve import ode_gradients  # noqa: F401  (registers the ODE gradient methods)
+from .solve import ode_sensitivities  # noqa: F401  (registers the ODE sensitivity methods)
 from .solve.solvers import ODE_BACKENDS, SOLVERS
 from .validation import (
     check_architecture,
@@ -36,7 +36,7 @@ from .layers.vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
 NORM_POSITIONS = ("post", "pre")
-GRADIENT_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
+SENSITIVITY_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
 # Name fields chosen from a registry, the mode they belong to (None: every mode) and the
 # registry; None means "the registry's default" where the mode uses the field.
 NAMED_CHOICES = {
@@ -70,7 +70,7 @@ class BertODEConfig(BertConfig):
     solver: a registered ODE solver (ODE mode). steps: fixed-step solvers' steps on
         ``[0, t_end]``. t_end: each residual's horizon; layer ``l`` integrates over
         ``[l * t_end, (l + 1) * t_end]``. atol, rtol: adaptive solvers' tolerances.
-    sensitivity, sensitivity_kwargs: the gradient method (registered; its family must be
+    sensitivity, sensitivity_kwargs: the sensitivity method (registered; its family must be
         the mode's: ``autograd``, ``adjoint``, ``interpolated_adjoint`` for ODE mode;
         ``ift``, ``phantom``, ``unrolled`` for DEQ mode) and its constructor arguments.
     adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of ``adjoint``
@@ -163,7 +163,7 @@ class BertODEConfig(BertConfig):
     objective: str | None = None
 
     def __post_init__(self, **kwargs):
-        legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the gradient axis
+        legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the sensitivity axis
         super().__post_init__(**kwargs)
         self._filled: set = set()
         if legacy_deq_grad is not None and self.mode == "deq":
@@ -187,8 +187,8 @@ class BertODEConfig(BertConfig):
                 setattr(self, field, None)
         for field in FOREIGN[self.mode]:
             setattr(self, field, defaults[field])
-        method = GRADIENTS[self.sensitivity] if self.sensitivity in GRADIENTS else None
-        if self.mode == "discrete" or (method is not None and method.family != GRADIENT_FAMILY[self.mode]):
+        method = SENSITIVITIES[self.sensitivity] if self.sensitivity in SENSITIVITIES else None
+        if self.mode == "discrete" or (method is not None and method.family != SENSITIVITY_FAMILY[self.mode]):
             self.sensitivity = None
         if method is None or "adjoint_solver" not in method.config_fields.values():
             self.adjoint_solver = None
@@ -235,7 +235,7 @@ class BertODEConfig(BertConfig):
         if not is_number(self.regularizer_weight) or self.regularizer_weight < 0:
             fail("regularizer_weight", self.regularizer_weight, "a number >= 0")
         self._check_unused_by_mode()
-        self._check_gradient()
+        self._check_sensitivity()
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:
             wrong_mode("block", self.block, self.mode, f"{BLOCKS.default!r} (a DEQ map has no block)")
         check_constructor("block_kwargs", self.block_kwargs, f"block={self.block!r}", BLOCKS[self.block], 1)
@@ -268,26 +268,26 @@ class BertODEConfig(BertConfig):
                 used_by = "ode" if field in ODE_ONLY else "deq"
                 wrong_mode(field, getattr(self, field), self.mode, f"{defaults[field]!r} (it applies to mode={used_by!r})")
 
-    def _check_gradient(self) -> None:
-        family = GRADIENT_FAMILY[self.mode]
+    def _check_sensitivity(self) -> None:
+        family = SENSITIVITY_FAMILY[self.mode]
         if family is None:
             if self.sensitivity is not None:
                 wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
             return
         if self.sensitivity is None:
-            self.sensitivity = default_gradient(family)
+            self.sensitivity = default_sensitivity(family)
             self._filled.add("sensitivity")
-        if self.sensitivity not in GRADIENTS:
-            raise GRADIENTS.invalid("sensitivity", self.sensitivity)
-        method = GRADIENTS[self.sensitivity]
+        if self.sensitivity not in SENSITIVITIES:
+            raise SENSITIVITIES.invalid("sensitivity", self.sensitivity)
+        method = SENSITIVITIES[self.sensitivity]
         if method.family != family:
-            wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_gradients(family))))
+            wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_sensitivities(family))))
         if self.adjoint_solver is not None and "adjoint_solver" not in method.config_fields.values():
             fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
         check_constructor("sensitivity_kwargs", self.sensitivity_kwargs, f"sensitivity={self.sensitivity!r}", method, 0)
         if family == "ode":
             if self.ode_backend not in method.backends:
-                supported = [n for n in available_gradients("ode") if self.ode_backend in GRADIENTS[n].backends]
+                supported = [n for n in available_sensitivities("ode") if self.ode_backend in SENSITIVITIES[n].backends]
                 fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} ({', '.join(supported)})")
             if method.reevaluates_field and not BLOCKS[self.block].is_plain:
                 fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "

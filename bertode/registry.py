@@ -1,6 +1,6 @@
 """`Registry`: one name -> one choice, for every axis a user can extend.
 
-Every axis of bertode (vector fields, ODE solvers, gradient methods, ODE-Transformer
+Every axis of bertode (vector fields, ODE solvers, sensitivity methods, ODE-Transformer
 blocks, fixed-point solvers) keeps one `Registry` beside its code and exposes its
 ``register`` method as a public decorator (``bertode.register_solver`` and so on).
 Config validation, the Hydra config groups, ``bertode.available()`` and the README

@@ -71,7 +71,7 @@ def check_kwargs(field: str, value: Any) -> None:
 def check_constructor(field: str, kwargs: dict | None, owner: str, cls: type, skip: int) -> None:
     """``kwargs`` must be keyword arguments of ``cls``'s constructor (after its ``skip``
     leading positional ones: the config for fields and blocks; the ``config_fields`` of a
-    gradient method are passed by bertode and are not the user's to give)."""
+    sensitivity method are passed by bertode and are not the user's to give)."""
     parameters = list(inspect.signature(cls).parameters.values())[skip:]
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
         return

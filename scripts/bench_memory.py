@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ode-steps", type=int_list, default=[1, 2, 4, 8, 16, 32], help="ODE fixed-step counts")
     p.add_argument("--solvers", type=lambda t: t.split(","), default=["euler", "rk4"], help="ODE rows' solvers")
     p.add_argument("--sensitivities", type=lambda t: t.split(","), default=["autograd", "adjoint"],
-                   help="ODE rows' gradient methods")
+                   help="ODE rows' sensitivity methods")
     args = p.parse_args(argv)
     device = common.setup(args)
     sizes = dict(common.sizes_of(args), layers=args.layers)

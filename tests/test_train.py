@@ -52,7 +52,7 @@ def test_every_config_option_composes_into_a_valid_model_config():
     for group in GROUPS:
         for option in group_options(group):
             extra = ["data.files=[x.txt]"] if option == "text" else []
-            extra += ["model=deq"] if group == "sensitivity" and option in bertode.available_gradients("deq") else []
+            extra += ["model=deq"] if group == "sensitivity" and option in bertode.available_sensitivities("deq") else []
             build_model_config(compose_train([f"{group}={option}", *extra]), vocab_size=100)
             seen += 1
     assert seen >= 35

@@ -15,7 +15,7 @@ the layer (it may own parameters, like the gate); its ``forward(layer, y)`` gets
 A `SchemeBlock` takes one step of any explicit solver: a registered solver's name, a
 `ButcherTableau` or a torchdyn solver class. Register your own with
 ``@bertode.register_block("name")``. Blocks are discrete one-step schemes, trained by
-backpropagation: they need a gradient method that does not re-evaluate the field.
+backpropagation: they need a sensitivity method that does not re-evaluate the field.
 """
 
 from __future__ import annotations

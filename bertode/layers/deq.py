@@ -7,8 +7,8 @@ layer on the embeddings); ``qkv`` adds U e to the attention's Q, K and V project
 (the DEQ-Transformer's injection). z0 = 0.
 
 The forward solve runs without a graph in fp32, even under autocast, with the registered
-fixed-point solver ``deq_solver`` (`solve/fixed_point.py`); the gradient method
-(``sensitivity``: ift, phantom, unrolled or a registered one, `solve/deq_gradients.py`)
+fixed-point solver ``deq_solver`` (`solve/fixed_point.py`); the sensitivity method
+(``sensitivity``: ift, phantom, unrolled or a registered one, `solve/deq_sensitivities.py`)
 gives z* its gradient path. This module owns the DEQ's training semantics, so that
 `bertode.train` and `transformers.Trainer` behave the same:
 
@@ -40,9 +40,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils import logging
 
 from ..solve import observe
-from ..solve.deq_gradients import FixedPointProblem
+from ..solve.deq_sensitivities import FixedPointProblem
 from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
-from ..solve.gradients import build_gradient
+from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 
@@ -80,7 +80,7 @@ class BertDEQEncoder(Encoder):
             identity_init(self.injection)
         if config.deq_weight_norm:
             apply_weight_norm(self.layer)
-        self.gradient = build_gradient(config)
+        self.sensitivity = build_sensitivity(config)
         self.compiled_map = None  # torch.compile(BertDEQEncoder.evaluate_map), set by compile_model
         for name in COUNTERS:
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
@@ -156,7 +156,7 @@ class BertDEQEncoder(Encoder):
             out = z
         else:
             try:
-                out = self.gradient(problem)
+                out = self.sensitivity(problem)
             except DEQSolveError as error:
                 if cfg.deq_on_nonfinite != "skip":
                     raise
@@ -164,7 +164,7 @@ class BertDEQEncoder(Encoder):
                 logger.warning("skipping a batch: %s", error)
                 return EncoderOutput(torch.zeros_like(embeddings), None, SolverStats([record]), skipped=True)
             z_star = out.detach()
-            solved = self.gradient.solves_fixed_point
+            solved = self.sensitivity.solves_fixed_point
             if solved and self.training and self.jac_weight > 0 and torch.is_grad_enabled() \
                     and torch.rand(()) < cfg.jac_reg_freq:
                 self.jac_loss = self._jacobian_penalty(f.eager, z_star, record)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..solve import observe
-from ..solve.gradients import build_gradient, get_gradient
+from ..solve.sensitivities import build_sensitivity, get_sensitivity
 from ..solve.ode import ODESolve
 from ..solve.stats import SolveRecord, SolverStats
 from .blocks import build_block
@@ -48,8 +48,8 @@ class Pass:
 
 
 def ode_solve(config) -> ODESolve:
-    """The solve every ODE site of this config uses (solver, gradient method, options)."""
-    return ODESolve(config.solver, build_gradient(config), steps=config.steps, atol=config.atol, rtol=config.rtol,
+    """The solve every ODE site of this config uses (solver, sensitivity method, options)."""
+    return ODESolve(config.solver, build_sensitivity(config), steps=config.steps, atol=config.atol, rtol=config.rtol,
                     ode_backend=config.ode_backend, fixed_step_loop=config.fixed_step_loop)
 
 
@@ -238,7 +238,7 @@ class BertODEEncoder(Encoder):
 
     def checkpointing_refusal(self) -> str | None:
         sensitivity = self.config.sensitivity
-        if self.integrate and get_gradient(sensitivity).reevaluates_field:
+        if self.integrate and get_sensitivity(sensitivity).reevaluates_field:
             return (f"sensitivity={sensitivity!r}: the adjoint keeps no activations of the solve (memory is "
                     "already constant in its steps)")
         return None

@@ -3,7 +3,7 @@
 A regulariser names integrands r(t) of the dynamics; while training, each ODE site
 integrates them alongside its state, as extra channels of an augmented state (RNODE:
 Finlay et al., "How to train your neural ODE", ICML 2020), so they are exact integrals
-∫ r dt for any solver and are differentiated by whichever gradient method the model uses
+∫ r dt for any solver and are differentiated by whichever sensitivity method the model uses
 (autograd through the solver, or the adjoint, which solves the augmented system
 backwards). The model adds ``regularizer_weight`` x (their mean over batch and tokens,
 summed over sites) to its loss and reports the integrals in ``solver_stats``.

@@ -1,9 +1,9 @@
 """`ODESolve` and `ODEProblem`: one residual's ODE, solved by torchdyn (or torchdiffeq, the peer).
 
 `ODESolve` holds the choices fixed at construction: a registered solver
-(`solvers.py`), a gradient method (`ode_gradients.py`), steps, tolerances, backend and
+(`solvers.py`), a sensitivity method (`ode_sensitivities.py`), steps, tolerances, backend and
 fixed-step loop. Each call builds an `ODEProblem` (the state, the dynamics, the interval,
-a fresh `SolveRecord`) and hands it to the gradient method, which decides how the
+a fresh `SolveRecord`) and hands it to the sensitivity method, which decides how the
 solution is differentiated by calling the problem's building blocks: `step`, `grid`,
 `autograd` or `adjoint`. The call returns ``(z1, record)``: statistics are returned, not
 written into a sink.
@@ -97,18 +97,18 @@ def time_dtype(state: torch.Tensor) -> torch.dtype:
 class ODESolve:
     """Integrates ``dz/dt = dynamics(t, z)`` from ``t0`` to ``t1`` with fixed options.
 
-    ``solver`` is a registered solver name or `ODESolverSpec`; ``gradient`` an
-    `ODEGradient` (``None``: backpropagate through the solver). ``fixed_step_loop``
+    ``solver`` is a registered solver name or `ODESolverSpec`; ``sensitivity`` an
+    `ODESensitivity` (``None``: backpropagate through the solver). ``fixed_step_loop``
     (``direct`` or ``neural_ode``) says whether a fixed-step autograd solve calls the
     `SubSteps` solver itself or goes through ``NeuralODE``.
     """
 
-    def __init__(self, solver, gradient=None, steps: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
+    def __init__(self, solver, sensitivity=None, steps: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
                  ode_backend: str = "torchdyn", fixed_step_loop: str = "direct"):
-        from .ode_gradients import Autograd  # the gradient methods build on this module
+        from .ode_sensitivities import Autograd  # the sensitivity methods build on this module
 
         self.spec: ODESolverSpec = solver if isinstance(solver, ODESolverSpec) else get_solver(solver)
-        self.gradient = gradient if gradient is not None else Autograd()
+        self.sensitivity = sensitivity if sensitivity is not None else Autograd()
         self.steps, self.atol, self.rtol = steps, atol, rtol
         self.ode_backend, self.fixed_step_loop = ode_backend, fixed_step_loop
         self._reset_cache()
@@ -161,12 +161,12 @@ class ODESolve:
                  t0: float, t1: float, name: str = "solve") -> tuple[torch.Tensor, SolveRecord]:
         record = SolveRecord(name=name, fixed_steps=None if self.adaptive else self.steps)
         problem = ODEProblem(self, z0, dynamics, parameters, t0, t1, record)
-        z1 = self.gradient(problem)
+        z1 = self.sensitivity(problem)
         return z1.to(z0.dtype), record
 
 
 class ODEProblem:
-    """One solve, as a gradient method sees it: the initial state ``z0`` (batch, seq,
+    """One solve, as a sensitivity method sees it: the initial state ``z0`` (batch, seq,
     hidden), the interval ``[t0, t1]``, the counted ``field(t, z)``, the ``trainable``
     parameters of the dynamics, and the building blocks below."""
 
@@ -208,17 +208,19 @@ class ODEProblem:
             return solver.integrate(self.field, self.z0, self.t0, self.t1, time_dtype(self.z0))
         return self._neural_ode(None, keep_grid=False)
 
-    def adjoint(self, sensitivity: str, solver=None, atol: float = 1e-4, rtol: float = 1e-4, keep_grid: bool = False):
+    def adjoint(self, torchdyn_sensitivity: str, solver=None, atol: float = 1e-4, rtol: float = 1e-4,
+                keep_grid: bool = False):
         """z(t1), differentiated by torchdyn's (or torchdiffeq's) continuous adjoint.
 
-        ``sensitivity`` is torchdyn's sensalg; ``solver`` (a registered name, None = the
+        ``torchdyn_sensitivity`` names the adjoint as torchdyn does (its ``sensitivity=``
+        argument, which torchdyn calls sensalg); ``solver`` (a registered name, None = the
         forward solver), ``atol``, ``rtol`` configure the backward solve; ``keep_grid``
         keeps every step on torchdyn's grid (the interpolated adjoint's spline needs it).
         Without a graph to build (no_grad, or nothing trainable) this is `autograd`."""
         if not (torch.is_grad_enabled() and self.trainable):
             return self.autograd()
         backward = get_solver(solver) if solver is not None else self.solve.spec
-        options = dict(sensitivity=sensitivity, backward=backward, atol=atol, rtol=rtol)
+        options = dict(sensitivity=torchdyn_sensitivity, backward=backward, atol=atol, rtol=rtol)
         if self.solve.ode_backend == "torchdiffeq":
             return self._torchdiffeq(adjoint=options)
         return self._neural_ode(options, keep_grid)

@@ -27,11 +27,11 @@ from hydra.core.config_store import ConfigStore
 from ..layers.blocks import BLOCKS
 from ..layers.regularizers import REGULARIZERS
 from ..configuration import BertODEConfig
-from ..solve.gradients import GRADIENTS
+from ..solve.sensitivities import SENSITIVITIES
 from ..solve.solvers import SOLVERS
 from ..layers.vector_fields import VECTOR_FIELDS
 
-REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": GRADIENTS, "block": BLOCKS, "vector_field": VECTOR_FIELDS,
+REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": SENSITIVITIES, "block": BLOCKS, "vector_field": VECTOR_FIELDS,
                    "regularizer": REGULARIZERS}
 # The groups every solving command takes (train, evaluate, finetune, generate), and the ones
 # that only mean something while training (a penalty added to the loss).
@@ -40,8 +40,8 @@ TRAINING_GROUPS = ("regularizer",)
 FIXED_STEP_KEYS = ("steps", "t_end", "ode_backend", "fixed_step_loop")
 ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
 DEFAULT = "default"
-# The gradient methods' own config fields (beyond kwargs), shown in their group node.
-GRADIENT_KEYS = ("adjoint_solver", "adjoint_atol", "adjoint_rtol")
+# The sensitivity methods' own config fields (beyond kwargs), shown in their group node.
+SENSITIVITY_KEYS = ("adjoint_solver", "adjoint_atol", "adjoint_rtol")
 DEQ_PLAIN_FIELDS = ("jac_reg_weight", "jac_reg_freq", "jac_reg_increment_every")
 
 
@@ -65,7 +65,7 @@ def field_for(group: str, key: str) -> str:
 def key_for(group: str, field: str) -> str | None:
     """What a user types for the `BertODEConfig` field ``field`` in ``group`` (``solver`` for the
     choice, else ``<group>.<key>``); None where the group has no key for it."""
-    keys = {"solver": FIXED_STEP_KEYS + ADAPTIVE_KEYS, "sensitivity": GRADIENT_KEYS, "regularizer": ("weight",),
+    keys = {"solver": FIXED_STEP_KEYS + ADAPTIVE_KEYS, "sensitivity": SENSITIVITY_KEYS, "regularizer": ("weight",),
             "deq": tuple(deq_node())}.get(group, ())
     for key in ("name", "kwargs", *keys):
         if field_for(group, key) == field:
@@ -93,17 +93,17 @@ def _kwargs(names) -> dict | None:
 def kwargs_defaults(group: str, name: str) -> dict:
     """The constructor keywords (and defaults) of ``group``'s choice ``name`` that ``<group>.kwargs.<k>`` sets."""
     if group == "sensitivity":
-        method = GRADIENTS[name]
+        method = SENSITIVITIES[name]
         return {k: v for k, v in _keyword_defaults(method.__init__, 1).items() if k not in method.config_fields}
     if group in ("vector_field", "block"):
         return _keyword_defaults(REGISTRY_GROUPS[group][name].__init__, 2)
     return {}
 
 
-def _gradient_node(name):
+def _sensitivity_node(name):
     """``name``, the config fields of this group the method reads, and its other
     constructor arguments under ``kwargs`` (its DEQ fields live in the deq group)."""
-    own = {field for field in GRADIENTS[name].config_fields.values() if field in GRADIENT_KEYS}
+    own = {field for field in SENSITIVITIES[name].config_fields.values() if field in SENSITIVITY_KEYS}
     return {"name": name, **dict.fromkeys(sorted(own)), "kwargs": _kwargs(kwargs_defaults("sensitivity", name))}
 
 
@@ -116,7 +116,7 @@ def group_node(group: str, name: str) -> dict:
     if group == "solver":
         return _solver_node(name)
     if group == "sensitivity":
-        return _gradient_node(name)
+        return _sensitivity_node(name)
     if group == "regularizer":
         return {"name": name, "weight": None}
     return _kwargs_node(group, name)

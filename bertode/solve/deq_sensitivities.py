@@ -1,6 +1,6 @@
-"""The built-in DEQ gradient methods, and `FixedPointProblem`, what a DEQ gradient sees.
+"""The built-in DEQ sensitivity methods, and `FixedPointProblem`, what one of them sees.
 
-A `DEQGradient` is called with a `FixedPointProblem` and returns z* (flat, (batch, dim))
+A `DEQSensitivity` is called with a `FixedPointProblem` and returns z* (flat, (batch, dim))
 with the gradient path it defines:
 
 * ``ift``: z_out = f(z*) with a graph; a hook replaces the incoming gradient v by the
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .fixed_point import DEQSolveError, damped
-from .gradients import DEQGradient, register_gradient
+from .sensitivities import DEQSensitivity, register_sensitivity
 from .stats import FixedPointRecord
 
 
@@ -42,8 +42,8 @@ class FixedPointProblem:
         return damped(z, self.f(z), self.damping)
 
 
-@register_gradient("ift", default=True)
-class ImplicitGradient(DEQGradient):
+@register_sensitivity("ift", default=True)
+class ImplicitGradient(DEQSensitivity):
     config_fields = {"backward_solver": "deq_backward_solver", "backward_max_iter": "deq_backward_max_iter",
                      "backward_tol": "deq_backward_tol"}
 
@@ -76,8 +76,8 @@ class ImplicitGradient(DEQGradient):
                                       self.backward_tol)
 
 
-@register_gradient("phantom")
-class PhantomGradient(DEQGradient):
+@register_sensitivity("phantom")
+class PhantomGradient(DEQSensitivity):
     config_fields = {"steps": "deq_phantom_steps"}
 
     def __init__(self, steps: int = 1):
@@ -91,8 +91,8 @@ class PhantomGradient(DEQGradient):
         return z
 
 
-@register_gradient("unrolled")
-class UnrolledGradient(DEQGradient):
+@register_sensitivity("unrolled")
+class UnrolledGradient(DEQSensitivity):
     solves_fixed_point = False
     def __call__(self, problem: FixedPointProblem):
         z, relative = problem.z0, float("nan")

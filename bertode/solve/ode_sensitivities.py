@@ -1,4 +1,4 @@
-"""The built-in ODE gradient methods: backprop through the solver, and torchdyn's adjoints.
+"""The built-in ODE sensitivity methods: backprop through the solver, and torchdyn's adjoints.
 
 * ``autograd``: backpropagate through every operation of the solver (exact gradient of
   the discrete solution; memory grows with the steps).
@@ -9,18 +9,18 @@
 * ``interpolated_adjoint``: the adjoint on a cubic spline of the forward trajectory
   (torchdyn only; it keeps every step, and uses the forward solver and tolerances).
 
-The adjoints pass torchdyn its ``sensitivity`` argument (``sensalg``), which is the name
-they are registered under here.
+The adjoints pass torchdyn its ``sensitivity`` argument (``torchdyn_sensitivity``; torchdyn
+stores it as ``NeuralODE.sensalg``), which is the name they are registered under here.
 """
 
 from __future__ import annotations
 
-from .gradients import ODEGradient, register_gradient
+from .sensitivities import ODESensitivity, register_sensitivity
 from .solvers import ODE_BACKENDS
 
 
-@register_gradient("autograd", default=True)
-class Autograd(ODEGradient):
+@register_sensitivity("autograd", default=True)
+class Autograd(ODESensitivity):
     traceable = True
     backends = ODE_BACKENDS
 
@@ -28,8 +28,8 @@ class Autograd(ODEGradient):
         return problem.autograd()
 
 
-@register_gradient("adjoint")
-class Adjoint(ODEGradient):
+@register_sensitivity("adjoint")
+class Adjoint(ODESensitivity):
     reevaluates_field = True
     backends = ODE_BACKENDS
     config_fields = {"adjoint_solver": "adjoint_solver", "adjoint_atol": "adjoint_atol", "adjoint_rtol": "adjoint_rtol"}
@@ -38,10 +38,10 @@ class Adjoint(ODEGradient):
         self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol = adjoint_solver, adjoint_atol, adjoint_rtol
 
     def __call__(self, problem):
-        return problem.adjoint(self.sensalg, self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol)
+        return problem.adjoint(self.torchdyn_sensitivity, self.adjoint_solver, self.adjoint_atol, self.adjoint_rtol)
 
 
-@register_gradient("interpolated_adjoint")
+@register_sensitivity("interpolated_adjoint")
 class InterpolatedAdjoint(Adjoint):
     backends = ODE_BACKENDS[:1]
     config_fields = {}  # torchdyn's interpolated adjoint uses the forward solver and tolerances
@@ -51,8 +51,10 @@ class InterpolatedAdjoint(Adjoint):
 
     def __call__(self, problem):
         # torchdyn's interpolated adjoint ignores the adjoint solver and tolerances.
-        return problem.adjoint(self.sensalg, keep_grid=True)
+        return problem.adjoint(self.torchdyn_sensitivity, keep_grid=True)
 
 
-Adjoint.sensalg = Adjoint.registry_name  # torchdyn's names; subclasses keep their base's
-InterpolatedAdjoint.sensalg = InterpolatedAdjoint.registry_name
+# torchdyn's names for the adjoints (its ``sensitivity=`` argument, stored as ``NeuralODE.sensalg``)
+# are the registered ones; a registered subclass keeps its base's.
+Adjoint.torchdyn_sensitivity = Adjoint.registry_name
+InterpolatedAdjoint.torchdyn_sensitivity = InterpolatedAdjoint.registry_name

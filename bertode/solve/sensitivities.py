@@ -1,14 +1,15 @@
-"""The gradient-method registry: ``sensitivity=<name>`` resolves here, for both families.
+"""The sensitivity registry: ``sensitivity=<name>`` resolves here, for both families.
 
-A gradient method is one object that decides how a solve is differentiated. It belongs
-to one family, and a method of the other family is refused by the config:
+A sensitivity method is one object that decides how a solve is differentiated (the
+gradient path of its solution). It belongs to one family, and a method of the other
+family is refused by the config:
 
-* `ODEGradient` (``family = "ode"``): called with an `ODEProblem` (`ode.py`), returns
-  z(t1). Built in: ``autograd``, ``adjoint``, ``interpolated_adjoint`` (`ode_gradients.py`).
-* `DEQGradient` (``family = "deq"``): called with a `FixedPointProblem` (`deq_gradients.py`),
+* `ODESensitivity` (``family = "ode"``): called with an `ODEProblem` (`ode.py`), returns
+  z(t1). Built in: ``autograd``, ``adjoint``, ``interpolated_adjoint`` (`ode_sensitivities.py`).
+* `DEQSensitivity` (``family = "deq"``): called with a `FixedPointProblem` (`deq_sensitivities.py`),
   returns z* with its gradient path. Built in: ``ift``, ``phantom``, ``unrolled``.
 
-Register your own with ``@bertode.register_gradient("name")`` on a subclass. A method is
+Register your own with ``@bertode.register_sensitivity("name")`` on a subclass. A method is
 built from the model config by ``from_config(config)``: constructor arguments named in
 ``config_fields`` (argument -> `BertODEConfig` field) are read from the config, the rest
 come from ``config.sensitivity_kwargs`` (``sensitivity.kwargs.<name>`` on the command
@@ -21,15 +22,15 @@ import abc
 
 from ..registry import Registry
 
-class GradientMethod(abc.ABC):
-    """Base of both families; ``registry_name`` is set by `register_gradient`."""
+class SensitivityMethod(abc.ABC):
+    """Base of both families; ``registry_name`` is set by `register_sensitivity`."""
 
     family: str = ""
     registry_name: str = ""
     config_fields: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, config) -> "GradientMethod":
+    def from_config(cls, config) -> "SensitivityMethod":
         own = {argument: getattr(config, field) for argument, field in cls.config_fields.items()}
         return cls(**own, **(getattr(config, "sensitivity_kwargs", None) or {}))
 
@@ -45,7 +46,7 @@ class GradientMethod(abc.ABC):
         return f"{type(self).__name__}({options})"
 
 
-class ODEGradient(GradientMethod):
+class ODESensitivity(SensitivityMethod):
     """How an ODE solve is differentiated.
 
     ``reevaluates_field``: the backward pass evaluates the vector field again (adjoints):
@@ -60,8 +61,8 @@ class ODEGradient(GradientMethod):
     backends: tuple[str, ...] = ("torchdyn",)
 
 
-class DEQGradient(GradientMethod):
-    """How a fixed-point solve is differentiated (see `deq_gradients.FixedPointProblem`).
+class DEQSensitivity(SensitivityMethod):
+    """How a fixed-point solve is differentiated (see `deq_sensitivities.FixedPointProblem`).
 
     ``solves_fixed_point``: the output is a solved z* (the Jacobian penalty and the
     spectral radius are taken there); False for methods that return an unrolled iterate."""
@@ -70,16 +71,17 @@ class DEQGradient(GradientMethod):
     solves_fixed_point: bool = True
 
 
-GRADIENTS = Registry("gradient method", "sensitivity", base=(ODEGradient, DEQGradient), decorator="register_gradient")
+SENSITIVITIES = Registry("sensitivity method", "sensitivity", base=(ODESensitivity, DEQSensitivity),
+                         decorator="register_sensitivity")
 _DEFAULTS: dict[str, str] = {}
 
 
-def register_gradient(name: str, *, default: bool = False):
-    """Class decorator: make an `ODEGradient`/`DEQGradient` subclass selectable as
+def register_sensitivity(name: str, *, default: bool = False):
+    """Class decorator: make an `ODESensitivity`/`DEQSensitivity` subclass selectable as
     ``sensitivity=name``; ``default=True`` makes it its family's default."""
 
     def decorate(cls):
-        GRADIENTS.register(name, cls)
+        SENSITIVITIES.register(name, cls)
         if default:
             _DEFAULTS[cls.family] = name
         return cls
@@ -87,18 +89,18 @@ def register_gradient(name: str, *, default: bool = False):
     return decorate
 
 
-def available_gradients(family: str | None = None) -> tuple[str, ...]:
-    return tuple(n for n, cls in GRADIENTS.items() if family is None or cls.family == family)
+def available_sensitivities(family: str | None = None) -> tuple[str, ...]:
+    return tuple(n for n, cls in SENSITIVITIES.items() if family is None or cls.family == family)
 
 
-def default_gradient(family: str) -> str:
+def default_sensitivity(family: str) -> str:
     return _DEFAULTS[family]
 
 
-def get_gradient(name: str) -> type[GradientMethod]:
-    return GRADIENTS[name]
+def get_sensitivity(name: str) -> type[SensitivityMethod]:
+    return SENSITIVITIES[name]
 
 
-def build_gradient(config) -> GradientMethod:
-    """The gradient method ``config.sensitivity`` names, built from the config."""
-    return get_gradient(config.sensitivity).from_config(config)
+def build_sensitivity(config) -> SensitivityMethod:
+    """The sensitivity method ``config.sensitivity`` names, built from the config."""
+    return get_sensitivity(config.sensitivity).from_config(config)

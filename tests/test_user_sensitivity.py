@@ -1,4 +1,4 @@
-"""A researcher's own gradient method, in one file, through the public API only:
+"""A researcher's own sensitivity method, in one file, through the public API only:
 truncated backpropagation through the solver (only the last k steps keep a graph).
 With k covering every step it is autograd; with fewer it truncates; it refuses adaptive
 solvers; and it trains for a few steps from Python."""
@@ -11,8 +11,8 @@ import torch
 import bertode
 
 
-@bertode.register_gradient("truncated")
-class TruncatedBackprop(bertode.ODEGradient):
+@bertode.register_sensitivity("truncated")
+class TruncatedBackprop(bertode.ODESensitivity):
     """Backpropagate through the last ``k`` fixed steps of each solve; the earlier steps
     run without a graph (their input gets no gradient through this solve)."""
 
@@ -54,7 +54,7 @@ def test_covering_every_step_it_is_autograd():
     torch.manual_seed(0)
     out_a, grads_a, reference = _run()
     out_t, grads_t, model = _run(reference.state_dict(), sensitivity="truncated", sensitivity_kwargs={"k": 3})
-    assert isinstance(model.encoder.layer[0].attention.solve.gradient, TruncatedBackprop)
+    assert isinstance(model.encoder.layer[0].attention.solve.sensitivity, TruncatedBackprop)
     assert (out_a - out_t).abs().max() <= 1e-12
     assert set(grads_a) == set(grads_t)
     for name in grads_a:
@@ -94,3 +94,44 @@ def test_trained_for_a_few_steps_from_python(tmp_path):
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
     assert saved["sensitivity"] == "truncated" and saved["sensitivity_kwargs"] == {"k": 1}
     assert result["step"] == 3
+
+
+# The axis's former names (bertode 0.2) work for one release, each with a FutureWarning naming its replacement.
+DEPRECATED = {"register_gradient": "register_sensitivity", "available_gradients": "available_sensitivities",
+              "get_gradient": "get_sensitivity", "ODEGradient": "ODESensitivity", "DEQGradient": "DEQSensitivity"}
+
+
+@pytest.mark.parametrize("old, new", DEPRECATED.items())
+def test_the_former_names_warn_and_are_the_new_ones(old, new):
+    with pytest.warns(FutureWarning, match=rf"^bertode\.{old} is deprecated; use bertode\.{new}$"):
+        assert getattr(bertode, old) is getattr(bertode, new)
+    assert old not in bertode.__all__ and new in bertode.__all__
+
+
+def test_the_former_names_still_work():
+    with pytest.warns(FutureWarning, match="register_gradient is deprecated"):
+        register = bertode.register_gradient
+    assert register("truncated")(TruncatedBackprop) is TruncatedBackprop  # the same registration again: accepted
+    with pytest.warns(FutureWarning, match="ODEGradient is deprecated"):
+        assert issubclass(TruncatedBackprop, bertode.ODEGradient)
+    with pytest.warns(FutureWarning, match="available_gradients is deprecated"):
+        assert bertode.available_gradients("ode") == bertode.available_sensitivities("ode")
+    assert "truncated" in bertode.available_sensitivities("ode")
+    with pytest.warns(FutureWarning, match="get_gradient is deprecated"):
+        assert bertode.get_gradient("truncated") is TruncatedBackprop
+    with pytest.warns(FutureWarning, match="DEQGradient is deprecated"):
+        assert bertode.DEQGradient is bertode.DEQSensitivity
+    with pytest.raises(AttributeError, match="has no attribute 'GradientMethod'"):
+        bertode.GradientMethod
+
+
+def test_the_axis_keeps_its_config_field_and_names_its_methods_in_errors():
+    assert set(bertode.available()) == {"solver", "sensitivity", "block", "vector_field", "regularizer", "deq_solver",
+                                        "objective"}
+    assert {"autograd", "adjoint", "ift", "truncated"} <= set(bertode.available()["sensitivity"])
+    with pytest.raises(ValueError, match=r"BertODEConfig.sensitivity='nope' is invalid; allowed: .*'truncated'.* "
+                                         r"\(registered sensitivity methods\)$"):
+        bertode.BertODEConfig(**TINY, sensitivity="nope")
+    with pytest.raises(TypeError, match=r"register_sensitivity\('bad'\) needs a bertode.ODESensitivity or "
+                                        r"bertode.DEQSensitivity subclass"):
+        bertode.register_sensitivity("bad")(object)
