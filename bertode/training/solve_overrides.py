@@ -45,7 +45,9 @@ def check_parameters(model_class, folder: Path, saved: dict, fields: dict) -> No
     if trained != chosen:
         new = sorted(set(chosen) - set(trained)) or sorted(k for k in chosen if chosen[k] != trained.get(k))
         dropped = sorted(set(trained) - set(chosen))
-        typed = " ".join(f"{typed_key(field)}={value!r}" for field, value in fields.items() if value is not None)
+        # a choice's keyword arguments come with it: name the choice (``vector_field=...``) alone
+        typed = " ".join(f"{typed_key(field)}={value!r}" for field, value in fields.items()
+                         if value is not None and field.removesuffix("_kwargs") not in set(fields) - {field})
         raise ValueError(f"{typed} is invalid for checkpoint={str(folder)!r}: the model it makes has parameters the "
                          f"checkpoint never trained ({(new or dropped)[0]}, {len(new)} new, {len(dropped)} dropped); "
                          "allowed: choices that keep the trained parameters (solver, steps, tolerances, deq.* iterations)")
