@@ -19,7 +19,7 @@ from pathlib import Path
 from .causal_lm import BertODEForCausalLM
 from .training import solve_overrides
 from .training.checks import check_count, torch_device
-from .training.cli import hydra_entry, import_plugins, usage_errors
+from .training.cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .training.corpus import load_tokenizer
 from .training.evaluate import read_checkpoint
 
@@ -68,7 +68,7 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     from . import causal_lm  # noqa: F401  (registers AutoModelForCausalLM)
 
     with usage_errors():
-        folder, saved, chosen = validate(cfg)
+        folder, saved, chosen = prechecked(cfg, validate)
         tokenizer = load_tokenizer(folder)
         ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
         start = [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []

@@ -131,11 +131,15 @@ PLUGIN = _SECTION[_SECTION.index("```python") + len("```python"):_SECTION.index(
 
 
 def test_a_plugin_objective_trains_from_the_cli_and_is_evaluated_as_itself(tmp_path, cache_dir, monkeypatch, capsys):
-    from test_train import run_train, small
+    from test_train import small
 
     (tmp_path / "span_plugin.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
-    result, _ = run_train(tmp_path / "run", small(cache_dir, "plugins=[span_plugin]", "objective=span3"))
+    from bertode.train import main as train_main
+
+    monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={tmp_path / 'run'}",
+                                      *small(cache_dir, "plugins=[span_plugin]", "objective=span3")])
+    train_main()  # the command line, in this process
     final = tmp_path / "run" / "final"
     assert json.loads((final / "config.json").read_text())["objective"] == "span3"
     from bertode.evaluate import run as evaluate
@@ -159,7 +163,8 @@ def test_a_plugin_objective_trains_from_the_cli_and_is_evaluated_as_itself(tmp_p
     # Another objective with the same attention may be asked for; it scores other targets.
     masked = evaluate(compose("evaluate", [*base, "objective=mlm"]), tmp_path / "e2")
     assert masked["objective"] == "mlm" and masked["target_tokens"] != own["target_tokens"]
-    assert result["eval"]["loss"] == pytest.approx(own["loss"], abs=1e-5)  # train's last eval: the same batches
+    trained = json.loads((final / "train_results.json").read_text())["eval"]  # train's last eval: the same batches
+    assert trained["loss"] == pytest.approx(own["loss"], abs=1e-5) and trained["target_tokens"] == own["target_tokens"]
 
 
 def test_one_training_run_validates_and_builds_its_model_config_once(tmp_path, cache_dir, monkeypatch, capsys):
@@ -189,3 +194,15 @@ def test_one_training_run_validates_and_builds_its_model_config_once(tmp_path, c
                                       *small(cache_dir, "trainer.max_steps=1")])
     loop.main()
     assert calls == {"build": 2, "check_run": 2}
+    # bertode.evaluate reads and checks its checkpoint once too (Hydra's copy reuses the check).
+    from bertode.training import evaluate
+
+    reads = []
+    read_checkpoint = evaluate.read_checkpoint
+    monkeypatch.setattr(evaluate, "read_checkpoint", lambda cfg: reads.append(1) or read_checkpoint(cfg))
+    monkeypatch.setattr(sys, "argv", ["bertode.evaluate", f"checkpoint={tmp_path / 'run' / 'final'}",
+                                      f"hydra.run.dir={tmp_path / 'e'}", f"data.cache_dir={cache_dir}",
+                                      "data.seq_len=16", "data.vocab_size=500", "max_sequences=4", "solver=rk4"])
+    evaluate.main()
+    assert len(reads) == 1
+    assert json.loads((tmp_path / "e" / "evaluation.json").read_text())["solver"] == "rk4"

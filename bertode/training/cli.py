@@ -178,9 +178,10 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
             _fail("-m (a sweep) is invalid under torchrun: each process would run the sweep on its own; "
                   "allowed: one run per torchrun, or a sweep whose launcher starts torchrun")
         cfg = check_overrides(config_name, sys.argv[1:])
+        _PRECHECKED.clear()
         if cfg is not None and precheck is not None:
             with usage_errors():
-                precheck(cfg)
+                _PRECHECKED[_config_key(cfg)] = precheck(cfg)
         if worker and cfg is not None:
             # torchrun's other ranks: no Hydra run directory of their own; `task` writes
             # under the directory rank 0 broadcasts.
@@ -192,6 +193,25 @@ def hydra_entry(config_name: str, task, precheck=None, distributed: bool = False
         return guarded_run(_run, cfg, prerun, lock)
 
     return main
+
+
+_PRECHECKED: dict = {}  # the composed config `hydra_entry` checked (as yaml) -> what its precheck returned
+
+
+def _config_key(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg)
+
+
+def prechecked(cfg, check):
+    """``check(cfg)``'s result: the one `hydra_entry` computed before Hydra started when
+    ``cfg`` is Hydra's copy of the config it checked (each command checks, and reads its
+    checkpoint and task files, once per run), else computed now (a sweep's job, a call from Python)."""
+    key = _config_key(cfg)
+    if key in _PRECHECKED:
+        return _PRECHECKED.pop(key)
+    return check(cfg)
 
 
 def check_overrides(config_name: str, argv: list[str]):

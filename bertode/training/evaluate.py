@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import modeling  # noqa: F401  (registers the Auto classes)
 from . import solve_overrides
 from .run_config import checkpoint_fields
-from .cli import hydra_entry, import_plugins, usage_errors
+from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .checks import check_count, torch_device
 from .corpus import check_data, holds_tokenizer, load_tokenizer, prepare
 from .sources import check_sources
@@ -139,7 +139,7 @@ def validate(cfg: DictConfig) -> tuple[Path, dict, str, dict]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     with usage_errors():
-        folder, saved, name, chosen = validate(cfg)
+        folder, saved, name, chosen = prechecked(cfg, validate)
         tokenizer = load_tokenizer(folder)
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:  # e.g. a converted GPT-2's
             raise ValueError(f"checkpoint={str(folder)!r} is invalid for bertode.evaluate: its tokenizer has no "

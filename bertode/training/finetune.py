@@ -44,7 +44,7 @@ from ..heads import BertODEForSequenceClassification, BertODEForTokenClassificat
 from .checks import check_count, resolve_device
 from . import solve_overrides
 from .run_config import check_changes, checkpoint_fields, group_fields, rename
-from .cli import hydra_entry, import_plugins, usage_errors
+from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .corpus import SPECIAL_TOKENS, holds_tokenizer
 from .tasks import load_task, metrics
 from .wordpiece import train_tokenizer
@@ -240,7 +240,7 @@ def _readable(folder: Path) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     with usage_errors():
-        task = validate(cfg)
+        task = prechecked(cfg, validate)
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     torch.manual_seed(cfg.seed)
