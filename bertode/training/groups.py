@@ -73,6 +73,13 @@ def key_for(group: str, field: str) -> str | None:
     return None
 
 
+def typed_key(field: str) -> str | None:
+    """The command-line key of a `BertODEConfig` field in any solve group (``steps`` ->
+    ``solver.steps``, ``solver`` -> ``solver``); None for a field no group sets."""
+    keys = (key_for(group, field) for group in (*REGISTRY_GROUPS, "deq"))
+    return next((key for key in keys if key is not None), None)
+
+
 def _solver_node(name):
     keys = ADAPTIVE_KEYS if SOLVERS[name].adaptive else FIXED_STEP_KEYS
     return {"name": name, **dict.fromkeys(keys)}

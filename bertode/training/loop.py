@@ -34,7 +34,7 @@ from ..compile import compile_model, resolve_scope
 from ..layers.dropout import split_invariant
 from . import checkpoint, lock, resume
 from .checks import check_run
-from .cli import hydra_entry, import_plugins, usage_errors
+from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .corpus import check_data, prepare, unigram_cross_entropy
 from .sources import DataError, check_sources
 from .distributed import Distributed
@@ -59,15 +59,9 @@ def _numeric_stats(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-_CHECKED: dict[str, bool] = {}  # composed configs validated in this process -> their sources read too
-
-
 def validate(cfg: DictConfig, read_sources: bool = True):
     """Every check of the composed config that needs no data: also run before Hydra writes
     the run directory (`cli.hydra_entry`). Returns the model config (vocabulary size 1)."""
-    key = OmegaConf.to_yaml(cfg)
-    if key in _CHECKED and (_CHECKED[key] or not read_sources):  # Hydra's copy of a config checked before
-        return model_config(cfg, vocab_size=1)
     trainer = cfg.trainer
     check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     import_plugins(cfg.get("plugins"))
@@ -94,13 +88,14 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     if cfg.data.seq_len > config.max_position_embeddings:
         raise DataError(f"data.seq_len={cfg.data.seq_len} is invalid; allowed: <= model.max_position_embeddings="
                         f"{config.max_position_embeddings}")
-    _CHECKED[key] = read_sources
     return config
 
 
 def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     """Everything that can reject the input, before any file of ours is written."""
-    config = validate(cfg, read_sources=False)  # prepare() below reads the data with the same checks
+    # Hydra's copy of the config `cli.hydra_entry` checked reuses that check; else check now
+    # (prepare() below reads the data with the same checks as the sources' own)
+    config = prechecked(cfg, lambda checked: validate(checked, read_sources=False))
     if dist.main:
         # every shard of a stream must pack a row (reads each shard's first documents)
         shards = (lambda corpus: check_shards(cfg.data, corpus.tokenizer, dist.world)) if cfg.data.streaming else None
@@ -120,7 +115,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         return _train(cfg, run_dir)
     finally:
-        _CHECKED.clear()  # the next run (a notebook's, a test's) checks its files again
         forget_model_configs()
         if not held:
             lock.release_all()  # however the run ended, a long-lived process (a notebook) lets go

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from ..configuration import BertODEConfig
 from . import checkpoint
-from .groups import REGISTRY_GROUPS, field_for
+from .groups import typed_key
 from .run_config import model_config, model_kwargs
 
 # BertODEConfig fields a resumed run may change: they change neither what the model
@@ -73,11 +73,7 @@ def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
 
 def _typed_key(cfg: DictConfig, field: str) -> str:
     """The command-line key of a `BertODEConfig` field that ``cfg`` leaves to its default."""
-    for group in (*REGISTRY_GROUPS, "deq"):
-        for key in cfg.get(group) or {}:
-            if field_for(group, key) == field:
-                return group if key == "name" else f"{group}.{key}"
-    return f"model.{field}" if field in cfg.model else f"model_overrides.{field}"
+    return typed_key(field) or (f"model.{field}" if field in cfg.model else f"model_overrides.{field}")
 
 
 def changed_setting(saved, config) -> tuple[str, object, object] | None:

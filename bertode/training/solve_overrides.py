@@ -13,14 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .groups import REGISTRY_GROUPS, key_for
+from .groups import typed_key
 from .run_config import checkpoint_fields
-
-
-def typed_key(field: str) -> str:
-    """The command-line key of a `BertODEConfig` field (``steps`` -> ``solver.steps``)."""
-    keys = (key_for(group, field) for group in (*REGISTRY_GROUPS, "deq"))
-    return next((key for key in keys if key is not None), field)
 
 
 def check_parameters(model_class, folder: Path, saved: dict, fields: dict) -> None:
@@ -46,7 +40,7 @@ def check_parameters(model_class, folder: Path, saved: dict, fields: dict) -> No
         new = sorted(set(chosen) - set(trained)) or sorted(k for k in chosen if chosen[k] != trained.get(k))
         dropped = sorted(set(trained) - set(chosen))
         # a choice's keyword arguments come with it: name the choice (``vector_field=...``) alone
-        typed = " ".join(f"{typed_key(field)}={value!r}" for field, value in fields.items()
+        typed = " ".join(f"{typed_key(field) or field}={value!r}" for field, value in fields.items()
                          if value is not None and field.removesuffix("_kwargs") not in set(fields) - {field})
         raise ValueError(f"{typed} is invalid for checkpoint={str(folder)!r}: the model it makes has parameters the "
                          f"checkpoint never trained ({(new or dropped)[0]}, {len(new)} new, {len(dropped)} dropped); "
