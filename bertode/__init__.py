@@ -58,6 +58,8 @@ from .solve.sensitivities import (
     get_sensitivity,
     register_sensitivity,
 )
+from .solve.dial import Dial, current_dial, dialed
+from .solve.exits import ExitCriterion, available_exit_criteria, make_exit_criterion, register_exit_criterion
 from .solve.ode import ODEProblem
 from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
 from .solve.stats import SolverStats
@@ -100,4 +102,6 @@ __all__ = [
     "register_fixed_point_solver", "available_fixed_point_solvers", "get_fixed_point_solver", "FixedPointTracker",
     "SolveInfo",
     "DEQSolveError", "zero_init", "identity_init", "Objective", "register_objective", "available_objectives",
+    "Dial", "dialed", "current_dial", "ExitCriterion", "register_exit_criterion", "available_exit_criteria",
+    "make_exit_criterion",
 ]

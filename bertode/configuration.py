@@ -36,6 +36,7 @@ from .layers.vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
 NORM_POSITIONS = ("post", "pre")
+CORE_INJECTIONS = ("none", "add")
 SENSITIVITY_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
 # Name fields chosen from a registry, the mode they belong to (None: every mode) and the
 # registry; None means "the registry's default" where the mode uses the field.
@@ -78,7 +79,13 @@ class BertODEConfig(BertConfig):
     ode_backend: ``torchdyn`` (default) or ``torchdiffeq`` (the peer).
     fixed_step_loop: ``direct`` (torchdyn's solver steps called from bertode) or
         ``neural_ode`` (through torchdyn's ``NeuralODE``): same numbers.
-    weight_tying: one layer's parameters reused ``num_hidden_layers`` times.
+    weight_tying: one layer's parameters reused ``num_hidden_layers`` times (a looped core: its
+        loop count is the depth `bertode.dial` turns).
+    prelude_layers, coda_layers: untied discrete layers before and after the core (the looped,
+        ODE or DEQ layers), as Huginn's prelude/core/coda; they count in ``num_hidden_layers``.
+    core_injection: ``none`` or ``add`` (a looped core only): each application of the tied layer
+        sees z + U e, where e is the core's input, U starts as the identity and z starts at 0,
+        so one application is the plain layer on e (the DEQ's ``add`` injection, unrolled).
     norm_position: ``post`` (BERT: x -> LN(x + G(x)); the ODE is the vector field's) or
         ``pre`` (GPT-2 and most modern layers: x -> x + G(LN(x)), one Euler step of
         dz/dt = G(LN(z)) for every vector field, solver and block, and a final LayerNorm;
@@ -129,6 +136,9 @@ class BertODEConfig(BertConfig):
     ode_backend: str = "torchdyn"
     fixed_step_loop: str = "direct"
     weight_tying: bool = False
+    prelude_layers: int = 0
+    coda_layers: int = 0
+    core_injection: str = "none"
     norm_position: str = "post"
     block: str | None = None
     block_kwargs: dict | None = None
@@ -227,6 +237,7 @@ class BertODEConfig(BertConfig):
             fail("objective", self.objective, "None or a registered objective's name")
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
+        self._check_core()
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
@@ -248,6 +259,21 @@ class BertODEConfig(BertConfig):
                 name = getattr(self, field)
                 if name is not None and SOLVERS[name].torchdiffeq is None:
                     fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
+
+    def _check_core(self) -> None:
+        """The prelude, core and coda split, and the looped core's input injection."""
+        check_int("prelude_layers", self.prelude_layers, 0)
+        check_int("coda_layers", self.coda_layers, 0)
+        layers = self.num_hidden_layers
+        if isinstance(layers, int) and self.prelude_layers + self.coda_layers >= layers:
+            raise ValueError(f"BertODEConfig.prelude_layers + coda_layers = {self.prelude_layers} + {self.coda_layers} "
+                             f"is invalid with num_hidden_layers={layers}; allowed: a sum < {layers} (the core keeps "
+                             "at least one layer)")
+        check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
+        if self.core_injection != "none" and (self.mode == "deq" or not self.weight_tying):
+            raise ValueError(f"BertODEConfig.core_injection={self.core_injection!r} is invalid with mode={self.mode!r}, "
+                             f"weight_tying={self.weight_tying}; allowed: 'none' (it applies to a looped core: "
+                             "weight_tying=True, mode 'ode' or 'discrete'; the DEQ has deq_injection)")
 
     def _check_names(self) -> None:
         for field, (mode, registry) in NAMED_CHOICES.items():
