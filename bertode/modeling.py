@@ -26,6 +26,7 @@ from .layers.embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler,
 from .layers.deq import COUNTERS, BertDEQEncoder, build_encoder
 from .layers.init import apply_rule
 from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
+from .solve.dial import dialed
 from .solve.observe import Observer, observing
 from .layers.sublayers import sdpa_mask
 
@@ -228,9 +229,10 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                               position_ids=position_ids, output_hidden_states=output_hidden_states,
-                               output_attentions=output_attentions, output_trajectory=output_trajectory)
+        with dialed(readout=self.readout):  # the `kl` exit criterion reads this head's distributions
+            outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, output_hidden_states=output_hidden_states,
+                                   output_attentions=output_attentions, output_trajectory=output_trajectory)
         logits = self.cls(outputs.last_hidden_state)
         loss, share = None, 1.0
         if labels is not None:
@@ -239,6 +241,13 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
             loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), labels, num_items_in_batch)
             share = 1.0 if num_items_in_batch is None else (labels != -100).sum() / num_items_in_batch
         return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
+
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This head's logits for the encoder's output ``hidden`` (after the final LayerNorm of a
+        pre-LN model): what the per-iterate curve and the ``kl`` exit criterion score."""
+        final_norm = self.bert.final_norm
+        return self.cls(final_norm(hidden) if final_norm is not None else hidden)
 
 
 class BertODEForMaskedLM(LanguageModelHead):

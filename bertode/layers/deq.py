@@ -295,5 +295,9 @@ ENCODERS = {"ode": partial(BertODEEncoder, integrate=True), "discrete": partial(
 
 
 def build_encoder(config) -> Encoder:
-    """The encoder of ``config.mode``."""
+    """The encoder of ``config.mode`` (inside a prelude and a coda when the config has them)."""
+    if getattr(config, "prelude_layers", 0) or getattr(config, "coda_layers", 0):
+        from .prelude_coda import PreludeCodaEncoder
+
+        return PreludeCodaEncoder(config, ENCODERS)
     return ENCODERS[config.mode](config)
