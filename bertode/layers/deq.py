@@ -41,10 +41,12 @@ from transformers.utils import logging
 
 from ..solve import observe
 from ..solve.deq_sensitivities import FixedPointProblem
-from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, get_fixed_point_solver
+from ..solve.dial import current_dial
+from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, damped, get_fixed_point_solver, reporting
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
+from .loop import iterate, valid_tokens
 
 logger = logging.get_logger(__name__)
 COUNTERS = ("training_forwards", "skipped_batches", "nonconverged_solves")
@@ -138,11 +140,19 @@ class BertDEQEncoder(Encoder):
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
         z0 = embeddings.new_zeros(embeddings.shape[0], embeddings[0].numel(), dtype=dtype)
         self.jac_loss = None
+        dial = current_dial()
+        max_iter = dial.steps(cfg.deq_max_iter)  # the dialled depth: the solve's iteration budget
+        if dial.exit is not None and not (self.training and cfg.deq_pretrain_steps
+                                          and int(self.training_forwards) < cfg.deq_pretrain_steps):
+            return self._forward_with_exit(embeddings, attn_mask, dtype, max_iter, dial, output_hidden_states)
         f = self.layer_map(embeddings, attn_mask, dtype)
         record = FixedPointRecord("deq")
-        problem = FixedPointProblem(f, z0, cfg.deq_damping, cfg.deq_tol, cfg.deq_max_iter,
-                                    lambda: self._solve_forward(f, z0, record, embeddings.shape),
-                                    self._backward_solver(record, ON_BACKWARD_SKIP.get()), record)
+        shape = embeddings.shape
+        report = (lambda n, z: dial.on_iterate(n, z.view(shape).to(embeddings.dtype))) if dial.on_iterate else None
+        problem = FixedPointProblem(f, z0, cfg.deq_damping, cfg.deq_tol, max_iter,
+                                    lambda: self._solve_forward(f, z0, record, shape, max_iter, report),
+                                    self._backward_solver(record, ON_BACKWARD_SKIP.get()), record,
+                                    backprop=dial.backprop, on_iterate=report)
         if self.training:
             self.training_forwards += 1
         every = cfg.jac_reg_increment_every  # locuslab/deq's --jac_incremental: +0.1 per period
@@ -176,7 +186,45 @@ class BertDEQEncoder(Encoder):
         penalty = self.jac_weight * self.jac_loss if self.jac_loss is not None else None
         return EncoderOutput(hidden, (embeddings, hidden) if output_hidden_states else None, stats, penalty)
 
-    def _solve_forward(self, f, z0, record, shape=None):
+    def _forward_with_exit(self, embeddings, attn_mask, dtype, max_iter, dial, output_hidden_states) -> EncoderOutput:
+        """Damped plain iteration of the map, each token stopping on the dial's exit criterion
+        (`loop.iterate`): an exited token keeps its state, and at every layer supplies the keys and
+        values of its last active iteration; the others compute their rows only."""
+        cfg = self.config
+        injected = self.injection(embeddings)
+        add = injected if cfg.deq_injection == "add" else None
+        qkv = injected if cfg.deq_injection == "qkv" else None
+        masks: dict = {}
+        cache: dict = {}
+        compute_dtype = embeddings.dtype
+        if self.training:
+            self.training_forwards += 1
+
+        def step(z, active):
+            hidden = z.to(compute_dtype)
+            hidden = hidden + add if add is not None else hidden
+            for index, layer in enumerate(self.layer):
+                if active is not None and index > 0:  # exited tokens: the layer inputs they last had
+                    hidden = torch.where(active[..., None], hidden, cache[index])
+                cache[index] = hidden
+                hidden, _ = layer(hidden, attn_mask, Pass(index, qkv, masks, active=active))
+            return damped(z, hidden.to(dtype), cfg.deq_damping)
+
+        report = (lambda n, z: dial.on_iterate(n, z.to(embeddings.dtype))) if dial.on_iterate else None
+        valid = valid_tokens(attn_mask, embeddings.shape)
+        z0 = embeddings.new_zeros(embeddings.shape, dtype=dtype)
+        result = iterate(step, z0, max_iter, graph_from=dial.graph_from(max_iter), criterion=dial.exit,
+                         readout=dial.readout, on_iterate=report, valid=valid)
+        record = FixedPointRecord("deq")
+        record.nfe_forward = result.iterations
+        record.extra.update(forward_iterations=result.iterations)
+        stats = SolverStats([record], counters={**self.counters(), **result.exit_summary(valid)})
+        stats.exit_depths = result.exit_depths
+        self.last_stats = stats
+        hidden = result.state.to(embeddings.dtype)
+        return EncoderOutput(hidden, (embeddings, hidden) if output_hidden_states else None, stats)
+
+    def _solve_forward(self, f, z0, record, shape=None, max_iter=None, report=None):
         observer = observe.active()
         if observer is not None and observer.wants_trajectory:  # output_trajectory: every iterate
             observer.begin("deq.forward", 0, z0.view(shape or z0.shape))
@@ -187,8 +235,9 @@ class BertDEQEncoder(Encoder):
                 iterate[0] += 1
                 return solve_map(z)
 
-        with torch.no_grad(), torch.autocast(z0.device.type, enabled=False):
-            z_star, info = self._solve(f, z0, self.config.deq_solver, self.config.deq_max_iter, self.config.deq_tol,
+        max_iter = self.config.deq_max_iter if max_iter is None else max_iter
+        with torch.no_grad(), torch.autocast(z0.device.type, enabled=False), reporting(report):
+            z_star, info = self._solve(f, z0, self.config.deq_solver, max_iter, self.config.deq_tol,
                                        self._name("forward"))
         if observer is not None and observer.wants_trajectory:
             observer.end(iterate[0], z_star)

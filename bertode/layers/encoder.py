@@ -26,10 +26,12 @@ from torch import nn
 
 from ..solve import observe
 from ..solve.sensitivities import build_sensitivity, get_sensitivity
+from ..solve.dial import current_dial
 from ..solve.ode import ODESolve
 from ..solve.stats import SolveRecord, SolverStats
 from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
+from .loop import iterate, valid_tokens
 from .regularizers import REGULARIZERS, augmented
 from .sublayers import AttentionBranch, FeedForwardBranch
 from .vector_fields import build_vector_field
@@ -45,6 +47,9 @@ class Pass:
     qkv_injection: torch.Tensor | None = None
     dropout_masks: dict | None = None
     penalties: list | None = None  # (integrals, names) of each regularised solve (`regularizers.py`)
+    steps: int | None = None  # an ODE site's fixed steps for this pass (the dialled depth; None: the config's)
+    backprop: int | None = None  # differentiate the last k steps of each solve only (None: all)
+    active: torch.Tensor | None = None  # (batch, seq) bool: the tokens still iterating (None: all; `loop.py`)
 
 
 def ode_solve(config) -> ODESolve:
@@ -111,11 +116,35 @@ class ResidualSite(nn.Module):
             run.dropout_masks[key] = keep_mask(update, self.hidden_dropout)
         return update * run.dropout_masks[key]
 
+    def _active_rows(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass) -> torch.Tensor:
+        """The discrete residual computed for the active tokens only (exited ones keep ``x``): the
+        feed-forward branch, and the attention's query and output projections, run on those rows;
+        every token still supplies keys and values."""
+        active = run.active
+        normed = self.norm(x) if self.pre_norm else x
+        if getattr(self.branch, "per_token", False):
+            update = self.branch(normed[active])
+        else:
+            update = self.branch(normed, attn_mask, run.qkv_injection, active=active)
+        if self.training and self.hidden_dropout > 0:
+            if run.dropout_masks is None:
+                update = dropout(update, self.hidden_dropout, True)
+            else:
+                key = (run.layer_index, self.name)
+                if key not in run.dropout_masks:
+                    run.dropout_masks[key] = keep_mask(x, self.hidden_dropout)
+                update = update * run.dropout_masks[key][active]
+        rows = x[active]
+        rows = rows + update if self.pre_norm else self.norm(rows + update)
+        return x.masked_scatter(active[..., None], rows)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
         """(output, the solve's `SolveRecord` or None)."""
         observer = observe.active()
         if observer is not None:
             observer.layer = run.layer_index
+        if not self.ode and run.active is not None:
+            return self._active_rows(x, attn_mask, run), None
         if not self.ode:
             if self.pre_norm:
                 return x + self._dropout(self.branch(self.norm(x), attn_mask, run.qkv_injection), run), None
@@ -143,11 +172,12 @@ class ResidualSite(nn.Module):
             width = x.shape[-1]
             state = torch.cat([x, x.new_zeros(*x.shape[:-1], len(regularizer.names))], -1)
             state, record = self.solve(state, augmented(dynamics, regularizer, noise, width),
-                                       self.dynamics_parameters(), t0, t0 + self.t_end, name)
+                                       self.dynamics_parameters(), t0, t0 + self.t_end, name, run.steps, run.backprop)
             z = state[..., :width]
             run.penalties.append((state[..., width:], regularizer.names))
         else:
-            z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name)
+            z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name, run.steps,
+                                   run.backprop)
         out = self.field.finish(z, self.field_norm())
         if observer is not None:
             observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.field_norm()), out)
@@ -219,15 +249,26 @@ class Encoder(nn.Module):
 
 
 class BertODEEncoder(Encoder):
-    """``num_hidden_layers`` layers whose residuals are ODE solves (``integrate``) or BERT's (discrete)."""
+    """``num_hidden_layers`` layers whose residuals are ODE solves (``integrate``) or BERT's (discrete).
+
+    With ``weight_tying`` the one layer is a looped core: the dialled depth (`bertode.dialed`) is
+    its number of applications, run by `loop.iterate` (truncated backpropagation, per-token
+    exit, per-iterate reports), and ``core_injection="add"`` feeds it z + U e at every
+    application, from z = 0. Untied, the dialled depth is each ODE solve's fixed steps."""
 
     def __init__(self, config, integrate: bool):
+        from .init import identity_init
+
         super().__init__()
         self.config = config
         self.integrate = integrate
         self.num_applications = config.num_hidden_layers
         distinct = 1 if config.weight_tying else config.num_hidden_layers
         self.layer = nn.ModuleList(BertODELayer(config, integrate) for _ in range(distinct))
+        self.injection = None
+        if getattr(config, "core_injection", "none") == "add":
+            self.injection = nn.Linear(config.hidden_size, config.hidden_size)
+            identity_init(self.injection)
         self.last_stats = SolverStats()
         self.ode_penalty = None  # the regularisers' integrals of the latest forward, unweighted (`regularizers.py`)
         self.skipped_batches = 0  # what `Encoder` users read; an ODE encoder never skips
@@ -265,16 +306,24 @@ class BertODEEncoder(Encoder):
         states = [hidden] if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         penalties: list = []
-        for index in range(self.num_applications):
-            layer = self.layer[index if len(self.layer) > 1 else 0]
-            run = Pass(index, penalties=penalties)
+        dial = current_dial()
+
+        def apply(layer, x, run):
             if checkpointing:
-                hidden, records = self._checkpointed(layer, hidden, attn_mask, run)
+                x, records = self._checkpointed(layer, x, attn_mask, run)
             else:
-                hidden, records = layer(hidden, attn_mask, run)
+                x, records = layer(x, attn_mask, run)
             stats.records.extend(records)
-            if states is not None:
-                states.append(hidden)
+            return x
+
+        if self.config.weight_tying:
+            hidden = self._loop(hidden, attn_mask, dial, apply, penalties, states, stats)
+        else:
+            for index in range(self.num_applications):
+                hidden = apply(self.layer[index], hidden, Pass(index, penalties=penalties, steps=dial.depth,
+                                                               backprop=dial.backprop))
+                if states is not None:
+                    states.append(hidden)
         self.ode_penalty = None
         if penalties:
             self.ode_penalty = sum(integrals.float().mean() for integrals, _ in penalties)
@@ -285,3 +334,28 @@ class BertODEEncoder(Encoder):
         self.last_stats = stats
         penalty = self.config.regularizer_weight * self.ode_penalty if self.ode_penalty is not None else None
         return EncoderOutput(hidden, tuple(states) if states is not None else None, stats, penalty)
+
+    def _loop(self, hidden, attn_mask, dial, apply, penalties, states, stats):
+        """The looped core: the tied layer applied the dialled number of times (`loop.iterate`)."""
+        depth = dial.steps(self.num_applications)
+        injected = self.injection(hidden) if self.injection is not None else None
+        z0 = torch.zeros_like(hidden) if injected is not None else hidden
+        count = [0]
+
+        def step(z, active):
+            index, count[0] = count[0], count[0] + 1
+            return apply(self.layer[0], z + injected if injected is not None else z,
+                         Pass(index, penalties=penalties, active=active))
+
+        def on_iterate(n, z):
+            if states is not None:
+                states.append(z)
+            if dial.on_iterate is not None:
+                dial.on_iterate(n, z)
+
+        valid = valid_tokens(attn_mask, hidden.shape)
+        result = iterate(step, z0, depth, graph_from=dial.graph_from(depth), criterion=dial.exit,
+                         readout=dial.readout, on_iterate=on_iterate, valid=valid)
+        stats.counters.update(depth=result.iterations, **result.exit_summary(valid))
+        stats.exit_depths = result.exit_depths
+        return result.state

@@ -38,11 +38,17 @@ class AttentionBranch(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                qkv_injection: torch.Tensor | None = None) -> torch.Tensor:
-        """``qkv_injection`` (batch, seq, 3 * hidden) is added to the Q, K, V projections (DEQ input injection)."""
+                qkv_injection: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv_injection`` (batch, seq, 3 * hidden) is added to the Q, K, V projections (DEQ input injection).
+        ``active`` (batch, seq) bool: only those tokens query, and only their rows come back, packed
+        (n_active, hidden); every token supplies keys and values (per-token exit, `loop.py`)."""
         batch, seq, width = hidden.shape
         heads = (batch, seq, self.num_heads, self.head_size)
-        q, k, v = self.query(hidden), self.key(hidden), self.value(hidden)
+        k, v = self.key(hidden), self.value(hidden)
+        if active is None:
+            q = self.query(hidden)
+        else:  # the query projection on the active rows; exited rows' queries are zeros, never read
+            q = torch.zeros_like(hidden).masked_scatter(active[..., None], self.query(hidden[active]))
         if qkv_injection is not None:
             dq, dk, dv = qkv_injection.chunk(3, dim=-1)
             q, k, v = q + dq, k + dk, v + dv
@@ -58,7 +64,8 @@ class AttentionBranch(nn.Module):
                 observer.attention(probs)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.dense(context.transpose(1, 2).reshape(batch, seq, width))
+        context = context.transpose(1, 2).reshape(batch, seq, width)
+        return self.dense(context if active is None else context[active])
 
 
 def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 0.0):
@@ -74,6 +81,8 @@ def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 
 
 class FeedForwardBranch(nn.Module):
     """G_F(x) = W_2 · act(W_1 x + b_1) + b_2."""
+
+    per_token = True  # each token's update reads that token only: exited tokens can be left out
 
     def __init__(self, config):
         super().__init__()

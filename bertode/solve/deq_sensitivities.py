@@ -33,9 +33,13 @@ class FixedPointProblem:
     g = h(g) (the encoder supplies both, with its error handling)."""
 
     def __init__(self, f: Callable, z0: torch.Tensor, damping: float, tol: float, max_iter: int,
-                 solve_forward: Callable, solve_backward: Callable, record: FixedPointRecord):
+                 solve_forward: Callable, solve_backward: Callable, record: FixedPointRecord,
+                 backprop: int | None = None, on_iterate: Callable | None = None):
         self.f, self.z0, self.damping, self.tol, self.max_iter = f, z0, damping, tol, max_iter
         self.solve_forward, self.solve_backward, self.record = solve_forward, solve_backward, record
+        # The depth dial's k (differentiate the last k iterations or phantom steps; None: the method's own)
+        # and its per-iterate report, called as on_iterate(n, z) with flat states.
+        self.backprop, self.on_iterate = backprop, on_iterate
 
     def step(self, z):
         """One damped step (1 - tau) z + tau f(z), with a graph."""
@@ -86,7 +90,7 @@ class PhantomGradient(DEQSensitivity):
     def __call__(self, problem: FixedPointProblem):
         z = problem.solve_forward()
         if torch.is_grad_enabled():
-            for _ in range(self.steps):
+            for _ in range(self.steps if problem.backprop is None else problem.backprop):
                 z = problem.step(z)
         return z
 
@@ -95,16 +99,25 @@ class PhantomGradient(DEQSensitivity):
 class UnrolledGradient(DEQSensitivity):
     solves_fixed_point = False
     def __call__(self, problem: FixedPointProblem):
-        z, relative = problem.z0, float("nan")
-        for iteration in range(1, problem.max_iter + 1):
-            fz = problem.f(z)
-            if not bool(torch.isfinite(fz).all()):
-                raise DEQSolveError(f"DEQ unrolled solve: non-finite value in f(z) at iteration {iteration} "
-                                    f"(relative residual before it {relative:.3e})")
-            relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
-            z = damped(z, fz, problem.damping)
-            if relative < problem.tol:
-                break
+        """Iterations without a graph until ``max_iter - backprop`` (or the tolerance), then at most
+        ``backprop`` with one (all of them with one when ``backprop`` is None or >= ``max_iter``)."""
+        z, relative, iteration = problem.z0, float("nan"), 0
+        backprop = problem.max_iter if problem.backprop is None else min(problem.backprop, problem.max_iter)
+        grad = torch.is_grad_enabled()
+        for graph, budget in ((False, problem.max_iter - backprop), (grad, backprop)):
+            with torch.set_grad_enabled(graph):
+                for _ in range(budget):
+                    iteration += 1
+                    fz = problem.f(z)
+                    if not bool(torch.isfinite(fz).all()):
+                        raise DEQSolveError(f"DEQ unrolled solve: non-finite value in f(z) at iteration {iteration} "
+                                            f"(relative residual before it {relative:.3e})")
+                    relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
+                    z = damped(z, fz, problem.damping)
+                    if problem.on_iterate is not None:
+                        problem.on_iterate(iteration, z)
+                    if relative < problem.tol:
+                        break
         problem.record.nfe_forward = iteration
         problem.record.extra.update(forward_iterations=iteration, forward_rel_residual=relative)
         return z

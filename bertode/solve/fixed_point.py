@@ -22,6 +22,8 @@ torchdeq is the oracle these are tested against (tests/test_deq.py).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +52,20 @@ def damped(z, fz, damping: float):
     return fz if damping == 1.0 else (1 - damping) * z + damping * fz
 
 
+_REPORT: contextvars.ContextVar = contextvars.ContextVar("bertode_fixed_point_report", default=None)
+
+
+@contextlib.contextmanager
+def reporting(hook: Callable | None):
+    """Inside the block, every `FixedPointTracker` created calls ``hook(n, best)`` after its n-th
+    evaluation of f, with the iterate a solve stopped there would return (the per-iterate curve)."""
+    token = _REPORT.set(hook)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
+
+
 class FixedPointTracker:
     """Best iterate per sample, the stopping test, and the non-finite check: call
     ``observe(z, f(z))`` after every evaluation; it returns True once every sample is
@@ -63,6 +79,7 @@ class FixedPointTracker:
         self.tol, self.stop_mode, self.name = tol, stop_mode, name
         self.iterations = 0
         self.history: list[float] = []
+        self.report = _REPORT.get()
 
     def observe(self, z, fz) -> bool:
         """Record f(z) for z; return True when every sample is below tolerance."""
@@ -85,6 +102,8 @@ class FixedPointTracker:
         self.best = torch.where(better[:, None], z, self.best)
         self.best_abs = torch.where(better, difference, self.best_abs)
         self.best_rel = torch.where(better, relative, self.best_rel)
+        if self.report is not None:
+            self.report(self.iterations, self.best)
         return bool(stop)
 
     def info(self) -> SolveInfo:

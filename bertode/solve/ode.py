@@ -130,8 +130,9 @@ class ODESolve:
         self.__dict__.update(state)
         self._reset_cache()
 
-    def solver(self, spec: ODESolverSpec, dtype, device, sub_stepped: bool):
-        """The torchdyn solver of ``spec`` for this state, built once per (dtype, device)."""
+    def solver(self, spec: ODESolverSpec, dtype, device, sub_stepped: bool, steps: int | None = None):
+        """The torchdyn solver of ``spec`` for this state, built once per (dtype, device); a
+        sub-stepped one takes ``steps`` steps (None: this solve's ``steps``)."""
         key = (spec.name, dtype, device, sub_stepped and not spec.adaptive)
         if key not in self._solvers:
             if spec.adaptive:  # only adaptive steps need recording (accepted/rejected)
@@ -143,8 +144,9 @@ class ODESolve:
             built.sync_device_dtype(like, torch.zeros(2))  # the tableau on the state's device, once
             self._solvers[key] = built
         solver = self._solvers[key]
-        if isinstance(solver, SubSteps) and solver.n != self.steps:
-            solver.n = self.steps  # `steps` was changed after the solver was built
+        steps = self.steps if steps is None else steps
+        if isinstance(solver, SubSteps) and solver.n != steps:
+            solver.n = steps  # another step count (changed `steps`, or a dialled depth)
         return solver
 
     def neural_ode(self) -> NeuralODE:
@@ -158,9 +160,13 @@ class ODESolve:
 
     # --- the solve ---------------------------------------------------------------------
     def __call__(self, z0: torch.Tensor, dynamics: Dynamics, parameters: Iterable[nn.Parameter],
-                 t0: float, t1: float, name: str = "solve") -> tuple[torch.Tensor, SolveRecord]:
-        record = SolveRecord(name=name, fixed_steps=None if self.adaptive else self.steps)
-        problem = ODEProblem(self, z0, dynamics, parameters, t0, t1, record)
+                 t0: float, t1: float, name: str = "solve", steps: int | None = None,
+                 backprop: int | None = None) -> tuple[torch.Tensor, SolveRecord]:
+        """z(t1) and this solve's record. ``steps`` replaces a fixed-step solver's step count for
+        this call (the depth dial); ``backprop`` = k differentiates the last k steps only."""
+        steps = None if self.adaptive else (self.steps if steps is None else steps)
+        record = SolveRecord(name=name, fixed_steps=steps)
+        problem = ODEProblem(self, z0, dynamics, parameters, t0, t1, record, steps=steps, backprop=backprop)
         z1 = self.sensitivity(problem)
         return z1.to(z0.dtype), record
 
@@ -170,11 +176,13 @@ class ODEProblem:
     hidden), the interval ``[t0, t1]``, the counted ``field(t, z)``, the ``trainable``
     parameters of the dynamics, and the building blocks below."""
 
-    def __init__(self, solve: ODESolve, z0, dynamics: Dynamics, parameters, t0: float, t1: float, record: SolveRecord):
+    def __init__(self, solve: ODESolve, z0, dynamics: Dynamics, parameters, t0: float, t1: float, record: SolveRecord,
+                 steps: int | None = None, backprop: int | None = None):
         self.solve, self.z0, self.dynamics, self.t0, self.t1, self.record = solve, z0, dynamics, t0, t1, record
         self.trainable = [p for p in parameters if p.requires_grad]
         self.adaptive, self.ode_backend = solve.adaptive, solve.ode_backend
-        self.steps = None if solve.adaptive else solve.steps
+        self.steps = None if solve.adaptive else (solve.steps if steps is None else steps)
+        self.backprop = backprop  # k: `autograd` differentiates the last k fixed steps only (None: all)
         if self.adaptive:
             solve.solver(solve.spec, z0.dtype, z0.device, False).record = record
 
@@ -199,14 +207,31 @@ class ODEProblem:
     def autograd(self):
         """z(t1), differentiated by backpropagating through the solver's operations."""
         solve = self.solve
+        if self.truncates():
+            return self._truncated()
         if solve.ode_backend == "torchdiffeq":
             return self._torchdiffeq(adjoint=None)
         if not self.adaptive and solve.fixed_step_loop == "direct":
             # torchdyn's solver steps called from here: what NeuralODE computes on [t0, t1]
             # with a SubSteps solver, without its per-solve checks (loop="direct").
-            solver = solve.solver(solve.spec, self.z0.dtype, self.z0.device, True)
+            solver = solve.solver(solve.spec, self.z0.dtype, self.z0.device, True, self.steps)
             return solver.integrate(self.field, self.z0, self.t0, self.t1, time_dtype(self.z0))
         return self._neural_ode(None, keep_grid=False)
+
+    def truncates(self) -> bool:
+        """Whether ``backprop`` leaves some fixed steps of this solve without a graph."""
+        return (self.backprop is not None and self.steps is not None and self.backprop < self.steps
+                and torch.is_grad_enabled())
+
+    def _truncated(self):
+        """Truncated backpropagation: the first ``steps - backprop`` steps without a graph, the
+        last ``backprop`` with one (the same solver steps `autograd`'s direct loop takes)."""
+        h = (self.t1 - self.t0) / self.steps
+        z, first_with_graph = self.z0, self.steps - self.backprop
+        for index in range(self.steps):
+            with torch.set_grad_enabled(index >= first_with_graph):
+                z = self.step(z, self.t0 + index * h, h)
+        return z
 
     def adjoint(self, torchdyn_sensitivity: str, solver=None, atol: float = 1e-4, rtol: float = 1e-4,
                 keep_grid: bool = False):
@@ -236,7 +261,7 @@ class ODEProblem:
     def _neural_ode(self, adjoint: dict | None, keep_grid: bool):
         solve, z0, record = self.solve, self.z0, self.record
         sub_stepped = not self.adaptive and not keep_grid
-        forward = solve.solver(solve.spec, z0.dtype, z0.device, sub_stepped)
+        forward = solve.solver(solve.spec, z0.dtype, z0.device, sub_stepped, self.steps)
         adapter = solve._adapter
         adapter.bind(self.dynamics, z0.shape, z0.dtype, self.trainable, record)
         node = solve.neural_ode()  # after binding: torchdyn inspects the parameters once
@@ -245,7 +270,7 @@ class ODEProblem:
         node.atol, node.rtol = (solve.atol, solve.rtol) if self.adaptive else (1e-3, 1e-3)
         if adjoint is not None:
             backward = adjoint["backward"]
-            node.solver_adjoint = solve.solver(backward, z0.dtype, z0.device, sub_stepped)
+            node.solver_adjoint = solve.solver(backward, z0.dtype, z0.device, sub_stepped, self.steps)
             node.sensalg = adjoint["sensitivity"]
             node.atol_adjoint, node.rtol_adjoint = (adjoint["atol"], adjoint["rtol"]) if backward.adaptive else (1e-3, 1e-3)
         t_span = self._t_span(keep_grid, on_host=sub_stepped)

@@ -87,6 +87,7 @@ class SolverStats(Mapping):
     def __init__(self, records: list | None = None, counters: dict | None = None):
         self.records: list = list(records or [])
         self.counters: dict = dict(counters or {})
+        self.exit_depths = None  # (batch, seq) iterations each token ran, under a per-token exit criterion
 
     def add(self, record) -> None:
         self.records.append(record)

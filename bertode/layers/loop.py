@@ -1,0 +1,94 @@
+"""`iterate`: the engine of iterated depth, z_{t+1} = step(z_t), as the depth dial drives it.
+
+A looped core (a weight-tied stack applied again and again) and a DEQ iterated with an exit
+criterion both run here, so the dial means one thing for both (`bertode.solve.dial`):
+
+* ``depth`` iterations at most; iterations before ``graph_from`` run without a graph
+  (truncated backpropagation through the last ``depth - graph_from``);
+* per-token exit: after each iteration the criterion scores every token against its
+  previous state; a token below the threshold is frozen (its state never changes again)
+  and the step is told which tokens are still active (``step(z, active)``, ``active`` a
+  (batch, seq) bool mask, or None while every token is), so that it computes only those
+  (`encoder.ResidualSite`); the loop ends when every real token has exited;
+* ``on_iterate(n, z)`` after each iteration n, for the per-iterate loss curve.
+
+With no criterion (or one that never fires: threshold 0) ``step`` always gets ``active=None``
+and the iteration is exactly the plain loop. ``stop(previous, current)`` is the caller's
+global early stop (an unrolled DEQ's tolerance); it is not used with a criterion, because
+it reads whole sequences and a causal model's exit decisions must not read future tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class LoopResult:
+    state: torch.Tensor
+    iterations: int
+    exit_depths: torch.Tensor | None = None  # (batch, seq): the iterations each token ran (with a criterion)
+
+    def exit_summary(self, valid: torch.Tensor | None) -> dict:
+        """Mean and max exit depth over the real (``valid``) tokens, for `solver_stats`."""
+        if self.exit_depths is None:
+            return {}
+        depths = self.exit_depths if valid is None else self.exit_depths[valid]
+        depths = depths.float()
+        return {"exit_depth_mean": depths.mean().item() if depths.numel() else 0.0,
+                "exit_depth_max": int(depths.max().item()) if depths.numel() else 0}
+
+
+def valid_tokens(attn_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """(batch, seq) bool of the real (non-padding) tokens, read off an SDPA mask (None: all real).
+    The last query row of a causal mask sees every real key, so both mask shapes read alike."""
+    if attn_mask is None:
+        return None
+    return attn_mask[:, 0, -1, :].expand(shape[0], shape[1])
+
+
+def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0, criterion=None,
+            readout: Callable | None = None, on_iterate: Callable | None = None,
+            stop: Callable | None = None, valid: torch.Tensor | None = None) -> LoopResult:
+    """Run ``step`` from ``z0`` (batch, seq, hidden) for ``depth`` iterations (see the module doc)."""
+    grad = torch.is_grad_enabled()
+    z = z0
+    active = None  # None: every token is active
+    exit_depths = previous = None
+    if criterion is not None:
+        exit_depths = torch.full(z0.shape[:2], depth, dtype=torch.long, device=z0.device)
+        running = torch.ones(z0.shape[:2], dtype=torch.bool, device=z0.device)
+        with torch.no_grad():
+            previous = criterion.summary(z0, readout)
+    iterations = 0
+    for index in range(depth):
+        with torch.set_grad_enabled(grad and index >= graph_from):
+            new = step(z, active)
+            if active is not None:  # exited tokens keep their state
+                new = torch.where(active[..., None], new, z)
+        iterations = index + 1
+        if criterion is not None:
+            with torch.no_grad():
+                current = criterion.summary(new, readout)
+                leaving = criterion.exits(previous, current) & running
+                previous = current
+            if bool(leaving.any()):
+                exit_depths[leaving] = iterations
+                running = running & ~leaving
+                active = running
+        elif stop is not None and stop(z, new):
+            z = new
+            if on_iterate is not None:
+                on_iterate(iterations, z)
+            break
+        z = new
+        if on_iterate is not None:
+            on_iterate(iterations, z)
+        if active is not None and not bool((running if valid is None else running & valid).any()):
+            break  # every real token has exited
+    if exit_depths is not None:
+        exit_depths = torch.where(running, torch.full_like(exit_depths, iterations), exit_depths)
+    return LoopResult(z, iterations, exit_depths)
