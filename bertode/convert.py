@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import AutoConfig, PreTrainedModel
 
@@ -52,12 +53,17 @@ def _load_source(path: str) -> PreTrainedModel:
     return getattr(transformers, architecture).from_pretrained(path)
 
 
-def from_bert(model_or_path, **overrides) -> BertODEModel:
+def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEModel:
     """Convert a BERT-family model (an instance or a local directory saved with
     `save_pretrained`) to the bertode class of the same kind (``BertForMaskedLM`` ->
     `BertODEForMaskedLM`, ``RobertaForSequenceClassification`` ->
     `BertODEForSequenceClassification`, ...); ``overrides`` set `BertODEConfig` fields
-    (solver, steps, ...). ValueError naming the model type or architecture otherwise."""
+    (solver, steps, ...). ValueError naming the model type or architecture otherwise.
+
+    With ``prelude_layers=p``, ``coda_layers=c`` the source's first p layers become the
+    prelude, its last c the coda, the middle ones the core (`split_stack`): one to one, or,
+    for a weight-tied core, its one layer from the first middle layer (``core_from="first"``)
+    or the average of the middle layers' weights (``core_from="mean"``)."""
     source = _load_source(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     if not isinstance(source, PreTrainedModel):
         raise TypeError(f"from_bert(model_or_path={type(source).__name__}) is not supported; allowed: a transformers "
@@ -70,7 +76,9 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
     weight_norm = config.mode == "deq" and config.deq_weight_norm
     config.deq_weight_norm = False  # load plain weights first, then reparametrise
     layers = source.config.num_hidden_layers if hasattr(source.config, "num_hidden_layers") else source.config.n_layers
-    if config.weight_tying and family.class_prefix != "Albert" and layers != 1:
+    split = bool(config.prelude_layers or config.coda_layers)
+    _check_split(config, layers, core_from, split)
+    if config.weight_tying and family.class_prefix != "Albert" and layers != 1 and not split:
         raise ValueError(
             f"from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers={layers}; "
             "allowed: weight_tying=False for a multi-layer BERT"
@@ -83,6 +91,8 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
     target = model_class(config, add_pooling_layer=False) if not pooled else model_class(config)
     state = source.state_dict()
     state = {rename_key(k, family): v for k, v in (family.adapt(state) if family.adapt else state).items()}
+    if split:
+        state = split_stack(state, layers, config, core_from, shared=family.class_prefix == "Albert")
     # The MLM decoder's bias: one tensor in some families (ELECTRA, DistilBERT), two (tied
     # or, with tie_word_embeddings=False, not) in others; bertode's decoder applies its own.
     for one, other in (("cls.predictions.bias", "cls.predictions.decoder.bias"),
@@ -114,8 +124,58 @@ def from_bert(model_or_path, **overrides) -> BertODEModel:
 
 
 def _is_bertode_only(key: str) -> bool:
-    """Parameters with no HF counterpart: vector-field parameters, block gates, DEQ injection."""
-    return ".field." in key or key.endswith((".gate.weight", ".gate.bias")) or ".encoder.injection." in key or key.startswith("encoder.injection.")
+    """Parameters with no HF counterpart: vector-field parameters, block gates, DEQ (or looped core's) injection."""
+    return ".field." in key or key.endswith((".gate.weight", ".gate.bias")) or \
+        re.search(r"(^|\.)encoder\.(core\.)?injection\.", key) is not None
+
+
+CORE_FROM = ("first", "mean")
+LAYER_KEY = re.compile(r"^(.*?)encoder\.layer\.(\d+)\.(.*)$")
+
+
+def _check_split(config, layers: int, core_from, split: bool) -> None:
+    """One line for a prelude/coda split (or a ``core_from``) the source's stack cannot give."""
+    if core_from not in CORE_FROM:
+        raise ValueError(f"from_bert(core_from={core_from!r}) is invalid; allowed: {', '.join(map(repr, CORE_FROM))}")
+    if core_from != "first" and not (split and config.weight_tying):
+        raise ValueError(f"from_bert(core_from={core_from!r}) is invalid without a weight-tied core between a prelude "
+                         "and a coda; allowed: 'first' (or weight_tying=True with prelude_layers or coda_layers)")
+    if split and config.prelude_layers + config.coda_layers >= layers:
+        raise ValueError(f"from_bert(prelude_layers={config.prelude_layers}, coda_layers={config.coda_layers}) needs a "
+                         f"source of more than {config.prelude_layers + config.coda_layers} layers, got {layers}; "
+                         "allowed: a split that leaves the core at least one of the source's layers")
+
+
+def split_stack(state: dict, layers: int, config, core_from: str = "first", shared: bool = False) -> dict:
+    """The source's ``encoder.layer.{i}`` (bertode's names) onto the prelude (i < p), the core
+    (``encoder.core.layer.{i - p}``; a weight-tied core's one layer: the first middle layer or the
+    middle layers' mean) and the coda (the last c). ``shared``: the source applies its one layer
+    (``encoder.layer.0``, ALBERT's) ``layers`` times."""
+    p, c = config.prelude_layers, config.coda_layers
+    per_layer: dict = {}
+    out = {}
+    for key, value in state.items():
+        match = LAYER_KEY.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            per_layer.setdefault(int(match[2]), {})[(match[1], match[3])] = value
+    if shared:
+        per_layer = {i: per_layer.get(0, {}) for i in range(layers)}
+    middle = range(p, layers - c)
+    for i in range(p):
+        out.update({f"{head}encoder.prelude.{i}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+    for j, i in enumerate(range(layers - c, layers)):
+        out.update({f"{head}encoder.coda.{j}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+    if config.weight_tying:
+        first = per_layer.get(p, {})
+        core = first if core_from == "first" else {
+            name: torch.stack([per_layer[i][name] for i in middle]).mean(0) for name in first}
+        out.update({f"{head}encoder.core.layer.0.{rest}": v for (head, rest), v in core.items()})
+    else:
+        for j, i in enumerate(middle):
+            out.update({f"{head}encoder.core.layer.{j}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+    return out
 
 
 def load_foreign(cls, path, kwargs: dict):
@@ -142,7 +202,8 @@ def load_foreign(cls, path, kwargs: dict):
                          f"conversion; allowed: {allowed}")
     # bertode's own fields (solver, mode, ...) are conversion overrides; the rest (dtype,
     # num_labels, id2label, BertConfig fields) is the source's from_pretrained's business.
-    overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in BertODEConfig.__annotations__}
+    overrides = {key: kwargs.pop(key) for key in list(kwargs)
+                 if key in BertODEConfig.__annotations__ or key == "core_from"}
     source = getattr(transformers, family.class_prefix + suffix).from_pretrained(path, **kwargs)
     return from_bert(source, **overrides)
 
