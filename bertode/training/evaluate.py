@@ -12,17 +12,32 @@ or ``train``. The groups ``solver``, ``sensitivity``, ``vector_field``, ``block`
 (`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time compute. Prints one line and writes ``evaluation.json`` (loss, perplexity, accuracy, mean
 forward NFE or DEQ iterations per batch, seconds, the overrides) into the Hydra run
 directory; `bertode.report` tabulates and plots a sweep.
+
+``curve=true`` (a DEQ, or a weight-tied looped core) reads the whole quality-versus-depth
+curve from one evaluation: after each iteration n = 1..max of the iterated depth (a DEQ's
+forward solve: the best iterate so far; a looped core: the state after n applications)
+the encoder hands its output to `dialed(on_iterate=...)`, and `DepthCurve` scores it
+through the head (``model.readout``) with the main loss's reduction (the cross-entropy
+summed over every batch, over the targets counted over every batch). The result adds
+``curve: [{depth, loss, perplexity, accuracy}, ...]`` for n = 1..max (max: the dialled
+depth, else ``deq_max_iter`` or the core's applications). A solve that stopped early at n0
+(converged) is scored at n0 for every later depth: what a separate evaluation with that
+budget gives. An untied ODE model has no iterated depth: ``curve=true`` is refused, and
+``-m solver.steps=1,2,4,8`` sweeps it instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
+from ..solve.dial import current_dial, dialed
 from . import solve_overrides
 from .run_config import checkpoint_fields
 from .cli import hydra_entry, import_plugins, prechecked, usage_errors
@@ -30,8 +45,9 @@ from .checks import check_count, torch_device
 from .corpus import check_data, holds_tokenizer, load_tokenizer, prepare
 from .sources import check_sources
 from .lm import evaluate as evaluate_batches
-from .lm import fixed_eval_batches
+from .lm import fixed_eval_batches, masked_ce_sum
 from .objective import check_objective, get_objective, make_objective, objective_of
+from .depth import inference_dial, inference_dialed
 
 
 def checkpoint_objective(cfg: DictConfig, folder: Path, saved: dict) -> str:
@@ -134,7 +150,98 @@ def validate(cfg: DictConfig) -> tuple[Path, dict, str, dict]:
     name = checkpoint_objective(cfg, folder, saved)
     fields = checkpoint_fields(cfg, saved)
     solve_overrides.check_parameters(get_objective(name)(None).model_class, folder, saved, fields)
+    inference_dial(cfg, {**saved, **fields}, "evaluate")  # depth.steps=N and exit=: checked against the model
+    check_curve(cfg, folder, {**saved, **fields})
     return folder, saved, name, fields
+
+
+def check_curve(cfg: DictConfig, folder: Path, fields: dict) -> None:
+    """``curve=true`` needs an iterated depth (a DEQ, or ``weight_tying``); one line otherwise."""
+    curve = cfg.get("curve", False)
+    if not isinstance(curve, bool):
+        raise ValueError(f"curve={curve!r} is invalid; allowed: true, false")
+    mode = fields.get("mode", "ode")
+    if not curve or mode == "deq" or fields.get("weight_tying"):
+        return
+    if mode == "ode":
+        raise ValueError(f"curve=true is invalid for checkpoint={str(folder)!r}: the model's mode='ode' with untied "
+                         "layers has no iterated depth to score per iterate; allowed: curve=false, and sweep the "
+                         "solve instead with -m solver.steps=1,2,4,8")
+    raise ValueError(f"curve=true is invalid for checkpoint={str(folder)!r}: the model's mode={mode!r} with untied "
+                     "layers has a fixed depth; allowed: curve=false (a curve needs mode='deq' or weight_tying=true)")
+
+
+def configured_depth(config) -> int:
+    """The iterated depth a forward runs when nothing is dialled: a DEQ's ``deq_max_iter``, a
+    looped core's applications (``num_hidden_layers`` less prelude and coda)."""
+    if config.mode == "deq":
+        return int(config.deq_max_iter)
+    return int(config.num_hidden_layers) - int(getattr(config, "prelude_layers", 0) or 0) \
+        - int(getattr(config, "coda_layers", 0) or 0)
+
+
+class DepthCurve:
+    """The loss at every depth n = 1..max from one pass over the batches.
+
+    ``on_iterate(n, hidden)`` (registered with `dialed`) scores ``model.readout(hidden)``
+    against the labels of the batch being evaluated; `batches` wraps the evaluation's batches
+    so that it knows them (and closes each batch after its forward: depths past the last
+    iterate reported, a converged solve's, repeat its value). `result` reduces as the main
+    loss: the summed cross-entropy over the summed target count."""
+
+    def __init__(self, model, objective, device):
+        self.model, self.objective, self.device = model, objective, device
+        self.depth = 0  # the deepest n asked for: the dialled depth or the configured one
+        self.sums: dict[int, list] = {}  # n -> [cross-entropy sum, correct] over the closed batches
+        self.count = 0
+        self.labels, self.batch = None, {}
+
+    @torch.no_grad()
+    def on_iterate(self, n: int, hidden: torch.Tensor) -> None:
+        self.depth = max(self.depth, current_dial().steps(configured_depth(self.model.config)), int(n))
+        logits = self.model.readout(hidden)
+        loss, right = masked_ce_sum(*self.objective.aligned(logits, self.labels))
+        self.batch[int(n)] = (loss.item(), int(right))
+
+    def batches(self, batches: list) -> "_Feed":
+        return _Feed(self, batches)
+
+    def close(self, labels) -> None:
+        if not self.batch:
+            raise RuntimeError("curve=true: the model's encoder reported no iterates (it does not call "
+                               "current_dial().on_iterate); allowed: curve=false")
+        value = None
+        for n in range(1, max(self.depth, max(self.batch)) + 1):
+            value = self.batch.get(n, value)
+            if value is None:  # the first iterate reported is n > 1: nothing to score below it
+                continue
+            total = self.sums.setdefault(n, [0.0, 0])
+            total[0] += value[0]
+            total[1] += value[1]
+        self.count += self.objective.targets(labels)
+        self.labels, self.batch = None, {}
+
+    def result(self) -> list[dict]:
+        count = max(self.count, 1)
+        return [{"depth": n, "loss": total / count, "perplexity": math.exp(min(total / count, 50.0)),
+                 "accuracy": correct / count} for n, (total, correct) in sorted(self.sums.items())]
+
+
+class _Feed:
+    """The batches, as `lm.evaluate` iterates them, telling a `DepthCurve` which labels the
+    next forward scores (and closing each batch once its forward is done)."""
+
+    def __init__(self, curve: DepthCurve, batches: list):
+        self.curve, self.items = curve, batches
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        for inputs, labels in self.items:
+            self.curve.labels, self.curve.batch = labels.to(self.curve.device), {}
+            yield inputs, labels
+            self.curve.close(labels)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -152,17 +259,30 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         model = solve_overrides.load(objective.model_class, folder, chosen).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
     batches = fixed_eval_batches(rows, objective, cfg.seed, cfg.batch_size, cfg.max_sequences)
+    depth, criterion = inference_dial(cfg, {**saved, **chosen}, "evaluate")
     started = time.perf_counter()
-    result = evaluate_batches(model, batches, objective, device)
+    with inference_dialed(depth, criterion):  # every forward at depth.steps (null: the model's own), exit=
+        if cfg.get("curve"):
+            curve = DepthCurve(model, objective, device)
+            with dialed(on_iterate=curve.on_iterate):
+                result = evaluate_batches(model, curve.batches(batches), objective, device)
+            result["curve"] = curve.result()
+        else:
+            result = evaluate_batches(model, batches, objective, device)
     config = model.config
     result.update(checkpoint=str(folder), split=cfg.split, objective=name, sequences=sum(len(b[0]) for b in batches),
                   seconds=time.perf_counter() - started, overrides=chosen, mode=config.mode, solver=config.solver,
                   steps=config.steps if config.mode == "ode" else None,
                   deq_max_iter=config.deq_max_iter if config.mode == "deq" else None)
+    result.update(depth=depth, exit=getattr(criterion, "registry_name", "none"),
+                  exit_threshold=getattr(criterion, "threshold", None))
     compute = "".join(f", {key} {result[key]:g}" for key in ("nfe_forward", "forward_iterations") if key in result)
     print(f"{folder} [{cfg.split}]: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
           f"accuracy {result['accuracy']:.3f} over {result['target_tokens']} target tokens{compute}"
           f"{' with ' + str(chosen) if chosen else ''}", flush=True)
+    for point in result.get("curve", ()):
+        print(f"  depth {point['depth']}: loss {point['loss']:.4f}, perplexity {point['perplexity']:.2f}, "
+              f"accuracy {point['accuracy']:.3f}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     return result
