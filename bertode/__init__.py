@@ -15,6 +15,9 @@ Public API:
   `FixedPointTracker`), ODE regularisers (`Regularizer`, `register_regularizer`).
 * training objectives (`Objective`, `register_objective`; ``mlm``, ``clm`` built in), saved
   with the model as ``BertODEConfig.objective``.
+* the depth dial (`dialed`, `current_dial`), exit criteria (`ExitCriterion`,
+  `register_exit_criterion`; ``exit=``) and the depth drawn per training step
+  (`DepthDistribution`, `register_depth_distribution`; ``depth=``).
 * initialisations that survive `post_init`: `zero_init`, `identity_init`.
 
 Deprecated, for one release (each warns with a FutureWarning naming its replacement): the
@@ -64,6 +67,7 @@ from .solve.ode import ODEProblem
 from .solve.solvers import ButcherTableau, available_solvers, get_solver, register_solver
 from .solve.stats import SolverStats
 from .layers.vector_fields import VectorField, available_vector_fields, register_vector_field
+from .training.depth import DepthDistribution, available_depth_distributions, register_depth_distribution
 from .training.objective import Objective, available_objectives, register_objective
 
 __version__ = "0.2.0"
@@ -103,5 +107,5 @@ __all__ = [
     "SolveInfo",
     "DEQSolveError", "zero_init", "identity_init", "Objective", "register_objective", "available_objectives",
     "Dial", "dialed", "current_dial", "ExitCriterion", "register_exit_criterion", "available_exit_criteria",
-    "make_exit_criterion",
+    "make_exit_criterion", "DepthDistribution", "register_depth_distribution", "available_depth_distributions",
 ]

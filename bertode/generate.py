@@ -3,11 +3,15 @@
     python -m bertode.generate checkpoint=outputs/.../final prompt='the whale' max_new_tokens=30
     python -m bertode.generate checkpoint=DIR do_sample=true temperature=0.8 top_k=20 num_return_sequences=3
     python -m bertode.generate checkpoint=DIR solver=rk4 solver.steps=4     # another solve than trained
+    python -m bertode.generate checkpoint=DIR depth.steps=16 exit=kl exit.threshold=0.01   # a looped or DEQ model
 
 DIR holds a `BertODEForCausalLM` and its tokenizer (``bertode.train objective=clm``'s
 ``final/``). The prompt is tokenized without special tokens after the tokenizer's [CLS]
 (where it has one), as training rows begin; transformers' ``generate`` continues it
 (greedy, or sampling seeded by ``seed``), without a key/value cache (`causal_lm.py`).
+``depth.steps=N`` dials the depth of every forward (a DEQ's iterations, a looped core's
+applications, an untied ODE's steps per solve) and ``exit=`` a per-token exit criterion
+(DEQ and weight-tied models; `bertode.training.depth`).
 A masked LM, which cannot generate, and every bad option are refused in one line, exit 2,
 before the model is loaded. Prints each sequence (prompt and continuation) on a line; writes nothing.
 """
@@ -21,6 +25,7 @@ from .training import solve_overrides
 from .training.checks import check_count, torch_device
 from .training.cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .training.corpus import load_tokenizer
+from .training.depth import inference_dial, inference_dialed
 from .training.evaluate import read_checkpoint
 
 
@@ -58,6 +63,7 @@ def validate(cfg) -> tuple[Path, dict, dict]:
     torch_device(cfg.device)
     fields = solve_overrides.checkpoint_fields(cfg, saved)
     solve_overrides.check_parameters(BertODEForCausalLM, folder, saved, fields)
+    inference_dial(cfg, {**saved, **fields}, "generate")  # depth.steps=N and exit=: checked against the model
     return folder, saved, fields
 
 
@@ -88,7 +94,8 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     # Rows that stop early are padded: the tokenizer's pad, else its (or the model's) end of text.
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id)
                 if isinstance(t, int)), 0)
-    with torch.no_grad():
+    depth, criterion = inference_dial(cfg, {**saved, **chosen}, "generate")
+    with torch.no_grad(), inference_dialed(depth, criterion):  # every forward at depth.steps, with exit=
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=int(cfg.max_new_tokens),
                              do_sample=bool(cfg.do_sample), num_return_sequences=int(cfg.num_return_sequences),
                              pad_token_id=pad, **sampling)

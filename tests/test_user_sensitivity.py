@@ -127,7 +127,7 @@ def test_the_former_names_still_work():
 
 def test_the_axis_keeps_its_config_field_and_names_its_methods_in_errors():
     assert set(bertode.available()) == {"solver", "sensitivity", "block", "vector_field", "regularizer", "deq_solver",
-                                        "objective", "exit"}
+                                        "objective", "exit", "depth"}
     assert {"autograd", "adjoint", "ift", "truncated"} <= set(bertode.available()["sensitivity"])
     with pytest.raises(ValueError, match=r"BertODEConfig.sensitivity='nope' is invalid; allowed: .*'truncated'.* "
                                          r"\(registered sensitivity methods\)$"):

@@ -5,7 +5,8 @@ one-line errors with exit status 2 for bad input.
 
 ``plugins=[my_module,other]`` (or ``BERTODE_PLUGINS=my_module,other``) imports those
 modules before the config is composed, so what they register (a solver, a gradient
-method, a block, a vector field, a fixed-point solver) is a choice on the command line.
+method, a block, a vector field, a fixed-point solver, a depth distribution, an exit
+criterion) is a choice on the command line.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def group_options(group: str) -> list[str]:
 
 
 def config_groups() -> list[str]:
-    from .groups import REGISTRY_GROUPS
+    from .groups import DIAL_GROUPS, REGISTRY_GROUPS
 
     files = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")}
-    return sorted(files | set(REGISTRY_GROUPS) | {"deq"})
+    return sorted(files | set(REGISTRY_GROUPS) | {"deq"} | set(DIAL_GROUPS))
 
 
 def command_groups(config_name: str) -> list[str]:

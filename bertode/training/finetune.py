@@ -16,6 +16,10 @@ line, exit 2). The run
 directory receives ``metrics.jsonl`` (Trainer's logs with ``solver/`` statistics),
 ``final/`` (model and tokenizer) and ``results.json``: the eval metrics of ``final/``
 reloaded with ``eval_solve``, its forward NFE, and the majority-class baseline.
+
+``depth=`` draws the depth of each optimizer step as in `bertode.train` (the step logged as
+``step: s`` runs at ``draw(seed, s)``; its records carry ``depth``); the evaluation of
+``final/`` runs at the model's own depth.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from . import solve_overrides
 from .run_config import check_changes, checkpoint_fields, group_fields, rename
 from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .corpus import SPECIAL_TOKENS, holds_tokenizer
+from .depth import DepthSetting, check_for_model, depth_setting
 from .tasks import load_task, metrics
 from .wordpiece import train_tokenizer
 
@@ -144,6 +149,7 @@ def validate(cfg: DictConfig):
                              f"scratch.max_position_embeddings={cfg.scratch.max_position_embeddings}")
         config = _scratch_config(cfg, cfg.scratch.vocab_size)
         saved, fields = config.to_dict(), {}
+    check_for_model(depth_setting(cfg.get("depth")), {**saved, **fields})
     eval_solve = _set(cfg.eval_solve)
     check_changes({**saved, **fields}, eval_solve, {field: f"eval_solve.{field}" for field in eval_solve})
     return load_task(cfg.task)
@@ -194,6 +200,25 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return {**{k: v[index] for k, v in self.encoded.items()}, "labels": self.labels[index]}
+
+
+class _DialledTrainer(Trainer):
+    """`transformers.Trainer` whose every optimizer step runs at the depth drawn for it
+    (`depth.DepthSetting`): each micro-batch's forward and backward inside its dial."""
+
+    def __init__(self, *args, depth: DepthSetting, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.depth, self.depth_seed = depth, seed
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        drawn = self.depth.draw(self.depth_seed, self.state.global_step + 1)  # the step logged as global_step + 1
+        with self.depth.dial(drawn):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training record: the depth of the step logged (null: the model's own)
+            logs = {**logs, "depth": self.depth.draw(self.depth_seed, self.state.global_step)}
+        return super().log(logs, *args, **kwargs)
 
 
 class _JsonlLog(TrainerCallback):
@@ -256,8 +281,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                              weight_decay=cfg.trainer.weight_decay, warmup_steps=float(cfg.trainer.warmup_ratio), seed=cfg.seed,
                              use_cpu=device == "cpu", save_strategy="no", report_to=[], logging_steps=10,
                              disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
-                      callbacks=[SolverStatsCallback(), _JsonlLog(run_dir / "metrics.jsonl")])
+    trainer = _DialledTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                              callbacks=[SolverStatsCallback(), _JsonlLog(run_dir / "metrics.jsonl")],
+                              depth=depth_setting(cfg.get("depth")), seed=cfg.seed)
     trainer.remove_callback(PrinterCallback)
     parameters = sum(p.numel() for p in model.parameters())
     print(f"bertode.finetune: {model.config.mode} model, {parameters / 1e6:.2f} M parameters, {task.name}: "

@@ -11,6 +11,13 @@ itself (``solver=rk4``) sets the field ``<group>``, ``<group>.kwargs.<k>`` sets
 ``<group>_kwargs``, ``regularizer.weight`` sets ``regularizer_weight``, ``deq.<key>`` sets
 ``deq_<key>`` where that field exists, and every other ``<group>.<key>`` sets ``<key>``.
 
+The groups ``depth`` (a registered depth distribution, `depth.py`; train and finetune draw
+it per optimizer step, evaluate and generate take ``fixed``) and ``exit`` (``none`` or a
+registered exit criterion; evaluate, generate) are stored the same way (`DIAL_GROUPS`);
+they set no `BertODEConfig` field but the dial (`bertode.dialed`) around the command's
+forwards. Each choice's node holds its constructor's arguments (null: its default), plus
+``depth.backprop`` and ``exit.threshold``.
+
 Every value is ``null``, meaning "the base's value": `BertODEConfig`'s default for a new
 model (train, finetune from scratch), the checkpoint's for a saved one (evaluate,
 generate, finetune from a checkpoint). So ``solver=rk4 solver.steps=2`` sets exactly the
@@ -25,6 +32,8 @@ import inspect
 from hydra.core.config_store import ConfigStore
 
 from ..layers.blocks import BLOCKS
+from ..solve.exits import EXIT_CRITERIA
+from .depth import DEPTH_DISTRIBUTIONS, EXIT_NONE, parameters
 from ..layers.regularizers import REGULARIZERS
 from ..configuration import BertODEConfig
 from ..solve.sensitivities import SENSITIVITIES
@@ -37,6 +46,8 @@ REGISTRY_GROUPS = {"solver": SOLVERS, "sensitivity": SENSITIVITIES, "block": BLO
 # that only mean something while training (a penalty added to the loss).
 SOLVE_GROUPS = ("solver", "sensitivity", "vector_field", "block", "deq")
 TRAINING_GROUPS = ("regularizer",)
+# The groups that dial the depth of a command's forwards (`depth.py`), not a model field.
+DIAL_GROUPS = ("depth", "exit")
 FIXED_STEP_KEYS = ("steps", "t_end", "ode_backend", "fixed_step_loop")
 ADAPTIVE_KEYS = ("atol", "rtol", "t_end", "ode_backend")
 DEFAULT = "default"
@@ -154,6 +165,22 @@ def deq_node() -> dict:
     return node
 
 
+def depth_node(name: str) -> dict:
+    """``depth=name``: its constructor's arguments (null: their defaults) and ``backprop`` (null: all)."""
+    return {"name": name, **dict.fromkeys(parameters(name)), "backprop": None}
+
+
+def exit_node(name: str) -> dict:
+    """``exit=name``: ``threshold`` (null: the criterion's default, 0.03) and its other arguments."""
+    if name == EXIT_NONE:
+        return {"name": name, "threshold": None}
+    return {"name": name, "threshold": None, **dict.fromkeys(_keyword_defaults(EXIT_CRITERIA[name].__init__, 1))}
+
+
+def dial_choices(group: str) -> list[str]:
+    return list(DEPTH_DISTRIBUTIONS.names()) if group == "depth" else [EXIT_NONE, *EXIT_CRITERIA.names()]
+
+
 def store_groups() -> None:
     """(Re)write the registry-backed groups into Hydra's ConfigStore (call after registering)."""
     store = ConfigStore.instance()
@@ -162,6 +189,9 @@ def store_groups() -> None:
         for name in registry.names():
             store.store(group=group, name=name, node=group_node(group, name))
     store.store(group="deq", name=DEFAULT, node=deq_node())
+    for group, node in (("depth", depth_node), ("exit", exit_node)):
+        for name in dial_choices(group):
+            store.store(group=group, name=name, node=node(name))
 
 
 def group_choices(group: str) -> list[str]:
@@ -170,6 +200,8 @@ def group_choices(group: str) -> list[str]:
         return [DEFAULT, *REGISTRY_GROUPS[group].names()]
     if group == "deq":
         return [DEFAULT]
+    if group in DIAL_GROUPS:
+        return dial_choices(group)
     return None
 
 

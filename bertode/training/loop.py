@@ -14,7 +14,9 @@ Bad input stops the run with one line on stderr naming the field, and exit statu
 leaving the run directory as it was (absent if it was). Resuming (``trainer.resume``)
 with a model setting other than the checkpoint's (``solver=rk4`` on an Euler run, any
 `BertODEConfig` field but `resume.NEUTRAL_FIELDS`) is refused naming the key, before
-Hydra rewrites ``.hydra/``.
+Hydra rewrites ``.hydra/``, and so is another ``depth=`` (the depth drawn per optimizer
+step, `depth.py`: the step logged as ``step: s`` runs at ``draw(seed, s)``, logged as
+``depth``; evaluation runs at the model's own depth).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from . import checkpoint, lock, resume
 from .checks import check_run
 from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .corpus import check_data, prepare, unigram_cross_entropy
+from .depth import check_for_model, depth_setting
 from .sources import DataError, check_sources
 from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
@@ -68,6 +71,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     check_logger(cfg.logger.kind)
     head = get_objective(cfg.objective)(None).model_class
     config = model_config(cfg, vocab_size=1)  # validates the model before any data work
+    check_for_model(depth_setting(cfg.get("depth")), config.to_dict())
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
             head(config)
@@ -141,6 +145,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    depth = depth_setting(cfg.get("depth"))  # checked by validate
     torch.manual_seed(cfg.seed)
     objective = make_objective(cfg.objective, corpus.tokenizer, cfg.data.mlm_probability)
     model = objective.model_class(config).to(dist.device)
@@ -213,6 +218,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         # model divides its sum by this rank's share of the count (DDP averages over ranks).
         items = torch.tensor(max(total_targets, 1) / dist.world, device=dist.device)  # a tensor: no recompiles
         skipped_before = base.skipped_batches
+        with usage_errors():  # a user distribution's draw that is not a depth
+            drawn = depth.draw(cfg.seed, step + 1)  # the step logged as step + 1: the same on every rank and on resume
         ce_total, correct_total = 0.0, 0
         for a, (inputs, labels) in enumerate(micro_batches):
             inputs, labels = inputs.to(dist.device), labels.to(dist.device)
@@ -220,7 +227,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
             # Dropout masks drawn for the whole micro-batch and sliced: the same at any world size.
             noise = split_invariant(order.noise_seed(step * trainer.grad_accumulation + a), own_rows, micro, dist.device)
-            with context, noise:
+            with context, noise, depth.dial(drawn):
                 with autocast(dist.device, trainer.precision):
                     out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
                 ce_sum, correct = masked_ce_sum(*objective.aligned(out.logits.detach(), labels))
@@ -243,13 +250,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         record = {"step": step, "kind": "train", "loss": ce_total / max(total_targets, 1),
                   "accuracy": correct_total / max(total_targets, 1), "lr": trainer.lr * factor,
                   "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
-                  **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {})}
+                  **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {}),
+                  "depth": drawn}  # the dialled depth (null: the model's own)
         if step % trainer.log_every == 0 or step == 1:
             now = time.perf_counter()
             record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
             record["peak_memory_mb"] = _peak_memory_mb(dist.device)
             window_start, window_tokens = now, 0
-            log.print(progress_line(record, trainer, elapsed))
+            log.print(progress_line(record, trainer, elapsed) + (f" | depth {drawn}" if drawn is not None else ""))
         log.write(record)
         if step % trainer.eval_every == 0 and step < trainer.max_steps:
             result = run_eval(step)
@@ -260,7 +268,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     checkpoint.save(run_dir / "checkpoints", step, base,
                                     {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
                                      "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position,
-                                     "objective": objective.name},
+                                     "objective": objective.name, "depth": depth.describe},
                                     keep=trainer.keep_checkpoints)
                 except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
                     failure = str(error)

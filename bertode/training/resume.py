@@ -8,6 +8,11 @@ by `cli.hydra_entry` once the directory is locked), and again with the data's vo
 once it is prepared (`check_settings`). The checkpoint's ``config.json`` says what it was
 trained as (`checkpoint.saved_config`); the command line's model config comes from
 `run_config.model_config`, as for a new run.
+
+The depth drawn per optimizer step (``depth=``, `depth.py`) is a training setting too: the
+checkpoint's ``state.pt`` keeps it (``depth``: the distribution, its arguments as used and
+``backprop``; a checkpoint without one was trained at the model's own depth), and a resume
+with another is refused the same way (`changed_depth`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from omegaconf import DictConfig
 
 from ..configuration import BertODEConfig
 from . import checkpoint
+from .depth import depth_setting
 from .groups import typed_key
 from .run_config import model_config, model_kwargs
 
@@ -45,8 +51,9 @@ def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
     """One line naming the first model setting that ``cfg`` (``config``: its model config;
     None: built with the checkpoint's vocabulary) changes on the checkpoint ``target``'s,
     other than those that change neither the model's function nor its training
-    (`NEUTRAL_FIELDS`). A checkpoint written before checkpoints kept their
-    config is not compared."""
+    (`NEUTRAL_FIELDS`), or the ``depth`` group (`changed_depth`). A checkpoint written
+    before checkpoints kept their config is not compared."""
+    changed_depth(cfg, target)
     saved = checkpoint.saved_config(target)
     if saved is None:
         return
@@ -69,6 +76,42 @@ def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
     origin = model_kwargs(cfg, config.vocab_size, config.pad_token_id)[1]
     raise ValueError(f"{origin.get(field) or _typed_key(cfg, field)}={new!r} is invalid: {where} was trained with "
                      f"{old!r}; allowed: {old!r} (or a new run directory)")
+
+
+# What a checkpoint written before ``depth=`` existed was trained with: the model's own depth.
+OWN_DEPTH = {"name": "fixed", "steps": None, "backprop": None}
+
+
+def saved_depth(target: Path) -> dict:
+    """The ``depth`` setting the checkpoint ``target`` (verified) was trained with."""
+    import torch
+
+    try:  # mapped, not read: only the small ``depth`` entry is used
+        state = torch.load(Path(target) / "state.pt", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many kinds on a damaged pickle
+        raise checkpoint.CheckpointError(f"checkpoint {str(target)!r}: state.pt is damaged "
+                                         f"({type(error).__name__})") from None
+    return dict(state.get("depth") or OWN_DEPTH) if isinstance(state, dict) else dict(OWN_DEPTH)
+
+
+def changed_depth(cfg: DictConfig, target: Path) -> None:
+    """One line naming the ``depth`` key whose value differs from the checkpoint's: the
+    distribution (``depth=``), one of its arguments as used, or ``depth.backprop``."""
+    before, now = saved_depth(target), depth_setting(cfg.get("depth")).describe
+    where = f"the run being resumed ({target})"
+    if before.get("name") != now["name"]:
+        raise ValueError(f"depth={now['name']!r} is invalid: {where} was trained with depth={before.get('name')!r} "
+                         f"({_spelled(before)}); allowed: {_spelled(before)} (or a new run directory)")
+    for key in [*now, *(k for k in before if k not in now)]:
+        if before.get(key) != now.get(key):
+            raise ValueError(f"depth.{key}={now.get(key)!r} is invalid: {where} was trained with "
+                             f"{before.get(key)!r}; allowed: {before.get(key)!r} (or a new run directory)")
+
+
+def _spelled(depth: dict) -> str:
+    """A depth setting as typed on the command line."""
+    settings = " ".join(f"depth.{k}={'null' if v is None else v}" for k, v in depth.items() if k != "name")
+    return f"depth={depth.get('name')}" + (f" {settings}" if settings else "")
 
 
 def _typed_key(cfg: DictConfig, field: str) -> str:
