@@ -263,11 +263,15 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    evaluations = [r for r in runs if r["kind"] == "evaluate" and r.get("loss") is not None]
+    def compute_of(r):
+        return r.get("nfe_forward") if r.get("nfe_forward") is not None else r.get("forward_iterations")
+
+    evaluations = [r for r in runs if r["kind"] == "evaluate" and r.get("loss") is not None
+                   and compute_of(r) is not None]  # an evaluation that counted no compute has no place here
     if evaluations:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for r in evaluations:
-            compute = r.get("nfe_forward") if r.get("nfe_forward") is not None else r.get("forward_iterations")
+            compute = compute_of(r)
             ax.plot(compute, r["loss"], "o")
             ax.annotate(r["label"], (compute, r["loss"]), fontsize=8)
         ax.set(xlabel="forward NFE (or DEQ iterations) per batch", ylabel="eval loss (MLM or next-token)", xscale="log",
