@@ -100,8 +100,8 @@ class PreludeCodaEncoder(Encoder):
         return self.core.rollback_guard(parameters)
 
     def solver_stats(self) -> dict:
-        counters = self.core.counters() if hasattr(self.core, "counters") else self.last_stats.counters
-        return SolverStats(self.last_stats.records, counters).summary()
+        running = self.core.counters() if hasattr(self.core, "counters") else {}  # a DEQ's, now
+        return SolverStats(self.last_stats.records, {**self.last_stats.counters, **running}).summary()
 
     # --- forward -------------------------------------------------------------------------------
     def _coda_index(self, i: int) -> int:
@@ -164,5 +164,6 @@ class PreludeCodaEncoder(Encoder):
         with _observed_apart(observer, lambda layers: {k: after_core + i for i, k in enumerate(layers)}):
             hidden = self._stack(self.coda, self._coda_index(0), core.hidden, attn_mask, records, states)
         stats = SolverStats(records, core.stats.counters)
+        stats.exit_depths = getattr(core.stats, "exit_depths", None)
         self.last_stats = stats
         return EncoderOutput(hidden, tuple(states) if states is not None else None, stats, core.penalty)
