@@ -194,13 +194,16 @@ def test_a_layer_on_the_active_rows_equals_the_dense_layer_there_and_leaves_the_
     qkv = torch.randn(2, 9, 96) if injection else None
     mask = bertode.layers.sublayers.sdpa_mask(batch()["attention_mask"])
     active = torch.rand(2, 9) < 0.5
+    active[1, :] = False  # a row with no active token at all
+    active[1, 4] = True
+    tokens = bertode.layers.loop.ActiveTokens(active)
     Pass = bertode.layers.encoder.Pass
     dense, _ = layer(x, mask, Pass(0, qkv))
     # the dense oracle for the feed-forward site: its input is the attention site's output on every row,
     # where exited rows keep x
     attended, _ = layer.attention(x, mask, Pass(0, qkv))
     oracle, _ = layer.feed_forward(torch.where(active[..., None], attended, x), mask, Pass(0, qkv))
-    packed, _ = layer(x, mask, Pass(0, qkv, active=active))
+    packed, _ = layer(x, mask, Pass(0, qkv, active=tokens))
     torch.testing.assert_close(packed[active], oracle[active], rtol=0, atol=1e-5)
     torch.testing.assert_close(packed[active], dense[active], rtol=0, atol=1e-5)  # attention reads every token's keys
     assert torch.equal(packed[~active], x[~active])

@@ -205,7 +205,7 @@ class BertDEQEncoder(Encoder):
             hidden = hidden + add if add is not None else hidden
             for index, layer in enumerate(self.layer):
                 if active is not None and index > 0:  # exited tokens: the layer inputs they last had
-                    hidden = torch.where(active[..., None], hidden, cache[index])
+                    hidden = torch.where(active.mask[..., None], hidden, cache[index])
                 cache[index] = hidden
                 hidden, _ = layer(hidden, attn_mask, Pass(index, qkv, masks, active=active))
             return damped(z, hidden.to(dtype), cfg.deq_damping)

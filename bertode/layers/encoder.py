@@ -49,7 +49,7 @@ class Pass:
     penalties: list | None = None  # (integrals, names) of each regularised solve (`regularizers.py`)
     steps: int | None = None  # an ODE site's fixed steps for this pass (the dialled depth; None: the config's)
     backprop: int | None = None  # differentiate the last k steps of each solve only (None: all)
-    active: torch.Tensor | None = None  # (batch, seq) bool: the tokens still iterating (None: all; `loop.py`)
+    active: object | None = None  # `loop.ActiveTokens`: the tokens still iterating (None: all)
 
 
 def ode_solve(config) -> ODESolve:
@@ -121,11 +121,12 @@ class ResidualSite(nn.Module):
         feed-forward branch, and the attention's query and output projections, run on those rows;
         every token still supplies keys and values."""
         active = run.active
-        normed = self.norm(x) if self.pre_norm else x
         if getattr(self.branch, "per_token", False):
-            update = self.branch(normed[active])
+            rows = active.gather(x)
+            update = self.branch(self.norm(rows) if self.pre_norm else rows)
         else:
-            update = self.branch(normed, attn_mask, run.qkv_injection, active=active)
+            update = self.branch(self.norm(x) if self.pre_norm else x, attn_mask, run.qkv_injection, active=active)
+            rows = active.gather(x)
         if self.training and self.hidden_dropout > 0:
             if run.dropout_masks is None:
                 update = dropout(update, self.hidden_dropout, True)
@@ -133,10 +134,9 @@ class ResidualSite(nn.Module):
                 key = (run.layer_index, self.name)
                 if key not in run.dropout_masks:
                     run.dropout_masks[key] = keep_mask(x, self.hidden_dropout)
-                update = update * run.dropout_masks[key][active]
-        rows = x[active]
+                update = update * active.gather(run.dropout_masks[key])
         rows = rows + update if self.pre_norm else self.norm(rows + update)
-        return x.masked_scatter(active[..., None], rows)
+        return active.scatter(x, rows)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
         """(output, the solve's `SolveRecord` or None)."""

@@ -7,8 +7,8 @@ criterion both run here, so the dial means one thing for both (`bertode.solve.di
   (truncated backpropagation through the last ``depth - graph_from``);
 * per-token exit: after each iteration the criterion scores every token against its
   previous state; a token below the threshold is frozen (its state never changes again)
-  and the step is told which tokens are still active (``step(z, active)``, ``active`` a
-  (batch, seq) bool mask, or None while every token is), so that it computes only those
+  and the step is told which tokens are still active (``step(z, active)``, ``active`` an
+  `ActiveTokens`, or None while every token is), so that it computes only those
   (`encoder.ResidualSite`); the loop ends when every real token has exited;
 * ``on_iterate(n, z)`` after each iteration n, for the per-iterate loss curve.
 
@@ -24,6 +24,35 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+class ActiveTokens:
+    """The tokens still iterating: a (batch, seq) bool ``mask``, their flat row ``index`` (row-major),
+    and per batch row their positions packed to the left (``positions`` (batch, width), ``packed``
+    marking the real entries), so that attention can run on the active queries only."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.index = mask.reshape(-1).nonzero().squeeze(1)
+        counts = mask.sum(1)
+        self.width = int(counts.max())
+        # stable sort: each row's active positions first, in ascending order (the flat order)
+        self.positions = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, : self.width]
+        self.packed = torch.arange(self.width, device=mask.device)[None] < counts[:, None]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, ...) -> the active rows (n, ...)."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def scatter(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``x`` with the active rows replaced by ``rows`` (out of place)."""
+        return x.reshape(-1, *x.shape[2:]).index_copy(0, self.index, rows.to(x.dtype)).view_as(x)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """The active rows (n, ...) as (batch, width, ...), zeros where a row has fewer active tokens."""
+        out = rows.new_zeros(self.mask.shape[0], self.width, *rows.shape[1:])
+        out[self.packed] = rows
+        return out
 
 
 @dataclass
@@ -68,7 +97,7 @@ def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0
         with torch.set_grad_enabled(grad and index >= graph_from):
             new = step(z, active)
             if active is not None:  # exited tokens keep their state
-                new = torch.where(active[..., None], new, z)
+                new = torch.where(active.mask[..., None], new, z)
         iterations = index + 1
         if criterion is not None:
             with torch.no_grad():
@@ -78,7 +107,7 @@ def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0
             if bool(leaving.any()):
                 exit_depths[leaving] = iterations
                 running = running & ~leaving
-                active = running
+                active = ActiveTokens(running) if bool(running.any()) else None
         elif stop is not None and stop(z, new):
             z = new
             if on_iterate is not None:
@@ -87,7 +116,7 @@ def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0
         z = new
         if on_iterate is not None:
             on_iterate(iterations, z)
-        if active is not None and not bool((running if valid is None else running & valid).any()):
+        if criterion is not None and not bool((running if valid is None else running & valid).any()):
             break  # every real token has exited
     if exit_depths is not None:
         exit_depths = torch.where(running, torch.full_like(exit_depths, iterations), exit_depths)

@@ -40,19 +40,27 @@ class AttentionBranch(nn.Module):
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 qkv_injection: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
         """``qkv_injection`` (batch, seq, 3 * hidden) is added to the Q, K, V projections (DEQ input injection).
-        ``active`` (batch, seq) bool: only those tokens query, and only their rows come back, packed
-        (n_active, hidden); every token supplies keys and values (per-token exit, `loop.py`)."""
+        ``active`` (`loop.ActiveTokens`): only those tokens query (packed per batch row to the widest
+        row's count), and only their rows come back, (n_active, hidden); every token supplies keys and
+        values (per-token exit)."""
         batch, seq, width = hidden.shape
-        heads = (batch, seq, self.num_heads, self.head_size)
         k, v = self.key(hidden), self.value(hidden)
-        if active is None:
-            q = self.query(hidden)
-        else:  # the query projection on the active rows; exited rows' queries are zeros, never read
-            q = torch.zeros_like(hidden).masked_scatter(active[..., None], self.query(hidden[active]))
+        dq = None
         if qkv_injection is not None:
             dq, dk, dv = qkv_injection.chunk(3, dim=-1)
-            q, k, v = q + dq, k + dk, v + dv
-        q, k, v = (x.view(heads).transpose(1, 2) for x in (q, k, v))
+            k, v = k + dk, v + dv
+        if active is None:
+            q = self.query(hidden)
+            q = q + dq if dq is not None else q
+        else:
+            q = self.query(active.gather(hidden))
+            q = active.pad(q + active.gather(dq) if dq is not None else q)  # (batch, width, hidden): each row's active queries, left-packed
+            if attn_mask is not None and attn_mask.shape[-2] > 1:  # a causal mask: the active queries' rows
+                attn_mask = attn_mask.expand(batch, -1, -1, -1).gather(
+                    2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, seq))
+        queries = q.shape[1]
+        q = q.view(batch, queries, self.num_heads, self.head_size).transpose(1, 2)
+        k, v = (x.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2) for x in (k, v))
         p = self.attention_dropout if self.training else 0.0
         observer = observe.active()
         recorded = observer is not None and observer.needs_attention()
@@ -64,8 +72,8 @@ class AttentionBranch(nn.Module):
                 observer.attention(probs)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        context = context.transpose(1, 2).reshape(batch, seq, width)
-        return self.dense(context if active is None else context[active])
+        context = context.transpose(1, 2).reshape(batch, queries, width)
+        return self.dense(context if active is None else context[active.packed])
 
 
 def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 0.0):

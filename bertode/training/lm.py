@@ -56,7 +56,7 @@ def evaluate(model, batches, objective, device: torch.device, precision: str = "
         correct += int(right)
         count += objective.targets(labels)
         stats = model.solver_stats() if hasattr(model, "solver_stats") else {}
-        for key in ("nfe_forward", "forward_iterations"):
+        for key in ("nfe_forward", "forward_iterations", "depth", "exit_depth_mean"):  # looped cores report depth
             if isinstance(stats.get(key), (int, float)):
                 compute[key] = compute.get(key, 0.0) + stats[key]
     model.train(was_training)
