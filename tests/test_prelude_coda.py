@@ -183,6 +183,25 @@ def test_the_kl_exit_reads_the_heads_distributions_through_the_coda(batch):
     assert read and all(torch.allclose(h.mean(-1), torch.full((), 5.0), atol=1e-4) for h in read)  # the coda's
 
 
+def test_activation_checkpointing_covers_prelude_core_and_coda_with_the_same_gradients(batch):
+    torch.manual_seed(0)
+    config = dict(SPLIT, **EULER_1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    plain = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**config)).train()
+    checkpointed = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**config)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    calls = []
+    for encoder in (checkpointed.bert.encoder, checkpointed.bert.encoder.core):
+        func = encoder._gradient_checkpointing_func
+        encoder._gradient_checkpointing_func = lambda *args, func=func, **kwargs: calls.append(1) or func(*args, **kwargs)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert len(calls) == 4  # every layer: prelude, the core's two, coda
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert p.grad is None or (p.grad - q.grad).abs().max() <= 1e-6, name
+
+
 def test_a_split_leaving_no_core_is_refused():
     with pytest.raises(ValueError) as error:
         bertode.BertODEConfig(num_hidden_layers=4, prelude_layers=2, coda_layers=2)
