@@ -9,6 +9,10 @@ for (a time embedding, an rk2 gate) keep their initialisation, which makes them 
 (zero), so with ``solver="euler", steps=1`` the converted model computes exactly what
 the source computes. Anything else (another ``model_type``, an architecture without a
 bertode head) is refused in one line naming it and what is supported.
+
+A target with ``prelude_layers``/``coda_layers`` takes the source's stack split in three
+(`split_stack`): its first layers are the prelude, its last the coda, the middle the core
+(``encoder.core.layer.*``; a weight-tied core's one layer: ``core_from``).
 """
 
 from __future__ import annotations
