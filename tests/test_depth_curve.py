@@ -141,9 +141,8 @@ def test_the_curve_of_a_looped_core_equals_separate_evaluations_at_each_depth(tm
     curve = {p["depth"]: p["loss"] for p in result["curve"]}
     assert sorted(curve) == [1, 2, 3, 4]
     for n in range(1, 5):
-        with dialed(depth=n):
-            alone = _evaluate(folder, cache)["loss"]
-        assert abs(curve[n] - alone) <= 1e-6, (n, curve[n], alone)
+        alone = _evaluate(folder, cache, f"depth.steps={n}")
+        assert alone["depth"] == n and abs(curve[n] - alone["loss"]) <= 1e-6, (n, curve[n], alone)
     assert curve[4] == pytest.approx(result["loss"], abs=1e-6)
     assert min(abs(curve[n + 1] - curve[n]) for n in range(1, 4)) > 1e-5  # every application changes the loss
 
@@ -218,12 +217,17 @@ def test_report_fits_a_curve_run_and_a_depth_sweep_prints_and_plots_them(tmp_pat
         (sweep / str(job)).mkdir(parents=True)
         (sweep / str(job) / "evaluation.json").write_text(json.dumps(
             {"loss": float(_law(steps, 4.0, 2.0, 1.5)), "checkpoint": ode, "overrides": {"steps": steps}}))
+    for job, steps in enumerate((1, 2, 4)):  # the same sweep with another solver: a curve of its own
+        (sweep / f"euler{job}").mkdir(parents=True)
+        (sweep / f"euler{job}" / "evaluation.json").write_text(json.dumps(
+            {"loss": float(_law(steps, 4.5, 2.0, 1.0)), "checkpoint": ode, "overrides": {"solver": "euler", "steps": steps}}))
     out = tmp_path / "report"
     assert report([str(tmp_path / "deq"), str(tmp_path / "ode"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "### depth curves (2 models)" in printed and "| model | depths | L_inf | A | tau |" in printed
+    assert "### depth curves (3 models)" in printed and "| model | depths | L_inf | A | tau |" in printed
     rows = {r["model"]: r for r in json.loads((out / "report.json").read_text()) if r["kind"] == "depth_curve"}
-    assert sorted(rows) == ["deq/final", "ode/final"]
+    assert sorted(rows) == ["deq/final", "ode/final", "ode/final (solver=euler)"]
+    assert abs(rows["ode/final (solver=euler)"]["fit"]["L_inf"] - 4.5) <= 1e-4
     fitted = rows["deq/final"]
     assert fitted["depths"] == depths and fitted["trained_depth"] == 3
     assert abs(fitted["fit"]["L_inf"] - 5.0) <= 1e-4 and abs(fitted["fit"]["tau"] - 3.0) <= 1e-4

@@ -62,7 +62,7 @@ def find_runs(roots: list[Path]) -> list[dict]:
                                                                               sorted(data.get("overrides", {}).items())],
                              **{k: data.get(k) for k in COLUMNS["evaluate"]},
                              "checkpoint": data.get("checkpoint"), "depth": _run_depth(data),
-                             "depth_curve": data.get("curve")})
+                             "dial": (data.get("exit"), data.get("exit_threshold")), "depth_curve": data.get("curve")})
             elif path.name == "results.json":
                 data = json.loads(path.read_text())
                 runs.append({"kind": "finetune", "run": str(run), "settings": _overrides(run),
@@ -92,15 +92,26 @@ def find_runs(roots: list[Path]) -> list[dict]:
 DEPTH_KEYS = ("depth", "depth.steps", "depth_steps", "deq_max_iter", "deq.max_iter", "steps", "solver.steps")
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _run_depth(data: dict) -> int | None:
-    """The depth an evaluate run chose (``depth.steps``, ``deq.max_iter`` or ``solver.steps``), or None."""
-    sources = [data.get("overrides") or {}, data]
-    for source in sources:
-        for key in DEPTH_KEYS:
-            value = source.get(key) if isinstance(source, dict) else None
-            if isinstance(value, int) and not isinstance(value, bool) and (source is not data or key == "depth"):
-                return value
-    return None
+    """The depth an evaluate run ran at: the dialled ``depth`` (``depth.steps``), else the
+    ``deq.max_iter`` or ``solver.steps`` it chose, else the model's own (its ``deq_max_iter``
+    or ODE ``steps``, as evaluate records them); None for a looped core left at its own."""
+    overrides = data.get("overrides") or {}
+    for value in [data.get("depth")] + [overrides.get(key) for key in DEPTH_KEYS]:
+        if _is_count(value):
+            return value
+    own = data.get("deq_max_iter") if data.get("mode") == "deq" else data.get("steps")
+    return own if _is_count(own) else None
+
+
+def _sweep_key(r: dict) -> tuple:
+    """What the runs of one depth sweep share: the checkpoint, every other override, the exit."""
+    others = tuple(s for s in r["settings"] if s.split("=", 1)[0] not in DEPTH_KEYS)
+    return r.get("checkpoint") or "", others, r.get("dial")
 
 
 def _trained_depth(checkpoint: str | None) -> int | None:
@@ -203,15 +214,17 @@ def depth_curves(runs: list[dict]) -> list[dict]:
             points = [(p["depth"], p["loss"]) for p in r["depth_curve"]]
             curves.append({"checkpoint": r.get("checkpoint"), "run": r["run"], "points": points})
         elif r.get("depth") is not None and r.get("loss") is not None:
-            sweeps.setdefault(r.get("checkpoint") or "", []).append((r["depth"], r["loss"]))
-    for checkpoint, points in sweeps.items():
+            sweeps.setdefault(_sweep_key(r), []).append((r["depth"], r["loss"]))
+    for (checkpoint, others, _), points in sweeps.items():
         if len({n for n, _ in points}) >= 2:
-            curves.append({"checkpoint": checkpoint or None, "run": None, "points": sorted(points)})
+            curves.append({"checkpoint": checkpoint or None, "run": None, "points": sorted(points), "others": others})
     for curve in curves:
         depths, losses = zip(*curve["points"])
         curve["depths"], curve["losses"] = list(depths), list(losses)
         checkpoint = curve["checkpoint"]
         curve["model"] = "/".join(Path(checkpoint).parts[-2:]) if checkpoint else Path(curve["run"] or "?").name
+        if curve.get("others"):
+            curve["model"] += f" ({', '.join(curve['others'])})"
         curve["trained_depth"] = _trained_depth(checkpoint)
         curve["fit"] = fit_saturation(depths, losses)
         curve["ratio"] = extrapolation_ratio(depths, losses, curve["trained_depth"], curve["fit"])
