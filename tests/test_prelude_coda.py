@@ -55,6 +55,16 @@ def test_from_bert_maps_the_stack_onto_prelude_core_and_coda(batch):
         assert torch.equal(ours_layer.attention.branch.query.weight, hf_layer.attention.self.query.weight)
 
 
+def test_from_bert_splits_albert_s_one_shared_layer_applied_again(batch):
+    """ALBERT applies one layer num_hidden_layers times: copies of it in the prelude and coda, the tied core its rest."""
+    torch.manual_seed(0)
+    hf = transformers.AlbertForMaskedLM(transformers.AlbertConfig(**{**TINY, "num_hidden_layers": 4},
+                                                                  embedding_size=16)).eval()
+    ours = bertode.from_bert(hf, prelude_layers=1, coda_layers=1, **EULER_1).eval()
+    assert len(ours.bert.encoder.core.layer) == 1 and ours.bert.encoder.core.num_applications == 2
+    assert (hf(**batch).logits - ours(**batch).logits).abs().max() <= 1e-5
+
+
 def test_from_bert_gives_a_tied_core_the_first_or_the_mean_middle_layer(batch):
     torch.manual_seed(0)
     hf = transformers.BertForMaskedLM(tiny_bert_config(num_hidden_layers=3)).eval()
