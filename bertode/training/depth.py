@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -178,9 +178,13 @@ class DepthSetting:
     """``depth=`` of a command: the distribution and ``backprop`` (k: differentiate the last k)."""
 
     distribution: DepthDistribution
-    backprop: int | None = None
-    name: str = "fixed"
-    describe: dict = field(default_factory=dict)
+    backprop: int | None
+    name: str
+    describe: dict  # what a checkpoint keeps: the name, every argument as used, backprop
+
+    @property
+    def fixed(self) -> bool:
+        return isinstance(self.distribution, Fixed)
 
     def draw(self, seed: int, step: int) -> int | None:
         """The depth of the step logged as ``step``: an integer >= 1, or None (the model's own)."""
@@ -202,7 +206,7 @@ def depth_setting(node) -> DepthSetting:
     """The ``depth`` group of a composed config (None: ``fixed``, the model's own depth),
     checked; one line naming ``depth.<key>`` otherwise."""
     values = _plain(node)
-    name = values.pop("name", None) or "fixed"
+    name = values.pop("name", None) or DEPTH_DISTRIBUTIONS.default
     backprop = values.pop("backprop", None)
     if backprop is not None and not (_integer(backprop) and backprop >= 0):
         raise ValueError(f"depth.backprop={backprop!r} is invalid; allowed: null (every step differentiated) or an "
@@ -248,7 +252,7 @@ def check_for_model(setting: DepthSetting, fields: dict, criterion=None) -> None
                          "allowed: exit=none")
     if fields.get("mode", "ode") != "discrete" or fields.get("weight_tying"):
         return
-    if setting.name != "fixed":
+    if not setting.fixed:
         typed = f"depth={setting.name!r}"
     elif setting.distribution.draw(0, 0) is not None:
         typed = f"depth.steps={setting.distribution.draw(0, 0)!r}"
@@ -266,7 +270,7 @@ def inference_dial(cfg, fields: dict, command: str):
     the model (``fields``: the checkpoint's config with the command line's changes); returns
     (depth, criterion) to dial around every forward."""
     setting = depth_setting(cfg.get("depth"))
-    if setting.name != "fixed":
+    if not setting.fixed:
         raise ValueError(f"depth={setting.name!r} is invalid for bertode.{command}: a distribution is drawn per "
                          "training step; allowed: depth=fixed with depth.steps=N (the depth of every forward)")
     if setting.backprop is not None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from ..configuration import BertODEConfig
 from . import checkpoint
-from .depth import depth_setting
+from .depth import DEPTH_DISTRIBUTIONS, depth_setting
 from .groups import typed_key
 from .run_config import model_config, model_kwargs
 
@@ -79,7 +79,7 @@ def check_settings(cfg: DictConfig, target: Path, config=None) -> None:
 
 
 # What a checkpoint written before ``depth=`` existed was trained with: the model's own depth.
-OWN_DEPTH = {"name": "fixed", "steps": None, "backprop": None}
+OWN_DEPTH = {"name": DEPTH_DISTRIBUTIONS.default, "steps": None, "backprop": None}
 
 
 def saved_depth(target: Path) -> dict:
