@@ -281,6 +281,8 @@ TRAIN_REFUSALS = [
     (["model=bert", "depth.steps=3"], "depth.steps=3 is invalid for the model's mode='discrete' with "
                                       "weight_tying=False: nothing is iterated"),
     (["model=bert", *UNIFORM], "depth='uniform' is invalid for the model's mode='discrete' with weight_tying=False"),
+    (["solver=dopri5", "depth.backprop=1"], "depth.backprop=1 is invalid with solver='dopri5': an adaptive solver "
+                                            "chooses its own steps"),
     (["exit=kl"], "exit=kl is invalid for bertode.train: it takes no exit group"),
 ]
 
@@ -341,6 +343,8 @@ INFERENCE_REFUSALS = [
                                                                 "nothing is differentiated; allowed: null"),
     ("evaluate", "bert", ["depth.steps=2"], "depth.steps=2 is invalid for the model's mode='discrete' with "
                                             "weight_tying=False: nothing is iterated"),
+    ("evaluate", "ode", ["solver=tsit5", "depth.steps=4"], "depth.steps=4 is invalid with solver='tsit5': an "
+                                                           "adaptive solver chooses its own steps"),
     ("evaluate", "ode", ["depth.steps=-2"], "depth.steps=-2 is invalid; allowed: null (the model's own depth) or an "
                                             "integer >= 1"),
 ]

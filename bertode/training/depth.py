@@ -34,6 +34,7 @@ import torch
 from ..registry import Registry
 from ..solve.dial import dialed
 from ..solve.exits import EXIT_CRITERIA, make_exit_criterion
+from ..solve.solvers import SOLVERS
 
 _STREAM = 0x6465707468  # "depth": this module's own stream of (seed, step)
 
@@ -244,13 +245,17 @@ def _model(fields: dict) -> str:
 
 
 def check_for_model(setting: DepthSetting, fields: dict, criterion=None) -> None:
-    """A dialled depth needs a depth to dial (not a discrete untied model), an exit criterion
-    an iterated one (a DEQ or a weight-tied core); one line otherwise."""
+    """A dialled depth needs a depth to dial (not a discrete untied model, nor an untied ODE
+    whose adaptive solver chooses its steps), an exit criterion an iterated one (a DEQ or a
+    weight-tied core); one line otherwise."""
     if criterion is not None and not iterated(fields):
         raise ValueError(f"exit={criterion.registry_name!r} is invalid for {_model(fields)}: exit applies to DEQ "
                          "(mode='deq') and weight-tied (looped, weight_tying=true) models, whose depth is iterated; "
                          "allowed: exit=none")
-    if fields.get("mode", "ode") != "discrete" or fields.get("weight_tying"):
+    mode, tied = fields.get("mode", "ode"), bool(fields.get("weight_tying"))
+    solver = fields.get("solver")
+    adaptive = mode == "ode" and not tied and solver in SOLVERS and SOLVERS[solver].adaptive
+    if (mode != "discrete" or tied) and not adaptive:
         return
     if not setting.fixed:
         typed = f"depth={setting.name!r}"
@@ -260,6 +265,10 @@ def check_for_model(setting: DepthSetting, fields: dict, criterion=None) -> None
         typed = f"depth.backprop={setting.backprop!r}"
     else:
         return
+    if adaptive:
+        raise ValueError(f"{typed} is invalid with solver={solver!r}: an adaptive solver chooses its own steps "
+                         "(solver.atol, solver.rtol), so an untied ODE has no depth to dial; allowed: a fixed-step "
+                         "solver (solver=euler, rk4, ...), or depth=fixed with depth.steps=null and depth.backprop=null")
     raise ValueError(f"{typed} is invalid for {_model(fields)}: nothing is iterated (its depth is its layers); "
                      "allowed: depth=fixed with depth.steps=null and depth.backprop=null, or an ODE, DEQ or "
                      "weight-tied model")

@@ -71,7 +71,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     check_logger(cfg.logger.kind)
     head = get_objective(cfg.objective)(None).model_class
     config = model_config(cfg, vocab_size=1)  # validates the model before any data work
-    check_for_model(depth_setting(cfg.get("depth")), config.to_dict())
+    check_for_model(depth_setting(cfg.get("depth")), {**config.to_dict(), "solver": getattr(config, "solver", None)})
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
             head(config)
