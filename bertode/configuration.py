@@ -36,7 +36,7 @@ from .layers.vector_fields import VECTOR_FIELDS
 
 MODES = ("ode", "discrete", "deq")
 NORM_POSITIONS = ("post", "pre")
-CORE_INJECTIONS = ("none", "add")
+CORE_INJECTIONS = (None, "add")
 SENSITIVITY_FAMILY = {"ode": "ode", "deq": "deq", "discrete": None}
 # Name fields chosen from a registry, the mode they belong to (None: every mode) and the
 # registry; None means "the registry's default" where the mode uses the field.
@@ -83,7 +83,7 @@ class BertODEConfig(BertConfig):
         loop count is the depth `bertode.dial` turns).
     prelude_layers, coda_layers: untied discrete layers before and after the core (the looped,
         ODE or DEQ layers), as Huginn's prelude/core/coda; they count in ``num_hidden_layers``.
-    core_injection: ``none`` or ``add`` (a looped core only): each application of the tied layer
+    core_injection: None or ``add`` (a looped core only): each application of the tied layer
         sees z + U e, where e is the core's input, U starts as the identity and z starts at 0,
         so one application is the plain layer on e (the DEQ's ``add`` injection, unrolled).
     norm_position: ``post`` (BERT: x -> LN(x + G(x)); the ODE is the vector field's) or
@@ -138,7 +138,7 @@ class BertODEConfig(BertConfig):
     weight_tying: bool = False
     prelude_layers: int = 0
     coda_layers: int = 0
-    core_injection: str = "none"
+    core_injection: str | None = None
     norm_position: str = "post"
     block: str | None = None
     block_kwargs: dict | None = None
@@ -237,12 +237,12 @@ class BertODEConfig(BertConfig):
             fail("objective", self.objective, "None or a registered objective's name")
         if not isinstance(self.weight_tying, bool):
             fail("weight_tying", self.weight_tying, "True or False")
-        self._check_core()
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")
         check_deq_numbers(self)
         check_architecture(self)
+        self._check_core()
         if not is_number(self.regularizer_weight) or self.regularizer_weight < 0:
             fail("regularizer_weight", self.regularizer_weight, "a number >= 0")
         self._check_unused_by_mode()
@@ -270,9 +270,9 @@ class BertODEConfig(BertConfig):
                              f"is invalid with num_hidden_layers={layers}; allowed: a sum < {layers} (the core keeps "
                              "at least one layer)")
         check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
-        if self.core_injection != "none" and (self.mode == "deq" or not self.weight_tying):
+        if self.core_injection is not None and (self.mode == "deq" or not self.weight_tying):
             raise ValueError(f"BertODEConfig.core_injection={self.core_injection!r} is invalid with mode={self.mode!r}, "
-                             f"weight_tying={self.weight_tying}; allowed: 'none' (it applies to a looped core: "
+                             f"weight_tying={self.weight_tying}; allowed: None (it applies to a looped core: "
                              "weight_tying=True, mode 'ode' or 'discrete'; the DEQ has deq_injection)")
 
     def _check_names(self) -> None:

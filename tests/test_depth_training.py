@@ -269,7 +269,7 @@ def _refused(capsys, name: str, *argv: str) -> str:
 
 
 TRAIN_REFUSALS = [
-    (["depth=nope"], "depth='nope' is invalid; allowed: 'fixed', "),
+    (["depth=nope"], "depth='nope' is invalid; allowed: 'default', 'fixed', "),
     (["depth.backprop=-1"], "depth.backprop=-1 is invalid; allowed: null (every step differentiated) or an integer >= 0"),
     (["depth=uniform", "depth.low=5", "depth.high=3"], "depth.low=5 is invalid with depth.high=3; allowed: an integer "
                                                        "in [1, 3]"),
@@ -284,6 +284,9 @@ TRAIN_REFUSALS = [
     (["solver=dopri5", "depth.backprop=1"], "depth.backprop=1 is invalid with solver='dopri5': an adaptive solver "
                                             "chooses its own steps"),
     (["exit=kl"], "exit=kl is invalid for bertode.train: it takes no exit group"),
+    (["trainer.dynamics_every=-1"], "trainer.dynamics_every=-1 is invalid; allowed: 0 (off) or an integer >= 1"),
+    (["model=bert", "trainer.dynamics_every=5"], "trainer.dynamics_every=5 is invalid with mode='discrete' and untied "
+                                                 "layers"),
 ]
 
 
@@ -328,7 +331,7 @@ def checkpoints(tmp_path_factory):
 
 
 INFERENCE_REFUSALS = [
-    ("evaluate", "ode", ["exit=nope"], "exit='nope' is invalid; allowed: 'none', 'kl', 'latent_diff'"),
+    ("evaluate", "ode", ["exit=nope"], "exit='nope' is invalid; allowed: 'default', 'kl', 'latent_diff', 'none'"),
     ("evaluate", "tied", ["exit=latent_diff", "exit.threshold=-0.1"], "exit.threshold=-0.1 is invalid; allowed: a "
                                                                       "number >= 0"),
     ("evaluate", "ode", ["exit=latent_diff"], "exit='latent_diff' is invalid for the model's mode='ode' with "
@@ -394,3 +397,24 @@ def test_evaluate_and_generate_dial_depth_and_exit_around_every_forward(tmp_path
                                  "depth.steps=2", "exit=latent_diff", "exit.threshold=0.2"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert len(seen) == 3 and set(seen) == {(2, "LatentDifference", 0.2)}
+
+
+def test_dynamics_every_logs_the_probe_at_every_nth_step(tmp_path, cache_dir, monkeypatch):
+    from bertode.training import loop
+
+    seen = []
+
+    def probe(model, input_ids, attention_mask=None):
+        result = real(model, input_ids, attention_mask)
+        seen.append((input_ids.shape, result))
+        return result
+
+    real = loop.dynamics_probe
+    monkeypatch.setattr(loop, "dynamics_probe", probe)
+    records = _train(tmp_path / "looped", cache_dir, "model.weight_tying=true", "trainer.max_steps=5",
+                     "trainer.dynamics_every=2")
+    logged = {r["step"]: r["dynamics_spectral_radius"] for r in records if "dynamics_spectral_radius" in r}
+    assert sorted(logged) == [2, 4] and len(seen) == 2
+    assert [logged[2], logged[4]] == [result["spectral_radius"] for _, result in seen]
+    assert all(shape[0] == 1 for shape, _ in seen)  # one sequence
+    assert all(0 < value < 10 for value in logged.values())

@@ -266,7 +266,7 @@ class BertODEEncoder(Encoder):
         distinct = 1 if config.weight_tying else config.num_hidden_layers
         self.layer = nn.ModuleList(BertODELayer(config, integrate) for _ in range(distinct))
         self.injection = None
-        if getattr(config, "core_injection", "none") == "add":
+        if getattr(config, "core_injection", None) == "add":
             self.injection = nn.Linear(config.hidden_size, config.hidden_size)
             identity_init(self.injection)
         self.last_stats = SolverStats()

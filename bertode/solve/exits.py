@@ -6,6 +6,7 @@ it still supplies keys and values to the tokens that go on). A score reads only 
 own state (or the head's distribution at its own position), so a causal model's exit
 decisions never read future tokens.
 
+* ``none`` (default): no token stops.
 * ``latent_diff``: |z_t - z_{t-1}| / |z_t| per token (Huginn's relative latent change).
 * ``kl``: KL(p_t || p_{t-1}) of the head's output distributions at the token's position
   (the masked-LM prediction at that position; a causal LM's next token). It needs the
@@ -27,10 +28,12 @@ from ..registry import Registry
 
 
 class ExitCriterion(abc.ABC):
-    """Decides per token whether to stop iterating; ``registry_name`` is set at registration."""
+    """Decides per token whether to stop iterating; ``registry_name`` is set at registration.
+    ``stops_tokens = False`` marks a criterion that never stops one (``none``): no criterion runs."""
 
     registry_name: str = ""
     needs_readout: bool = False
+    stops_tokens: bool = True
 
     def __init__(self, threshold: float = 0.03):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
@@ -67,12 +70,22 @@ def available_exit_criteria() -> tuple[str, ...]:
 
 
 def make_exit_criterion(name: str | None, threshold: float = 0.03, **kwargs) -> ExitCriterion | None:
-    """The built criterion ``name`` (None or ``"none"``: no exit)."""
-    if name is None or name == "none":
-        return None
+    """The built criterion ``name``, or None where it stops no token (None: the default, ``none``)."""
+    name = EXIT_CRITERIA.default if name is None else name
     if name not in EXIT_CRITERIA:
-        raise ValueError(f"exit={name!r} is invalid; allowed: none, {', '.join(available_exit_criteria())}")
-    return EXIT_CRITERIA[name](threshold, **kwargs)
+        raise ValueError(f"exit={name!r} is invalid; allowed: {', '.join(available_exit_criteria())}")
+    criterion = EXIT_CRITERIA[name](threshold, **kwargs)
+    return criterion if criterion.stops_tokens else None
+
+
+@register_exit_criterion("none", default=True)
+class NoExit(ExitCriterion):
+    """Every token runs the whole depth (the default)."""
+
+    stops_tokens = False
+
+    def score(self, previous, current):
+        return torch.full(current.shape[:2], math.inf, device=current.device)
 
 
 @register_exit_criterion("latent_diff")

@@ -30,6 +30,9 @@ import torch
 from ..registry import Registry
 from ._torchdyn import DiffEqSolver, DormandPrince45, Euler, Midpoint, RungeKutta4, Tsitouras45
 
+# torchdyn's names for its two stepping classes, read off its own solvers
+FIXED_STEPPING, ADAPTIVE_STEPPING = Euler().stepping_class, DormandPrince45().stepping_class
+
 
 @dataclass(frozen=True)
 class ButcherTableau:
@@ -58,7 +61,7 @@ class ExplicitRK(DiffEqSolver):
     in torchdyn's (c, a, b, None) form, so torchdyn and `SubSteps` move it to the state)."""
 
     def __init__(self, tableau: ButcherTableau, dtype=torch.float32):
-        super().__init__(order=tableau.order, stepping_class="fixed")
+        super().__init__(order=tableau.order, stepping_class=FIXED_STEPPING)
         self.dtype = dtype
         c = torch.tensor(list(tableau.c), dtype=dtype)
         a = [torch.tensor(list(row), dtype=dtype) for row in tableau.a]
@@ -113,10 +116,10 @@ def solver_spec(name: str, source, torchdiffeq: str | None = None) -> ODESolverS
     if isinstance(source, type) and issubclass(source, torch.nn.Module) and hasattr(source, "step"):
         probe = source(torch.float32)
         stepping = getattr(probe, "stepping_class", None)
-        if stepping not in ("fixed", "adaptive"):
+        if stepping not in (FIXED_STEPPING, ADAPTIVE_STEPPING):
             raise TypeError(f"register_solver({name!r}): {source.__qualname__}.stepping_class={stepping!r} is invalid; "
-                            "allowed: 'fixed', 'adaptive'")
-        return ODESolverSpec(name, source, stepping == "adaptive", int(getattr(probe, "order", 0)), torchdiffeq, source)
+                            f"allowed: {FIXED_STEPPING!r}, {ADAPTIVE_STEPPING!r}")
+        return ODESolverSpec(name, source, stepping == ADAPTIVE_STEPPING, int(getattr(probe, "order", 0)), torchdiffeq, source)
     raise TypeError(f"register_solver({name!r}) needs a torchdyn solver class (DiffEqSolver or SolverTemplate "
                     f"subclass taking dtype) or a bertode.ButcherTableau, got {source!r}")
 

@@ -23,17 +23,18 @@ import torch
 
 from . import observe
 from ._torchdyn import DiffEqSolver
+from .solvers import FIXED_STEPPING
 
 
 class SubSteps(DiffEqSolver):
     """Wraps a fixed-step torchdyn solver ``base``: one call to `step` is ``n`` base steps."""
 
     def __init__(self, base: DiffEqSolver, n: int):
-        if base.stepping_class != "fixed":
+        if base.stepping_class != FIXED_STEPPING:
             raise ValueError(f"SubSteps needs a fixed-step solver, got {type(base).__name__} ({base.stepping_class})")
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"SubSteps n={n!r} is invalid; allowed: an integer >= 1")
-        super().__init__(order=base.order, stepping_class="fixed")
+        super().__init__(order=base.order, stepping_class=FIXED_STEPPING)
         self.base, self.n = base, n
         self.dtype = getattr(base, "dtype", torch.float32)
 

@@ -72,6 +72,9 @@ def check_trainer(trainer, world: int) -> None:
         value = trainer[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"trainer.{key}={value!r} is invalid; allowed: an integer >= 1")
+    every = trainer.get("dynamics_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"trainer.dynamics_every={every!r} is invalid; allowed: 0 (off) or an integer >= 1")
     if trainer.batch_size % (trainer.grad_accumulation * world) != 0:
         raise ValueError(f"trainer.batch_size={trainer.batch_size} is invalid; allowed: a multiple of "
                          f"grad_accumulation x processes = {trainer.grad_accumulation * world}")

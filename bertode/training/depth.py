@@ -216,21 +216,17 @@ def depth_setting(node) -> DepthSetting:
     return DepthSetting(distribution, backprop, name, {"name": name, **distribution.settings, "backprop": backprop})
 
 
-EXIT_NONE = "none"
-
-
 def exit_criterion(node):
-    """The ``exit`` group of a composed config: the built criterion, or None for ``exit=none``."""
+    """The ``exit`` group of a composed config: the built criterion, or None where it stops no
+    token (``exit=none``, the default)."""
     values = _plain(node)
-    name = values.pop("name", None) or EXIT_NONE
+    name = values.pop("name", None) or EXIT_CRITERIA.default
     threshold = values.pop("threshold", None)
-    if name != EXIT_NONE and name not in EXIT_CRITERIA:
-        allowed = ", ".join(repr(n) for n in (EXIT_NONE, *EXIT_CRITERIA.names()))
+    if name not in EXIT_CRITERIA:
+        allowed = ", ".join(repr(n) for n in EXIT_CRITERIA.names())
         raise ValueError(f"exit={name!r} is invalid; allowed: {allowed}")
     if threshold is not None and not (_number(threshold) and threshold >= 0):
         raise ValueError(f"exit.threshold={threshold!r} is invalid; allowed: a number >= 0")
-    if name == EXIT_NONE:
-        return None
     kwargs = {k: v for k, v in values.items() if v is not None}
     return make_exit_criterion(name, **({"threshold": threshold} if threshold is not None else {}), **kwargs)
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import modeling  # noqa: F401  (registers the Auto classes)
 from ..solve.dial import current_dial, dialed
+from ..solve.exits import EXIT_CRITERIA
 from . import solve_overrides
 from .run_config import checkpoint_fields
 from .cli import hydra_entry, import_plugins, prechecked, usage_errors
@@ -274,7 +275,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                   seconds=time.perf_counter() - started, overrides=chosen, mode=config.mode, solver=config.solver,
                   steps=config.steps if config.mode == "ode" else None,
                   deq_max_iter=config.deq_max_iter if config.mode == "deq" else None)
-    result.update(depth=depth, exit=getattr(criterion, "registry_name", "none"),
+    result.update(depth=depth, exit=getattr(criterion, "registry_name", EXIT_CRITERIA.default),
                   exit_threshold=getattr(criterion, "threshold", None))
     compute = "".join(f", {key} {result[key]:g}" for key in ("nfe_forward", "forward_iterations") if key in result)
     print(f"{folder} [{cfg.split}]: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "

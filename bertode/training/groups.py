@@ -33,7 +33,7 @@ from hydra.core.config_store import ConfigStore
 
 from ..layers.blocks import BLOCKS
 from ..solve.exits import EXIT_CRITERIA
-from .depth import DEPTH_DISTRIBUTIONS, EXIT_NONE, parameters
+from .depth import DEPTH_DISTRIBUTIONS, parameters
 from ..layers.regularizers import REGULARIZERS
 from ..configuration import BertODEConfig
 from ..solve.sensitivities import SENSITIVITIES
@@ -166,19 +166,23 @@ def deq_node() -> dict:
 
 
 def depth_node(name: str) -> dict:
-    """``depth=name``: its constructor's arguments (null: their defaults) and ``backprop`` (null: all)."""
-    return {"name": name, **dict.fromkeys(parameters(name)), "backprop": None}
+    """``depth=name``: its constructor's arguments (null: their defaults) and ``backprop`` (null: all);
+    ``default``: the registry's default distribution's (``name`` null)."""
+    chosen = DEPTH_DISTRIBUTIONS.default if name == DEFAULT else name
+    return {"name": None if name == DEFAULT else name, **dict.fromkeys(parameters(chosen)), "backprop": None}
 
 
 def exit_node(name: str) -> dict:
-    """``exit=name``: ``threshold`` (null: the criterion's default, 0.03) and its other arguments."""
-    if name == EXIT_NONE:
-        return {"name": name, "threshold": None}
-    return {"name": name, "threshold": None, **dict.fromkeys(_keyword_defaults(EXIT_CRITERIA[name].__init__, 1))}
+    """``exit=name``: ``threshold`` (null: the criterion's default, 0.03) and its other arguments;
+    ``default``: the registry's default criterion's (``name`` null)."""
+    chosen = EXIT_CRITERIA.default if name == DEFAULT else name
+    return {"name": None if name == DEFAULT else name, "threshold": None,
+            **dict.fromkeys(_keyword_defaults(EXIT_CRITERIA[chosen].__init__, 1))}
 
 
 def dial_choices(group: str) -> list[str]:
-    return list(DEPTH_DISTRIBUTIONS.names()) if group == "depth" else [EXIT_NONE, *EXIT_CRITERIA.names()]
+    """``default`` first, then the registry's names (as the registry-backed groups list theirs)."""
+    return [DEFAULT, *(DEPTH_DISTRIBUTIONS if group == "depth" else EXIT_CRITERIA).names()]
 
 
 def store_groups() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..analysis import dynamics_probe
 from ..compile import compile_model, resolve_scope
 from ..layers.dropout import split_invariant
 from . import checkpoint, lock, resume
@@ -72,6 +73,9 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     head = get_objective(cfg.objective)(None).model_class
     config = model_config(cfg, vocab_size=1)  # validates the model before any data work
     check_for_model(depth_setting(cfg.get("depth")), {**config.to_dict(), "solver": getattr(config, "solver", None)})
+    if trainer.get("dynamics_every") and config.mode == "discrete" and not config.weight_tying:
+        raise ValueError(f"trainer.dynamics_every={trainer.dynamics_every} is invalid with mode='discrete' and untied "
+                         "layers (no flow, no iterated map to read); allowed: 0, or an ODE, DEQ or weight-tied model")
     try:
         with torch.device("meta"):  # and its modules' own checks (a field's or block's arguments)
             head(config)
@@ -252,6 +256,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                   "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
                   **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {}),
                   "depth": drawn}  # the dialled depth (null: the model's own)
+        if trainer.get("dynamics_every") and step % trainer.dynamics_every == 0 and dist.main:
+            # the map's spectral radius (DEQ, looped core) or the flow's top Lyapunov exponent, on one sequence
+            probe = dynamics_probe(base, inputs[:1].to(dist.device))
+            record.update({f"dynamics_{key}": value for key, value in probe.items()})
         if step % trainer.log_every == 0 or step == 1:
             now = time.perf_counter()
             record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
