@@ -39,8 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data" / "wikitext-2"
-LOOPED = ["model=bert", "model.weight_tying=true", "+model.core_injection=add", "+model.prelude_layers=1",
-          "+model.coda_layers=1", "size=tiny"]
+LOOPED = ["model=bert", "model.weight_tying=true", "model.prelude_layers=1", "model.coda_layers=1", "size=tiny"]
 
 
 def data_overrides(args, cache: Path) -> list[str]:
@@ -59,7 +58,8 @@ def run(command: list[str], what: str) -> str:
 def train(name: str, depth: list[str], args, work: Path) -> Path:
     run_dir = work / name
     if not (run_dir / "final" / "config.json").exists():
-        run(["bertode.train", *LOOPED, f"model.num_hidden_layers={args.depth + 2}", *depth,
+        injection = [] if args.injection == "none" else [f"model.core_injection={args.injection}"]
+        run(["bertode.train", *LOOPED, *injection, f"model.num_hidden_layers={args.depth + 2}", *depth,
              f"depth.backprop={args.backprop}", *data_overrides(args, work / "cache"), "trainer.batch_size=16",
              "trainer.lr=1e-3", f"trainer.max_steps={args.steps}", f"trainer.eval_every={args.steps}",
              f"trainer.checkpoint_every={args.steps}", "trainer.log_every=100", f"seed={args.seed}",
@@ -192,6 +192,7 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=4, help="n: the fixed model's depth, the sampled model's mean")
     parser.add_argument("--backprop", type=int, default=2)
     parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--injection", choices=["add", "none"], default="add", help="the looped core's input injection")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.05, 0.03])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -209,7 +210,7 @@ def main() -> int:
 
     result = {"device": f"CPU {os.cpu_count()} cores ({platform.machine()}), {args.threads} torch thread(s), fp32",
               "budget": f"{args.steps} steps of batch 16 x 128 tokens per model, depth n = {args.depth}, "
-                        f"backprop {args.backprop}, sigma {args.sigma}, seed {args.seed}",
+                        f"backprop {args.backprop}, sigma {args.sigma}, core injection {args.injection}, seed {args.seed}",
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "curves": curves, "fits": fits(curves, args.depth), "exit": exit_timing(finals["sampled"], args, work)}
