@@ -16,6 +16,8 @@ a skipped batch a zero loss with no path to any parameter and zero logits.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
@@ -26,7 +28,7 @@ from .layers.embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler,
 from .layers.deq import COUNTERS, BertDEQEncoder, build_encoder
 from .layers.init import apply_rule
 from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
-from .solve.dial import dialed
+from .solve.dial import current_dial, dialed
 from .solve.observe import Observer, observing
 from .layers.sublayers import sdpa_mask
 
@@ -229,7 +231,9 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        with dialed(readout=self.readout):  # the `kl` exit criterion reads this head's distributions
+        criterion = current_dial().exit  # the `kl` exit criterion reads this head's distributions
+        reading = dialed(readout=self.readout) if getattr(criterion, "needs_readout", False) else contextlib.nullcontext()
+        with reading:
             outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    position_ids=position_ids, output_hidden_states=output_hidden_states,
                                    output_attentions=output_attentions, output_trajectory=output_trajectory)

@@ -1,7 +1,8 @@
 """The depth dial: how much iterated depth the next forward passes spend, set from outside the model.
 
 Continuous and implicit depth make compute a dial. `dialed(...)` turns it for the forwards
-inside its ``with`` block (a context variable, so threads and nested calls keep their own):
+inside its ``with`` block (nested blocks restore the outer dial on exit; the state is a plain module
+attribute, as `observe`'s, so that ``torch.compile`` traces a dialled forward into one graph):
 
 * ``depth``: the steps or iterations of the depth the model iterates (None: the config's).
   What the number counts is the encoder's business: a DEQ's iterations (``deq_max_iter``),
@@ -28,11 +29,8 @@ evaluation and generation commands dial a fixed depth and an exit criterion.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass, replace
 from typing import Callable
-
-_DIAL: contextvars.ContextVar = contextvars.ContextVar("bertode_dial", default=None)
 
 
 @dataclass(frozen=True)
@@ -55,9 +53,16 @@ class Dial:
 NEUTRAL = Dial()
 
 
+class _State:
+    dial: Dial = NEUTRAL
+
+
+_CURRENT = _State()
+
+
 def current_dial() -> Dial:
     """The dial in force (`NEUTRAL`: every field None, the config decides)."""
-    return _DIAL.get() or NEUTRAL
+    return _CURRENT.dial
 
 
 def _check(depth, backprop) -> None:
@@ -74,8 +79,9 @@ def dialed(**changes):
     if unknown:
         raise TypeError(f"dialed() got unknown field(s) {sorted(unknown)}; allowed: {', '.join(Dial.__dataclass_fields__)}")
     _check(changes.get("depth"), changes.get("backprop"))
-    token = _DIAL.set(replace(current_dial(), **changes))
+    previous = _CURRENT.dial
+    _CURRENT.dial = replace(previous, **changes)
     try:
-        yield current_dial()
+        yield _CURRENT.dial
     finally:
-        _DIAL.reset(token)
+        _CURRENT.dial = previous
