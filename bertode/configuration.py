@@ -266,9 +266,9 @@ class BertODEConfig(BertConfig):
         check_int("coda_layers", self.coda_layers, 0)
         layers = self.num_hidden_layers
         if isinstance(layers, int) and self.prelude_layers + self.coda_layers >= layers:
-            raise ValueError(f"BertODEConfig.prelude_layers + coda_layers = {self.prelude_layers} + {self.coda_layers} "
-                             f"is invalid with num_hidden_layers={layers}; allowed: a sum < {layers} (the core keeps "
-                             "at least one layer)")
+            raise ValueError(f"BertODEConfig.prelude_layers={self.prelude_layers} is invalid with coda_layers="
+                             f"{self.coda_layers} and num_hidden_layers={layers}; allowed: prelude_layers + coda_layers "
+                             f"< {layers} (the core keeps at least one layer)")
         check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
         if self.core_injection is not None and (self.mode == "deq" or not self.weight_tying):
             raise ValueError(f"BertODEConfig.core_injection={self.core_injection!r} is invalid with mode={self.mode!r}, "

@@ -285,6 +285,9 @@ TRAIN_REFUSALS = [
                                             "chooses its own steps"),
     (["exit=kl"], "exit=kl is invalid for bertode.train: it takes no exit group"),
     (["trainer.dynamics_every=-1"], "trainer.dynamics_every=-1 is invalid; allowed: 0 (off) or an integer >= 1"),
+    (["model.prelude_layers=1", "model.coda_layers=1"], "model.prelude_layers=1 is invalid with coda_layers=1 and "
+                                                        "num_hidden_layers=2; allowed: prelude_layers + coda_layers < 2"),
+    (["model.core_injection=add"], "model.core_injection='add' is invalid with mode='ode', weight_tying=False"),
     (["model=bert", "trainer.dynamics_every=5"], "trainer.dynamics_every=5 is invalid with mode='discrete' and untied "
                                                  "layers"),
 ]
