@@ -140,6 +140,11 @@ def fits(curves: dict, trained: int) -> dict:
     return out
 
 
+def saturates(fit: dict, depths: list) -> bool:
+    """Whether the fit is a saturation within the measured depths (a rising curve fits a line, not L_inf)."""
+    return fit.get("tau") is not None and fit.get("A", 0) >= 0 and fit["tau"] <= max(depths)
+
+
 def plot(curves: dict, fitted: dict, path: Path) -> None:
     import math
 
@@ -153,7 +158,7 @@ def plot(curves: dict, fitted: dict, path: Path) -> None:
         depths = [p["depth"] for p in points]
         line, = axes.plot(depths, [p["loss"] for p in points], "o", label=f"{name} (measured)")
         fit = fitted[name]
-        if fit.get("L_inf") is not None:
+        if saturates(fit, depths):
             grid = [1 + i * (max(depths) - 1) / 200 for i in range(201)]
             axes.plot(grid, [fit["L_inf"] + fit["A"] * math.exp(-n / fit["tau"]) for n in grid], "-",
                       color=line.get_color(), label=f"{name}: L_inf {fit['L_inf']:.3f}, tau {fit['tau']:.2f}")
@@ -173,8 +178,9 @@ def markdown(result: dict, args) -> str:
         at = {p["depth"]: p["loss"] for p in points}
         fit = result["fits"][name]
         cells = [f"{at[d]:.4f}" if d in at else "" for d in (max(n // 2, 1), n, 2 * n, 4 * n)]
-        lines.append(f"| {name} | {' | '.join(cells)} | {fit.get('L_inf', float('nan')):.4f} | "
-                     f"{fit.get('tau', float('nan')):.2f} | {fit['ratio_4x']:.4f} |")
+        shown = (f"{fit['L_inf']:.4f} | {fit['tau']:.2f}" if saturates(fit, list(at))
+                 else "no saturation | (the loss rises past its minimum)")
+        lines.append(f"| {name} | {' | '.join(cells)} | {shown} | {fit['ratio_4x']:.4f} |")
     lines += ["", f"| sampled model, max depth {2 * n} | mean depth | loss | eval seconds | time × no exit |",
               "|---|---|---|---|---|"]
     for row in result["exit"]:
@@ -197,7 +203,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-json", type=Path, default=None, help="redraw OUT.md and OUT.png from a result JSON")
     args = parser.parse_args()
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        Path(f"{args.out}.md").write_text(markdown(result, args))
+        plot(result["curves"], result["fits"], Path(f"{args.out}.png"))
+        return 0
     work = args.work or Path(f"{args.out}_runs")
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
