@@ -124,7 +124,7 @@ def _looped_oracle(model, ids):
 def test_dynamics_probe_of_a_looped_core_is_the_dense_spectral_radius_of_one_application():
     # Bound: relative 1e-6 (Arnoldi's Krylov space is the whole state, 5 x 8 = 40: exact up to
     # round-off; the issue asks 1e-3). Both injections; the model's training mode is kept.
-    for injection in ("none", "add"):
+    for injection in (None, "add"):
         model = _model(mode="discrete", weight_tying=True, num_hidden_layers=3, core_injection=injection)
         states, step = _looped_oracle(model, IDS)
         assert len(states) == 3
