@@ -207,3 +207,68 @@ def test_a_layer_on_the_active_rows_equals_the_dense_layer_there_and_leaves_the_
     torch.testing.assert_close(packed[active], oracle[active], rtol=0, atol=1e-5)
     torch.testing.assert_close(packed[active], dense[active], rtol=0, atol=1e-5)  # attention reads every token's keys
     assert torch.equal(packed[~active], x[~active])
+
+
+# --- review findings: the input keeps its gradient, exit is an inference dial, attentions keep their shape -----
+@pytest.mark.parametrize("fields,dial", [(dict(mode="ode", solver="euler", steps=4, num_hidden_layers=3), {}),
+                                         (dict(LOOPED, core_injection=None, prelude_layers=1, coda_layers=1,
+                                               num_hidden_layers=6), {"depth": 4})])
+def test_truncation_leaves_no_parameter_without_a_gradient(fields, dial):
+    net = model(**fields, init=0.2).train()
+    missing = [name for name, g in grads(net, backprop=2, **dial).items() if not g.abs().sum() > 0]
+    unreached = {name for name, p in net.named_parameters()} - set(grads(net, backprop=2, **dial))
+    assert not missing and not unreached, (missing, unreached)
+
+
+def test_the_skipped_steps_pass_the_inputs_gradient_on_unchanged():
+    """Oracle: d z1 / d z0 of a truncated solve is the identity through the skipped steps, then the
+    Jacobian of the kept ones (Jacobian-free backprop over the first steps)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 4) * 0.5)
+    z0 = torch.randn(3, 5, 4, requires_grad=True)
+    steps, keep, h = 6, 2, 1.0 / 6
+
+    def field(t, z):
+        return torch.tanh(z @ weight.T)
+
+    z1, _ = ODESolve("euler", steps=steps)(z0, field, [weight], 0.0, 1.0, steps=steps, backprop=keep)
+    (dz0,) = torch.autograd.grad(z1.square().sum(), z0)
+    with torch.no_grad():
+        z = z0.clone()
+        for _ in range(steps - keep):
+            z = z + h * field(0, z)
+    start = z.clone().requires_grad_()
+    z = start
+    for _ in range(keep):
+        z = z + h * field(0, z)
+    (oracle,) = torch.autograd.grad(z.square().sum(), start)
+    torch.testing.assert_close(dz0, oracle, rtol=1e-6, atol=1e-7)
+
+
+def test_exit_while_training_is_refused_in_one_line():
+    for fields in (LOOPED, DEQ):
+        net = model(**fields).train()
+        with pytest.raises(ValueError, match=r"^exit='latent_diff' is invalid while training .*allowed: model.eval\(\)"):
+            with bertode.dialed(exit=bertode.make_exit_criterion("latent_diff", 0.1)):
+                net(**batch())
+
+
+@pytest.mark.parametrize("case", ["looped", "deq"])
+def test_attentions_under_exit_keep_their_shape_and_exited_rows_are_zero(case):
+    net = model(**CASES[case], init=0.3).eval()
+    inputs = batch(pad=False)
+    for threshold in (0.3, 0.1, 0.03, 0.01):
+        with torch.no_grad(), bertode.dialed(depth=12, exit=bertode.make_exit_criterion("latent_diff", threshold)):
+            out = net(**inputs, output_attentions="all")
+        depths = net.bert.encoder.last_stats.exit_depths
+        if len(set(depths.flatten().tolist())) > 1:
+            break
+    # every evaluation of the first layer, (evaluations, batch, heads, seq, seq): a looped core reports one entry per
+    # application, a DEQ one entry per layer of its map with every iteration stacked
+    stacked = torch.cat(out.attentions) if case == "looped" else out.attentions[0]
+    assert stacked.shape[-2:] == (9, 9) and stacked.shape[0] == int(depths.max())
+    for n in range(stacked.shape[0]):  # the n-th application: tokens already exited attend nowhere, the others sum to 1
+        sums = stacked[n].sum(-1)  # (batch, heads, seq)
+        running = (depths > n)[:, None, :].expand_as(sums)
+        torch.testing.assert_close(sums[running], torch.ones_like(sums[running]))
+        assert torch.equal(sums[~running], torch.zeros_like(sums[~running]))

@@ -270,7 +270,7 @@ def _refused(capsys, name: str, *argv: str) -> str:
 
 TRAIN_REFUSALS = [
     (["depth=nope"], "depth='nope' is invalid; allowed: 'default', 'fixed', "),
-    (["depth.backprop=-1"], "depth.backprop=-1 is invalid; allowed: null (every step differentiated) or an integer >= 0"),
+    (["depth.backprop=-1"], "depth.backprop=-1 is invalid; allowed: null (every step differentiated) or an integer >= 1"),
     (["depth=uniform", "depth.low=5", "depth.high=3"], "depth.low=5 is invalid with depth.high=3; allowed: an integer "
                                                        "in [1, 3]"),
     (["depth=uniform", "depth.low=0", "depth.high=3"], "depth.low=0 is invalid; allowed: an integer >= 1"),
@@ -288,6 +288,14 @@ TRAIN_REFUSALS = [
     (["model.prelude_layers=1", "model.coda_layers=1"], "model.prelude_layers=1 is invalid with coda_layers=1 and "
                                                         "num_hidden_layers=2; allowed: prelude_layers + coda_layers < 2"),
     (["model.core_injection=add"], "model.core_injection='add' is invalid with mode='ode', weight_tying=False"),
+    (["depth.backprop=0"], "depth.backprop=0 is invalid; allowed: null (every step differentiated) or an integer >= 1"),
+    (["sensitivity=adjoint", "depth.backprop=1"], "depth.backprop=1 is invalid with sensitivity='adjoint': it does not "
+                                                  "backpropagate through the steps; allowed: null, or sensitivity='autograd'"),
+    (["model=deq", "depth.backprop=2"], "depth.backprop=2 is invalid with sensitivity='ift'"),
+    (["solver.ode_backend=torchdiffeq", "depth.backprop=1"], "depth.backprop=1 is invalid with "
+                                                              "solver.ode_backend='torchdiffeq'"),
+    (["model.weight_tying=true", *UNIFORM, "trainer.compile=true"], "trainer.compile=True is invalid with "
+                                                                    "depth='uniform'"),
     (["model=bert", "trainer.dynamics_every=5"], "trainer.dynamics_every=5 is invalid with mode='discrete' and untied "
                                                  "layers"),
 ]

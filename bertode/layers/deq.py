@@ -46,7 +46,7 @@ from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, damped, get_
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
-from .loop import iterate, valid_tokens
+from .loop import iterate, refuse_training_exit, valid_tokens
 
 logger = logging.get_logger(__name__)
 COUNTERS = ("training_forwards", "skipped_batches", "nonconverged_solves")
@@ -191,6 +191,7 @@ class BertDEQEncoder(Encoder):
         (`loop.iterate`): an exited token keeps its state, and at every layer supplies the keys and
         values of its last active iteration; the others compute their rows only."""
         cfg = self.config
+        refuse_training_exit(dial.exit, self)
         injected = self.injection(embeddings)
         add = injected if cfg.deq_injection == "add" else None
         qkv = injected if cfg.deq_injection == "qkv" else None
@@ -213,8 +214,9 @@ class BertDEQEncoder(Encoder):
         report = (lambda n, z: dial.on_iterate(n, z.to(embeddings.dtype))) if dial.on_iterate else None
         valid = valid_tokens(attn_mask, embeddings.shape)
         z0 = embeddings.new_zeros(embeddings.shape, dtype=dtype)
+        readout = (lambda z: dial.readout(z.to(compute_dtype))) if dial.readout is not None else None
         result = iterate(step, z0, max_iter, graph_from=dial.graph_from(max_iter), criterion=dial.exit,
-                         readout=dial.readout, on_iterate=report, valid=valid)
+                         readout=readout, on_iterate=report, valid=valid)
         record = FixedPointRecord("deq")
         record.nfe_forward = result.iterations
         record.extra.update(forward_iterations=result.iterations)

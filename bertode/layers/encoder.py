@@ -31,7 +31,7 @@ from ..solve.ode import ODESolve
 from ..solve.stats import SolveRecord, SolverStats
 from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
-from .loop import iterate, valid_tokens
+from .loop import iterate, refuse_training_exit, valid_tokens
 from .regularizers import REGULARIZERS, augmented
 from .sublayers import AttentionBranch, FeedForwardBranch
 from .vector_fields import build_vector_field
@@ -337,6 +337,7 @@ class BertODEEncoder(Encoder):
 
     def _loop(self, hidden, attn_mask, dial, apply, penalties, states, stats):
         """The looped core: the tied layer applied the dialled number of times (`loop.iterate`)."""
+        refuse_training_exit(dial.exit, self)
         depth = dial.steps(self.num_applications)
         injected = self.injection(hidden) if self.injection is not None else None
         z0 = torch.zeros_like(hidden) if injected is not None else hidden

@@ -4,7 +4,9 @@ A looped core (a weight-tied stack applied again and again) and a DEQ iterated w
 criterion both run here, so the dial means one thing for both (`bertode.solve.dial`):
 
 * ``depth`` iterations at most; iterations before ``graph_from`` run without a graph
-  (truncated backpropagation through the last ``depth - graph_from``);
+  (truncated backpropagation through the last ``depth - graph_from``); in the backward pass
+  they count as the identity, so a ``z0`` with a graph (a core without input injection, fed
+  by the prelude) still passes its gradient on;
 * per-token exit: after each iteration the criterion scores every token against its
   previous state; a token below the threshold is frozen (its state never changes again)
   and the step is told which tokens are still active (``step(z, active)``, ``active`` an
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..solve.ode import straight_through
 
 
 class ActiveTokens:
@@ -47,6 +51,14 @@ class ActiveTokens:
     def scatter(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``x`` with the active rows replaced by ``rows`` (out of place)."""
         return x.reshape(-1, *x.shape[2:]).index_copy(0, self.index, rows.to(x.dtype)).view_as(x)
+
+    def unpack_queries(self, probs: torch.Tensor, seq: int) -> torch.Tensor:
+        """Attention probabilities of the active queries (batch, heads, width, keys) at their positions
+        in (batch, heads, seq, keys); the rows of exited tokens are zeros (they attended nowhere)."""
+        batch, heads, _, keys = probs.shape
+        kept = probs * self.packed[:, None, :, None]  # padding entries write zeros (into exited rows)
+        index = self.positions[:, None, :, None].expand(batch, heads, self.width, keys)
+        return probs.new_zeros(batch, heads, seq, keys).scatter(2, index, kept)
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """The active rows (n, ...) as (batch, width, ...), zeros where a row has fewer active tokens."""
@@ -79,6 +91,14 @@ def valid_tokens(attn_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
     return attn_mask[:, 0, -1, :].expand(shape[0], shape[1])
 
 
+def refuse_training_exit(criterion, module) -> None:
+    """Per-token exit is an inference dial: refused (one line) for a module training with gradients."""
+    if criterion is not None and module.training and torch.is_grad_enabled():
+        raise ValueError(f"exit={criterion.registry_name!r} is invalid while training (train mode with gradients): "
+                         "per-token exit is an inference dial (exited tokens would leave dropout and the gradient); "
+                         "allowed: model.eval() or torch.no_grad(), or no exit while training")
+
+
 def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0, criterion=None,
             readout: Callable | None = None, on_iterate: Callable | None = None,
             stop: Callable | None = None, valid: torch.Tensor | None = None) -> LoopResult:
@@ -94,6 +114,8 @@ def iterate(step: Callable, z0: torch.Tensor, depth: int, *, graph_from: int = 0
             previous = criterion.summary(z0, readout)
     iterations = 0
     for index in range(depth):
+        if index == graph_from and index > 0 and grad:
+            z = straight_through(z0, z)  # the skipped iterations pass z0's gradient on unchanged
         with torch.set_grad_enabled(grad and index >= graph_from):
             new = step(z, active)
             if active is not None:  # exited tokens keep their state

@@ -69,7 +69,7 @@ class AttentionBranch(nn.Module):
         if recorded or (p > 0 and splitting_rows()) or getattr(self.config, "_attn_implementation", None) == "eager":
             context, probs = eager_attention(q, k, v, attn_mask, p)
             if recorded:
-                observer.attention(probs)
+                observer.attention(probs if active is None else active.unpack_queries(probs, seq))
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         context = context.transpose(1, 2).reshape(batch, queries, width)

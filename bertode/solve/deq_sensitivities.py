@@ -83,6 +83,7 @@ class ImplicitGradient(DEQSensitivity):
 @register_sensitivity("phantom")
 class PhantomGradient(DEQSensitivity):
     config_fields = {"steps": "deq_phantom_steps"}
+    takes_backprop = True  # the depth dial's k replaces deq_phantom_steps
 
     def __init__(self, steps: int = 1):
         self.steps = steps
@@ -98,6 +99,7 @@ class PhantomGradient(DEQSensitivity):
 @register_sensitivity("unrolled")
 class UnrolledGradient(DEQSensitivity):
     solves_fixed_point = False
+    takes_backprop = True  # the depth dial's k: the last k iterations keep a graph
     def __call__(self, problem: FixedPointProblem):
         """Iterations without a graph until ``max_iter - backprop`` (or the tolerance), then at most
         ``backprop`` with one (all of them with one when ``backprop`` is None or >= ``max_iter``)."""

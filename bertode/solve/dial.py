@@ -67,8 +67,8 @@ def current_dial() -> Dial:
 
 def _check(depth, backprop) -> None:
     for name, value in (("depth", depth), ("backprop", backprop)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "depth" else 0)):
-            raise ValueError(f"dialed({name}={value!r}) is invalid; allowed: None or an integer >= {1 if name == 'depth' else 0}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"dialed({name}={value!r}) is invalid; allowed: None or an integer >= 1")
 
 
 @contextlib.contextmanager

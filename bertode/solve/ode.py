@@ -171,6 +171,14 @@ class ODESolve:
         return z1.to(z0.dtype), record
 
 
+def straight_through(start: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """``reached`` (computed without a graph from ``start``) with the identity as its Jacobian:
+    the backward pass hands ``start`` the gradient unchanged (Jacobian-free, as the DEQ's JFB)."""
+    if not (torch.is_grad_enabled() and start.requires_grad):
+        return reached
+    return start + (reached - start).detach()
+
+
 class ODEProblem:
     """One solve, as a sensitivity method sees it: the initial state ``z0`` (batch, seq,
     hidden), the interval ``[t0, t1]``, the counted ``field(t, z)``, the ``trainable``
@@ -225,10 +233,17 @@ class ODEProblem:
 
     def _truncated(self):
         """Truncated backpropagation: the first ``steps - backprop`` steps without a graph, the
-        last ``backprop`` with one (the same solver steps `autograd`'s direct loop takes)."""
+        last ``backprop`` with one (the same solver steps `autograd`'s direct loop takes). The
+        skipped steps count as the identity in the backward pass (`straight_through`), so the
+        solve's input, and every layer before it, still gets a gradient."""
+        if self.ode_backend != "torchdyn":
+            raise ValueError(f"depth backprop={self.backprop} is invalid with ode_backend={self.ode_backend!r}: the "
+                             "truncated solve steps with torchdyn's solvers; allowed: ode_backend='torchdyn'")
         h = (self.t1 - self.t0) / self.steps
         z, first_with_graph = self.z0, self.steps - self.backprop
         for index in range(self.steps):
+            if index == first_with_graph:
+                z = straight_through(self.z0, z)
             with torch.set_grad_enabled(index >= first_with_graph):
                 z = self.step(z, self.t0 + index * h, h)
         return z

@@ -22,6 +22,7 @@ from .solvers import ODE_BACKENDS
 @register_sensitivity("autograd", default=True)
 class Autograd(ODESensitivity):
     traceable = True
+    takes_backprop = True  # the depth dial's k: the last k fixed steps keep a graph (`ODEProblem._truncated`)
     backends = ODE_BACKENDS
 
     def __call__(self, problem):

@@ -28,6 +28,7 @@ class SensitivityMethod(abc.ABC):
     family: str = ""
     registry_name: str = ""
     config_fields: dict[str, str] = {}
+    takes_backprop: bool = False  # whether the depth dial's backprop=k changes this method's gradient
 
     @classmethod
     def from_config(cls, config) -> "SensitivityMethod":

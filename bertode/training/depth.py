@@ -33,6 +33,7 @@ import torch
 
 from ..registry import Registry
 from ..solve.dial import dialed
+from ..solve.sensitivities import SENSITIVITIES, available_sensitivities, default_sensitivity
 from ..solve.exits import EXIT_CRITERIA, make_exit_criterion
 from ..solve.solvers import SOLVERS
 
@@ -209,9 +210,9 @@ def depth_setting(node) -> DepthSetting:
     values = _plain(node)
     name = values.pop("name", None) or DEPTH_DISTRIBUTIONS.default
     backprop = values.pop("backprop", None)
-    if backprop is not None and not (_integer(backprop) and backprop >= 0):
+    if backprop is not None and not (_integer(backprop) and backprop >= 1):
         raise ValueError(f"depth.backprop={backprop!r} is invalid; allowed: null (every step differentiated) or an "
-                         "integer >= 0 (differentiate the last k)")
+                         "integer >= 1 (differentiate the last k)")
     distribution = make_depth_distribution(name, **values)
     return DepthSetting(distribution, backprop, name, {"name": name, **distribution.settings, "backprop": backprop})
 
@@ -240,6 +241,24 @@ def _model(fields: dict) -> str:
     return f"the model's mode={fields.get('mode', 'ode')!r} with weight_tying={bool(fields.get('weight_tying'))}"
 
 
+def check_backprop(backprop: int, fields: dict) -> None:
+    """``depth.backprop`` needs a gradient that takes it: a looped core's (any mode but DEQ), a DEQ's
+    ``unrolled``/``phantom`` or a fixed-step ODE's ``autograd`` on torchdyn (adjoints, the IFT and
+    torchdiffeq's steps would ignore or change it); one line otherwise."""
+    mode, tied = fields.get("mode", "ode"), bool(fields.get("weight_tying"))
+    if mode == "discrete" or (mode == "ode" and tied):
+        return
+    sensitivity = fields.get("sensitivity") or default_sensitivity(mode)
+    if sensitivity in SENSITIVITIES and not getattr(SENSITIVITIES[sensitivity], "takes_backprop", False):
+        takes = ", ".join(repr(n) for n in available_sensitivities(mode) if getattr(SENSITIVITIES[n], "takes_backprop", False))
+        raise ValueError(f"depth.backprop={backprop!r} is invalid with sensitivity={sensitivity!r}: it does not "
+                         f"backpropagate through the steps; allowed: null, or sensitivity={takes}")
+    if mode == "ode" and fields.get("ode_backend", "torchdyn") != "torchdyn":
+        raise ValueError(f"depth.backprop={backprop!r} is invalid with solver.ode_backend="
+                         f"{fields.get('ode_backend')!r}: the truncated solve steps with torchdyn's solvers; "
+                         "allowed: null, or solver.ode_backend=torchdyn")
+
+
 def check_for_model(setting: DepthSetting, fields: dict, criterion=None) -> None:
     """A dialled depth needs a depth to dial (not a discrete untied model, nor an untied ODE
     whose adaptive solver chooses its steps), an exit criterion an iterated one (a DEQ or a
@@ -251,6 +270,8 @@ def check_for_model(setting: DepthSetting, fields: dict, criterion=None) -> None
     mode, tied = fields.get("mode", "ode"), bool(fields.get("weight_tying"))
     solver = fields.get("solver")
     adaptive = mode == "ode" and not tied and solver in SOLVERS and SOLVERS[solver].adaptive
+    if setting.backprop is not None:
+        check_backprop(setting.backprop, fields)
     if (mode != "discrete" or tied) and not adaptive:
         return
     if not setting.fixed:

@@ -72,7 +72,12 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     check_logger(cfg.logger.kind)
     head = get_objective(cfg.objective)(None).model_class
     config = model_config(cfg, vocab_size=1)  # validates the model before any data work
-    check_for_model(depth_setting(cfg.get("depth")), {**config.to_dict(), "solver": getattr(config, "solver", None)})
+    drawn = depth_setting(cfg.get("depth"))
+    check_for_model(drawn, {**config.to_dict(), "solver": getattr(config, "solver", None)})
+    if trainer.compile not in (False, None) and not drawn.fixed:
+        raise ValueError(f"trainer.compile={trainer.compile} is invalid with depth={drawn.name!r}: each drawn depth "
+                         "compiles a graph of its own, and torch.compile falls back to eager after 8; allowed: "
+                         "trainer.compile=false, or depth=fixed")
     if trainer.get("dynamics_every") and config.mode == "discrete" and not config.weight_tying:
         raise ValueError(f"trainer.dynamics_every={trainer.dynamics_every} is invalid with mode='discrete' and untied "
                          "layers (no flow, no iterated map to read); allowed: 0, or an ODE, DEQ or weight-tied model")
