@@ -1,4 +1,7 @@
-"""Shared tiny configurations and inputs: hidden 16-32, 1-2 layers, seq <= 12, on CPU."""
+"""Shared tiny configurations and inputs: hidden 16-32, 1-2 layers, seq <= 12, on CPU; commands run in-process."""
+
+import logging
+import sys
 
 import pytest
 import torch
@@ -42,3 +45,46 @@ def tiny_ode_config(**overrides):
 def cache_dir(tmp_path_factory):
     """One data cache (tokenizer, token shards) shared by the short training runs."""
     return tmp_path_factory.mktemp("bertode-cache")
+
+
+# --- commands run in this process (refusal tests): their exit status, their one error line, the files they left ---
+@pytest.fixture
+def restore_logging():
+    """In-process Hydra runs point the root logger at the run's log file and pytest's streams: put it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """``python -m bertode.<name> <argv>`` in this process: its exit status."""
+    import importlib
+
+    main = importlib.import_module(f"bertode.{name}").main
+    saved = sys.argv
+    sys.argv = [f"bertode.{name}", *argv]
+    try:
+        main()
+        return 0
+    except SystemExit as exit_info:
+        return exit_info.code
+    finally:
+        sys.argv = saved
+
+
+def refused_line(capsys, name: str, *argv: str) -> str:
+    """The one stderr line of a refused command (asserted: exit status 2, one line)."""
+    capsys.readouterr()
+    code = run_command(name, list(argv))
+    error = capsys.readouterr().err.strip()
+    assert code == 2, (argv, error[-3000:])
+    assert error.count("\n") == 0 and error.startswith("error: "), error
+    return error
+
+
+def file_tree(*roots) -> dict:
+    """Every file (hidden ones included) under ``roots`` with its bytes; folders as None."""
+    return {root: None if not root.exists() else {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+                                                  for p in sorted(root.rglob("*"))} for root in roots}

@@ -14,7 +14,6 @@ forward and backward; evaluate and generate dial ``depth.steps`` and ``exit=``.
 """
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,6 +27,9 @@ import torch
 
 import bertode
 from bertode.training.depth import make_depth_distribution
+from conftest import file_tree, refused_line, run_command
+
+pytestmark = pytest.mark.usefixtures("restore_logging")  # in-process Hydra runs move the root logger
 
 ROOT = Path(__file__).resolve().parents[1]
 _DOC = (ROOT / "docs" / "extending.md").read_text(encoding="utf-8")
@@ -40,38 +42,12 @@ SMALL = ["data.seq_len=16", "data.vocab_size=500", "data.max_eval_sequences=4", 
 UNIFORM = ["depth=uniform", "depth.low=1", "depth.high=4"]
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """In-process Hydra runs point the root logger at the run's log file."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def _command(name: str, argv: list[str]) -> int:
-    """``python -m bertode.<name> <argv>`` in this process: its exit status."""
-    import importlib
-
-    main = importlib.import_module(f"bertode.{name}").main
-    saved = sys.argv
-    sys.argv = [f"bertode.{name}", *argv]
-    try:
-        main()
-        return 0
-    except SystemExit as exit_info:
-        return exit_info.code
-    finally:
-        sys.argv = saved
-
-
 def _records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
 def _train(run: Path, cache_dir, *overrides) -> list[dict]:
-    code = _command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *SMALL, *overrides])
+    code = run_command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *SMALL, *overrides])
     assert code == 0
     return _records(run)
 
@@ -179,7 +155,7 @@ def test_finetune_dials_each_step_at_its_draw(tmp_path, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(BertODEModel, "forward", recording)
-    code = _command("finetune", [f"hydra.run.dir={tmp_path / 'run'}", "task.source=files", f"task.train_file={data}",
+    code = run_command("finetune", [f"hydra.run.dir={tmp_path / 'run'}", "task.source=files", f"task.train_file={data}",
                                  f"task.eval_file={data}", "task.text_column=text", "trainer.epochs=1",
                                  "trainer.batch_size=4", "scratch.vocab_size=100", "trainer.device=cpu", "seed=5",
                                  *UNIFORM])
@@ -254,19 +230,6 @@ def test_a_run_killed_and_resumed_draws_the_uninterrupted_depths(tmp_path, cache
 
 # --- refusals ----------------------------------------------------------------------------------
 
-def _tree(*roots: Path) -> dict:
-    return {root: None if not root.exists() else {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-                                                  for p in sorted(root.rglob("*"))} for root in roots}
-
-
-def _refused(capsys, name: str, *argv: str) -> str:
-    capsys.readouterr()
-    code = _command(name, list(argv))
-    error = capsys.readouterr().err.strip()
-    assert code == 2, (argv, error[-3000:])
-    assert error.count("\n") == 0 and error.startswith("error: "), error
-    return error
-
 
 TRAIN_REFUSALS = [
     (["depth=nope"], "depth='nope' is invalid; allowed: 'default', 'fixed', "),
@@ -303,19 +266,19 @@ TRAIN_REFUSALS = [
 
 @pytest.mark.parametrize("argv,expected", TRAIN_REFUSALS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
 def test_bad_training_depth_is_one_line_and_writes_nothing(tmp_path, cache_dir, capsys, argv, expected):
-    before = _tree(tmp_path, cache_dir)
-    error = _refused(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", *SMALL, *argv)
+    before = file_tree(tmp_path, cache_dir)
+    error = refused_line(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", *SMALL, *argv)
     assert expected in error, error
     if argv == ["depth=nope"]:  # every registered name (a plugin's too, once imported)
         assert all(repr(name) in error for name in bertode.available_depth_distributions())
-    assert _tree(tmp_path, cache_dir) == before
+    assert file_tree(tmp_path, cache_dir) == before
 
 
 def test_resuming_with_another_depth_is_refused_before_hydra_rewrites_the_run(tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
     _train(run, cache_dir, *UNIFORM, "trainer.max_steps=2", "trainer.checkpoint_every=2")
     target = run / "checkpoints" / "step_00000002"
-    before = _tree(run, cache_dir)
+    before = file_tree(run, cache_dir)
     for change, expected in (
             (["depth.steps=2"], f"depth='fixed' is invalid: the run being resumed ({target}) was trained with "
                                 "depth='uniform' (depth=uniform depth.low=1 depth.high=4 depth.backprop=null); allowed: "
@@ -323,10 +286,10 @@ def test_resuming_with_another_depth_is_refused_before_hydra_rewrites_the_run(tm
             ([*UNIFORM[:2], "depth.high=5"], f"depth.high=5 is invalid: the run being resumed ({target}) was trained "
                                              "with 4; allowed: 4"),
             ([*UNIFORM, "depth.backprop=1"], "depth.backprop=1 is invalid: the run being resumed")):
-        error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *SMALL, *change,
+        error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *SMALL, *change,
                          "trainer.max_steps=3", "trainer.resume=auto")
         assert expected in error, error
-        assert _tree(run, cache_dir) == before
+        assert file_tree(run, cache_dir) == before
     resumed = _train(run, cache_dir, *UNIFORM, "trainer.max_steps=3", "trainer.resume=auto")  # the same depth resumes
     assert [r["step"] for r in resumed] == [1, 2, 3]
 
@@ -369,15 +332,15 @@ def test_bad_depth_or_exit_at_inference_is_one_line_and_writes_nothing(tmp_path,
                                                                       monkeypatch, command, model, argv, expected):
     monkeypatch.chdir(tmp_path)  # generate's run directory is "."
     folder = checkpoints[model]
-    before = _tree(tmp_path, folder.parent, cache_dir)
+    before = file_tree(tmp_path, folder.parent, cache_dir)
     data = [f"data.cache_dir={cache_dir}"] if command == "evaluate" else []
-    error = _refused(capsys, command, f"checkpoint={folder}", *data, *argv)
+    error = refused_line(capsys, command, f"checkpoint={folder}", *data, *argv)
     assert expected in error, error
-    assert _tree(tmp_path, folder.parent, cache_dir) == before
+    assert file_tree(tmp_path, folder.parent, cache_dir) == before
 
 
 def test_finetune_refuses_a_depth_on_a_discrete_model(tmp_path, capsys):
-    error = _refused(capsys, "finetune", f"hydra.run.dir={tmp_path / 'run'}", "model=bert", "depth.steps=2")
+    error = refused_line(capsys, "finetune", f"hydra.run.dir={tmp_path / 'run'}", "model=bert", "depth.steps=2")
     assert "depth.steps=2 is invalid for the model's mode='discrete' with weight_tying=False" in error
     assert list(tmp_path.iterdir()) == []
 
@@ -404,7 +367,7 @@ def test_evaluate_and_generate_dial_depth_and_exit_around_every_forward(tmp_path
 
     monkeypatch.setattr(BertODEModel, "forward", recording)
     monkeypatch.chdir(tmp_path)
-    code = _command("generate", [f"checkpoint={checkpoints['clm_tied']}", "prompt='the whale'", "max_new_tokens=3",
+    code = run_command("generate", [f"checkpoint={checkpoints['clm_tied']}", "prompt='the whale'", "max_new_tokens=3",
                                  "depth.steps=2", "exit=latent_diff", "exit.threshold=0.2"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert len(seen) == 3 and set(seen) == {(2, "LatentDifference", 0.2)}

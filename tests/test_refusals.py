@@ -15,7 +15,6 @@ data cache are exactly as they were (absent where they were); no run leaves its 
   with ``model.max_position_embeddings=1e11``.
 """
 
-import logging
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from pathlib import Path
 import pytest
 
 from bertode.training import checkpoint
+from conftest import file_tree, refused_line, run_command
+
+pytestmark = pytest.mark.usefixtures("restore_logging")  # in-process Hydra runs move the root logger
 
 COMMON = ["data.seq_len=16", "data.vocab_size=300", "data.max_eval_sequences=4", "trainer.batch_size=4",
           "trainer.warmup_steps=1", "trainer.log_every=1", "trainer.eval_every=1000", "model.hidden_size=32",
@@ -31,56 +33,11 @@ COMMON = ["data.seq_len=16", "data.vocab_size=300", "data.max_eval_sequences=4",
           "trainer.checkpoint_every=2"]
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """In-process Hydra runs point the root logger at the run's log file and pytest's streams."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def _command(name: str, argv: list[str]) -> int:
-    """``python -m bertode.<name> <argv>`` in this process: its exit status."""
-    import importlib
-
-    main = importlib.import_module(f"bertode.{name}").main
-    saved = sys.argv
-    sys.argv = [f"bertode.{name}", *argv]
-    try:
-        main()
-        return 0
-    except SystemExit as exit_info:
-        return exit_info.code
-    finally:
-        sys.argv = saved
-
-
-def _refused(capsys, name: str, *argv: str) -> str:
-    """The one stderr line of a refused command (asserted: exit status 2, one line)."""
-    capsys.readouterr()
-    code = _command(name, list(argv))
-    error = capsys.readouterr().err.strip()
-    assert code == 2, (argv, error[-3000:])
-    assert error.count("\n") == 0 and error.startswith("error: "), error
-    return error
-
-
-def _tree(*roots: Path) -> dict:
-    """Every file (hidden ones included) under ``roots`` with its bytes; folders as None."""
-    tree = {}
-    for root in roots:
-        tree[root] = None if not root.exists() else {
-            str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-    return tree
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """A 2-step run through the command line (so it has ``.hydra/``), checkpointed at step 2."""
     run = tmp_path_factory.mktemp("refusals") / "run"
-    code = _command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "trainer.max_steps=2"])
+    code = run_command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "trainer.max_steps=2"])
     assert code == 0
     assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
     assert not (run / ".lock").exists()  # a finished run removes its lock file
@@ -110,18 +67,18 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
 def test_resuming_with_another_model_setting_is_refused_before_hydra_rewrites_the_run(
         trained, tmp_path, cache_dir, capsys, change, expected):
     run = _copy(trained, tmp_path)
-    before, stamps = _tree(run, cache_dir), _stamps(run)
+    before, stamps = file_tree(run, cache_dir), _stamps(run)
     for resume in ("auto", str(run / "checkpoints" / "step_00000002")):
-        error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
+        error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
                          "trainer.max_steps=4", f"trainer.resume={resume}", *change)
         assert expected.format(run / "checkpoints" / "step_00000002") in error, error
-        assert _tree(run, cache_dir) == before, change  # .hydra/overrides.yaml still says what ran
+        assert file_tree(run, cache_dir) == before, change  # .hydra/overrides.yaml still says what ran
         assert _stamps(run) == stamps  # refused before Hydra wrote them
 
 
 def test_resuming_with_a_setting_that_changes_nothing_computed_continues(trained, tmp_path, cache_dir, capsys):
     run = _copy(trained, tmp_path)
-    code = _command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "trainer.max_steps=3",
+    code = run_command("train", [f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "trainer.max_steps=3",
                               "trainer.resume=auto", "+model_overrides.initializer_range=0.5"])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert "resumed from" in capsys.readouterr().out
@@ -137,15 +94,15 @@ def test_a_checkpoint_without_its_manifest_is_never_resumed(trained, tmp_path, c
         weights[offset] ^= 0xFF
     (target / "model.safetensors").write_bytes(bytes(weights))
     (target / "manifest.json").unlink()
-    before = _tree(run, cache_dir)
-    error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
+    before = file_tree(run, cache_dir)
+    error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
                      "trainer.max_steps=4", f"trainer.resume={target}")
     assert f"checkpoint {str(target)!r}: manifest.json is missing, so its files cannot be verified" in error, error
-    error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
+    error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
                      "trainer.max_steps=4", "trainer.resume=auto")
     assert error.startswith("error: trainer.resume=auto is invalid here: no checkpoint") and "step_00000002" in error
     assert "manifest.json is missing" in error
-    assert _tree(run, cache_dir) == before
+    assert file_tree(run, cache_dir) == before
 
 
 def test_a_run_refused_by_the_lock_leaves_the_live_runs_directory_alone(trained, tmp_path, cache_dir, capsys):
@@ -155,11 +112,11 @@ def test_a_run_refused_by_the_lock_leaves_the_live_runs_directory_alone(trained,
                                "print('held', flush=True); time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        before, stamps = _tree(run, cache_dir), _stamps(run)
-        error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
+        before, stamps = file_tree(run, cache_dir), _stamps(run)
+        error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON,
                          "trainer.max_steps=4", "trainer.lr=0.5")
         assert f"hydra.run.dir={str(run)!r} is invalid: another run (PID {holder.pid}) is using it" in error
-        assert _tree(run, cache_dir) == before  # .hydra/ (config.yaml, overrides.yaml), cli.log and the holder's .lock
+        assert file_tree(run, cache_dir) == before  # .hydra/ (config.yaml, overrides.yaml), cli.log and the holder's .lock
         assert "trainer.lr=0.5" not in (run / ".hydra" / "overrides.yaml").read_text()
         assert _stamps(run) == stamps  # the lock was taken before Hydra wrote anything
     finally:
@@ -183,60 +140,60 @@ def test_data_errors_found_after_hydra_started_leave_no_run_directory(tmp_path, 
                                          "data.stream_shards=64 is invalid: shard "),
     }[case]
     run, cache = tmp_path / "outputs" / "day" / "run", tmp_path / "new" / "cache"
-    before = _tree(tmp_path)
-    error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache}", *COMMON,
+    before = file_tree(tmp_path)
+    error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache}", *COMMON,
                      "data=text", f"data.files=[{text}]", "data.eval_fraction=0.5", "trainer.max_steps=2", *overrides)
     assert expected in error, error
-    assert _tree(tmp_path) == before  # no run directory (nor its parents), .hydra/, cli.log, .lock, nor cache
+    assert file_tree(tmp_path) == before  # no run directory (nor its parents), .hydra/, cli.log, .lock, nor cache
 
 
 def test_a_data_error_after_hydra_started_leaves_an_existing_run_directory_as_it_was(trained, tmp_path, cache_dir, capsys):
     run = _copy(trained, tmp_path)
     text = _short_text(tmp_path)
-    before = _tree(run, cache_dir)
-    error = _refused(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "data=text",
+    before = file_tree(run, cache_dir)
+    error = refused_line(capsys, "train", f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}", *COMMON, "data=text",
                      f"data.files=[{text}]", "trainer.max_steps=2", "data.seq_len=512", "model.max_position_embeddings=512")
     assert "data.seq_len=512 is invalid" in error
-    assert _tree(run, cache_dir) == before  # the old .hydra/ and cli.log, byte for byte
+    assert file_tree(run, cache_dir) == before  # the old .hydra/ and cli.log, byte for byte
 
 
 def test_evaluate_with_damaged_weights_is_one_line(trained, tmp_path, cache_dir, capsys):
     model = tmp_path / "final"
     shutil.copytree(trained / "final", model)
     (model / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{}" * 8)  # "header too large"
-    before = _tree(tmp_path, cache_dir)
-    error = _refused(capsys, "evaluate", f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=16")
+    before = file_tree(tmp_path, cache_dir)
+    error = refused_line(capsys, "evaluate", f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=16")
     assert f"checkpoint={str(model)!r} is invalid: its model.safetensors is damaged (" in error, error
     assert "header too large" in error
-    assert _tree(tmp_path, cache_dir) == before  # no evaluate/ beside it
+    assert file_tree(tmp_path, cache_dir) == before  # no evaluate/ beside it
 
 
 def test_evaluate_beyond_the_models_positions_is_one_line_and_writes_no_cache_entry(trained, tmp_path, cache_dir, capsys):
     model = tmp_path / "final"
     shutil.copytree(trained / "final", model)
-    before = _tree(tmp_path, cache_dir)
-    error = _refused(capsys, "evaluate", f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=1000")
+    before = file_tree(tmp_path, cache_dir)
+    error = refused_line(capsys, "evaluate", f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=1000")
     assert "data.seq_len=1000 is invalid: the checkpoint's model has 512 positions; allowed: <= 512" in error, error
-    assert _tree(tmp_path, cache_dir) == before
+    assert file_tree(tmp_path, cache_dir) == before
 
 
 def test_prepare_into_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     for cache in (blocker, blocker / "below"):
-        error = _refused(capsys, "prepare", f"data.cache_dir={cache}")
+        error = refused_line(capsys, "prepare", f"data.cache_dir={cache}")
         assert f"data.cache_dir={str(cache)!r} is invalid: {str(blocker)!r} is a file" in error, error
-    assert _tree(tmp_path) == before
+    assert file_tree(tmp_path) == before
 
 
 def test_prepare_refused_by_its_data_removes_the_cache_dir_it_created(tmp_path, capsys):
     cache = tmp_path / "new" / "cache"
-    before = _tree(tmp_path)
-    error = _refused(capsys, "prepare", f"data.cache_dir={cache}", "data=text", f"data.files=[{_short_text(tmp_path)}]",
+    before = file_tree(tmp_path)
+    error = refused_line(capsys, "prepare", f"data.cache_dir={cache}", "data=text", f"data.files=[{_short_text(tmp_path)}]",
                      "data.seq_len=512")
     assert "data.seq_len=512 is invalid: the whole eval split holds less than one row" in error, error
-    assert _tree(tmp_path) == {**before, tmp_path: {**before[tmp_path], "short.txt": (tmp_path / "short.txt").read_bytes()}}
+    assert file_tree(tmp_path) == {**before, tmp_path: {**before[tmp_path], "short.txt": (tmp_path / "short.txt").read_bytes()}}
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -244,11 +201,11 @@ def test_prepare_refused_by_its_data_removes_the_cache_dir_it_created(tmp_path, 
     ("100000000000", "model.max_position_embeddings=100000000000 is invalid; allowed: an integer >= 1 and <= 1,048,576"),
 ])
 def test_absurd_model_sizes_are_one_line_not_an_allocation(tmp_path, cache_dir, capsys, value, expected):
-    before = _tree(tmp_path, cache_dir)
-    error = _refused(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
+    before = file_tree(tmp_path, cache_dir)
+    error = refused_line(capsys, "train", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
                      f"model.max_position_embeddings={value}")
     assert expected in error, error
-    assert _tree(tmp_path, cache_dir) == before
+    assert file_tree(tmp_path, cache_dir) == before
 
 
 def test_the_lock_is_taken_in_the_directory_hydra_writes_and_removed_after(trained, tmp_path, cache_dir, capsys,
@@ -268,7 +225,7 @@ def test_the_lock_is_taken_in_the_directory_hydra_writes_and_removed_after(train
         time.sleep(1.1)
 
     monkeypatch.setattr(lock, "_start_run", slow)
-    code = _command("evaluate", [f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=16"])
+    code = run_command("evaluate", [f"checkpoint={model}", f"data.cache_dir={cache_dir}", "data.seq_len=16"])
     assert code == 0, capsys.readouterr().err[-3000:]
     runs = list((tmp_path / "evaluate").iterdir())
     assert len(runs) == 1 and (runs[0] / "evaluation.json").is_file(), runs
