@@ -154,7 +154,7 @@ class ResidualSite(nn.Module):
         # One dropout mask per solve: the field stays one deterministic function of (t, z).
         keep = None
         if self.training and self.hidden_dropout > 0:
-            keep = keep_mask(x, self.hidden_dropout)
+            keep = _in_compute_dtype(keep_mask(x, self.hidden_dropout))
 
         evaluate = self.compiled_evaluate or type(self).evaluate
 
@@ -182,6 +182,17 @@ class ResidualSite(nn.Module):
         if observer is not None:
             observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.field_norm()), out)
         return out, record
+
+
+def _in_compute_dtype(mask: torch.Tensor) -> torch.Tensor:
+    """A dropout mask in the dtype the branch computes in: under autocast, the autocast dtype
+    (the branch's output is bf16 there, so an fp32 mask would promote every product and keep
+    an fp32 copy for backward where HF BERT's dropout keeps one in bf16; 1/(1-p) rounds the
+    same way as HF's bf16 dropout)."""
+    device_type = mask.device.type
+    if torch.is_autocast_enabled(device_type):
+        return mask.to(torch.get_autocast_dtype(device_type))
+    return mask
 
 
 class BertODELayer(nn.Module):
