@@ -53,7 +53,7 @@ ODE_ONLY = ("steps", "t_end", "atol", "rtol", "adjoint_solver", "adjoint_atol", 
             "fixed_step_loop", "vector_field_kwargs", "regularizer_weight")
 DEQ_ONLY = ("deq_max_iter", "deq_tol", "deq_stop_mode", "deq_damping", "deq_memory", "deq_phantom_steps",
             "deq_backward_max_iter", "deq_backward_tol", "deq_injection", "jac_reg_weight", "jac_reg_freq", "jac_reg_increment_every",
-            "deq_weight_norm", "deq_pretrain_steps", "deq_pretrain_depth", "deq_on_nonfinite", "deq_spectral_radius")
+            "deq_weight_norm", "deq_pretrain_steps", "deq_pretrain_depth", "deq_on_nonfinite", "deq_spectral_radius", "deq_check_every")
 FOREIGN = {"ode": DEQ_ONLY, "deq": ODE_ONLY, "discrete": ODE_ONLY + DEQ_ONLY}
 
 
@@ -102,7 +102,10 @@ class BertODEConfig(BertConfig):
     weight grows by 0.1 every ``jac_reg_increment_every`` training forwards, 0: constant,
     locuslab/deq's ``--jac_incremental``),
     deq_weight_norm, deq_pretrain_steps and deq_pretrain_depth (unrolled warm-up),
-    deq_on_nonfinite (``raise`` or ``skip`` and count), deq_spectral_radius (at eval).
+    deq_on_nonfinite (``raise`` or ``skip`` and count), deq_spectral_radius (at eval),
+    deq_check_every (the solves read their stopping test back to the host once per this many
+    iterations, forward and backward: fewer host syncs, up to this many - 1 iterations past
+    convergence, a non-finite value raised as late; the returned iterate is still the best seen).
 
     The BERT family (set by `from_bert` for RoBERTa, ELECTRA, ALBERT, DistilBERT; see
     `embeddings.py`): embedding_size (``None``: hidden_size) and embedding_projection
@@ -163,6 +166,7 @@ class BertODEConfig(BertConfig):
     deq_pretrain_depth: int = 4
     deq_on_nonfinite: str = "raise"
     deq_spectral_radius: bool = False
+    deq_check_every: int = 5
     embedding_size: int | None = None
     embedding_projection: bool | None = None
     position_scheme: str = "absolute"

@@ -25,6 +25,10 @@ counts what *would* synchronise on CUDA. Dispatch modes live in thread-local sta
 engine carries into its worker threads, so ops run by ``backward()`` (including Python
 ``autograd.Function.backward`` code, e.g. the DEQ's implicit-gradient solve) are counted.
 
+Not counted: scalar reads of host tensors made by ``torch.optim`` (its optimizers keep ``step`` on the
+host and read it with ``.item()`` -- no wait on an accelerator; on CPU the same reads would otherwise
+count one per parameter).
+
 Caveats: on CPU, ``.cpu()``/``.to("cpu")`` of a CPU tensor is a no-op that dispatches nothing and is
 not counted; on CUDA ``x.cpu().numpy()`` counts 2 (the copy and the numpy view of the host tensor).
 Ops run inside ``torch.compile``d graphs are not seen individually.
@@ -128,6 +132,29 @@ def sync_op_name(func, args, kwargs) -> str | None:
     return None
 
 
+_OPTIM_DIR = os.path.join(_TORCH_DIR, "optim") + os.sep
+_DISPATCH_PLUMBING = tuple(os.path.join(_TORCH_DIR, p) for p in ("_ops.py", "_compile.py", "utils", "_dynamo"))
+
+
+def _read_by_optimizer() -> bool:
+    """Whether the scalar read in progress was asked for by ``torch.optim`` itself."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith(_OPTIM_DIR):
+            return True
+        if path != _THIS_FILE and not path.startswith(_DISPATCH_PLUMBING):
+            return False
+        frame = frame.f_back
+    return False
+
+
+def _host_state_read(name: str, args) -> bool:
+    """A scalar read of a host tensor by ``torch.optim``: its optimizers keep ``step`` on the host (unless
+    ``capturable``/``fused``, where they read nothing), so on an accelerator this read waits for nothing."""
+    return name == "aten._local_scalar_dense" and args[0].device.type == "cpu" and _read_by_optimizer()
+
+
 class _HostSyncMode(TorchDispatchMode):
     def __init__(self, record: HostSyncs):
         super().__init__()
@@ -138,7 +165,7 @@ class _HostSyncMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if not getattr(_local, "suppressed", 0):
             op = sync_op_name(func, args, kwargs)
-            if op is not None:
+            if op is not None and not _host_state_read(op, args):
                 with self.lock:
                     self.record.add(op)
         return func(*args, **kwargs)

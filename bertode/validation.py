@@ -86,7 +86,8 @@ def check_deq_numbers(config) -> None:
     check_choice("deq_stop_mode", config.deq_stop_mode, DEQ_STOP_MODES)
     check_choice("deq_injection", config.deq_injection, DEQ_INJECTIONS)
     check_choice("deq_on_nonfinite", config.deq_on_nonfinite, DEQ_ON_NONFINITE)
-    for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth"):
+    for name in ("deq_max_iter", "deq_memory", "deq_phantom_steps", "deq_backward_max_iter", "deq_pretrain_depth",
+                 "deq_check_every"):
         check_int(name, getattr(config, name), 1)
     check_int("deq_pretrain_steps", config.deq_pretrain_steps, 0)
     for name in ("deq_tol", "deq_backward_tol"):

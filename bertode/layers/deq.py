@@ -42,7 +42,8 @@ from transformers.utils import logging
 from ..solve import observe
 from ..solve.deq_sensitivities import FixedPointProblem
 from ..solve.dial import current_dial
-from ..solve.fixed_point import FIXED_POINT_SOLVERS, DEQSolveError, damped, get_fixed_point_solver, reporting
+from ..solve.fixed_point import (FIXED_POINT_SOLVERS, DEQSolveError, checking_every, damped, get_fixed_point_solver,
+                                  reporting)
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
@@ -129,8 +130,9 @@ class BertDEQEncoder(Encoder):
 
     def _solve(self, f, z0, solver, max_iter, tol, name):
         cfg = self.config
-        return get_fixed_point_solver(solver)(f, z0, max_iter, tol, stop_mode=cfg.deq_stop_mode,
-                                              damping=cfg.deq_damping, memory=cfg.deq_memory, name=name)
+        with checking_every(cfg.deq_check_every):
+            return get_fixed_point_solver(solver)(f, z0, max_iter, tol, stop_mode=cfg.deq_stop_mode,
+                                                  damping=cfg.deq_damping, memory=cfg.deq_memory, name=name)
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, embeddings: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -180,7 +182,7 @@ class BertDEQEncoder(Encoder):
                 self.jac_loss = self._jacobian_penalty(f.eager, z_star, record)
             if solved and not self.training and cfg.deq_spectral_radius:
                 record.extra["spectral_radius"] = self._spectral_radius(f.eager, z_star)
-        stats = SolverStats([record], counters=self.counters())
+        stats = SolverStats([record], counters=self.counters(on_device=True))
         self.last_stats = stats
         hidden = out.view(embeddings.shape).to(embeddings.dtype)
         penalty = self.jac_weight * self.jac_loss if self.jac_loss is not None else None
@@ -244,12 +246,12 @@ class BertDEQEncoder(Encoder):
         if observer is not None and observer.wants_trajectory:
             observer.end(iterate[0], z_star)
         self.last_forward_info = info
-        converged = info.converged.float().mean().item()
-        if converged < 1:
+        if info.converged_fraction < 1:  # the summaries came with the solve's last transfer
             self.nonconverged_solves += 1
         record.nfe_forward = info.iterations
-        record.extra.update(forward_iterations=info.iterations, forward_abs_residual=info.abs_residual.max().item(),
-                            forward_rel_residual=info.rel_residual.max().item(), converged_fraction=converged)
+        record.extra.update(forward_iterations=info.iterations, forward_converged_at=info.converged_at,
+                            forward_abs_residual=info.worst_abs_residual, forward_rel_residual=info.worst_rel_residual,
+                            converged_fraction=info.converged_fraction)
         return z_star
 
     def _backward_solver(self, record, on_skip):
@@ -268,10 +270,11 @@ class BertDEQEncoder(Encoder):
                     on_skip()
                 return torch.zeros_like(g0)
             self.last_backward_info = info
-            if not bool(info.converged.all()):
+            if info.converged_fraction < 1:
                 self.nonconverged_solves += 1
             record.nfe_backward = info.iterations
-            record.extra.update(backward_iterations=info.iterations, backward_rel_residual=info.rel_residual.max().item())
+            record.extra.update(backward_iterations=info.iterations, backward_converged_at=info.converged_at,
+                                backward_rel_residual=info.worst_rel_residual)
             return g
 
         return solve_backward
@@ -285,7 +288,7 @@ class BertDEQEncoder(Encoder):
         vjp = torch.autograd.grad(fz, z, eps, create_graph=True)[0]
         penalty = vjp.pow(2).sum() / eps.numel()
         if record is not None:
-            record.extra["jac_loss"] = penalty.item()
+            record.extra["jac_loss"] = penalty.detach()  # read when statistics are asked for (no sync here)
         return penalty
 
     def _spectral_radius(self, f, z_star, iterations=20):
@@ -332,9 +335,12 @@ class BertDEQEncoder(Encoder):
         finally:
             ON_BACKWARD_SKIP.reset(token)
 
-    def counters(self) -> dict:
-        """The running counters (persistent buffers: checkpoints carry them)."""
-        return {name: int(getattr(self, name)) for name in COUNTERS}
+    def counters(self, on_device: bool = False) -> dict:
+        """The running counters (persistent buffers: checkpoints carry them); ``on_device``: copies of the
+        buffers as they are now, which `SolverStats` reads when statistics are asked for (no sync per forward)."""
+        if on_device:
+            return {name: getattr(self, name).clone() for name in COUNTERS}
+        return dict(zip(COUNTERS, torch.stack([getattr(self, name) for name in COUNTERS]).tolist()))
 
     def solver_stats(self) -> dict:
         return SolverStats(self.last_stats.records, self.counters()).summary()

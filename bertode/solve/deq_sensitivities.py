@@ -111,10 +111,14 @@ class UnrolledGradient(DEQSensitivity):
                 for _ in range(budget):
                     iteration += 1
                     fz = problem.f(z)
-                    if not bool(torch.isfinite(fz).all()):
+                    # One transfer per iteration: finiteness and the worst relative residual.
+                    image, point = fz.detach(), z.detach()
+                    finite, worst = torch.stack([torch.isfinite(image).all().to(image.dtype),
+                                                 ((image - point).norm(dim=1) / (image.norm(dim=1) + 1e-9)).max()]).tolist()
+                    if not finite:
                         raise DEQSolveError(f"DEQ unrolled solve: non-finite value in f(z) at iteration {iteration} "
                                             f"(relative residual before it {relative:.3e})")
-                    relative = ((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-9)).max().item()
+                    relative = worst
                     z = damped(z, fz, problem.damping)
                     if problem.on_iterate is not None:
                         problem.on_iterate(iteration, z)

@@ -26,6 +26,25 @@ import torch
 SUMMED = ("nfe_forward", "nfe_backward", "accepted_steps", "rejected_steps")
 
 
+def on_host(values: dict) -> dict:
+    """``values`` with its one-element tensors (a DEQ's counters, its Jacobian penalty) as Python numbers,
+    read in one transfer: solves store them as tensors so that they never wait on the device."""
+    groups: dict = {}  # one transfer per (device, integer or float)
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault((value.device, value.is_floating_point()), []).append(key)
+    if not groups:
+        return values
+    cast = dict(values)
+    for keys in groups.values():
+        tensors = [values[k].detach().reshape(()) for k in keys]
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        cast.update(zip(keys, torch.stack([t.to(dtype) for t in tensors]).tolist()))
+    return cast
+
+
 @dataclass
 class SolveRecord:
     """One ODE solve: NFE of its forward and backward solves, steps of its forward solve."""
@@ -75,7 +94,7 @@ class FixedPointRecord:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "nfe_forward": self.nfe_forward, "nfe_backward": self.nfe_backward,
-                "accepted_steps": None, "rejected_steps": None, **self.extra}
+                "accepted_steps": None, "rejected_steps": None, **on_host(self.extra)}
 
 
 class SolverStats(Mapping):
@@ -118,8 +137,8 @@ class SolverStats(Mapping):
                    "accepted_steps": total("accepted_steps"), "rejected_steps": total("rejected_steps"),
                    "solves": len(self.records), "layers": layers}
         for record in self.records:  # DEQ solves: their keys at the top level too
-            summary.update(getattr(record, "extra", {}))
-        summary.update(self.counters)
+            summary.update(on_host(getattr(record, "extra", {})))
+        summary.update(on_host(self.counters))
         return summary
 
     # Mapping onto the summary (computed on each access: backward counts arrive later).
