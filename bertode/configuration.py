@@ -118,6 +118,11 @@ class BertODEConfig(BertConfig):
     GPT-2 (`from_bert` of a ``GPT2LMHeadModel``): ``embedding_norm=False`` (no LayerNorm
     after the embeddings) and ``lm_head_type="linear"`` (the tied decoder alone, no bias;
     ``"bert"``: BERT's dense, activation, LayerNorm, then the tied decoder and a bias).
+    sparse_prediction: while training with ``labels``, heads that score positions (masked and causal LM,
+        pre-training's MLM, token classification) run only at the positions whose label is not -100
+        (cramming's sparse prediction), the LM heads' loss through `layers.losses` without the batch's fp32
+        logits; ``logits`` then holds the scored positions' rows (n_targets, ...). False (HF's behaviour):
+        every position. Evaluation and calls without labels always return every position's logits.
     """
 
     model_type = "bertode"
@@ -175,6 +180,7 @@ class BertODEConfig(BertConfig):
     embedding_norm: bool = True
     lm_head_type: str = "bert"
     objective: str | None = None
+    sparse_prediction: bool = False
 
     def __post_init__(self, **kwargs):
         legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the sensitivity axis
@@ -239,8 +245,9 @@ class BertODEConfig(BertConfig):
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if self.objective is not None and (not isinstance(self.objective, str) or not self.objective.isidentifier()):
             fail("objective", self.objective, "None or a registered objective's name")
-        if not isinstance(self.weight_tying, bool):
-            fail("weight_tying", self.weight_tying, "True or False")
+        for name in ("weight_tying", "sparse_prediction"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "True or False")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, getattr(self, name), "a probability in [0, 1)")

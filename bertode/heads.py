@@ -6,7 +6,9 @@
 `modeling.py`). Parameter names are HF BERT's (``cls.seq_relationship``, ``classifier``,
 ``qa_outputs``), so `from_bert` copies them one to one. A head adds a projection and a
 loss, nothing else: the encoder's penalty and a skipped batch (a zero loss, zero logits)
-are `BertODEPreTrainedModel._result`'s, the same for every head.
+are `BertODEPreTrainedModel._result`'s, the same for every head. With ``config.sparse_prediction``,
+token classification and pre-training's MLM score only the labelled positions while training
+(`modeling.scored_rows`; their logits are then those rows').
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .layers import outputs as out
 from .configuration import BertODEConfig
 from .layers.dropout import Dropout
 from .layers.embeddings import _Predictions
-from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder
+from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder, scored_rows
 
 
 def _flags(kwargs: dict) -> dict:
@@ -119,12 +121,17 @@ class BertODEForPreTraining(TiedMLMDecoder, _Head):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        prediction = self.cls.predictions(outputs.last_hidden_state)
         relationship = self.cls.seq_relationship(outputs.pooler_output)
+        if self._sparse(labels):  # (n_targets, vocab) logits, detached; the loss without the batch's fp32 logits
+            masked_lm, prediction = self.cls.predictions.scored(*scored_rows(outputs.last_hidden_state, labels), "mean")
+        else:
+            prediction = self.cls.predictions(outputs.last_hidden_state)
+            masked_lm = None
+            if labels is not None and next_sentence_label is not None:
+                masked_lm = CrossEntropyLoss()(prediction.view(-1, self.config.vocab_size).float(), labels.view(-1))
         loss = None
         if labels is not None and next_sentence_label is not None:
-            loss = (CrossEntropyLoss()(prediction.view(-1, self.config.vocab_size).float(), labels.view(-1))
-                    + CrossEntropyLoss()(relationship.view(-1, 2).float(), next_sentence_label.view(-1)))
+            loss = masked_lm + CrossEntropyLoss()(relationship.view(-1, 2).float(), next_sentence_label.view(-1))
         return self._result(out.BertODEForPreTrainingOutput, return_dict, outputs, loss,
                             prediction_logits=prediction, seq_relationship_logits=relationship)
 
@@ -163,7 +170,10 @@ class BertODEForTokenClassification(_Head):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
                             position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
-        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        hidden = self.dropout(outputs.last_hidden_state)  # the dense path's masks, also when sparse
+        if self._sparse(labels):  # (n_targets, num_labels) logits
+            hidden, labels = scored_rows(hidden, labels)
+        logits = self.classifier(hidden)
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))

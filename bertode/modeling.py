@@ -12,6 +12,12 @@ skips the batch; a failed implicit backward rolls the gradients back) is the enc
 A head adds a projection and a loss; `_result` is its one path to the output: the penalty added to the loss
 (weighted by the batch's share of ``num_items_in_batch``, as Trainer passes it with gradient accumulation), and for
 a skipped batch a zero loss with no path to any parameter and zero logits.
+
+Sparse prediction (``config.sparse_prediction``, cramming's): while training with ``labels``, the heads that score
+positions run only where the label is not -100 (`scored_rows`; a causal LM's position i scores label i + 1), and
+their ``logits`` are those rows' (n_targets, vocab), in the order of the flattened (batch, seq) positions. The LM
+heads' logits are then detached: the loss (`layers.losses`) never held them in fp32 for the whole batch. In eval
+mode, or without labels, every position's logits come back as HF's (``bertode.evaluate``, Trainer's metrics).
 """
 
 from __future__ import annotations
@@ -111,6 +117,10 @@ class BertODEPreTrainedModel(PreTrainedModel):
         with self.base_model.encoder.rollback_guard(self.parameters):
             return self.bert(input_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
 
+    def _sparse(self, labels) -> bool:
+        """Whether this forward predicts only the scored positions (module docstring)."""
+        return labels is not None and self.training and self.config.sparse_prediction
+
     def _token_loss(self, flat_logits, flat_labels, num_items_in_batch=None):
         """Cross-entropy over the targets (-100: none); summed / ``num_items_in_batch`` if given."""
         if num_items_in_batch is None:
@@ -133,6 +143,16 @@ class BertODEPreTrainedModel(PreTrainedModel):
             return ((loss,) + rest) if loss is not None else rest
         return output_class(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                             solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
+
+
+def scored_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse prediction's rows: ``hidden`` (batch, seq, width) at the positions whose label is not -100, and
+    those labels, flattened in (batch, seq) order; ``shift``: position i scores label i + 1 (causal LM)."""
+    if shift:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    labels = labels.to(hidden.device)
+    chosen = labels != -100
+    return hidden[chosen], labels[chosen]
 
 
 class BertODEModel(BertODEPreTrainedModel):
@@ -237,8 +257,15 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
             outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                    position_ids=position_ids, output_hidden_states=output_hidden_states,
                                    output_attentions=output_attentions, output_trajectory=output_trajectory)
-        logits = self.cls(outputs.last_hidden_state)
         loss, share = None, 1.0
+        if self._sparse(labels):
+            hidden, targets = scored_rows(outputs.last_hidden_state, labels, self.shift_labels)
+            loss, logits = self.cls.predictions.scored(hidden, targets, "mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+                share = targets.numel() / num_items_in_batch
+            return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
+        logits = self.cls(outputs.last_hidden_state)
         if labels is not None:
             scored, labels = (logits[:, :-1], labels[:, 1:]) if self.shift_labels else (logits, labels)
             labels = labels.reshape(-1).to(logits.device)

@@ -12,7 +12,9 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
   and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
 * `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
   then the decoder tied to the word embeddings, and a bias; with ``lm_head_type="linear"``
-  (GPT-2) the tied decoder alone, without a bias.
+  (GPT-2) the tied decoder alone, without a bias. Its `_Predictions.scored` is sparse
+  prediction's path: the transform and the decoder's cross-entropy at the scored rows only,
+  through `losses.linear_cross_entropy` (the kernel that ran: ``loss_kernel``).
 
 GPT-2's embeddings are these with ``type_vocab_size=0`` and ``embedding_norm=False`` (no
 LayerNorm: its layers normalise their own inputs).
@@ -28,6 +30,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .dropout import Dropout
+from .losses import linear_cross_entropy
 
 
 def embedding_width(config) -> int:
@@ -114,9 +117,19 @@ class _Predictions(nn.Module):
         self.transform = None if linear else _Transform(config)
         self.decoder = nn.Linear(embedding_width(config), config.vocab_size, bias=not linear)  # bias tied to `bias`
         self.bias = None if linear else nn.Parameter(torch.zeros(config.vocab_size))
+        self.loss_kernel: str | None = None  # the kernel of the latest `scored` call: "chunked" or "liger"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states) if self.transform is not None else hidden_states)
+
+    def scored(self, hidden_states: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse prediction: ``(loss, logits)`` of the rows ``hidden_states`` (n, hidden) against ``labels`` (n,),
+        the decoder fused with its cross-entropy (fp32; ``reduction`` sum or mean); ``logits`` (n, vocab) are
+        detached (the loss never held them in fp32 for the whole batch)."""
+        states = self.transform(hidden_states) if self.transform is not None else hidden_states
+        loss, logits, self.loss_kernel = linear_cross_entropy(states, self.decoder.weight, self.decoder.bias, labels,
+                                                              reduction)
+        return loss, logits
 
 
 class BertODEMLMHead(nn.Module):

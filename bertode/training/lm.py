@@ -34,6 +34,16 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return loss, correct
 
 
+def scored(objective, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the labels they score: a model's (batch, seq, vocab) logits lined up by the objective, or
+    sparse prediction's (n_targets, vocab) rows (``config.sparse_prediction`` while training) with the targets'
+    labels in the same (batch, seq) order."""
+    if logits.dim() == labels.dim():  # sparse prediction: one row per target
+        _, targets = objective.aligned(labels, labels)
+        return logits, targets[targets != -100]
+    return objective.aligned(logits, labels)
+
+
 def fixed_eval_batches(rows: torch.Tensor, objective, seed: int, batch_size: int, max_rows: int | None = None):
     """The eval rows made into (inputs, labels) once with ``seed``, cut into batches."""
     rows = rows[:max_rows] if max_rows else rows[:]  # a tensor, also from token shards

@@ -43,7 +43,7 @@ from .depth import check_for_model, depth_setting
 from .sources import DataError, check_sources
 from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
-from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum
+from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum, scored
 from .objective import get_objective, make_objective
 from .run_config import forget_model_configs, model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
@@ -239,7 +239,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             with context, noise, depth.dial(drawn):
                 with autocast(dist.device, trainer.precision):
                     out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
-                ce_sum, correct = masked_ce_sum(*objective.aligned(out.logits.detach(), labels))
+                ce_sum, correct = masked_ce_sum(*scored(objective, out.logits.detach(), labels))
                 if out.loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
                     out.loss.backward()
             ce_total += ce_sum.item()

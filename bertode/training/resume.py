@@ -30,12 +30,13 @@ from .run_config import model_config, model_kwargs
 # BertODEConfig fields a resumed run may change: they change neither what the model
 # computes nor how it trains (outputs asked for, bookkeeping, the initialisation of the
 # weights the checkpoint replaces, an evaluation-time diagnostic, the two fixed-step loops
-# documented to give the same numbers). Any other field that differs is refused.
+# documented to give the same numbers, sparse prediction: the same loss up to summation order, and
+# absent from checkpoints written before it). Any other field that differs is refused.
 NEUTRAL_FIELDS = frozenset({
     "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "output_attentions",
     "output_hidden_states", "return_dict", "use_cache", "id2label", "label2id", "num_labels", "problem_type",
     "classifier_dropout", "bos_token_id", "eos_token_id", "initializer_range", "chunk_size_feed_forward",
-    "deq_spectral_radius", "fixed_step_loop"})
+    "deq_spectral_radius", "fixed_step_loop", "sparse_prediction"})
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
