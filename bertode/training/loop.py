@@ -234,7 +234,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             inputs, labels = inputs.to(dist.device), labels.to(dist.device)
             sync = a == trainer.grad_accumulation - 1 or dist.world == 1
             context = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-            # Dropout masks drawn for the whole micro-batch and sliced: the same at any world size.
+            # Each global row draws its dropout masks from its own stream: the same at any world size.
             noise = split_invariant(order.noise_seed(step * trainer.grad_accumulation + a), own_rows, micro, dist.device)
             with context, noise, depth.dial(drawn):
                 with autocast(dist.device, trainer.precision):
