@@ -18,7 +18,8 @@ from .solve.fixed_point import FIXED_POINT_SOLVERS
 from .solve.sensitivities import SENSITIVITIES, available_sensitivities, default_sensitivity
 from .solve.ode import FIXED_STEP_LOOPS
 from .solve import ode_sensitivities  # noqa: F401  (registers the ODE sensitivity methods)
-from .solve.solvers import ODE_BACKENDS, SOLVERS
+from .solve.per_sequence import embedded_tableau
+from .solve.solvers import ODE_BACKENDS, PER_SEQUENCE_BACKENDS, SOLVERS
 from .validation import (
     check_architecture,
     check_choice,
@@ -76,7 +77,10 @@ class BertODEConfig(BertConfig):
         ``ift``, ``phantom``, ``unrolled`` for DEQ mode) and its constructor arguments.
     adjoint_solver, adjoint_atol, adjoint_rtol: the backward solve of ``adjoint``
         (``None``: the forward solver).
-    ode_backend: ``torchdyn`` (default) or ``torchdiffeq`` (the peer).
+    ode_backend: where adaptive solves step: one step size for the whole batch with ``torchdyn``
+        (default) or ``torchdiffeq`` (the peer); one per sequence with ``bertode`` (its own
+        stepper, `per_sequence.py`) or ``torchode`` (the peer). Fixed-step solves are the same
+        on every backend; the per-sequence ones backpropagate (no adjoint).
     fixed_step_loop: ``direct`` (torchdyn's solver steps called from bertode) or
         ``neural_ode`` (through torchdyn's ``NeuralODE``): same numbers.
     weight_tying: one layer's parameters reused ``num_hidden_layers`` times (a looped core: its
@@ -270,6 +274,22 @@ class BertODEConfig(BertConfig):
                 name = getattr(self, field)
                 if name is not None and SOLVERS[name].torchdiffeq is None:
                     fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
+        if self.mode == "ode" and self.ode_backend in PER_SEQUENCE_BACKENDS:
+            self._check_per_sequence()
+
+    def _check_per_sequence(self) -> None:
+        """A per-sequence backend: a solver it can step, and a field that takes one time per sequence."""
+        spec, backend = SOLVERS[self.solver], self.ode_backend
+        if backend == "torchode" and spec.torchode is None:
+            fail("solver", self.solver, f"{', '.join(repr(n) for n, s in SOLVERS.items() if s.torchode)} with "
+                 "ode_backend='torchode'")
+        if backend == "bertode" and spec.adaptive and embedded_tableau(spec) is None:
+            fail("solver", self.solver, "a fixed-step solver or an adaptive one with an embedded error estimate "
+                 "(dopri5, tsit5) with ode_backend='bertode'")
+        if (spec.adaptive or backend == "torchode") and not VECTOR_FIELDS[self.vector_field].per_sequence_time:
+            fields = [n for n, cls in VECTOR_FIELDS.items() if cls.per_sequence_time]
+            fail("vector_field", self.vector_field, f"a field whose forward takes t of shape (batch, 1, 1) "
+                 f"(per_sequence_time=True: {', '.join(map(repr, fields))}) with ode_backend={backend!r}")
 
     def _check_core(self) -> None:
         """The prelude, core and coda split, and the looped core's input injection."""

@@ -7,7 +7,9 @@ dropout included) and that residual's LayerNorm ``LN``, and defines
 * ``finish(z, norm)`` -> the site's output, applied once to the solution at ``t_end``.
 
 It owns only its *own* extra parameters (e.g. a time embedding); the branch and the
-norm belong to the layer. ``uses_norm`` says whether the dynamics use the norm's
+norm belong to the layer. ``per_sequence_time`` says whether ``forward`` accepts, besides a
+scalar t, a (batch, 1, 1) tensor with each sequence at its own time (the per-sequence
+backends ``bertode`` and ``torchode`` pass one; other fields are refused there). ``uses_norm`` says whether the dynamics use the norm's
 parameters, so that an adjoint differentiates exactly what the dynamics use.
 
 Built in, each reproducing BERT with one Euler step on [0, 1]:
@@ -45,6 +47,7 @@ class VectorField(nn.Module, abc.ABC):
     """Base class of vector fields; subclass it and register it by name."""
 
     uses_norm: bool = False
+    per_sequence_time: bool = False  # forward takes t of shape (batch, 1, 1) as well as a scalar t
 
     def __init__(self, config, **kwargs):
         super().__init__()
@@ -87,6 +90,8 @@ def build_vector_field(config) -> VectorField:
 class ResidualField(VectorField):
     """dz/dt = G(z); the LayerNorm is applied after the solve."""
 
+    per_sequence_time = True  # autonomous
+
     def forward(self, t, z, branch, norm):
         return branch(z)
 
@@ -99,6 +104,7 @@ class AddNormField(VectorField):
     """dz/dt = LN(z + G(z)) - z: Euler with step h is the damped map z <- (1-h) z + h LN(z + G(z))."""
 
     uses_norm = True
+    per_sequence_time = True  # autonomous
 
     def forward(self, t, z, branch, norm):
         return norm(z + branch(z)) - z
@@ -111,6 +117,8 @@ class TimeResidualField(VectorField):
     phi(t) = [sin(w_k t), cos(w_k t)] with w_k geometric in [1, max_frequency]; W starts at
     zero so a fresh (or converted) model begins as the autonomous ``residual`` field.
     """
+
+    per_sequence_time = True  # t of shape (batch, 1, 1) gives one embedding per sequence
 
     def __init__(self, config, time_features: int = 16, max_frequency: float = 100.0):
         super().__init__(config)
@@ -126,8 +134,9 @@ class TimeResidualField(VectorField):
         half = self.time_features // 2
         weight = self.time_proj.weight
         freqs = torch.exp(torch.linspace(0.0, math.log(self.max_frequency), half, device=weight.device, dtype=torch.float32))
-        angles = t.to(device=weight.device, dtype=torch.float32) * freqs
-        return self.time_proj(torch.cat([angles.sin(), angles.cos()]).to(weight.dtype))
+        angles = t.to(device=weight.device, dtype=torch.float32)[..., None] * freqs  # t (batch, 1, 1): (batch, 1, 1, half)
+        embedding = self.time_proj(torch.cat([angles.sin(), angles.cos()], -1).to(weight.dtype))
+        return embedding if t.dim() == 0 else embedding.squeeze(-2)  # (hidden,) or (batch, 1, hidden)
 
     def forward(self, t, z, branch, norm):
         return branch(z + self.time_embedding(t).to(z.dtype))
@@ -144,6 +153,8 @@ class TimeWeightsField(VectorField):
     A starts at zero, so a fresh (or converted) model begins as ``residual`` exactly; the
     LayerNorm is applied after the solve. Depth-varying weights, as in Tong et al., ICLR
     2025 ("Neural ODE Transformers")."""
+
+    per_sequence_time = True  # t of shape (batch, 1, 1) gives each sequence its own gates
 
     def __init__(self, config, rank: int = 4, time_features: int = 16, max_frequency: float = 4.0):
         super().__init__(config)
@@ -174,8 +185,12 @@ class TimeWeightsField(VectorField):
         weight = self.generator.weight
         half = self.time_features // 2
         freqs = torch.exp(torch.linspace(0.0, math.log(self.max_frequency), half, device=weight.device, dtype=torch.float32))
-        angles = t.to(device=weight.device, dtype=torch.float32) * freqs
-        self._gates = self.generator(torch.cat([angles.sin(), angles.cos()]).to(weight.dtype)).view(len(self.down), -1)
+        angles = t.to(device=weight.device, dtype=torch.float32)[..., None] * freqs
+        gates = self.generator(torch.cat([angles.sin(), angles.cos()], -1).to(weight.dtype))
+        if t.dim() == 0:
+            self._gates = gates.view(len(self.down), -1)  # (linears, rank)
+        else:  # t (batch, 1, 1): (linears, batch, 1, rank), one gate per sequence
+            self._gates = gates.reshape(t.shape[0], 1, len(self.down), -1).movedim(2, 0)
         try:
             return branch(z)
         finally:

@@ -1,4 +1,5 @@
-"""`ODESolve` and `ODEProblem`: one residual's ODE, solved by torchdyn (or torchdiffeq, the peer).
+"""`ODESolve` and `ODEProblem`: one residual's ODE, solved by torchdyn (or a peer: torchdiffeq,
+torchode; or bertode's own per-sequence stepper, `per_sequence.py`).
 
 `ODESolve` holds the choices fixed at construction: a registered solver
 (`solvers.py`), a sensitivity method (`ode_sensitivities.py`), steps, tolerances, backend and
@@ -37,6 +38,7 @@ from torch import nn
 
 from . import observe
 from ._torchdyn import NeuralODE
+from .per_sequence import MAX_STEPS, PerSequenceSolve, embedded_tableau
 from .solvers import ODESolverSpec, get_solver
 from .stats import SolveRecord
 from .substeps import SubSteps
@@ -104,13 +106,16 @@ class ODESolve:
     """
 
     def __init__(self, solver, sensitivity=None, steps: int = 1, atol: float = 1e-3, rtol: float = 1e-3,
-                 ode_backend: str = "torchdyn", fixed_step_loop: str = "direct"):
+                 ode_backend: str = "torchdyn", fixed_step_loop: str = "direct", max_steps: int = MAX_STEPS):
         from .ode_sensitivities import Autograd  # the sensitivity methods build on this module
 
         self.spec: ODESolverSpec = solver if isinstance(solver, ODESolverSpec) else get_solver(solver)
         self.sensitivity = sensitivity if sensitivity is not None else Autograd()
         self.steps, self.atol, self.rtol = steps, atol, rtol
         self.ode_backend, self.fixed_step_loop = ode_backend, fixed_step_loop
+        self.max_steps = max_steps  # per-sequence backends: attempted steps per sequence before raising
+        # bertode's per-sequence stepper: the method's coefficients as host floats, read once here
+        self.tableau = embedded_tableau(self.spec) if ode_backend == "bertode" else None
         self._reset_cache()
 
     @property
@@ -219,6 +224,10 @@ class ODEProblem:
             return self._truncated()
         if solve.ode_backend == "torchdiffeq":
             return self._torchdiffeq(adjoint=None)
+        if solve.ode_backend == "torchode":
+            return self._torchode()
+        if solve.ode_backend == "bertode" and self.adaptive:  # fixed steps: the same direct loop as torchdyn
+            return self._per_sequence()
         if not self.adaptive and solve.fixed_step_loop == "direct":
             # torchdyn's solver steps called from here: what NeuralODE computes on [t0, t1]
             # with a SubSteps solver, without its per-solve checks (loop="direct").
@@ -327,3 +336,52 @@ class ODEProblem:
                 adjoint_atol=adjoint["atol"], adjoint_rtol=adjoint["rtol"], **options)[-1]
             self._rebind_before_backward(x1)
         return x1.view(z0.shape)
+
+    def _per_sequence(self):
+        """bertode's stepper: one step size, error norm and decision per sequence (`per_sequence.py`)."""
+        spec, tableau = self.solve.spec, self.solve.tableau
+        if tableau is None:
+            raise ValueError(f"solver={spec.name!r} is invalid with ode_backend='bertode': its torchdyn solver has no "
+                             "embedded error estimate; allowed: dopri5, tsit5 or a fixed-step solver")
+        stepper = PerSequenceSolve(tableau, self.solve.atol, self.solve.rtol, self.solve.max_steps, self.record.name)
+        z1 = stepper(self.field, self.z0, self.t0, self.t1, time_dtype(self.z0))
+        self.record.per_sequence = dict(accepted=stepper.accepted, rejected=stepper.rejected, nfe=stepper.nfe)
+        return z1
+
+    def _torchode(self):
+        """torchode's solve (the per-sequence peer): its step method, an integral controller at
+        this solve's tolerances (fixed steps: its fixed-step controller), backpropagation through
+        its steps (step-size control outside the graph, as bertode's stepper)."""
+        import torchode
+
+        spec, z0, batch = self.solve.spec, self.z0, self.z0.shape[0]
+        if spec.torchode is None:
+            raise ValueError(f"solver={spec.name!r} is invalid with ode_backend='torchode'; allowed: a solver torchode "
+                             "has (dopri5, tsit5, euler, heun)")
+        column = (batch,) + (1,) * (z0.dim() - 1)
+
+        def dynamics(t, x):  # torchode: t (batch,), x (batch, features)
+            return self.field(t.view(column), x.view(z0.shape)).reshape(batch, -1)
+
+        term = torchode.ODETerm(dynamics, with_stats=False)
+        method = getattr(torchode, spec.torchode)(term=term)
+        tdt = time_dtype(z0)
+        if self.adaptive:
+            controller, dt0 = torchode.IntegralController(atol=self.solve.atol, rtol=self.solve.rtol, term=term), None
+        else:
+            controller = torchode.FixedStepController()
+            dt0 = torch.full((batch,), (self.t1 - self.t0) / self.steps, dtype=tdt, device=z0.device)
+        solver = torchode.AutoDiffAdjoint(method, controller, max_steps=self.solve.max_steps,
+                                          backprop_through_step_size_control=False)
+        problem = torchode.InitialValueProblem(
+            y0=z0.reshape(batch, -1), t_start=torch.full((batch,), self.t0, dtype=tdt, device=z0.device),
+            t_end=torch.full((batch,), self.t1, dtype=tdt, device=z0.device))
+        solution = solver.solve(problem, term=term, dt0=dt0)
+        failed = torch.nonzero(solution.status != torchode.Status.SUCCESS.value).flatten().tolist()  # one sync
+        if failed:
+            codes = [torchode.Status(int(solution.status[i])).name for i in failed]
+            raise RuntimeError(f"torchode solve {self.record.name!r} failed on sequence(s) {failed} ({', '.join(codes)}); "
+                               f"allowed: at most max_steps={self.solve.max_steps} steps per sequence, finite dynamics")
+        steps, accepted = solution.stats["n_steps"], solution.stats["n_accepted"]
+        self.record.per_sequence = dict(accepted=accepted, rejected=steps - accepted, nfe=None)
+        return solution.ys[:, -1].view(z0.shape)

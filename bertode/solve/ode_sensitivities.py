@@ -16,7 +16,7 @@ stores it as ``NeuralODE.sensalg``), which is the name they are registered under
 from __future__ import annotations
 
 from .sensitivities import ODESensitivity, register_sensitivity
-from .solvers import ODE_BACKENDS
+from .solvers import ODE_BACKENDS, SHARED_STEP_BACKENDS
 
 
 @register_sensitivity("autograd", default=True)
@@ -32,7 +32,7 @@ class Autograd(ODESensitivity):
 @register_sensitivity("adjoint")
 class Adjoint(ODESensitivity):
     reevaluates_field = True
-    backends = ODE_BACKENDS
+    backends = SHARED_STEP_BACKENDS  # torchdyn's and torchdiffeq's adjoints; per-sequence solves backpropagate
     config_fields = {"adjoint_solver": "adjoint_solver", "adjoint_atol": "adjoint_atol", "adjoint_rtol": "adjoint_rtol"}
 
     def __init__(self, adjoint_solver: str | None = None, adjoint_atol: float = 1e-4, adjoint_rtol: float = 1e-4):

@@ -1,8 +1,8 @@
 """The ODE-solver registry: ``solver=<name>`` resolves here, and only here.
 
 An entry is an `ODESolverSpec`: how to build the torchdyn solver for a dtype, whether it
-is adaptive, its order, and the name of the same method in torchdiffeq (the comparison
-backend; ``None`` when torchdiffeq has no such method). Register a solver with
+is adaptive, its order, and the names of the same method in the peer backends torchdiffeq
+and torchode (``None`` when the library has no such method). Register a solver with
 
 * a torchdyn solver class (a ``DiffEqSolver``/``SolverTemplate`` subclass whose
   constructor takes ``dtype``), used as a decorator::
@@ -18,6 +18,11 @@ backend; ``None`` when torchdiffeq has no such method). Register a solver with
 Built in: torchdyn's ``euler``, ``midpoint``, ``rk4`` (fixed step), ``dopri5``,
 ``tsit5`` (adaptive), and ``heun`` (explicit trapezoid, from its tableau; one step of it
 is the ODE-Transformer's RK2 block).
+
+Backends (``ode_backend``, `ODE_BACKENDS`): ``torchdyn`` (default) and the peers
+``torchdiffeq`` share one step size over the batch; ``torchode`` (the peer) and
+``bertode`` (`per_sequence.py`: any adaptive solver whose torchdyn tableau carries an error
+estimate) take one step size per sequence.
 """
 
 from __future__ import annotations
@@ -96,10 +101,11 @@ class ODESolverSpec:
     order: int
     torchdiffeq: str | None = None
     source: object = None  # the class or tableau it was registered with
+    torchode: str | None = None  # the torchode step method's class name (``Dopri5``), for ode_backend="torchode"
 
     def same_as(self, other) -> bool:
-        return isinstance(other, ODESolverSpec) and (self.name, self.adaptive, self.torchdiffeq) == (
-            other.name, other.adaptive, other.torchdiffeq) and _same_source(self.source, other.source)
+        return isinstance(other, ODESolverSpec) and (self.name, self.adaptive, self.torchdiffeq, self.torchode) == (
+            other.name, other.adaptive, other.torchdiffeq, other.torchode) and _same_source(self.source, other.source)
 
 
 def _same_source(a, b) -> bool:
@@ -109,33 +115,40 @@ def _same_source(a, b) -> bool:
         getattr(b, "__module__", None), getattr(b, "__qualname__", None))
 
 
-def solver_spec(name: str, source, torchdiffeq: str | None = None) -> ODESolverSpec:
+def solver_spec(name: str, source, torchdiffeq: str | None = None, torchode: str | None = None) -> ODESolverSpec:
     """The spec of a torchdyn solver class or a `ButcherTableau` (registered or not)."""
     if isinstance(source, ButcherTableau):
-        return ODESolverSpec(name, lambda dtype: ExplicitRK(source, dtype), False, source.order, torchdiffeq, source)
+        return ODESolverSpec(name, lambda dtype: ExplicitRK(source, dtype), False, source.order, torchdiffeq, source,
+                             torchode)
     if isinstance(source, type) and issubclass(source, torch.nn.Module) and hasattr(source, "step"):
         probe = source(torch.float32)
         stepping = getattr(probe, "stepping_class", None)
         if stepping not in (FIXED_STEPPING, ADAPTIVE_STEPPING):
             raise TypeError(f"register_solver({name!r}): {source.__qualname__}.stepping_class={stepping!r} is invalid; "
                             f"allowed: {FIXED_STEPPING!r}, {ADAPTIVE_STEPPING!r}")
-        return ODESolverSpec(name, source, stepping == ADAPTIVE_STEPPING, int(getattr(probe, "order", 0)), torchdiffeq, source)
+        return ODESolverSpec(name, source, stepping == ADAPTIVE_STEPPING, int(getattr(probe, "order", 0)), torchdiffeq, source,
+                             torchode)
     raise TypeError(f"register_solver({name!r}) needs a torchdyn solver class (DiffEqSolver or SolverTemplate "
                     f"subclass taking dtype) or a bertode.ButcherTableau, got {source!r}")
 
 
 SOLVERS = Registry("ODE solver", "solver")
-ODE_BACKENDS = ("torchdyn", "torchdiffeq")  # where a solve runs; a spec names its torchdiffeq method
+# Where a solve runs (the first is the default); a spec names its torchdiffeq and torchode methods.
+ODE_BACKENDS = ("torchdyn", "torchdiffeq", "torchode", "bertode")
+SHARED_STEP_BACKENDS = ("torchdyn", "torchdiffeq")  # one step size for the whole batch
+PER_SEQUENCE_BACKENDS = ("torchode", "bertode")  # one step size per sequence (batch row)
 
 
-def register_solver(name: str, solver=None, *, torchdiffeq: str | None = None, default: bool = False):
+def register_solver(name: str, solver=None, *, torchdiffeq: str | None = None, torchode: str | None = None,
+                    default: bool = False):
     """Make a torchdyn solver class or a `ButcherTableau` selectable as ``solver=name``.
 
-    ``torchdiffeq`` names the same method in torchdiffeq, for ``ode_backend="torchdiffeq"``.
+    ``torchdiffeq`` names the same method in torchdiffeq, for ``ode_backend="torchdiffeq"``;
+    ``torchode`` the class of torchode's, for ``ode_backend="torchode"``.
     Works as a class decorator (``solver`` omitted) or called with the solver."""
 
     def decorate(source):
-        SOLVERS.register(name, solver_spec(name, source, torchdiffeq), default=default)
+        SOLVERS.register(name, solver_spec(name, source, torchdiffeq, torchode), default=default)
         return source
 
     return decorate if solver is None else decorate(solver)
@@ -149,10 +162,10 @@ def get_solver(name: str) -> ODESolverSpec:
     return SOLVERS[name]
 
 
-register_solver("euler", Euler, torchdiffeq="euler", default=True)
-register_solver("midpoint", Midpoint, torchdiffeq="midpoint")
+register_solver("euler", Euler, torchdiffeq="euler", torchode="Euler", default=True)
+register_solver("midpoint", Midpoint, torchdiffeq="midpoint")  # torchode 1.0.1 has no midpoint or rk4
 register_solver("rk4", RungeKutta4, torchdiffeq="rk4")
-register_solver("dopri5", DormandPrince45, torchdiffeq="dopri5")
-register_solver("tsit5", Tsitouras45)  # torchdiffeq 0.2.5 has no tsit5
+register_solver("dopri5", DormandPrince45, torchdiffeq="dopri5", torchode="Dopri5")
+register_solver("tsit5", Tsitouras45, torchode="Tsit5")  # torchdiffeq 0.2.5 has no tsit5
 HEUN = ButcherTableau(c=[0.0, 1.0], a=[[], [1.0]], b=[0.5, 0.5], order=2)
-register_solver("heun", HEUN, torchdiffeq="heun2")
+register_solver("heun", HEUN, torchdiffeq="heun2", torchode="Heun")

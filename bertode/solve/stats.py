@@ -12,6 +12,12 @@ where an ODE site's NFE counts vector-field evaluations (forward solve, and the 
 backward solve) and a DEQ solve's counts evaluations of the map (forward iterations) and
 vector-Jacobian products (the implicit backward's iterations); DEQ summaries also carry
 the fixed-point keys (``forward_iterations``, residuals, ``converged_fraction``, ...).
+
+A per-sequence solve (``ode_backend`` ``bertode`` or ``torchode``) takes its own steps per
+sequence: its row also carries ``accepted_per_sequence``, ``rejected_per_sequence`` and
+(bertode) ``nfe_per_sequence``, lists with one int per batch row (the evaluations in which
+that row was still running), and its ``accepted_steps``/``rejected_steps`` are the most any
+sequence took (the length of the batch's solve, comparable to a shared-step solve's).
 Counting happens on the host as plain integers; adaptive step times stay tensors until
 statistics are asked for, so a solve never waits on the device to count.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 SUMMED = ("nfe_forward", "nfe_backward", "accepted_steps", "rejected_steps")
+PER_SEQUENCE = ("accepted_per_sequence", "rejected_per_sequence", "nfe_per_sequence")  # lists, summed per row
 
 
 def on_host(values: dict) -> dict:
@@ -55,6 +62,7 @@ class SolveRecord:
     nfe_backward: int = 0
     phase: str = "forward"  # "backward" once the adjoint's backward pass has begun
     step_times: list = field(default_factory=list)  # t of every adaptive step attempt (tensors)
+    per_sequence: dict | None = None  # per-sequence solves: (batch,) tensors "accepted", "rejected", "nfe" (or None)
 
     def count_evaluation(self) -> None:
         if self.phase == "forward":
@@ -70,6 +78,8 @@ class SolveRecord:
         """
         if self.fixed_steps is not None:
             return self.fixed_steps, 0
+        if self.per_sequence is not None:  # the most any sequence took
+            return (int(self.per_sequence["accepted"].max()), int(self.per_sequence["rejected"].max()))
         if not self.step_times:
             return None, None
         times = torch.stack([t.reshape(()) for t in self.step_times]).cpu()
@@ -78,8 +88,13 @@ class SolveRecord:
 
     def as_dict(self) -> dict:
         accepted, rejected = self.step_counts()
-        return {"name": self.name, "nfe_forward": self.nfe_forward, "nfe_backward": self.nfe_backward,
-                "accepted_steps": accepted, "rejected_steps": rejected}
+        row = {"name": self.name, "nfe_forward": self.nfe_forward, "nfe_backward": self.nfe_backward,
+               "accepted_steps": accepted, "rejected_steps": rejected}
+        if self.per_sequence is not None:
+            for key in ("accepted", "rejected", "nfe"):
+                counts = self.per_sequence[key]
+                row[f"{key}_per_sequence"] = None if counts is None else counts.tolist()
+        return row
 
 
 @dataclass
@@ -127,6 +142,9 @@ class SolverStats(Mapping):
             for key in SUMMED:
                 if row[key] is not None and into[key] is not None:
                     into[key] += row[key]
+            for key in PER_SEQUENCE:
+                if row.get(key) is not None and into.get(key) is not None and len(row[key]) == len(into[key]):
+                    into[key] = [a + b for a, b in zip(into[key], row[key])]
         layers = list(per_site.values())
 
         def total(key):
