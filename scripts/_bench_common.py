@@ -17,6 +17,8 @@ all rows). Measurements:
   and `FeedForwardBranch`, HF's `BertAttention` and `BertIntermediate`) count their calls
   in the forward and in the backward (an adjoint re-evaluates the field). BERT is 2 per
   layer; the number is comparable across HF, ODE, block and DEQ rows.
+* host syncs: `bertode.host_syncs.count_host_syncs` over one eager training step (forward,
+  backward, AdamW step), on every device; on CUDA also what CUDA's sync detector reports.
 * time: median of ``--steps`` timed steps after ``--warmup`` untimed ones, with
   ``torch.cuda.synchronize`` around each step on CUDA.
 """
@@ -39,6 +41,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 import bertode
+from bertode.host_syncs import count_host_syncs
 
 ROOT = Path(__file__).resolve().parents[1]
 # A GPU machine sees only the checkout: BERTODE_WIKITEXT points at a copy brought along.
@@ -256,8 +259,18 @@ def sizes_of(args) -> dict:
     return dict(SIZES[args.size], **({"batch": args.batch} if args.batch else {}))
 
 
-def host_syncs(fn, device: torch.device) -> int | None:
-    """Host synchronisations CUDA's sync detector reports during one ``fn()`` (None on CPU)."""
+def host_syncs(fn) -> dict:
+    """Host synchronisations of one ``fn()`` counted by `bertode.host_syncs.count_host_syncs` (every
+    device: on CPU, what would synchronise on an accelerator): ``host_syncs`` and ``host_syncs_by_op``."""
+    with count_host_syncs() as syncs:
+        fn()
+    return dict(host_syncs=syncs.count, host_syncs_by_op=dict(syncs.by_op))
+
+
+def cuda_detector_syncs(fn, device: torch.device) -> int | None:
+    """Synchronisations CUDA's own sync detector (``set_sync_debug_mode``) reports during one ``fn()``
+    (None on CPU). It sees only the calls that go through its checks (stream syncs, blocking copies),
+    not every scalar read; `host_syncs` is the count comparable across devices."""
     if device.type != "cuda":
         return None
     import warnings

@@ -31,8 +31,11 @@ where `bertode.compile.whole_graph` holds, compiled fields otherwise; the row's 
 HF runs eager (the reference) and compiled (row ``hf_bert_compiled``), and counts come
 from one eager step before compiling.
 
-Host syncs per step (CUDA): synchronisations CUDA's sync detector reports during one
-timed step. MFU (fixed-step autograd rows only; null for an unknown GPU):
+Host syncs per step (``host_syncs``, every device): `bertode.host_syncs.count_host_syncs` over
+one eager training step (compiled graphs hide their ops from it): scalar reads, ``.tolist()``,
+data-dependent shapes, device-to-host copies, counted on CPU as what would synchronise on CUDA
+(``host_syncs_by_op`` in the JSON says which). On CUDA, ``cuda_detector_syncs`` is what CUDA's own
+sync detector reports during one timed step (the column called ``host_syncs_per_step`` before). MFU (fixed-step autograd rows only; null for an unknown GPU):
 
     f     = forward branch evaluations / (2 * layers)      (1 for BERT, 4 for rk4 1 step, 2 for rk2)
     FLOPs = 6 * tokens * (N_enc * f + N_head + hidden * vocab) + 12 * layers * seq * hidden * tokens * f
@@ -104,6 +107,7 @@ def prepare_row(name, model, batch, args, device, sizes):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     row = dict(name=name, error=None, compiled=None)
     row.update(common.instrumented_step(model, batch, optimizer, device, args.dtype, sizes["layers"]))
+    row.update(common.host_syncs(common.make_step(model, batch, optimizer, device, args.dtype)))  # eager
     runner = model
     if args.compile and name != "hf_bert":  # HF eager stays the reference of every ratio
         try:
@@ -137,7 +141,7 @@ def time_rows(prepared: list, args, device, sizes) -> None:
             row["ms_per_step"] = common.time_calls(step, args.steps, 0, device)
     for row, step in timed:
         row["tokens_per_s"] = sizes["batch"] * sizes["seq"] / (row["ms_per_step"] / 1e3)
-        row["host_syncs_per_step"] = common.host_syncs(step, device)
+        row["cuda_detector_syncs"] = common.cuda_detector_syncs(step, device)
 
 
 def main(argv=None) -> dict:
@@ -205,7 +209,8 @@ def main(argv=None) -> dict:
         ("ratio", "× HF", ".2f"), ("nfe_forward", "nfe fwd", "d"), ("nfe_backward", "nfe bwd", "d"),
         ("branch_evals_forward", "branch evals fwd", "d"), ("activation_bytes", "activation bytes", ",d"),
         ("peak_bytes", "CUDA peak bytes", ",d"), ("mfu", "MFU", ".1%"),
-        ("mfu_measured", "MFU (measured matmul)", ".1%"), ("host_syncs_per_step", "host syncs", "d"),
+        ("mfu_measured", "MFU (measured matmul)", ".1%"), ("host_syncs", "host syncs", "d"),
+        ("cuda_detector_syncs", "CUDA detector syncs", "d"),
     ]))
     print("wrote", common.write_json(args.out, payload, "bench_speed", device))
     return payload

@@ -55,13 +55,13 @@ def test_syncs_inside_backward_are_counted():
     assert syncs_of(loss.backward).count == 1
 
 
-def training_step_syncs(**config) -> tuple:
+def training_step_syncs(attention_mask=None, **config) -> tuple:
     torch.manual_seed(0)
     model = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**{**TINY, **config})).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step():
-        model(input_ids=IDS, labels=IDS).loss.backward()
+        model(input_ids=IDS, attention_mask=attention_mask, labels=IDS).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -72,6 +72,10 @@ def training_step_syncs(**config) -> tuple:
 def test_a_fixed_step_ode_training_step_makes_no_host_sync(solver):
     syncs, _ = training_step_syncs(mode="ode", solver=solver, steps=2)
     assert syncs.count == 0, syncs.sites
+    # With a padding mask, one: `sublayers.sdpa_mask` reads whether it is all ones (then SDPA runs
+    # unmasked, on its fastest kernels; HF's mask does the same), once per forward, not per step.
+    syncs, _ = training_step_syncs(torch.ones_like(IDS), mode="ode", solver=solver, steps=2)
+    assert syncs.count == 1 and all("layers/sublayers.py" in site for site in syncs.sites), syncs.sites
 
 
 DEQ_30 = dict(mode="deq", num_hidden_layers=1, deq_solver="anderson", sensitivity="ift", deq_max_iter=30,
