@@ -38,8 +38,9 @@ ITERS = [10, 20, 40]
 ODE_STEPS = [1, 2, 4]
 MEMORY_ROWS = (["hf_bert", "bert_discrete"] + [f"deq_ift_iter{n}" for n in ITERS]
                + [f"ode_{s}_{g}_s{n}" for s in ("euler", "rk4") for g in ("autograd", "adjoint") for n in ODE_STEPS])
-SOLVER_ROWS = [f"{b} {s}" for s in ("dopri5 tol=1e-03", "dopri5 tol=1e-05", "dopri5 tol=1e-07",
-                                    "rk4 steps=1", "rk4 steps=4", "rk4 steps=16") for b in ("torchdiffeq", "torchdyn")]
+SOLVER_ROWS = [f"{b} {s}" for s in ("dopri5 tol=1e-03", "dopri5 tol=1e-05", "dopri5 tol=1e-07")
+               for b in ("torchdiffeq", "torchdyn", "bertode", "torchode")] + [
+    f"{b} {s}" for s in ("rk4 steps=1", "rk4 steps=4", "rk4 steps=16") for b in ("torchdiffeq", "torchdyn")]
 SITES = 2 * TINY["layers"]  # residual sites: attention and feed-forward per layer
 
 
@@ -157,9 +158,16 @@ def test_solvers_backends_agree_on_nfe_and_converge(runs):
         rk4 = [rows[f"{backend} rk4 steps={n}"] for n in (1, 4, 16)]
         assert [row["nfe_forward"] for row in rk4] == [4 * n * SITES for n in (1, 4, 16)]
         assert rk4[0]["rel_error"] >= 50 * rk4[1]["rel_error"], backend
+    for backend in ("torchdiffeq", "torchdyn", "bertode", "torchode"):
         dopri5 = [rows[f"{backend} dopri5 tol={tol}"] for tol in ("1e-03", "1e-05", "1e-07")]
         assert dopri5[0]["rel_error"] > dopri5[2]["rel_error"] and dopri5[2]["rel_error"] <= 1e-5, backend
         assert dopri5[0]["nfe_forward"] <= dopri5[1]["nfe_forward"] <= dopri5[2]["nfe_forward"], backend
+    # One stiff sequence: per-sequence steps leave the easy ones as they are alone; a shared step size does not.
+    stiff = {row["backend"]: row for row in payload["stiff_batch"]}
+    assert stiff["bertode"]["easy_nfe_in_batch"] == stiff["bertode"]["easy_nfe_alone"] < stiff["bertode"]["stiff_nfe_in_batch"]
+    assert stiff["torchode"]["easy_steps_in_batch"] == stiff["torchode"]["easy_steps_alone"]
+    for backend in ("torchdiffeq", "torchdyn"):
+        assert stiff[backend]["easy_nfe_in_batch"] > stiff[backend]["easy_nfe_alone"], backend
 
 
 def test_profile_steps_writes_each_row_and_the_batch_it_ran(tmp_path):
