@@ -35,7 +35,9 @@ Host syncs per step (``host_syncs``, every device): `bertode.host_syncs.count_ho
 one eager training step (compiled graphs hide their ops from it): scalar reads, ``.tolist()``,
 data-dependent shapes, device-to-host copies, counted on CPU as what would synchronise on CUDA
 (``host_syncs_by_op`` in the JSON says which). On CUDA, ``cuda_detector_syncs`` is what CUDA's own
-sync detector reports during one timed step (the column called ``host_syncs_per_step`` before). MFU (fixed-step autograd rows only; null for an unknown GPU):
+sync detector reports during one timed step (the column called ``host_syncs_per_step`` before).
+
+MFU (fixed-step autograd rows only; null for an unknown GPU):
 
     f     = forward branch evaluations / (2 * layers)      (1 for BERT, 4 for rk4 1 step, 2 for rk2)
     FLOPs = 6 * tokens * (N_enc * f + N_head + hidden * vocab) + 12 * layers * seq * hidden * tokens * f
