@@ -41,6 +41,10 @@ part bench_speed_adaptive 120 python3 scripts/bench_speed.py "${common[@]}" --ba
   --rows rk4_1,dopri5_1e-3,dopri5_1e-3_adjoint --out "$PARTS/speed_adaptive.json"
 part bench_speed_compiled 200 python3 scripts/bench_speed.py "${common[@]}" --batch "$BATCH" --steps 10 \
   --compile --rows euler_1 --out "$PARTS/speed_compiled.json"
+# Split-invariant dropout (attention and hidden 0.1): a rank's step at simulated world sizes 1, 8, 64
+# with the local batch fixed, per-row streams against the earlier global draw (issue 27).
+part bench_dropout 120 python3 scripts/bench_dropout.py "${common[@]}" --batch 16 --steps 5 --worlds 1,8,64 \
+  --out "$PARTS/dropout.json"
 part profile 90 python3 scripts/profile_steps.py "${common[@]}" --batch "$BATCH" --rows hf_bert,discrete,euler_1 \
   --out "$OUT/profile.txt" --json "$PARTS/profile.json"
 if [ "$DEVICE" = cuda ]; then trainer=(trainer=gpu size=base); else trainer=(trainer=cpu size=tiny trainer.batch_size=8); fi
@@ -54,7 +58,7 @@ import json, sys
 from pathlib import Path
 parts, out = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
-for name in ("memory", "speed", "speed_adaptive", "speed_compiled", "profile"):
+for name in ("memory", "speed", "speed_adaptive", "speed_compiled", "dropout", "profile"):
     f = parts / f"{name}.json"
     result[name] = json.loads(f.read_text()) if f.is_file() else None
 metrics = parts / "train" / "metrics.jsonl"
