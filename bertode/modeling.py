@@ -145,6 +145,7 @@ class BertODEPreTrainedModel(PreTrainedModel):
                             solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
 
 
+@torch.compiler.disable  # a data-dependent row count: run eagerly rather than recompile for every batch
 def scored_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse prediction's rows: ``hidden`` (batch, seq, width) at the positions whose label is not -100, and
     those labels, flattened in (batch, seq) order; ``shift``: position i scores label i + 1 (causal LM)."""

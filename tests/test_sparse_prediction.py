@@ -274,3 +274,32 @@ def test_bertode_train_runs_the_sparse_head_by_default(tmp_path, cache_dir, monk
         handle.remove()
     assert len(rows) == 3 and not dense_training
     assert [shape[0] for shape in rows] == targets and all(len(shape) == 2 and 0 < shape[0] < 4 * 16 for shape in rows)
+
+
+def test_a_compiled_model_runs_the_sparse_head_eagerly_without_recompiling_per_batch():
+    """``trainer=gpu`` compiles the whole model: the target count varies per batch, and the sparse head runs
+    outside the graph (`torch.compiler.disable`), so later batches compile nothing new; the loss is eager's."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from bertode.compile import compile_model
+
+    compiled = []
+
+    def counting(graph, example_inputs):
+        compiled.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = bertode.BertODEConfig(**{**TINY, "num_hidden_layers": 1}, mode="discrete", sparse_prediction=True)
+    model = bertode.BertODEForMaskedLM(config)
+    runner = compile_model(model.train(), "model", backend=counting)
+    counts = []
+    for step, keep in enumerate((0.3, 0.5, 0.2, 0.6)):
+        ids, labels = _batch(seed=step, keep=keep)
+        loss = runner(input_ids=ids, labels=labels).loss
+        assert abs(loss.item() - model(input_ids=ids, labels=labels).loss.item()) <= 1e-6
+        counts.append(len(compiled))
+    assert len({int((_batch(seed=s, keep=k)[1] != -100).sum()) for s, k in enumerate((0.3, 0.5, 0.2, 0.6))}) == 4
+    assert counts[-1] == counts[1] <= 2 * counts[0], counts  # one recompile at most (as dense), then none
+    torch._dynamo.reset()

@@ -122,6 +122,7 @@ class _Predictions(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(hidden_states) if self.transform is not None else hidden_states)
 
+    @torch.compiler.disable  # as `modeling.scored_rows`: n rows vary per batch, the chunk loop in Python
     def scored(self, hidden_states: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse prediction: ``(loss, logits)`` of the rows ``hidden_states`` (n, hidden) against ``labels`` (n,),
         the decoder fused with its cross-entropy (fp32; ``reduction`` sum or mean); ``logits`` (n, vocab) are
