@@ -1,14 +1,16 @@
 """The fixed-point-solver registry: ``deq.solver=<name>`` (and ``deq.backward_solver``) resolve here.
 
 A fixed-point solver is a function ``solver(f, z0, *, max_iter, tol, stop_mode, damping,
-memory, name) -> (z, SolveInfo)`` on batched flat states (batch, dim); register your own
+memory, name) -> (z, SolveInfo)`` (the built-ins also take ``check_every``) on batched flat states (batch, dim); register your own
 with ``@bertode.register_fixed_point_solver("name")`` and use `FixedPointTracker` for the
 best-iterate bookkeeping, the stopping test and the non-finite check.
 
 Each solver tracks, per sample, the iterate with the lowest residual and returns that
 iterate (not its image f(z), unlike torchdeq's Anderson). It stops once every sample's
 residual is below ``tol``, or after ``max_iter`` evaluations of f, and raises
-`DEQSolveError` as soon as f produces a non-finite value. Residuals are
+`DEQSolveError` when f produces a non-finite value. Both tests are read back to the host
+once every ``check_every`` evaluations (`checking_every`, ``deq_check_every``; one host
+sync per check), so a solve may run up to ``check_every - 1`` evaluations past either. Residuals are
 ``|f(z) - z|`` (``abs``) or ``|f(z) - z| / |f(z)|`` (``rel``), per sample.
 
 * ``fixed_point``: z <- (1 - tau) z + tau f(z).
