@@ -303,3 +303,33 @@ def test_a_compiled_model_runs_the_sparse_head_eagerly_without_recompiling_per_b
     assert len({int((_batch(seed=s, keep=k)[1] != -100).sum()) for s, k in enumerate((0.3, 0.5, 0.2, 0.6))}) == 4
     assert counts[-1] == counts[1] <= 2 * counts[0], counts  # one recompile at most (as dense), then none
     torch._dynamo.reset()
+
+
+def test_liger_kernel_is_called_with_its_argument_order_and_the_head_records_it(monkeypatch):
+    """liger-kernel needs CUDA; its contract (``forward(lin_weight, _input, target, bias)``, a summed loss) is
+    played here by torch's cross-entropy, so the glue (argument order, mean, which kernel ran) is checked on CPU."""
+    import sys
+    import types
+
+    import bertode.layers.losses as losses
+
+    class FakeLiger(torch.nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, lin_weight, _input, target, bias=None):
+            return F.cross_entropy(F.linear(_input, lin_weight, bias), target, ignore_index=self.ignore_index,
+                                   reduction=self.reduction)
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.LigerFusedLinearCrossEntropyLoss = FakeLiger
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    monkeypatch.setattr(losses, "liger_available", lambda device: True)
+    torch.manual_seed(0)
+    model = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**TINY)).train()
+    ids, labels = _batch()
+    dense, sparse = _dense_and_sparse(model, input_ids=ids, labels=labels)
+    assert model.cls.predictions.loss_kernel == "liger"
+    _assert_same(dense, sparse)

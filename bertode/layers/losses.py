@@ -99,11 +99,12 @@ def liger_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
-def _liger(hidden, weight, bias, labels, reduction):
+def _liger(hidden, weight, bias, labels):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, labels, bias)
-    loss = loss[0] if isinstance(loss, tuple) else loss
+    result = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, labels, bias)
+    # a tensor; (loss, z_loss) or CrossEntropyOutput in liger versions asked for more
+    loss = result[0] if isinstance(result, tuple) else getattr(result, "loss", result)
     with torch.no_grad():
         logits = torch.nn.functional.linear(hidden, weight, bias)
     return loss.float(), logits
@@ -132,7 +133,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     labels = labels.to(device)
     kernel = kernel or ("liger" if liger_available(device) else "chunked")
     if kernel == "liger":
-        loss, logits = _liger(hidden, weight, bias, labels, reduction)
+        loss, logits = _liger(hidden, weight, bias, labels)
     else:
         loss, logits = ChunkedLinearCrossEntropy.apply(
             hidden, weight, bias, labels, chunk or chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1]))
