@@ -13,8 +13,9 @@ with dropout gives the same losses at any world size. `bertode.train` seeds with
 micro-batch index), so a resumed run also redraws exactly the masks of the uninterrupted
 one. Torch's generator is neither read nor advanced.
 
-The cost is O(local rows): about fifteen elementwise int64 passes over the local mask in
-eager mode (one fused kernel under ``torch.compile``), the same at any world size
+The cost is O(local rows): a dozen elementwise int64 passes over half the local mask (two
+elements per 64-bit hash) in eager mode, about torch's own Bernoulli draw on a CPU, and
+one fused kernel under ``torch.compile``; the same at any world size
 (``scripts/bench_dropout.py``; the draw used to be made for the global batch and sliced:
 ``world`` times the work). The draw counter is a device tensor advanced in place, so
 ``torch.compile`` traces it without guarding on its value, and compiled masks equal
