@@ -138,6 +138,12 @@ def test_a_resumed_block_redraws_the_same_masks_and_leaves_torchs_generator_alon
     resumed = _masks(22, rows, 4)  # a fresh process starting at micro-batch 2
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(resumed, uninterrupted[2]))
+    with split_invariant(22, rows, 4):  # the masks do not consume the generator the block seeds
+        first = torch.rand(3)
+        keep_mask(torch.empty(2, 8), 0.1)
+        second = torch.rand(3)
+    torch.manual_seed(22)
+    assert torch.equal(torch.cat([first, second]), torch.rand(6))
 
 
 def test_restored_snapshots_redraw_the_forwards_masks_and_the_block_moves_on():

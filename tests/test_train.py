@@ -169,7 +169,7 @@ def _losses(run_dir):
 
 @pytest.mark.parametrize("solver,world", [("rk4", 2), ("euler", 4)])
 def test_torchrun_matches_one_process_with_dropout_on(tmp_path, cache_dir, solver, world):
-    """Dropout masks are drawn for the global batch and sliced by row (bertode.layers.dropout), so
+    """Each global row draws its dropout masks from its own stream (bertode.layers.dropout), so
     2 or 4 processes give one process's losses with hidden and attention dropout on; the
     other ranks create no run directory of their own."""
     overrides = small(cache_dir, "trainer.device=cpu", "model=ode", f"solver={solver}", "trainer.max_steps=10",

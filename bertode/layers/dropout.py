@@ -11,7 +11,8 @@ same layers and, with fixed-step solvers, the same number of evaluations), so ro
 the same mask whether one process computes it or rank i % world of several: training
 with dropout gives the same losses at any world size. `bertode.train` seeds with (seed,
 micro-batch index), so a resumed run also redraws exactly the masks of the uninterrupted
-one. Torch's generator is neither read nor advanced.
+one. The masks neither read nor advance torch's generator (`split_invariant` still seeds
+it, for the block's other random draws, and restores it after).
 
 The cost is O(local rows): a dozen elementwise int64 passes over half the local mask (two
 elements per 64-bit hash) in eager mode, about torch's own Bernoulli draw on a CPU, and
@@ -93,7 +94,8 @@ _ACTIVE = _State()
 def split_invariant(seed: int, rows: torch.Tensor, global_rows: int, device: torch.device | str = "cpu"):
     """Within this block, each row's masks come from the stream of (``seed``, draw, global
     row): ``rows`` are this process's global row indices (in the order of its batch), out
-    of ``global_rows``."""
+    of ``global_rows``. Torch's generator is seeded with ``seed`` too (its state before is
+    restored after)."""
     device = torch.device(device)
     rows = torch.as_tensor(rows, dtype=torch.long, device=device)
     if rows.ndim != 1 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < global_rows):
@@ -101,11 +103,16 @@ def split_invariant(seed: int, rows: torch.Tensor, global_rows: int, device: tor
                          f"{int(rows.max())}] are invalid; allowed: 1-d row indices in [0, {global_rows})")
     key = torch.tensor(_signed(mix64(int(seed))), dtype=torch.long, device=device)
     previous = _ACTIVE.split
-    _ACTIVE.split = _Split(rows, int(global_rows), key, torch.zeros((), dtype=torch.long, device=device))
-    try:
-        yield
-    finally:
-        _ACTIVE.split = previous
+    # The masks do not read torch's generator, but other draws in the block do (a DEQ's
+    # Hutchinson probes and jac_reg_freq coin, the ODE regularisers' noise): seeded here
+    # and restored after, so a resumed run redraws them too.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(int(seed) % 2**63)
+        _ACTIVE.split = _Split(rows, int(global_rows), key, torch.zeros((), dtype=torch.long, device=device))
+        try:
+            yield
+        finally:
+            _ACTIVE.split = previous
 
 
 def current_split():
