@@ -102,7 +102,7 @@ def test_the_chunked_loss_saves_no_full_logits_for_the_backward():
 
 
 def test_chunk_rule_and_bad_arguments():
-    assert chunk_rows(9830, 30522, 768) == 256 and chunk_rows(0, 10, 4) == 1  # liger's rule: rows / ceil(V / H)
+    assert chunk_rows(30522) == 274 and chunk_rows(2**24) == 1  # 32 MiB of fp32 logits per chunk, at least a row
     (hidden, weight, bias), labels = _inputs()
     for kwargs, line in [({"reduction": "none"}, "reduction='none' is invalid; allowed: 'sum', 'mean'"),
                          ({"chunk": 0}, "chunk=0 is invalid; allowed: None or an int >= 1"),

@@ -29,13 +29,14 @@ import torch
 IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "mean")
 KERNELS = ("chunked", "liger")
+CHUNK_BYTES = 1 << 25
 
 
-def chunk_rows(rows: int, vocab: int, width: int) -> int:
-    """Rows per chunk so that a chunk's logits are about as large as ``hidden`` (liger-kernel's rule):
-    ``rows / ceil(vocab / width)`` rounded up to a power of two."""
-    per_chunk = math.ceil(max(rows, 1) / max(math.ceil(vocab / width), 1))
-    return 1 << (per_chunk - 1).bit_length()
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: as many as keep one chunk's fp32 logits within ``CHUNK_BYTES`` (32 MiB: 274 rows of
+    BERT's 30,522-word vocabulary), whatever the batch. (liger-kernel sizes chunks to the hidden states, which
+    on a CPU with a narrow model makes chunks of a few rows, each re-reading the whole decoder weight.)"""
+    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -136,7 +137,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         loss, logits = _liger(hidden, weight, bias, labels)
     else:
         loss, logits = ChunkedLinearCrossEntropy.apply(
-            hidden, weight, bias, labels, chunk or chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1]))
+            hidden, weight, bias, labels, chunk or chunk_rows(weight.shape[0]))
     if reduction == "mean":
         loss = loss / (labels != IGNORE_INDEX).sum()  # 0 / 0 = nan over no targets, as torch
     return loss, logits, kernel
