@@ -13,6 +13,9 @@ batch and dtype in one process:
   for N in ``--iters`` (default 10,20,40) and ``deq_tol=1e-30``, so every solve runs all
   N iterations (recorded as nfe_forward). IFT keeps one evaluation of f for backward,
   so its bytes must not depend on N.
+* ``deq_ift_sparse_iter{N}``: the same with sparse prediction (``sparse_prediction=True``:
+  the MLM head and its chunked cross-entropy run on the labelled positions only), so the
+  head's bytes shrink to the targets' share.
 * ``ode_{euler,rk4}_{autograd,adjoint}_s{S}``: ``--layers`` ODE layers with S fixed steps
   for S in ``--ode-steps`` (default 1,2,4,8,16,32). Autograd keeps every stage of every
   step (bytes grow linearly in S); the adjoint keeps only each solve's input and output
@@ -39,6 +42,9 @@ def plan(args) -> list[tuple[str, str, dict]]:
     for n in args.iters:
         rows.append((f"deq_ift_iter{n}", "one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift",
                                                           deq_max_iter=n, deq_tol=1e-30)))
+    for n in args.iters:
+        rows.append((f"deq_ift_sparse_iter{n}", "one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift",
+                                                                 deq_max_iter=n, deq_tol=1e-30, sparse_prediction=True)))
     for solver in args.solvers:
         for sensitivity in args.sensitivities:
             for steps in args.ode_steps:

@@ -9,7 +9,9 @@ dtype, it times a full training step (MLM forward, backward, AdamW step) of HF
 and of bertode converted from it with `from_bert` (same weights): the discrete mode,
 Euler with one step (= BERT) through bertode's direct loop and through torchdyn's
 `NeuralODE` loop (``fixed_step_loop``; the difference is torchdyn's per-solve host
-work), an RK2 ODE-Transformer block, RK4 with 1 and 4 steps,
+work), the discrete mode, Euler-1 and the DEQ with sparse prediction (``*_sparse``:
+``sparse_prediction=True``, the MLM head and its chunked cross-entropy run on the
+labelled positions only; HF stays dense), an RK2 ODE-Transformer block, RK4 with 1 and 4 steps,
 dopri5 at tolerances 1e-3 and 1e-5 with autograd, dopri5 at 1e-3 with the adjoint
 (backward tolerance 1e-3), and the DEQ (one layer from a one-layer source, Anderson,
 max 30 iterations, tol 1e-3) with IFT and with a 5-step phantom gradient.
@@ -69,6 +71,8 @@ ROWS = {
     "hf_bert": ("hf", {}),
     "discrete": ("layers", dict(mode="discrete")),
     "euler_1": ("layers", dict(solver="euler", steps=1)),
+    "discrete_sparse": ("layers", dict(mode="discrete", sparse_prediction=True)),
+    "euler_1_sparse": ("layers", dict(solver="euler", steps=1, sparse_prediction=True)),
     "euler_1_neural_ode": ("layers", dict(solver="euler", steps=1, fixed_step_loop="neural_ode")),
     "block_rk2": ("layers", dict(block="rk2")),
     "rk4_1": ("layers", dict(solver="rk4", steps=1)),
@@ -78,6 +82,8 @@ ROWS = {
     "dopri5_1e-3_adjoint": ("layers", dict(solver="dopri5", atol=1e-3, rtol=1e-3, sensitivity="adjoint",
                                            adjoint_atol=1e-3, adjoint_rtol=1e-3)),
     "deq_anderson_ift": ("one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift")),
+    "deq_anderson_ift_sparse": ("one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="ift",
+                                                  sparse_prediction=True)),
     "deq_phantom": ("one_layer", dict(mode="deq", deq_solver="anderson", sensitivity="phantom", deq_phantom_steps=5)),
 }
 FIXED_STEP = ("hf_bert", "hf_bert_compiled", "discrete", "euler_1", "euler_1_neural_ode", "block_rk2", "rk4_1", "rk4_4")
@@ -94,7 +100,7 @@ def peak_flops(device: torch.device, device_name: str) -> float | None:
 
 def mfu(row: dict, sizes: dict, counts: dict, peak: float | None) -> float | None:
     """The formula in the module docstring; None for unknown GPUs and adaptive/DEQ rows."""
-    if peak is None or row["name"] not in FIXED_STEP:
+    if peak is None or row["name"] not in FIXED_STEP:  # sparse rows too: the formula's decoder runs everywhere
         return None
     tokens = sizes["batch"] * sizes["seq"]
     f = row["branch_evals_forward"] / (2 * sizes["layers"])
