@@ -22,7 +22,6 @@ The chunked path writes them chunk by chunk as it goes; liger's path computes th
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 
