@@ -7,7 +7,9 @@ trained different vocabularies (even with one thread). This trainer runs the sam
 algorithm (BERT normalisation and pre-tokenisation from `tokenizers`, then byte-pair
 merges over words with the ``##`` continuation prefix, keeping merges seen at least
 ``min_frequency`` times, over an alphabet of the ``limit_alphabet`` most frequent
-characters) and breaks ties by the pair's text, so the result depends on the text only.
+characters) and breaks ties between equally frequent pairs by the pair's text (the left
+symbol, then the right, in string order: ``(p, ##s)`` before ``(pq, ##r)``), so the
+result depends on the text only.
 The vocabulary is: special tokens, the alphabet (sorted), then merged tokens in merge
 order, ``vocab_size`` tokens unless the alphabet alone is larger. The tokenizer built
 from it is `tokenizers`' own WordPiece model.
