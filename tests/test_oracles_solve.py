@@ -135,3 +135,48 @@ def test_time_fields_solve_as_their_tableau_and_as_torchdiffeq(vector_field):
         ours, _ = ODESolve("rk4", steps=4, ode_backend="torchdiffeq")(x, dynamics, [], 1.0, 2.0)
         reference = reference_rk(dynamics, TORCHDIFFEQ_TABLEAU["rk4"], x, 1.0, 2.0, 4)
     assert (ours - reference).abs().max() <= 1e-10
+
+
+# --- 2. the adjoints against autograd for every field whose dynamics use the norm ------------------------------
+NORM_FIELDS = [dict(vector_field=name) for name, cls in VECTOR_FIELDS.items()
+               if cls.uses_norm and cls.__module__.startswith("bertode.")]  # built in: add_norm
+NORM_FIELDS.append(dict(vector_field="residual", norm_position="pre"))  # pre-LN: the norm is inside the branch
+GRADIENT_METHODS = [dict(sensitivity="adjoint"), dict(sensitivity="interpolated_adjoint"),
+                    dict(sensitivity="adjoint", ode_backend="torchdiffeq")]
+ADJOINT_TOL = 1e-9
+# Gradient error allowed, relative: the adjoints' at tolerance 1e-9 (measured <= 2e-8); the interpolated
+# adjoint's is its spline's on dopri5's steps (measured <= 6e-6), not the tolerance's.
+GRADIENT_BOUND = {"adjoint": 1e-7, "interpolated_adjoint": 5e-5}
+
+
+def _gradients(**config):
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(
+        num_hidden_layers=1, solver="dopri5", atol=ADJOINT_TOL, rtol=ADJOINT_TOL, adjoint_atol=ADJOINT_TOL,
+        adjoint_rtol=ADJOINT_TOL, **config)).double()
+    with torch.no_grad():  # the norm's affine away from (1, 0), and a branch far from zero
+        for name, p in model.encoder.named_parameters():
+            if "norm" in name:
+                p.add_(0.5 * torch.randn(p.shape, dtype=p.dtype))
+            elif p.dim() == 2:
+                p.mul_(5.0)
+    projection_loss(model(IDS).last_hidden_state).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS, ids=lambda m: "-".join(m.values()))
+@pytest.mark.parametrize("field", NORM_FIELDS, ids=lambda f: "-".join(f.values()))
+def test_adjoint_gradients_of_norm_using_fields_equal_autograd(field, method):
+    """Every parameter's gradient (the sites' LayerNorm weight and bias included) by the adjoint equals
+    autograd's through the same dopri5 solve, to a bound set by the solver tolerance (`GRADIENT_BOUND`)."""
+    backend = dict(ode_backend=method["ode_backend"]) if "ode_backend" in method else {}
+    exact = _gradients(sensitivity="autograd", **backend, **field)
+    adjoint = _gradients(**method, **field)
+    norms = [n for n in exact if n.startswith("encoder.") and ".norm." in n]
+    assert len(norms) == 4, norms  # weight and bias of both sites' norms reach the loss
+    assert set(adjoint) == set(exact), set(exact) ^ set(adjoint)
+    bound, scale = GRADIENT_BOUND[method["sensitivity"]], max(g.abs().max().item() for g in exact.values())
+    for name, g in exact.items():  # each entry, against the largest gradient
+        assert (adjoint[name] - g).abs().max().item() <= bound * scale, name
+    for name in norms:  # and each norm's gradient against its own size
+        assert (adjoint[name] - exact[name]).norm() <= bound * exact[name].norm(), name
