@@ -156,3 +156,55 @@ def test_the_default_run_trains_the_pinned_vocabulary_on_the_shipped_sample():
     vocab = sorted(ids, key=ids.get)
     assert len(vocab) == data.vocab_size == 2000 and vocab[:5] == SPECIAL_TOKENS
     assert hashlib.sha256("\n".join(vocab).encode()).hexdigest() == SAMPLE_VOCABULARY_SHA256
+
+
+# --- 5. a streamed run with gradient accumulation, SIGKILLed and resumed ------------------------------------------
+KILLER = '''# A test plugin: SIGKILL this process right after metrics.jsonl receives the train record
+# of step BERTODE_TEST_KILL_AT (before that step's checkpoint, if any).
+import os, signal
+from bertode.training import run_log
+
+_write = run_log.RunLog.write
+
+
+def write(self, record):
+    _write(self, record)
+    if record.get("kind") == "train" and record["step"] == int(os.environ["BERTODE_TEST_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+run_log.RunLog.write = write
+'''
+
+
+def test_a_streamed_run_with_grad_accumulation_killed_and_resumed_gives_the_uninterrupted_losses(tmp_path, cache_dir):
+    """Two micro-batches a step, each drawn from the stream and masked by its own seed, with
+    dropout on: a run SIGKILLed after step 5 (checkpoint at 4) and resumed redoes step 5 and
+    logs the losses of the run that was never interrupted, bit for bit."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import _losses, run_train, small
+
+    overrides = small(cache_dir, "data.streaming=true", "data.num_workers=0", "trainer.grad_accumulation=2",
+                      "trainer.max_steps=7", "trainer.checkpoint_every=2", "trainer.eval_every=1000",
+                      "model.hidden_dropout_prob=0.1", "model.attention_probs_dropout_prob=0.1")
+    run_train(tmp_path / "straight", overrides)
+    (tmp_path / "bertode_test_killer.py").write_text(KILLER)
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               BERTODE_PLUGINS="bertode_test_killer", BERTODE_TEST_KILL_AT="5")
+    killed = subprocess.run([sys.executable, "-m", "bertode.train", f"hydra.run.dir={run}", *overrides], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "final").exists() and (run / "checkpoints" / "step_00000004").is_dir()
+    run_train(run, overrides + ["trainer.resume=auto"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 8)), steps  # step 5 redone once, nothing duplicated
+    straight, resumed = _losses(tmp_path / "straight"), _losses(run)
+    assert resumed == straight, (straight, resumed)  # exactly
+    assert len(set(straight)) == len(straight)  # the losses move: a stuck stream would repeat them
