@@ -180,3 +180,55 @@ def test_adjoint_gradients_of_norm_using_fields_equal_autograd(field, method):
         assert (adjoint[name] - g).abs().max().item() <= bound * scale, name
     for name in norms:  # and each norm's gradient against its own size
         assert (adjoint[name] - exact[name]).norm() <= bound * exact[name].norm(), name
+
+
+# --- 3. Anderson, iterate by iterate, against a reference written from its equations ---------------------------
+def reference_anderson(f, z, iterations: int, memory: int, lam: float, damping: float) -> list:
+    """The points one sample's solve evaluates ``f`` at (``z``: (dim,)). Type II Anderson over the last
+    m = max(memory, 2) pairs (x_i, f_i), r_i = f_i - x_i: a = argmin |sum a_i r_i|^2 + lam s |a|^2 subject to
+    sum a = 1, s the mean of |r_i|^2 (bertode scales lam by it: the same regularisation at any residual
+    size), i.e. a = (G + lam s I)^-1 1 normalised to sum 1, G_ij = r_i . r_j; the next point is
+    (1 - damping) sum a_i x_i + damping sum a_i f_i (damping 1: the mixed images, torchdeq's beta = 1)."""
+    history, points = [], []
+    for _ in range(iterations):
+        points.append(z)
+        history = (history + [(z, f(z))])[-max(memory, 2):]
+        xs, fs = torch.stack([x for x, _ in history]), torch.stack([y for _, y in history])
+        gram = (fs - xs) @ (fs - xs).T
+        ones = torch.ones(len(history), dtype=z.dtype)
+        a = torch.linalg.solve(gram + lam * gram.diagonal().mean() * torch.eye(len(history), dtype=z.dtype), ones)
+        a = a / a.sum()
+        z = (1 - damping) * (a @ xs) + damping * (a @ fs)
+    return points
+
+
+def _linear_contraction(dim: int, batch: int, rate: float):
+    """A (spectral norm ``rate``, non-normal: Anderson needs its history), b (one per sample) and z0."""
+    generator = torch.Generator().manual_seed(7)
+    matrix = torch.randn(dim, dim, dtype=torch.float64, generator=generator)
+    matrix = rate * matrix / torch.linalg.matrix_norm(matrix, ord=2)
+    shift = torch.randn(batch, dim, dtype=torch.float64, generator=generator)
+    return matrix, shift, torch.randn(batch, dim, dtype=torch.float64, generator=generator)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_anderson_iterates_equal_the_reference(damping, check_every):
+    """On z = A z + b (dimension 9 > memory 3, two samples), 14 evaluations: every point bertode's Anderson
+    evaluates f at equals the reference's to 1e-10 (float64), whatever the stop rule's check period."""
+    dim, batch, memory, iterations = 9, 2, 3, 14
+    matrix, shift, z0 = _linear_contraction(dim, batch, 0.95)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return z @ matrix.T + shift
+
+    _, info = FIXED_POINT_SOLVERS["anderson"](f, z0, max_iter=iterations, tol=0.0, damping=damping, memory=memory,
+                                              check_every=check_every)
+    assert info.iterations == len(seen) == iterations
+    expected = [reference_anderson(lambda z, i=i: matrix @ z + shift[i], z0[i], iterations, memory, 1e-4, damping)
+                for i in range(batch)]
+    for n in range(iterations):
+        assert (seen[n] - torch.stack([expected[i][n] for i in range(batch)])).abs().max() <= 1e-10, n
+    assert (seen[-1] - seen[-2]).abs().max() > 1e-6  # not converged: the last iterates still test the mixing
