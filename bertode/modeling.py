@@ -151,9 +151,11 @@ def scored_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: bool = False)
     those labels, flattened in (batch, seq) order; ``shift``: position i scores label i + 1 (causal LM)."""
     if shift:
         hidden, labels = hidden[:, :-1], labels[:, 1:]
-    labels = labels.to(hidden.device)
-    chosen = labels != -100
-    return hidden[chosen], labels[chosen]
+    labels = labels.to(hidden.device).reshape(-1)
+    # One host read (the number of targets); index_select's backward is an index_add, where a boolean
+    # mask's would be a second data-dependent index_put.
+    chosen = (labels != -100).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, chosen), labels.index_select(0, chosen)
 
 
 class BertODEModel(BertODEPreTrainedModel):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import bertode
 from bertode.layers.embeddings import _Predictions, _Transform
+from bertode.layers import losses
 from bertode.layers.losses import chunk_rows, linear_cross_entropy
 
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -40,7 +41,7 @@ def test_chunked_cross_entropy_equals_torch_on_the_full_logits(reduction, chunk)
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     full = F.linear(hidden, weight, bias)
     expected = F.cross_entropy(full, labels, ignore_index=-100, reduction=reduction)
-    assert kernel == "chunked" and loss.dtype == torch.float32
+    assert kernel == ("one_chunk" if chunk is None else "chunked") and loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
     for ours, theirs in zip(grads, torch.autograd.grad(expected, (hidden, weight, bias))):
         assert _relative(ours, theirs) <= 1e-6
@@ -106,7 +107,8 @@ def test_chunk_rule_and_bad_arguments():
     (hidden, weight, bias), labels = _inputs()
     for kwargs, line in [({"reduction": "none"}, "reduction='none' is invalid; allowed: 'sum', 'mean'"),
                          ({"chunk": 0}, "chunk=0 is invalid; allowed: None or an int >= 1"),
-                         ({"kernel": "triton"}, "kernel='triton' is invalid; allowed: None, 'chunked', 'liger'")]:
+                         ({"kernel": "triton"}, "kernel='triton' is invalid; allowed: None, 'chunked', 'one_chunk', "
+                          "'liger'")]:
         with pytest.raises(ValueError, match=line.replace("(", r"\(").replace(")", r"\)")):
             linear_cross_entropy(hidden, weight, bias, labels, **kwargs)
 
@@ -146,9 +148,12 @@ def _assert_same(dense, sparse):
             assert _relative(sparse_grads[name], grad) <= 1e-6, name
 
 
+@pytest.mark.parametrize("kernel", ["one_chunk", "chunked"])
 @pytest.mark.parametrize("mode", ["ode", "deq"])
 @pytest.mark.parametrize("items", [None, 23.0])
-def test_masked_lm_sparse_equals_dense(mode, items):
+def test_masked_lm_sparse_equals_dense(mode, items, kernel, monkeypatch):
+    if kernel == "chunked":  # chunks of 3 rows: the targets no longer fit one chunk
+        monkeypatch.setattr(losses, "CHUNK_BYTES", 3 * 4 * TINY["vocab_size"])
     torch.manual_seed(0)
     extra = {"deq_tol": 1e-6, "deq_max_iter": 40, "num_hidden_layers": 1} if mode == "deq" else {}
     model = bertode.BertODEForMaskedLM(bertode.BertODEConfig(**{**TINY, **extra}, mode=mode)).train()
@@ -158,7 +163,7 @@ def test_masked_lm_sparse_equals_dense(mode, items):
     chosen = labels != -100
     assert sparse[0].logits.shape == (int(chosen.sum()), TINY["vocab_size"])  # the scored rows, (batch, seq) order
     assert (sparse[0].logits - dense[0].logits[chosen]).abs().max() <= 1e-5
-    assert model.cls.predictions.loss_kernel == "chunked"
+    assert model.cls.predictions.loss_kernel == kernel
 
 
 def test_masked_lm_penalty_share_follows_num_items_in_batch():

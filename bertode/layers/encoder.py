@@ -168,15 +168,17 @@ class ResidualSite(nn.Module):
         regularizer = self.regularizer
         if regularizer.names and run.penalties is not None and self.training and torch.is_grad_enabled():
             # The penalties' integrals ride along as extra channels of the state (RNODE).
-            noise = torch.empty_like(x).bernoulli_(0.5).mul_(2).sub_(1) if regularizer.uses_jacobian else None
+            # Rademacher probes drawn as dropout masks are (keep_mask(p=1/2) - 1): inside `split_invariant`
+            # from each row's own stream, so a row's probe does not depend on how the batch is split.
+            noise = keep_mask(x, 0.5).sub_(1) if regularizer.uses_jacobian else None
             width = x.shape[-1]
             state = torch.cat([x, x.new_zeros(*x.shape[:-1], len(regularizer.names))], -1)
             state, record = self.solve(state, augmented(dynamics, regularizer, noise, width),
-                                       self.dynamics_parameters(), t0, t0 + self.t_end, name, run.steps, run.backprop)
+                                       self.dynamics_parameters, t0, t0 + self.t_end, name, run.steps, run.backprop)
             z = state[..., :width]
             run.penalties.append((state[..., width:], regularizer.names))
         else:
-            z, record = self.solve(x, dynamics, self.dynamics_parameters(), t0, t0 + self.t_end, name, run.steps,
+            z, record = self.solve(x, dynamics, self.dynamics_parameters, t0, t0 + self.t_end, name, run.steps,
                                    run.backprop)
         out = self.field.finish(z, self.field_norm())
         if observer is not None:

@@ -15,6 +15,10 @@ in fp32 over chunks. Where ``liger_kernel`` is installed and the tensors are on 
 ran. Mean over no targets is NaN and the sum 0, as in ``torch.nn.functional.cross_entropy`` (and HF's heads,
 which call it); the gradients are then zero.
 
+Targets that fit one chunk (``chunk`` left to `chunk_rows`; sparse prediction's usual case below BERT-base
+batches) take ``one_chunk``: torch's linear and cross-entropy, whose backward keeps the fp32 log-probabilities
+of those rows (at most one chunk, ``CHUNK_BYTES``) instead of recomputing the matmul.
+
 The logits come back too (detached, the inputs' dtype, (n, vocab)): what a head reports as its ``logits``.
 The chunked path writes them chunk by chunk as it goes; liger's path computes them once more under no_grad.
 """
@@ -27,7 +31,7 @@ import torch
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "mean")
-KERNELS = ("chunked", "liger")
+KERNELS = ("chunked", "one_chunk", "liger")
 CHUNK_BYTES = 1 << 25
 
 
@@ -115,13 +119,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
                          kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(loss, logits, kernel)``: the cross-entropy of ``hidden (n, width) @ weight.T + bias`` against
     ``labels (n,)`` (fp32; -100 ignored; ``reduction`` sum or mean), the (n, vocab) logits (detached), and
-    the kernel that ran (``chunked``, or ``liger`` where installed on CUDA; ``kernel`` forces one).
+    the kernel that ran (``chunked``, ``one_chunk`` (module docstring), or ``liger`` where installed on CUDA;
+    ``kernel`` forces one).
     Under `torch.autocast` the matmuls run in its dtype, as ``nn.Linear`` would. ``chunk``: rows per chunk
     (None: `chunk_rows`)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"linear_cross_entropy reduction={reduction!r} is invalid; allowed: 'sum', 'mean'")
     if kernel is not None and kernel not in KERNELS:
-        raise ValueError(f"linear_cross_entropy kernel={kernel!r} is invalid; allowed: None, 'chunked', 'liger'")
+        raise ValueError(f"linear_cross_entropy kernel={kernel!r} is invalid; allowed: None, 'chunked', 'one_chunk', "
+                         "'liger'")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"linear_cross_entropy chunk={chunk!r} is invalid; allowed: None or an int >= 1")
     device = hidden.device
@@ -131,12 +137,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         bias = torch.zeros(weight.shape[0], dtype=dtype, device=device)
     bias = bias.to(dtype)
     labels = labels.to(device)
-    kernel = kernel or ("liger" if liger_available(device) else "chunked")
+    fits = chunk is None and hidden.shape[0] <= chunk_rows(weight.shape[0])
+    chunk = chunk or chunk_rows(weight.shape[0])
+    if kernel is None:  # rows that fit one chunk: torch's kernels, without the chunked backward's recomputation
+        kernel = "liger" if liger_available(device) else "one_chunk" if fits else "chunked"
     if kernel == "liger":
         loss, logits = _liger(hidden, weight, bias, labels)
+    elif kernel == "one_chunk":
+        with torch.autocast(device.type, enabled=False):
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = logits.detach()
     else:
-        loss, logits = ChunkedLinearCrossEntropy.apply(
-            hidden, weight, bias, labels, chunk or chunk_rows(weight.shape[0]))
+        loss, logits = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
     if reduction == "mean":
         loss = loss / (labels != IGNORE_INDEX).sum()  # 0 / 0 = nan over no targets, as torch
     return loss, logits, kernel

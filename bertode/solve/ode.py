@@ -167,7 +167,7 @@ class ODESolve:
     def __call__(self, z0: torch.Tensor, dynamics: Dynamics, parameters: Iterable[nn.Parameter],
                  t0: float, t1: float, name: str = "solve", steps: int | None = None,
                  backprop: int | None = None) -> tuple[torch.Tensor, SolveRecord]:
-        """z(t1) and this solve's record. ``steps`` replaces a fixed-step solver's step count for
+        """z(t1) and this solve's record (``parameters``: the dynamics' parameters, or a callable giving them). ``steps`` replaces a fixed-step solver's step count for
         this call (the depth dial); ``backprop`` = k differentiates the last k steps only."""
         steps = None if self.adaptive else (self.steps if steps is None else steps)
         record = SolveRecord(name=name, fixed_steps=steps)
@@ -192,7 +192,7 @@ class ODEProblem:
     def __init__(self, solve: ODESolve, z0, dynamics: Dynamics, parameters, t0: float, t1: float, record: SolveRecord,
                  steps: int | None = None, backprop: int | None = None):
         self.solve, self.z0, self.dynamics, self.t0, self.t1, self.record = solve, z0, dynamics, t0, t1, record
-        self.trainable = [p for p in parameters if p.requires_grad]
+        self._parameters, self._trainable = parameters, None
         self.adaptive, self.ode_backend = solve.adaptive, solve.ode_backend
         self.steps = None if solve.adaptive else (solve.steps if steps is None else steps)
         self.backprop = backprop  # k: `autograd` differentiates the last k fixed steps only (None: all)
@@ -203,6 +203,16 @@ class ODEProblem:
         """dz/dt, counted as one evaluation, in the state's dtype (autocast returns bf16)."""
         self.record.count_evaluation()
         return self.dynamics(t, z).to(z.dtype)
+
+    @property
+    def trainable(self) -> list:
+        """The dynamics' parameters that require grad, gathered on first use (autograd never asks: walking
+        every module's parameters at each solve cost a tiny model 6 % of its forward). ``parameters``
+        may be a callable returning them."""
+        if self._trainable is None:
+            parameters = self._parameters() if callable(self._parameters) else self._parameters
+            self._trainable = [p for p in parameters if p.requires_grad]
+        return self._trainable
 
     def grid(self) -> list[float]:
         """The fixed-step grid t0, t0 + h, ..., t1 as host floats (ValueError for adaptive solvers)."""
