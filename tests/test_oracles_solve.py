@@ -232,3 +232,31 @@ def test_anderson_iterates_equal_the_reference(damping, check_every):
     for n in range(iterations):
         assert (seen[n] - torch.stack([expected[i][n] for i in range(batch)])).abs().max() <= 1e-10, n
     assert (seen[-1] - seen[-2]).abs().max() > 1e-6  # not converged: the last iterates still test the mixing
+
+
+# --- 4. where the rel and abs stop rules stop, by closed form ----------------------------------------------------
+def test_rel_and_abs_stop_modes_stop_where_their_rules_say():
+    """f(z) = c + rho (z - c) from z0 = c + d, d orthogonal to c: the n-th evaluation (at c + rho^(n-1) d) has
+    |f(z) - z| = (1 - rho) rho^(n-1) |d| and |f(z)| = sqrt(|c|^2 + rho^(2n) |d|^2). With |c| = 10 the relative
+    rule is met three evaluations before the absolute one (rho = 1/2, tol 1e-3: at 9 and 12 for the slower
+    sample, |d| = 4); each stops at the first evaluation where every sample is below tol (check_every=1),
+    and with check_every=5 at the next check, having noted where it converged."""
+    rho, tol, dim = 0.5, 1e-3, 6
+    c = torch.zeros(2, dim, dtype=torch.float64)
+    c[:, 0] = 10.0
+    d = torch.zeros(2, dim, dtype=torch.float64)
+    d[0, 1], d[1, 2] = 1.0, 4.0
+    f = lambda z: c + rho * (z - c)  # noqa: E731
+    n = torch.arange(1, 40, dtype=torch.float64)[:, None]
+    absolute = (1 - rho) * rho ** (n - 1) * d.norm(dim=1)  # (evaluation, sample)
+    relative = absolute / ((c.norm(dim=1) ** 2 + rho ** (2 * n) * d.norm(dim=1) ** 2).sqrt() + 1e-9)
+    first_below = {mode: int((worst.max(dim=1).values < tol).nonzero()[0]) + 1
+                   for mode, worst in (("abs", absolute), ("rel", relative))}
+    assert first_below == {"abs": 12, "rel": 9}  # no near tie: the rules differ by three evaluations
+    for mode, worst in (("abs", absolute), ("rel", relative)):
+        stop = first_below[mode]
+        _, info = FIXED_POINT_SOLVERS["fixed_point"](f, c + d, max_iter=30, tol=tol, stop_mode=mode, check_every=1)
+        assert (info.iterations, info.converged_at) == (stop, stop), mode
+        assert torch.allclose(torch.tensor(info.history, dtype=torch.float64), worst.max(dim=1).values[:stop], rtol=1e-12, atol=0), mode
+        _, info = FIXED_POINT_SOLVERS["fixed_point"](f, c + d, max_iter=30, tol=tol, stop_mode=mode, check_every=5)
+        assert (info.iterations, info.converged_at) == (5 * math.ceil(stop / 5), stop), mode
