@@ -46,6 +46,7 @@ from ..solve.fixed_point import (FIXED_POINT_SOLVERS, DEQSolveError, checking_ev
                                   reporting)
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
+from .dropout import keep_mask
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 from .loop import iterate, refuse_training_exit, valid_tokens
 
@@ -284,7 +285,9 @@ class BertDEQEncoder(Encoder):
         # The penalty is differentiated twice; fused SDPA kernels have no double backward.
         with sdpa_kernel(SDPBackend.MATH):
             fz = f(z)
-        eps = torch.randn_like(fz)
+        # Rademacher probes (keep_mask(p=1/2) - 1), as the ODE regularisers' and with a lower variance than
+        # Gaussian ones: inside `split_invariant` each row's from its own stream, the same at any world size.
+        eps = keep_mask(fz, 0.5).sub_(1)
         vjp = torch.autograd.grad(fz, z, eps, create_graph=True)[0]
         penalty = vjp.pow(2).sum() / eps.numel()
         if record is not None:
