@@ -208,3 +208,49 @@ def test_a_streamed_run_with_grad_accumulation_killed_and_resumed_gives_the_unin
     straight, resumed = _losses(tmp_path / "straight"), _losses(run)
     assert resumed == straight, (straight, resumed)  # exactly
     assert len(set(straight)) == len(straight)  # the losses move: a stuck stream would repeat them
+
+
+# --- 4. a batch's loss with a regulariser is the sum of its parts' losses ----------------------------------------
+def _split_losses(model, inputs, labels, parts, seed=11):
+    """The loss of the whole batch, and the sum of the parts' losses with ``num_items_in_batch``
+    the whole batch's target count (as `bertode.train` and HF Trainer weight micro-batches);
+    each forward inside `split_invariant` over the global rows, so every row draws the same
+    dropout masks and Hutchinson probes wherever it is computed."""
+    rows, total = len(inputs), int((labels != -100).sum())
+    with split_invariant(seed, torch.arange(rows), rows):
+        whole = model(input_ids=inputs, labels=labels, num_items_in_batch=torch.tensor(total))
+    pieces = []
+    for part in parts:
+        with split_invariant(seed, part, rows):
+            pieces.append(model(input_ids=inputs[part], labels=labels[part], num_items_in_batch=torch.tensor(total)))
+    return whole, pieces
+
+
+def _labels(inputs, targets_per_row):
+    labels = torch.full_like(inputs, -100)
+    for row, count in enumerate(targets_per_row):
+        labels[row, 1:1 + count] = inputs[row, 1:1 + count]
+    return labels
+
+
+@pytest.mark.parametrize("mode", ["ode_rnode", "deq_jacobian"])
+def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
+    """Rows 0-1 and 2-3 as two micro-batches (or two ranks) with 5 targets each: every part's
+    loss is its cross-entropy sum over the 10 targets of the batch plus its share (5/10) of its
+    penalty, so the two sum to the whole batch's loss (penalty included, at the same probes)."""
+    torch.manual_seed(0)
+    if mode == "ode_rnode":
+        config = tiny_ode_config(solver="euler", steps=2, regularizer="rnode", regularizer_weight=100.0,
+                                 hidden_dropout_prob=0.1)
+    else:
+        config = tiny_ode_config(mode="deq", deq_max_iter=40, deq_tol=1e-10, jac_reg_weight=0.5, jac_reg_freq=1.0,
+                                 hidden_dropout_prob=0.1)
+    model = bertode.BertODEForMaskedLM(config).train()
+    inputs = torch.randint(5, 64, (4, 10))
+    labels = _labels(inputs, [2, 3, 4, 1])
+    whole, pieces = _split_losses(model, inputs, labels, [torch.tensor([0, 1]), torch.tensor([2, 3])])
+    cross_entropy = torch.nn.functional.cross_entropy(whole.logits.view(-1, config.vocab_size), labels.view(-1),
+                                                      reduction="sum") / 10
+    penalty = (whole.loss - cross_entropy).item()
+    assert penalty > 1e-2, penalty  # the penalty is a visible part of the loss (a share of 1 would add ~ it again)
+    assert abs(sum(p.loss for p in pieces).item() - whole.loss.item()) <= 1e-5, (sum(p.loss for p in pieces), whole.loss)
