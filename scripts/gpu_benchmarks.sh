@@ -34,7 +34,8 @@ part bench_memory 170 python3 scripts/bench_memory.py "${common[@]}" --steps 2 -
   --solvers euler,rk4 --sensitivities adjoint --out "$PARTS/memory.json"
 [ -n "${tests:-}" ] && wait "$tests"  # a bare wait would also wait for the log's tee
 part bench_speed 120 python3 scripts/bench_speed.py "${common[@]}" --batch "$BATCH" --steps 10 \
-  --rows discrete,euler_1,block_rk2,rk4_1,deq_anderson_ift --out "$PARTS/speed.json"
+  --rows discrete,euler_1,discrete_sparse,euler_1_sparse,block_rk2,rk4_1,deq_anderson_ift,deq_anderson_ift_sparse \
+  --out "$PARTS/speed.json"
 # dopri5 at the bench's weight scale 4 takes ~48 NFE per site at BERT-base (autograd ran out
 # of memory at batch 64 on an H200): its time per NFE against rk4 at scale 1, batch 16.
 part bench_speed_adaptive 120 python3 scripts/bench_speed.py "${common[@]}" --batch 16 --weight-scale 1 --steps 5 \
@@ -45,6 +46,9 @@ part bench_speed_compiled 200 python3 scripts/bench_speed.py "${common[@]}" --ba
 # with the local batch fixed, per-row streams against the earlier global draw (issue 27).
 part bench_dropout 120 python3 scripts/bench_dropout.py "${common[@]}" --batch 16 --steps 5 --worlds 1,8,64 \
   --out "$PARTS/dropout.json"
+# Adaptive solves per sequence (issue 27): every backend's NFE, error against float64, time, and the
+# stiff-batch experiment (the easy sequences' NFE alone and beside one stiff sequence).
+part bench_solvers 120 python3 scripts/bench_solvers.py "${common[@]}" --batch 16 --steps 3 --out "$PARTS/solvers.json"
 part profile 90 python3 scripts/profile_steps.py "${common[@]}" --batch "$BATCH" --rows hf_bert,discrete,euler_1 \
   --out "$OUT/profile.txt" --json "$PARTS/profile.json"
 if [ "$DEVICE" = cuda ]; then trainer=(trainer=gpu size=base); else trainer=(trainer=cpu size=tiny trainer.batch_size=8); fi
@@ -58,7 +62,7 @@ import json, sys
 from pathlib import Path
 parts, out = Path(sys.argv[1]), Path(sys.argv[2])
 result = {}
-for name in ("memory", "speed", "speed_adaptive", "speed_compiled", "dropout", "profile"):
+for name in ("memory", "speed", "speed_adaptive", "speed_compiled", "dropout", "solvers", "profile"):
     f = parts / f"{name}.json"
     result[name] = json.loads(f.read_text()) if f.is_file() else None
 metrics = parts / "train" / "metrics.jsonl"
