@@ -254,3 +254,26 @@ def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
     penalty = (whole.loss - cross_entropy).item()
     assert penalty > 1e-2, penalty  # the penalty is a visible part of the loss (a share of 1 would add ~ it again)
     assert abs(sum(p.loss for p in pieces).item() - whole.loss.item()) <= 1e-5, (sum(p.loss for p in pieces), whole.loss)
+
+
+def test_torchrun_with_grad_accumulation_and_rnode_matches_one_process(tmp_path, cache_dir):
+    """2 processes x 2 accumulated micro-batches a step with regularizer=rnode (kinetic energy
+    and the Hutchinson Jacobian term) and dropout: the losses of one process with the same
+    micro-batches. Every row draws its masks and probes from its own stream, and each part's
+    penalty enters with its share of the step's targets."""
+    import subprocess
+    import sys
+
+    from test_train import _losses, small
+
+    overrides = small(cache_dir, "trainer.device=cpu", "model=ode", "solver=euler", "solver.steps=2", "trainer.max_steps=4",
+                      "trainer.batch_size=8", "trainer.grad_accumulation=2", "model.hidden_dropout_prob=0.1",
+                      "regularizer=rnode", "regularizer.weight=1.0", "trainer.eval_every=1000")
+    runs = {"one": [], "two": ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29583"]}
+    for name, launcher in runs.items():
+        done = subprocess.run([sys.executable, *launcher, "-m", "bertode.train", f"hydra.run.dir={tmp_path / name}",
+                               *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(x - y) for x, y in zip(one, two)) <= 1e-5, (one, two)
