@@ -1,0 +1,169 @@
+"""Mutation testing of one bertode module with mutmut, in a scratch copy (issue 29).
+
+    python scripts/mutation.py bertode/solve/exits.py
+    python scripts/mutation.py bertode/layers/losses.py --tests tests/test_sparse_prediction.py
+    python scripts/mutation.py bertode/solve/dial.py --jobs 1 --keep
+
+mutmut (the ``mutation`` extra: ``pip install -e .[mutation]``) writes its mutants into a
+``mutants/`` folder beside the code it mutates and chdirs there, so this script never runs
+it in the working tree: it copies the tree as it is now (``git ls-files`` tracked and
+untracked-not-ignored files, uncommitted edits included) into ``/tmp/mut-<module>``,
+narrows the copy's ``[mutmut]`` section of setup.cfg to the one module and its tests,
+runs ``mutmut run`` there, and reads the results back:
+
+* prints and writes ``results/mutation/<module>.json``: mutants, killed, survived,
+  timeout, no tests (a mutated function that no selected test calls), suspicious,
+  kill rate = (killed + timeout) / (all mutants - skipped), and each survivor's diff;
+* a survivor is a change to the code that the selected tests cannot tell apart: kill it
+  with a test against an oracle, or list it as an equivalent mutant with its reason in
+  docs/testing.md ("Mutation testing").
+
+Tests default to ``TESTS_BY_MODULE`` below (the files that test that module, chosen to
+be quick); ``--tests`` overrides. mutmut runs the selection once to learn which tests call
+which function, then runs, for each mutant, only the tests that reach its function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# module -> the test files run against its mutants (the quick ones that test that subject)
+TESTS_BY_MODULE = {
+    "bertode/solve/exits.py": ["tests/test_depth_dial.py", "tests/test_prelude_coda.py"],
+    "bertode/solve/dial.py": ["tests/test_depth_dial.py", "tests/test_depth_curve.py"],
+    "bertode/layers/losses.py": ["tests/test_sparse_prediction.py", "tests/test_oracles_training.py"],
+    "bertode/layers/dropout.py": ["tests/test_dropout_streams.py", "tests/test_oracles_training.py"],
+    "bertode/solve/fixed_point.py": ["tests/test_deq.py", "tests/test_oracles_solve.py"],
+    "bertode/solve/substeps.py": ["tests/test_substeps.py"],
+    "bertode/training/objective.py": ["tests/test_oracles_training.py", "tests/test_clm.py"],
+    "bertode/layers/loop.py": ["tests/test_oracles_solve.py", "tests/test_substeps.py", "tests/test_depth_dial.py"],
+    "bertode/solve/solvers.py": ["tests/test_solvers.py", "tests/test_oracles_solve.py"],
+    "bertode/layers/vector_fields.py": ["tests/test_equivalence.py", "tests/test_architecture.py"],
+    "bertode/layers/blocks.py": ["tests/test_blocks.py", "tests/test_equivalence.py"],
+    "bertode/layers/sublayers.py": ["tests/test_equivalence.py", "tests/test_causal.py"],
+    "bertode/layers/embeddings.py": ["tests/test_equivalence.py", "tests/test_families.py"],
+    "bertode/convert.py": ["tests/test_equivalence.py", "tests/test_families.py"],
+    "bertode/families.py": ["tests/test_families.py"],
+    "bertode/training/loop.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
+    "bertode/training/lm.py": ["tests/test_oracles_training.py", "tests/test_clm.py"],
+    "bertode/training/evaluate.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
+    "bertode/training/checkpoint.py": ["tests/test_train.py", "tests/test_faults.py"],
+}
+
+STATUS_BY_EXIT_CODE = {  # mutmut 3's codes (mutmut/stats.py), kept here so the counts need no mutmut import
+    1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",
+    36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check",
+    -11: "segfault", -9: "segfault", None: "not checked",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("module", help="a .py file of bertode, relative to the repository root")
+    parser.add_argument("--tests", nargs="+", help="test files or node ids (default: TESTS_BY_MODULE[module])")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
+    parser.add_argument("--scratch", type=Path, help="scratch copy (default /tmp/mut-<module>)")
+    parser.add_argument("--out", type=Path, help="results JSON (default results/mutation/<module>.json)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show/browse` there)")
+    args = parser.parse_args(argv)
+    module = Path(args.module).as_posix()
+    if not module.startswith("bertode/") or not module.endswith(".py") or not (REPO / module).is_file():
+        parser.error(f"module={args.module!r} is invalid; allowed: a file bertode/**/*.py of this repository")
+    args.module = module
+    if args.tests is None:
+        if module not in TESTS_BY_MODULE:
+            parser.error(f"module={module!r} has no default tests; pass --tests (known: {sorted(TESTS_BY_MODULE)})")
+        args.tests = TESTS_BY_MODULE[module]
+    slug = module[len("bertode/"):-len(".py")].replace("/", ".")
+    args.scratch = args.scratch or Path(f"/tmp/mut-{slug}")
+    args.out = args.out or REPO / "results" / "mutation" / f"{slug}.json"
+    return args
+
+
+def copy_tree(scratch: Path) -> None:
+    """The working tree as it is (tracked and untracked-not-ignored files) into ``scratch``."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, scratch / name)
+
+
+def narrow_config(scratch: Path, module: str, tests: list[str]) -> None:
+    """The copy's [mutmut] section: mutate ``module`` only, select ``tests``."""
+    config = configparser.RawConfigParser()
+    config.read(scratch / "setup.cfg")
+    config.set("mutmut", "only_mutate", module)
+    config.set("mutmut", "pytest_add_cli_args_test_selection", "\n" + "\n".join(tests))
+    with open(scratch / "setup.cfg", "w") as handle:
+        config.write(handle)
+
+
+def read_results(scratch: Path, module: str) -> dict:
+    meta = json.loads((scratch / "mutants" / f"{module}.meta").read_text())
+    status_by_mutant = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()}
+    counts = {status: 0 for status in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault")}
+    for status in status_by_mutant.values():
+        counts[status] = counts.get(status, 0) + 1
+    tested = len(status_by_mutant) - counts["skipped"]
+    not_killed = sorted(name for name, status in status_by_mutant.items() if status in ("survived", "no tests", "suspicious"))
+    survivors = []
+    for name in not_killed:
+        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True, text=True)
+        survivors.append(dict(name=name, status=status_by_mutant[name], diff=diff.stdout.split("\n", 1)[-1].strip()))
+    return dict(
+        mutants=len(status_by_mutant), **{key.replace(" ", "_"): value for key, value in counts.items()},
+        kill_rate=round((counts["killed"] + counts["timeout"]) / tested, 4) if tested else None,
+        survivors=survivors,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    print(f"copying the working tree into {args.scratch}", flush=True)
+    copy_tree(args.scratch)
+    narrow_config(args.scratch, args.module, args.tests)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)]
+    print(f"{' '.join(command)}  (in {args.scratch}; tests: {' '.join(args.tests)})", flush=True)
+    run = subprocess.run(command, cwd=args.scratch, env=env)
+    meta = args.scratch / "mutants" / f"{args.module}.meta"
+    if not meta.exists():
+        print(f"mutmut wrote no results for {args.module} (exit code {run.returncode})", file=sys.stderr)
+        return 1
+    results = dict(
+        module=args.module, tool=f"mutmut {version('mutmut')}", date=started.strftime("%Y-%m-%d"),
+        minutes=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, 1),
+        tests=args.tests, **read_results(args.scratch, args.module),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    for survivor in results["survivors"]:
+        print(f"\n# {survivor['name']}: {survivor['status']}\n{survivor['diff']}")
+    counts = ", ".join(f"{key} {results[key]}" for key in ("mutants", "killed", "survived", "timeout", "no_tests", "suspicious"))
+    rate = "n/a" if results["kill_rate"] is None else f"{results['kill_rate']:.1%}"
+    print(f"\n{args.module}: {counts}; kill rate {rate} ({results['minutes']} min) -> {args.out}")
+    if not args.keep:
+        shutil.rmtree(args.scratch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
