@@ -19,7 +19,7 @@ runs ``mutmut run`` there, and reads the results back:
   docs/testing.md ("Mutation testing").
 
 Tests default to ``TESTS_BY_MODULE`` below (the files that test that module, chosen to
-be quick); ``--tests`` overrides. mutmut runs the selection once to learn which tests call
+be quick) and tests/test_mutation_kills.py; ``--tests`` overrides. mutmut runs the selection once to learn which tests call
 which function, then runs, for each mutant, only the tests that reach its function.
 """
 
@@ -61,6 +61,9 @@ TESTS_BY_MODULE = {
     "bertode/training/checkpoint.py": ["tests/test_train.py", "tests/test_faults.py"],
 }
 
+# the oracle tests written to kill earlier survivors, run against every module's mutants
+KILLS = "tests/test_mutation_kills.py"
+
 STATUS_BY_EXIT_CODE = {  # mutmut 3's codes (mutmut/stats.py), kept here so the counts need no mutmut import
     1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 35: "suspicious",
     36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check",
@@ -84,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tests is None:
         if module not in TESTS_BY_MODULE:
             parser.error(f"module={module!r} has no default tests; pass --tests (known: {sorted(TESTS_BY_MODULE)})")
-        args.tests = TESTS_BY_MODULE[module]
+        args.tests = TESTS_BY_MODULE[module] + [KILLS]
     slug = module[len("bertode/"):-len(".py")].replace("/", ".")
     args.scratch = args.scratch or Path(f"/tmp/mut-{slug}")
     args.out = args.out or REPO / "results" / "mutation" / f"{slug}.json"
