@@ -15,6 +15,7 @@ full forward.
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .configuration import BertODEConfig
@@ -23,11 +24,15 @@ from .layers.outputs import BertODECausalLMOutput
 
 
 class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
-    """``labels`` (batch, seq): the tokens themselves (shifted inside), -100 where ignored.
-    Generation's cache arguments (``cache``, ``use_cache``) are accepted and unused."""
+    """``labels`` (batch, seq): the tokens themselves (shifted inside), -100 where ignored; or, as
+    transformers' causal LMs, ``shift_labels`` as well: the targets already shifted (position i's is
+    ``shift_labels[i]``), used instead of shifting ``labels``. ``logits_to_keep``: the logits of only
+    the last k positions (an int; 0: all) or of the given positions (a 1-D tensor), as HF's; the
+    encoder still runs on every position. Generation's cache arguments (``cache``, ``use_cache``)
+    are accepted and unused."""
 
     output_class = BertODECausalLMOutput
-    shift_labels = True  # position i predicts token i + 1
+    predicts_next_token = True  # position i predicts token i + 1
 
     def __init__(self, config: BertODEConfig):
         if not config.is_decoder:
@@ -36,10 +41,38 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
         super().__init__(config)
         self.generation_config.use_cache = False  # module docstring: no key/value cache
 
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                output_trajectory=False, return_dict=None, num_items_in_batch=None, shift_labels=None,
+                logits_to_keep: int | torch.Tensor = 0, cache=None, use_cache=None, **kwargs):
+        check_logits_to_keep(logits_to_keep, (input_ids if input_ids is not None else inputs_embeds).shape[1], labels)
+        return self._predict(input_ids, inputs_embeds, labels, return_dict, num_items_in_batch,
+                             shift_labels=shift_labels, logits_to_keep=logits_to_keep,
+                             attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                             output_trajectory=output_trajectory)
+
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         """The whole prefix at every step (no cache), with generation's position ids (counted
         over real tokens, so a left-padded row is numbered as it would be unpadded)."""
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": kwargs.get("position_ids")}
+
+def check_logits_to_keep(logits_to_keep, seq_len: int, labels) -> None:
+    """One line for a ``logits_to_keep`` that keeps positions the sequence does not have, or that
+    would leave a loss without its positions' logits."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, torch.Tensor)):
+        raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid; allowed: an int in [0, {seq_len}] "
+                         "or a 1-D tensor of positions")
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.ndim != 1:
+            raise ValueError(f"logits_to_keep of shape {tuple(logits_to_keep.shape)} is invalid; allowed: an int "
+                             f"in [0, {seq_len}] or a 1-D tensor of positions")
+    elif not 0 <= logits_to_keep <= seq_len:
+        raise ValueError(f"logits_to_keep={logits_to_keep} is invalid for a sequence of {seq_len} positions; "
+                         f"allowed: an int in [0, {seq_len}] (0: every position) or a 1-D tensor of positions")
+    if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep in (0, seq_len)):
+        raise ValueError(f"logits_to_keep={logits_to_keep!r} with labels is invalid; allowed: 0 or {seq_len} "
+                         "(the loss scores every position)")
 
 
 AutoModelForCausalLM.register(BertODEConfig, BertODEForCausalLM, exist_ok=True)

@@ -222,6 +222,14 @@ class BertODEModel(BertODEPreTrainedModel):
                                   penalty=encoded.penalty, skipped=encoded.skipped or None)
 
 
+def kept_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """``hidden`` (batch, seq, width) at the positions whose logits are wanted (transformers'
+    ``logits_to_keep``): an int k keeps the last k (0: every position), a 1-D tensor those indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep]
+
+
 class TiedMLMDecoder:
     """Heads with ``cls.predictions``: the decoder tied to the word embeddings (bias: ``cls.predictions.bias``)."""
 
@@ -239,10 +247,11 @@ class TiedMLMDecoder:
 
 
 class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
-    """Logits at every position and their cross-entropy: masked LM, or causal (``shift_labels``: i predicts i + 1)."""
+    """Logits and their cross-entropy: masked LM (each position scores its own label), or causal
+    (``predicts_next_token``: position i scores label i + 1, or ``shift_labels[i]`` when given pre-shifted)."""
 
     output_class = BertODEMaskedLMOutput
-    shift_labels = False
+    predicts_next_token = False
 
     def __init__(self, config: BertODEConfig):
         super().__init__(config)
@@ -253,29 +262,40 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
+        return self._predict(input_ids, inputs_embeds, labels, return_dict, num_items_in_batch,
+                             attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                             output_trajectory=output_trajectory)
+
+    def _predict(self, input_ids, inputs_embeds, labels, return_dict, num_items_in_batch, shift_labels=None,
+                 logits_to_keep=0, **encode):
+        """The encoder, then the head's logits (``logits_to_keep``: at those positions only, see
+        `kept_positions`) and, with ``labels``, the loss. As transformers' ``ForCausalLMLoss``: a causal
+        LM's labels are shifted inside unless ``shift_labels`` (already shifted) are given, which then
+        are the targets; without ``labels`` there is no loss."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         criterion = current_dial().exit  # the `kl` exit criterion reads this head's distributions
         reading = dialed(readout=self.readout) if getattr(criterion, "needs_readout", False) else contextlib.nullcontext()
         with reading:
-            outputs = self._encode(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                   position_ids=position_ids, output_hidden_states=output_hidden_states,
-                                   output_attentions=output_attentions, output_trajectory=output_trajectory)
+            outputs = self._encode(input_ids, inputs_embeds, **encode)
+        targets, shift = (shift_labels, False) if shift_labels is not None else (labels, self.predicts_next_token)
+        if labels is None:
+            targets = None
         loss, share = None, 1.0
-        if self._sparse(labels):
-            hidden, targets = scored_rows(outputs.last_hidden_state, labels, self.shift_labels)
+        if self._sparse(targets):
+            hidden, targets = scored_rows(outputs.last_hidden_state, targets, shift)
             loss, logits = self.cls.predictions.scored(hidden, targets, "mean" if num_items_in_batch is None else "sum")
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
                 share = targets.numel() / num_items_in_batch
             return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
-        logits = self.cls(outputs.last_hidden_state)
-        if labels is not None:
-            scored, labels = (logits[:, :-1], labels[:, 1:]) if self.shift_labels else (logits, labels)
-            labels = labels.reshape(-1).to(logits.device)
-            loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), labels, num_items_in_batch)
-            share = 1.0 if num_items_in_batch is None else (labels != -100).sum() / num_items_in_batch
+        logits = self.cls(kept_positions(outputs.last_hidden_state, logits_to_keep))
+        if targets is not None:
+            scored, targets = (logits[:, :-1], targets[:, 1:]) if shift else (logits, targets)
+            targets = targets.reshape(-1).to(logits.device)
+            loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), targets, num_items_in_batch)
+            share = 1.0 if num_items_in_batch is None else (targets != -100).sum() / num_items_in_batch
         return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
-
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """This head's logits for the encoder's output ``hidden`` (after the final LayerNorm of a
