@@ -10,7 +10,10 @@ No key/value cache: an ODE layer re-evaluates attention at every solver stage on
 stage's state, so the keys and values of earlier positions are not one fixed tensor per
 layer. `generate()` (transformers' `GenerationMixin`: greedy, sampling, beams) therefore
 re-runs the whole prefix for every new token; its outputs are exact, each step costs a
-full forward.
+full encoder forward (the LM head runs on the last position only: ``logits_to_keep=1``).
+Every other generation kwarg reaches the model as with transformers' default
+``prepare_inputs_for_generation`` (``output_attentions``, ``output_hidden_states``,
+``token_type_ids``, ``inputs_embeds`` ...).
 """
 
 from __future__ import annotations
@@ -52,10 +55,26 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                              output_trajectory=output_trajectory)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """The whole prefix at every step (no cache), with generation's position ids (counted
-        over real tokens, so a left-padded row is numbered as it would be unpadded)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": kwargs.get("position_ids")}
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, **kwargs):
+        """transformers' default (every model kwarg forwarded: ``logits_to_keep``, ``output_attentions``,
+        ``token_type_ids``, generation's ``position_ids``, ...), but the whole prefix at every step: no cache,
+        so ``next_sequence_length`` (the new tokens only) is ignored and a ``cache`` is not passed on. After
+        ``generate(inputs_embeds=...)`` every step embeds the prompt's embeddings followed by the generated
+        tokens' (HF uses the embeddings at the first step only, the cache holding them after)."""
+        kwargs.pop("cache", None)
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
+        if inputs_embeds is not None:
+            # input_ids: generate's tokens (empty at first), after the prompt's ids if it was given them too;
+            # the mask and generation's position ids span the whole sequence
+            spans = [kwargs[name] for name in ("attention_mask", "position_ids") if kwargs.get(name) is not None]
+            generated = spans[0].shape[-1] - inputs_embeds.shape[1] if spans else input_ids.shape[1]
+            tokens = input_ids[:, input_ids.shape[1] - generated:]
+            inputs["input_ids"] = None
+            inputs["inputs_embeds"] = torch.cat([inputs_embeds, self.get_input_embeddings()(tokens)], dim=1)
+            for name in ("position_ids", "token_type_ids"):  # the default cut them to input_ids' length
+                if kwargs.get(name) is not None:
+                    inputs[name] = kwargs[name]
+        return inputs
 
 def check_logits_to_keep(logits_to_keep, seq_len: int, labels) -> None:
     """One line for a ``logits_to_keep`` that keeps positions the sequence does not have, or that

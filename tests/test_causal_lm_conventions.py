@@ -76,3 +76,42 @@ def test_logits_to_keep_out_of_range_or_with_a_loss_is_refused_in_one_line():
         ode(ids, logits_to_keep=-1)
     with pytest.raises(ValueError, match=r"^logits_to_keep=1 with labels is invalid; allowed: 0 or 9"):
         ode(ids, labels=ids, logits_to_keep=1)
+
+
+def test_generate_runs_the_head_on_the_last_position_only():
+    hf, ode = _pair(initializer_range=0.5)
+    seen = []
+    ode.cls.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[1]))
+    prompt = _tokens((2, 4), 5)
+    got = ode.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert seen == [1, 1, 1, 1]
+
+
+def test_generate_returns_every_steps_attentions_and_hidden_states_as_hf_without_a_cache():
+    hf, ode = _pair(initializer_range=0.5)
+    hf.set_attn_implementation("eager")  # HF's sdpa returns no attention maps
+    prompt = _tokens((2, 4), 5)
+    flags = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True,
+                 output_hidden_states=True, return_dict_in_generate=True)
+    expected = hf.generate(prompt, use_cache=False, **flags)
+    got = ode.generate(prompt, **flags)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.attentions) == len(got.hidden_states) == 3
+    for kind in ("attentions", "hidden_states"):
+        for step_got, step_expected in zip(getattr(got, kind), getattr(expected, kind)):
+            assert len(step_got) == len(step_expected)
+            for a, b in zip(step_got, step_expected):
+                assert a.shape == b.shape and (a - b).abs().max() <= 1e-5, kind
+
+
+def test_generate_from_inputs_embeds_equals_hf_and_generating_from_the_ids():
+    hf, ode = _pair(initializer_range=0.5)  # large weights: the next token depends on the whole prefix
+    prompt = _tokens((2, 4), 5)
+    embeds = ode.get_input_embeddings()(prompt)
+    flags = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    got = ode.generate(inputs_embeds=embeds, **flags)
+    assert torch.equal(got, hf.generate(inputs_embeds=embeds, **flags))  # HF: with its cache
+    assert torch.equal(got, ode.generate(prompt, **flags)[:, 4:])
+    both = ode.generate(prompt, inputs_embeds=embeds, **flags)  # HF's "embeddings at the first step" form
+    assert torch.equal(both, hf.generate(prompt, inputs_embeds=embeds, **flags))
