@@ -32,11 +32,6 @@ from .layers.embeddings import _Predictions
 from .modeling import BertODEModel, BertODEPreTrainedModel, TiedMLMDecoder, scored_rows
 
 
-def _flags(kwargs: dict) -> dict:
-    """The inspection flags a head passes on to its base model (see `BertODEModel.forward`)."""
-    return {key: kwargs[key] for key in ("output_attentions", "output_trajectory") if key in kwargs}
-
-
 def _classifier_dropout(config) -> Dropout:
     return Dropout(config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob)
 
@@ -71,10 +66,12 @@ class BertODEForSequenceClassification(_Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+                inputs_embeds=None, labels=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            position_ids=position_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, output_trajectory=output_trajectory)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = self._loss(logits, labels) if labels is not None else None
         return self._result(out.BertODESequenceClassifierOutput, return_dict, outputs, loss, logits=logits)
@@ -117,10 +114,12 @@ class BertODEForPreTraining(TiedMLMDecoder, _Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, next_sentence_label=None, output_hidden_states=None, return_dict=None, **kwargs):
+                labels=None, next_sentence_label=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            position_ids=position_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, output_trajectory=output_trajectory)
         relationship = self.cls.seq_relationship(outputs.pooler_output)
         if self._sparse(labels):  # (n_targets, vocab) logits, detached; the loss without the batch's fp32 logits
             masked_lm, prediction = self.cls.predictions.scored(*scored_rows(outputs.last_hidden_state, labels), "mean")
@@ -145,10 +144,12 @@ class BertODEForNextSentencePrediction(_Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+                labels=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            position_ids=position_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, output_trajectory=output_trajectory)
         logits = self.cls.seq_relationship(outputs.pooler_output)
         loss = CrossEntropyLoss()(logits.view(-1, 2).float(), labels.view(-1)) if labels is not None else None
         return self._result(out.BertODENextSentencePredictorOutput, return_dict, outputs, loss, logits=logits)
@@ -166,10 +167,12 @@ class BertODEForTokenClassification(_Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+                labels=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            position_ids=position_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, output_trajectory=output_trajectory)
         hidden = self.dropout(outputs.last_hidden_state)  # the dense path's masks, also when sparse
         if self._sparse(labels):  # (n_targets, num_labels) logits
             hidden, labels = scored_rows(hidden, labels)
@@ -194,10 +197,12 @@ class BertODEForQuestionAnswering(_Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                start_positions=None, end_positions=None, output_hidden_states=None, return_dict=None, **kwargs):
+                start_positions=None, end_positions=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         outputs = self._run(input_ids, inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            position_ids=position_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, output_trajectory=output_trajectory)
         start, end = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
@@ -222,7 +227,8 @@ class BertODEForMultipleChoice(_Head):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+                labels=None, output_hidden_states=None,
+                output_attentions=None, output_trajectory=False, return_dict=None, **kwargs):
         return_dict = self._return_dict(self.config, return_dict)
         choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
@@ -231,7 +237,8 @@ class BertODEForMultipleChoice(_Head):
 
         outputs = self._run(flat(input_ids), flat(inputs_embeds), attention_mask=flat(attention_mask),
                             token_type_ids=flat(token_type_ids), position_ids=flat(position_ids),
-                            output_hidden_states=output_hidden_states, **_flags(kwargs))
+                            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                            output_trajectory=output_trajectory)
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, choices)
         loss = CrossEntropyLoss()(logits.float(), labels.view(-1)) if labels is not None else None
         return self._result(out.BertODEMultipleChoiceModelOutput, return_dict, outputs, loss, logits=logits)
