@@ -148,3 +148,23 @@ def test_gradient_checkpointing_with_attentions_requested():
         out.last_hidden_state.pow(2).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_attentions_are_differentiable_in_train_mode_with_hf_eagers_gradients(checkpointing):
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config._attn_implementation = "eager"
+    hf = BertModel(config).train()  # dropout is 0 in the tiny config
+    ours = bertode.from_bert(hf, solver="euler", steps=1).train()
+    if checkpointing:
+        ours.gradient_checkpointing_enable()
+    weights = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(1))  # (sum of probs: constant)
+    grads = []
+    for model, query in ((hf, "encoder.layer.0.attention.self.query.weight"),
+                         (ours, bertode.convert.rename_bert_key("encoder.layer.0.attention.self.query.weight"))):
+        attentions = model(**_batch(), output_attentions=True).attentions
+        sum((a * weights).sum() for a in attentions).backward()
+        grads.append(dict(model.named_parameters())[query].grad)
+    assert grads[1] is not None and grads[0].abs().max() > 1e-4
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6

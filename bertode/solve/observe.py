@@ -4,7 +4,10 @@
 * Attention probabilities, per layer: ``keep="first"`` keeps the first evaluation of a
   layer's attention in this forward (an ODE solve's first evaluation is at its start,
   the site's input: at Euler-1 exactly BERT's attention), ``"last"`` the last one (a
-  DEQ's: at the fixed point), ``"all"`` every evaluation, stacked.
+  DEQ's: at the fixed point), ``"all"`` every evaluation, stacked. They are not detached:
+  where the evaluation ran with grad on (training, an autograd solve), a loss of them
+  reaches the parameters, as HF's eager attentions (a DEQ's forward solve, an adjoint's
+  forward run without grad, so theirs are constants).
 * Trajectories: for every solve, a dict of ``name``, ``times`` and ``states`` (the start,
   the state after every accepted step, the end) and ``outputs`` (each state as the site
   would hand it on, e.g. after its LayerNorm: the last is the site's output). torchdyn's fixed-step (`SubSteps`) and adaptive solvers note
@@ -50,7 +53,7 @@ class Observer:
         kept = self._attentions.setdefault(self.layer, [])
         if self.keep == "last":
             kept.clear()
-        kept.append(probs.detach())
+        kept.append(probs)  # with its graph where grad is on: differentiable, as HF's eager attentions
 
     def attentions(self) -> tuple | None:
         if not self.wants_attentions:
