@@ -120,3 +120,76 @@ def test_dial_accepts_none_and_positive_integers():
         with dialed(backprop=3):
             assert (current_dial().depth, current_dial().backprop) == (1, 3)
         assert current_dial().backprop is None
+
+
+# --- bertode/layers/losses.py ------------------------------------------------------------------------------
+
+
+def _dense_cross_entropy(hidden, weight, bias, labels):
+    logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "one_chunk"])
+def test_linear_cross_entropy_without_bias_and_a_frozen_decoder(kernel):
+    """bias=None and a weight that takes no gradient: the loss and hidden's gradient equal float64's."""
+    from bertode.layers.losses import linear_cross_entropy
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 6, generator=generator)
+    labels = torch.tensor([3, -100, 0, 10, -100, 5, 1])
+    loss, _, ran = linear_cross_entropy(hidden, weight, None, labels, reduction="sum", chunk=3, kernel=kernel)
+    loss.backward()
+    reference = hidden.detach().double().requires_grad_()
+    expected = _dense_cross_entropy(reference, weight, None, labels)
+    expected.backward()
+    assert ran == kernel and weight.grad is None
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), reference.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_chunked_with_a_frozen_bias():
+    from bertode.layers.losses import linear_cross_entropy
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(5, 4, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 4, generator=generator, requires_grad=True)
+    bias = torch.randn(6, generator=generator)
+    labels = torch.tensor([0, 5, -100, 2, 2])
+    loss, _, _ = linear_cross_entropy(hidden, weight, bias, labels, reduction="sum", chunk=2, kernel="chunked")
+    loss.backward()
+    weight64 = weight.detach().double().requires_grad_()
+    _dense_cross_entropy(hidden.detach(), weight64, bias, labels).backward()
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_one_word_vocabulary_with_ignored_rows():
+    """Vocabulary 1: every target is word 0 and the loss is 0; ignored rows must read no other word."""
+    from bertode.layers.losses import linear_cross_entropy
+    hidden = torch.randn(4, 3, requires_grad=True)
+    weight = torch.randn(1, 3, requires_grad=True)
+    loss, _, _ = linear_cross_entropy(hidden, weight, None, torch.tensor([0, -100, 0, -100]), reduction="sum",
+                                      chunk=2, kernel="chunked")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+
+
+def test_chunked_cross_entropy_computes_each_row_once_per_pass_in_chunks(monkeypatch):
+    """The contract of the chunked kernel: forward and backward each compute the logits of every row
+    once, ``chunk`` rows at a time (never the whole (n, vocab) at once)."""
+    from bertode.layers.losses import linear_cross_entropy
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *rest: calls.append(x.shape[0]) or linear(x, *rest))
+    hidden = torch.randn(10, 4, requires_grad=True)
+    loss, _, _ = linear_cross_entropy(hidden, torch.randn(7, 4), None, torch.arange(10) % 7, chunk=4, kernel="chunked")
+    assert calls == [4, 4, 2]
+    loss.backward()
+    assert calls == [4, 4, 2] * 2
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, "4"])
+def test_linear_cross_entropy_chunk_refusal(bad):
+    from bertode.layers.losses import linear_cross_entropy
+    with pytest.raises(ValueError) as error:
+        linear_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(2, dtype=torch.long), chunk=bad)
+    assert str(error.value) == f"linear_cross_entropy chunk={bad!r} is invalid; allowed: None or an int >= 1"
