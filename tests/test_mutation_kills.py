@@ -193,3 +193,58 @@ def test_linear_cross_entropy_chunk_refusal(bad):
     with pytest.raises(ValueError) as error:
         linear_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(2, dtype=torch.long), chunk=bad)
     assert str(error.value) == f"linear_cross_entropy chunk={bad!r} is invalid; allowed: None or an int >= 1"
+
+
+def test_kernel_choice_one_chunk_up_to_chunk_rows_then_chunked(monkeypatch):
+    """``one_chunk`` for rows <= chunk_rows(vocab), else ``chunked`` in chunks of chunk_rows(vocab) rows."""
+    from bertode.layers import losses
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 5 * 3)  # chunk_rows(vocab 5) = 3
+    weight = torch.randn(5, 2)
+    for rows, kernel in ((3, "one_chunk"), (4, "chunked")):
+        _, _, ran = losses.linear_cross_entropy(torch.randn(rows, 2), weight, None, torch.zeros(rows, dtype=torch.long))
+        assert ran == kernel, rows
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, *rest: calls.append(x.shape[0]) or linear(x, *rest))
+    losses.linear_cross_entropy(torch.randn(7, 2), weight, None, torch.zeros(7, dtype=torch.long))
+    assert calls == [3, 3, 1]
+
+
+def test_liger_runs_where_installed_on_cuda(monkeypatch):
+    from bertode.layers import losses
+    monkeypatch.setattr(losses.importlib.util, "find_spec", lambda name: object() if name == "liger_kernel" else None)
+    assert losses.liger_available(torch.device("cuda")) and not losses.liger_available(torch.device("cpu"))
+    monkeypatch.setattr(losses.importlib.util, "find_spec", lambda name: None)
+    assert not losses.liger_available(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("returns", ["tensor", "tuple", "output"])
+def test_liger_path_calls_the_fused_loss_as_documented(monkeypatch, returns):
+    """A stand-in for liger-kernel's LigerFusedLinearCrossEntropyLoss (its call signature: weight, hidden,
+    labels, bias; its return types across versions): the loss and the logits come back as the dense ones."""
+    import sys
+    import types
+
+    from bertode.layers.losses import linear_cross_entropy
+
+    class FusedLoss:
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            assert reduction == "sum"
+            self.ignore_index = ignore_index
+
+        def __call__(self, weight, hidden, labels, bias):
+            loss = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=self.ignore_index,
+                                                     reduction="sum").double()
+            return {"tensor": loss, "tuple": (loss, None), "output": types.SimpleNamespace(loss=loss)}[returns]
+
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerFusedLinearCrossEntropyLoss = FusedLoss
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    generator = torch.Generator().manual_seed(2)
+    hidden, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((5, 3), (4, 3), (4,)))
+    labels = torch.tensor([1, -100, 3, 0, 2])
+    loss, logits, ran = linear_cross_entropy(hidden, weight, bias, labels, reduction="sum", kernel="liger")
+    assert ran == "liger" and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), _dense_cross_entropy(hidden, weight, bias, labels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, hidden @ weight.T + bias)
