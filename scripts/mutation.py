@@ -121,10 +121,11 @@ def narrow_config(scratch: Path, module: str, tests: list[str]) -> None:
 def read_results(scratch: Path, module: str) -> dict:
     meta = json.loads((scratch / "mutants" / f"{module}.meta").read_text())
     status_by_mutant = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()}
-    counts = {status: 0 for status in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault")}
+    counts = {status: 0 for status in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault",
+                                       "not checked")}
     for status in status_by_mutant.values():
         counts[status] = counts.get(status, 0) + 1
-    tested = len(status_by_mutant) - counts["skipped"]
+    tested = len(status_by_mutant) - counts["skipped"] - counts["not checked"]
     not_killed = sorted(name for name, status in status_by_mutant.items() if status in ("survived", "no tests", "suspicious"))
     survivors = []
     for name in not_killed:
@@ -156,6 +157,10 @@ def main(argv=None) -> int:
         minutes=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, 1),
         tests=args.tests, **read_results(args.scratch, args.module),
     )
+    if results["not_checked"]:
+        print(f"mutmut left {results['not_checked']} of {results['mutants']} mutants unchecked (exit code "
+              f"{run.returncode}; its output above says why); no results written", file=sys.stderr)
+        return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     for survivor in results["survivors"]:
