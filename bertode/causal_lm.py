@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.utils import logging
 
 from .configuration import BertODEConfig
 from .modeling import LanguageModelHead
 from .layers.outputs import BertODECausalLMOutput
+
+logger = logging.get_logger(__name__)
 
 
 class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
@@ -38,9 +41,9 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
     predicts_next_token = True  # position i predicts token i + 1
 
     def __init__(self, config: BertODEConfig):
-        if not config.is_decoder:
-            raise ValueError("BertODEForCausalLM needs BertODEConfig.is_decoder=True (causal attention); "
-                             "allowed: a decoder config, or BertODEForMaskedLM for a bidirectional model")
+        if not config.is_decoder:  # as HF's BertLMHeadModel: a warning, and the attention stays bidirectional
+            logger.warning("If you want to use `BertODEForCausalLM` as a standalone, add `is_decoder=True.` "
+                           "(without it every position attends to the tokens after it)")
         super().__init__(config)
         self.generation_config.use_cache = False  # module docstring: no key/value cache
 

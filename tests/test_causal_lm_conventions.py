@@ -115,3 +115,22 @@ def test_generate_from_inputs_embeds_equals_hf_and_generating_from_the_ids():
     assert torch.equal(got, ode.generate(prompt, **flags)[:, 4:])
     both = ode.generate(prompt, inputs_embeds=embeds, **flags)  # HF's "embeddings at the first step" form
     assert torch.equal(both, hf.generate(prompt, inputs_embeds=embeds, **flags))
+
+
+def test_a_causal_lm_without_is_decoder_warns_and_then_behaves_as_hfs():
+    from transformers import BertConfig, BertLMHeadModel
+    from transformers.testing_utils import CaptureLogger
+
+    import bertode.causal_lm
+
+    torch.manual_seed(0)
+    hf = BertLMHeadModel(BertConfig(**TINY)).eval()  # is_decoder=False: HF warns, attention is bidirectional
+    with CaptureLogger(bertode.causal_lm.logger) as captured:
+        ode = bertode.from_bert(hf, solver="euler", steps=1).eval()
+    assert "add `is_decoder=True.`" in captured.out and isinstance(ode, bertode.BertODEForCausalLM)
+    ids = _tokens((2, 9), 6)
+    expected, got = hf(ids, labels=ids), ode(ids, labels=ids)
+    assert (got.logits - expected.logits).abs().max() <= 1e-5 and abs(got.loss - expected.loss) <= 1e-6
+    with CaptureLogger(bertode.causal_lm.logger) as captured:
+        bertode.BertODEForCausalLM(ode.config.__class__(**TINY, is_decoder=True))
+    assert captured.out == ""
