@@ -1,8 +1,11 @@
 """`BertODEConfig`: BERT's configuration plus the choices that make its encoder an ODE.
 
 Every field added here is one orthogonal choice (the vector field, the solver, the
-sensitivity method, the backend, weight tying, the ODE-Transformer block, the mode) and is
-checked when the config is built: a bad value raises a one-line ValueError naming the
+sensitivity method, the backend, weight tying, the ODE-Transformer block, the mode). Each
+field is checked on its own when the config is built, the pairings (a field against the
+mode or another field) by `BertODEConfig.validate_ode` when a model is built (and by
+``bertode.train`` before anything is written), so a config can be edited field by field as
+transformers' configs are: a bad value or pairing raises a one-line ValueError naming the
 field, the value and what is allowed.
 """
 
@@ -194,7 +197,7 @@ class BertODEConfig(BertConfig):
             self.sensitivity = legacy_deq_grad
         if self.transformers_version is not None:  # a saved config: clear what its mode never read
             self._forget_unused()
-        self.validate_ode()
+        self._check_fields()  # the pairings: validate_ode, when a model is built
 
     def __setattr__(self, key, value):
         filled = self.__dict__.get("_filled")
@@ -227,13 +230,21 @@ class BertODEConfig(BertConfig):
         return output
 
     def validate_ode(self) -> None:
-        """Fill unset name fields with the mode's defaults (again, if the mode changed), then
-        raise ValueError naming the first invalid field and the field it conflicts with."""
+        """Every check: each field's own (`_check_fields`), then the pairings (`_check_pairings`).
+        Building a model runs it (so does ``bertode.train``, before anything is written)."""
+        self._check_fields()
+        self._check_pairings()
+
+    def _check_fields(self) -> None:
+        """Each field on its own (a type, a range, a registered name), after filling unset name
+        fields with the mode's defaults (again, if the mode changed): run on construction. The
+        pairings are left to `validate_ode`, so that a config can be edited one field at a time
+        (``config.mode = "deq"; config.deq_tol = ...``), as transformers' configs are."""
         check_choice("mode", self.mode, MODES)
         for field in list(getattr(self, "_filled", ())):
             setattr(self, field, None)
         self._filled = set()
-        self._check_names()
+        self._fill_names()
         for field in ("vector_field_kwargs", "sensitivity_kwargs", "block_kwargs"):
             check_kwargs(field, getattr(self, field))
         check_int("steps", self.steps, 1)
@@ -243,9 +254,6 @@ class BertODEConfig(BertConfig):
             raise SOLVERS.invalid("adjoint_solver", self.adjoint_solver)
         check_choice("ode_backend", self.ode_backend, ODE_BACKENDS)
         check_choice("norm_position", self.norm_position, NORM_POSITIONS)
-        if self.norm_position == "pre" and self.mode == "deq":  # z* = z* + G(LN(z*)) needs G(LN(z*)) = 0
-            raise ValueError("BertODEConfig.norm_position='pre' is invalid with mode='deq': a pre-LN map "
-                             "z + G(LN(z)) has a fixed point only where G vanishes; allowed: 'post'")
         check_choice("fixed_step_loop", self.fixed_step_loop, FIXED_STEP_LOOPS)
         if self.objective is not None and (not isinstance(self.objective, str) or not self.objective.isidentifier()):
             fail("objective", self.objective, "None or a registered objective's name")
@@ -257,9 +265,22 @@ class BertODEConfig(BertConfig):
                 fail(name, getattr(self, name), "a probability in [0, 1)")
         check_deq_numbers(self)
         check_architecture(self)
-        self._check_core()
+        check_int("prelude_layers", self.prelude_layers, 0)
+        check_int("coda_layers", self.coda_layers, 0)
+        check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
         if not is_number(self.regularizer_weight) or self.regularizer_weight < 0:
             fail("regularizer_weight", self.regularizer_weight, "a number >= 0")
+
+    def _check_pairings(self) -> None:
+        """The fields that must agree with each other (and with the mode): one line naming the
+        first invalid field and the field it conflicts with."""
+        self._check_names_by_mode()
+        if self.norm_position == "pre" and self.mode == "deq":  # z* = z* + G(LN(z*)) needs G(LN(z*)) = 0
+            raise ValueError("BertODEConfig.norm_position='pre' is invalid with mode='deq': a pre-LN map "
+                             "z + G(LN(z)) has a fixed point only where G vanishes; allowed: 'post'")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        self._check_core()
         self._check_unused_by_mode()
         self._check_sensitivity()
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:
@@ -293,30 +314,38 @@ class BertODEConfig(BertConfig):
 
     def _check_core(self) -> None:
         """The prelude, core and coda split, and the looped core's input injection."""
-        check_int("prelude_layers", self.prelude_layers, 0)
-        check_int("coda_layers", self.coda_layers, 0)
         layers = self.num_hidden_layers
         if isinstance(layers, int) and self.prelude_layers + self.coda_layers >= layers:
             raise ValueError(f"BertODEConfig.prelude_layers={self.prelude_layers} is invalid with coda_layers="
                              f"{self.coda_layers} and num_hidden_layers={layers}; allowed: prelude_layers + coda_layers "
                              f"< {layers} (the core keeps at least one layer)")
-        check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
         if self.core_injection is not None and (self.mode == "deq" or not self.weight_tying):
             raise ValueError(f"BertODEConfig.core_injection={self.core_injection!r} is invalid with mode={self.mode!r}, "
                              f"weight_tying={self.weight_tying}; allowed: None (it applies to a looped core: "
                              "weight_tying=True, mode 'ode' or 'discrete'; the DEQ has deq_injection)")
 
-    def _check_names(self) -> None:
+    def _fill_names(self) -> None:
+        """Registered names only; an unset one the mode reads gets the registry's default
+        (the sensitivity: the mode's family's default)."""
         for field, (mode, registry) in NAMED_CHOICES.items():
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or value not in registry):
                 raise registry.invalid(field, value)
-            if mode is not None and mode != self.mode:
-                if value is not None:
-                    wrong_mode(field, value, self.mode, f"None (it applies to mode={mode!r})")
-            elif value is None:
+            if value is None and mode in (None, self.mode):
                 setattr(self, field, registry.default)
                 self._filled.add(field)
+        family = SENSITIVITY_FAMILY[self.mode]
+        if self.sensitivity is None and family is not None:
+            self.sensitivity = default_sensitivity(family)
+            self._filled.add("sensitivity")
+        if self.sensitivity is not None and self.sensitivity not in SENSITIVITIES:
+            raise SENSITIVITIES.invalid("sensitivity", self.sensitivity)
+
+    def _check_names_by_mode(self) -> None:
+        for field, (mode, _) in NAMED_CHOICES.items():
+            value = getattr(self, field)
+            if mode is not None and mode != self.mode and value is not None:
+                wrong_mode(field, value, self.mode, f"None (it applies to mode={mode!r})")
 
     def _check_unused_by_mode(self) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -331,11 +360,6 @@ class BertODEConfig(BertConfig):
             if self.sensitivity is not None:
                 wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
             return
-        if self.sensitivity is None:
-            self.sensitivity = default_sensitivity(family)
-            self._filled.add("sensitivity")
-        if self.sensitivity not in SENSITIVITIES:
-            raise SENSITIVITIES.invalid("sensitivity", self.sensitivity)
         method = SENSITIVITIES[self.sensitivity]
         if method.family != family:
             wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_sensitivities(family))))

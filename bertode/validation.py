@@ -1,5 +1,6 @@
-"""The checks `BertODEConfig` runs on its fields: one-line ValueErrors naming the field,
-the bad value and what is allowed (and, for a pairing, the field it conflicts with)."""
+"""The checks `BertODEConfig` runs on its fields (each field on its own, on construction;
+the pairings in `BertODEConfig.validate_ode`): one-line ValueErrors naming the field, the
+bad value and what is allowed (and, for a pairing, the field it conflicts with)."""
 
 from __future__ import annotations
 
@@ -125,5 +126,3 @@ def check_architecture(config) -> None:
         value = getattr(config, name)
         if (value is not None or name != "head_hidden_act") and isinstance(value, str) and value not in ACT2FN:
             fail(name, value, f"an activation name of transformers' ACT2FN ({', '.join(sorted(ACT2FN)[:6])}, ...)")
-    if config.hidden_size % config.num_attention_heads != 0:
-        fail("num_attention_heads", config.num_attention_heads, f"a divisor of hidden_size={config.hidden_size}")

@@ -42,7 +42,7 @@ CLI_ONLY = [  # options of a group the mode does not use, changed from their def
 @pytest.mark.parametrize("overrides, fields, named", PAIRINGS, ids=lambda v: ",".join(v) if isinstance(v, list) else None)
 def test_config_refuses_the_pairing(overrides, fields, named):
     with pytest.raises(ValueError) as error:
-        bertode.BertODEConfig(**fields)
+        bertode.BertODEConfig(**fields).validate_ode()  # (each field alone is valid: construction passes)
     message = str(error.value)
     assert "\n" not in message and all(name in message for name in named), message
 
@@ -82,7 +82,7 @@ def test_a_saved_config_is_read_leniently_and_a_constructed_one_strictly():
     config = bertode.BertODEConfig(**old, transformers_version="5.23.0")
     assert (config.sensitivity, config.solver, config.deq_solver) == ("phantom", None, "broyden")
     with pytest.raises(ValueError, match="='residual' is invalid with BertODEConfig.mode='deq'"):
-        bertode.BertODEConfig(**old)
+        bertode.BertODEConfig(**old).validate_ode()
 
 
 def test_options_of_another_mode_are_refused_and_kwargs_are_checked():
@@ -93,7 +93,7 @@ def test_options_of_another_mode_are_refused_and_kwargs_are_checked():
                           (dict(vector_field="time_residual", vector_field_kwargs={"width": 3}),
                            ("vector_field_kwargs", "time_features, max_frequency"))]:
         with pytest.raises(ValueError) as error:
-            bertode.BertODEConfig(**fields)
+            bertode.BertODEConfig(**fields).validate_ode()
         assert all(name in str(error.value) for name in named), str(error.value)
 
 
@@ -112,3 +112,25 @@ def json_field(folder, key):
     import json
 
     return json.loads((folder / "config.json").read_text()).get(key)
+
+
+def test_a_config_is_edited_field_by_field_and_its_pairings_checked_when_a_model_is_built():
+    """As transformers' configs (its ConfigTester builds BertConfig(hidden_size=37) with 12 heads): construction
+    checks each field alone; the pairings (validate_ode) run when a model is built, in one line."""
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    config = bertode.BertODEConfig(hidden_size=37)
+    assert bertode.BertODEConfig.from_dict(config.to_dict()).hidden_size == 37
+    for order in (("mode", "deq_tol"), ("deq_tol", "mode")):  # either order: no state in between is checked
+        config = bertode.BertODEConfig(**sizes)
+        for field in order:
+            setattr(config, field, {"mode": "deq", "deq_tol": 1e-4}[field])
+        model = bertode.BertODEModel(config)
+        assert (model.config.solver, model.config.deq_solver, model.config.deq_tol) == (None, "anderson", 1e-4)
+    config = bertode.BertODEConfig(**sizes, mode="discrete", solver="rk4")  # each field alone is valid
+    with pytest.raises(ValueError, match=r"^BertODEConfig.solver='rk4' is invalid with BertODEConfig.mode='discrete'; "
+                                         r"allowed: None \(it applies to mode='ode'\)$"):
+        bertode.BertODEForMaskedLM(config)
+    config.solver = None
+    assert bertode.BertODEForMaskedLM(config).config.sensitivity is None
+    with pytest.raises(ValueError, match=r"^BertODEConfig.deq_tol=-1.0 is invalid; allowed: a finite number > 0$"):
+        bertode.BertODEConfig(deq_tol=-1.0)  # a bad value on its own: still refused on construction

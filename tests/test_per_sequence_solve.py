@@ -218,7 +218,7 @@ def test_refusals_name_the_field(overrides, field):
 
     try:
         with pytest.raises(ValueError, match=rf"^BertODEConfig\.{field}=.* is invalid.*allowed: ") as error:
-            tiny_ode_config(**overrides)
+            tiny_ode_config(**overrides).validate_ode()
         assert "\n" not in str(error.value)
     finally:
         bertode.layers.vector_fields.VECTOR_FIELDS._entries.pop("autonomous_only", None)

@@ -84,7 +84,7 @@ def test_masked_lm_saves_and_loads_pre_ln_and_a_pre_ln_deq_is_refused(tmp_path, 
     assert again.config.norm_position == "pre"
     assert torch.equal(again(**batch).logits, model(**batch).logits)
     with pytest.raises(ValueError, match="norm_position='pre' is invalid with mode='deq'"):
-        tiny_ode_config(norm_position="pre", mode="deq", num_hidden_layers=1)
+        tiny_ode_config(norm_position="pre", mode="deq", num_hidden_layers=1).validate_ode()
 
 
 def test_norm_position_is_checked_and_trains_from_the_cli(tmp_path):

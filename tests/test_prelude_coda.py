@@ -214,6 +214,6 @@ def test_activation_checkpointing_covers_prelude_core_and_coda_with_the_same_gra
 
 def test_a_split_leaving_no_core_is_refused():
     with pytest.raises(ValueError) as error:
-        bertode.BertODEConfig(num_hidden_layers=4, prelude_layers=2, coda_layers=2)
+        bertode.BertODEConfig(num_hidden_layers=4, prelude_layers=2, coda_layers=2).validate_ode()
     assert str(error.value) == ("BertODEConfig.prelude_layers=2 is invalid with coda_layers=2 and num_hidden_layers=4; "
                                 "allowed: prelude_layers + coda_layers < 4 (the core keeps at least one layer)")

@@ -75,9 +75,9 @@ def test_fewer_steps_truncate_the_gradient():
 
 def test_adaptive_solvers_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"sensitivity='truncated' is invalid with BertODEConfig.solver='dopri5'"):
-        bertode.BertODEConfig(**TINY, solver="dopri5", sensitivity="truncated")
+        bertode.BertODEConfig(**TINY, solver="dopri5", sensitivity="truncated").validate_ode()
     with pytest.raises(ValueError, match=r"sensitivity='truncated' is invalid with BertODEConfig.mode='deq'"):
-        bertode.BertODEConfig(**TINY, mode="deq", sensitivity="truncated")
+        bertode.BertODEConfig(**TINY, mode="deq", sensitivity="truncated").validate_ode()
 
 
 def test_trained_for_a_few_steps_from_python(tmp_path):

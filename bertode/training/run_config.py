@@ -108,7 +108,9 @@ def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tup
 def build_model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> BertODEConfig:
     kwargs, origin = model_kwargs(cfg, vocab_size, pad_token_id)
     try:
-        return BertODEConfig(**kwargs)
+        config = BertODEConfig(**kwargs)
+        config.validate_ode()  # the pairings too (construction checks each field alone), before anything is written
+        return config
     except ValueError as error:
         raise ValueError(rename(str(error), origin)) from None
 
