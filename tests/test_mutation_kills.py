@@ -248,3 +248,103 @@ def test_liger_path_calls_the_fused_loss_as_documented(monkeypatch, returns):
     assert ran == "liger" and loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), _dense_cross_entropy(hidden, weight, bias, labels), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, hidden @ weight.T + bias)
+
+
+# --- bertode/solve/fixed_point.py --------------------------------------------------------------------------
+
+
+def test_damped_step_closed_form():
+    from bertode.solve.fixed_point import damped
+    z, fz = torch.tensor([math.nan, 1.0]), torch.tensor([2.0, 3.0])
+    assert torch.equal(damped(z, fz, 1.0), fz)  # tau = 1 is f(z) itself, whatever z holds
+    assert torch.equal(damped(torch.tensor([1.0]), torch.tensor([3.0]), 2.0), torch.tensor([5.0]))  # -z + 2 f(z)
+    assert torch.equal(damped(torch.tensor([1.0]), torch.tensor([3.0]), 0.5), torch.tensor([2.0]))
+
+
+def test_register_fixed_point_solver(monkeypatch):
+    from bertode.solve.fixed_point import FIXED_POINT_SOLVERS, get_fixed_point_solver, register_fixed_point_solver
+    monkeypatch.setattr(FIXED_POINT_SOLVERS, "_entries", dict(FIXED_POINT_SOLVERS._entries))
+    monkeypatch.setattr(FIXED_POINT_SOLVERS, "default", FIXED_POINT_SOLVERS.default)
+
+    def mine(f, z0, **kwargs):
+        return z0, None
+
+    assert register_fixed_point_solver("mine_for_test")(mine) is mine
+    assert get_fixed_point_solver("mine_for_test") is mine and FIXED_POINT_SOLVERS.default == "anderson"
+    register_fixed_point_solver("default_for_test", default=True)(mine)
+    assert FIXED_POINT_SOLVERS.default == "default_for_test"
+    with pytest.raises(TypeError) as error:
+        register_fixed_point_solver("bad_for_test")(3)
+    assert str(error.value) == "register_fixed_point_solver('bad_for_test') needs a function, got 3"
+    assert "bad_for_test" not in FIXED_POINT_SOLVERS
+
+
+def _count_transfers(monkeypatch):
+    from bertode.solve.fixed_point import FixedPointTracker
+    transfers = []
+    pending_rows = FixedPointTracker._pending_rows
+    monkeypatch.setattr(FixedPointTracker, "_pending_rows",
+                        lambda self, *extra: transfers.append(self.iterations) or pending_rows(self, *extra))
+    return transfers
+
+
+@pytest.mark.parametrize("max_iter, check_every, expected", [(4, 2, [2, 4]), (5, 2, [2, 4, 5]), (3, 1, [1, 2, 3])])
+def test_a_solve_of_n_evaluations_makes_ceil_n_over_check_every_transfers(monkeypatch, max_iter, check_every, expected):
+    from bertode.solve.fixed_point import fixed_point
+    transfers = _count_transfers(monkeypatch)
+    z, info = fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64), max_iter=max_iter, tol=0.0,
+                          check_every=check_every)
+    assert transfers == expected and info.iterations == max_iter  # info() makes the last transfer
+
+
+def test_the_tracker_reports_each_iterate_and_its_info_is_the_closed_form():
+    """f(z) = z/2 + b from z0 = 0: iterate n is (2 - 2^(1-n)) b; reported after each evaluation, float64 kept."""
+    from bertode.solve.fixed_point import fixed_point, reporting
+    b = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=torch.float64)
+    seen = []
+    with reporting(lambda n, best: seen.append((n, best.clone()))):
+        z, info = fixed_point(lambda z: 0.5 * z + b, torch.zeros_like(b), max_iter=4, tol=0.0)
+    assert [n for n, _ in seen] == [1, 2, 3, 4]
+    for n, best in seen:  # the best after evaluation n is iterate n - 1 (residuals fall at every step)
+        torch.testing.assert_close(best, (2 - 2.0 ** (2 - n)) * b, rtol=0, atol=1e-15)
+    torch.testing.assert_close(z, seen[-1][1], rtol=0, atol=0)
+    difference = (0.5 * z + b - z).norm(dim=1)
+    relative = difference / ((0.5 * z + b).norm(dim=1) + 1e-9)
+    assert info.abs_residual.dtype == torch.float64
+    torch.testing.assert_close(info.abs_residual, difference)
+    torch.testing.assert_close(info.rel_residual, relative)
+    assert info.worst_abs_residual == pytest.approx(difference.max().item())
+    assert info.worst_rel_residual == pytest.approx(relative.max().item())
+    assert info.converged_fraction == 0.0 and not info.converged.any()
+
+
+def test_the_tracker_stops_strictly_below_tol_in_its_stop_mode():
+    from bertode.solve.fixed_point import FixedPointTracker
+    z = torch.zeros(1, 4, dtype=torch.float64)
+    fz = torch.tensor([[0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)  # |f(z) - z| = 0.5, relative ~ 1
+    at_tol = FixedPointTracker(z, 0.5, "abs", "deq")
+    assert at_tol.observe(z, fz) is False and not at_tol.info().converged.any()
+    below = FixedPointTracker(z, 0.6, "abs", "deq")
+    assert below.observe(z, fz) is True and below.info().converged.all()  # abs: 0.5 < 0.6 though rel ~ 1
+    last = FixedPointTracker(z, 0.0, "abs", "deq", max_iter=1)
+    assert last.observe(z, fz) is False  # not converged, last evaluation
+    tie = FixedPointTracker(z, 0.0, "abs", "deq")
+    tie.observe(z, fz)
+    tie.observe(z + 1, fz + 1)  # the same residual: the first iterate stays the best
+    assert torch.equal(tie.best, z)
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+@pytest.mark.parametrize("nan_at, best", [(1, "nan"), (2, "1.000e+00"), (3, "3.333e-01")])
+def test_a_non_finite_evaluation_is_named_with_the_best_residual_so_far(check_every, nan_at, best):
+    """f(z) = z/2 + b from 0: relative residuals 1 then 1/3; f turns NaN at evaluation ``nan_at``."""
+    from bertode.solve.fixed_point import DEQSolveError, fixed_point
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return 0.5 * z + 1 if len(calls) < nan_at else torch.full_like(z, math.nan)
+
+    with pytest.raises(DEQSolveError) as error:
+        fixed_point(f, torch.zeros(2, 3, dtype=torch.float64), max_iter=6, tol=0.0, check_every=check_every)
+    assert str(error.value) == f"deq: non-finite value in f(z) at iteration {nan_at} (best relative residual so far {best})"
