@@ -348,3 +348,57 @@ def test_a_non_finite_evaluation_is_named_with_the_best_residual_so_far(check_ev
     with pytest.raises(DEQSolveError) as error:
         fixed_point(f, torch.zeros(2, 3, dtype=torch.float64), max_iter=6, tol=0.0, check_every=check_every)
     assert str(error.value) == f"deq: non-finite value in f(z) at iteration {nan_at} (best relative residual so far {best})"
+
+
+# --- bertode/solve/substeps.py -----------------------------------------------------------------------------
+
+
+def test_substeps_moves_the_whole_tableau_to_the_state_dtype():
+    from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+    from bertode.solve._torchdyn import DiffEqSolver
+    from bertode.solve.solvers import FIXED_STEPPING
+    from bertode.solve.substeps import SubSteps
+    state, t_span = torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0])
+    wrapped = SubSteps(SOLVER_DICT["rk4"](torch.float32), 2)
+    assert wrapped.sync_device_dtype(state, t_span)[1] is t_span  # t_span stays where it is
+    c, a, bsol, berr = wrapped.base.tableau
+    assert {c.dtype, bsol.dtype, berr.dtype, *(row.dtype for row in a)} == {torch.float64}
+
+    class NoErrorWeights(DiffEqSolver):  # a fixed-step tableau without error weights
+        def __init__(self):
+            super().__init__(order=1, stepping_class=FIXED_STEPPING)
+            self.tableau = (torch.zeros(1), [torch.zeros(1)], torch.ones(1), None)
+
+    wrapped = SubSteps(NoErrorWeights(), 2)
+    wrapped.sync_device_dtype(state, t_span)
+    assert wrapped.base.tableau[2].dtype == torch.float64 and wrapped.base.tableau[3] is None
+
+
+def test_substeps_hand_args_to_every_base_step_and_note_inner_states():
+    """n = 4 Euler-like steps of dx/dt = 1 from t0 = 0 to 1: the observer notes t = 1/4, 1/2, 3/4."""
+    from bertode.solve import observe
+    from bertode.solve._torchdyn import DiffEqSolver
+    from bertode.solve.solvers import FIXED_STEPPING
+    from bertode.solve.substeps import SubSteps
+    seen_args = []
+
+    class Recording(DiffEqSolver):
+        def __init__(self):
+            super().__init__(order=1, stepping_class=FIXED_STEPPING)
+
+        def step(self, f, x, t, dt, k1=None, args=None):
+            seen_args.append(args)
+            return None, x + dt * f(t, x), None
+
+    observer = observe.Observer(trajectory=True)
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    with observe.observing(observer):
+        observer.begin("solve", 0.0, x0)
+        x1 = SubSteps(Recording(), 4).step(lambda t, x: torch.ones_like(x), x0, torch.tensor(0.0), torch.tensor(1.0),
+                                           args="sentinel")[1]
+        observer.end(1.0, x1)
+    assert seen_args == ["sentinel"] * 4
+    (solve,) = observer.trajectory()
+    assert solve["times"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    torch.testing.assert_close(solve["states"][:, 0, 0], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
