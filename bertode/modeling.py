@@ -57,14 +57,30 @@ class BertODEPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{method}() is invalid with {refusal}; allowed: mode='discrete' or mode='ode' with "
                              "sensitivity='autograd'")
 
-    def gradient_checkpointing_enable(self, *args, **kwargs):
-        """Per-layer activation checkpointing (discrete, ODE with ``sensitivity="autograd"``); refused for DEQ, adjoints."""
-        self._refuse_checkpointing("gradient_checkpointing_enable")
-        return super().gradient_checkpointing_enable(*args, **kwargs)
-
-    def activation_checkpointing_enable(self, *args, **kwargs):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """Per-layer activation checkpointing (discrete, ODE with ``sensitivity="autograd"``), transformers' own:
+        every layer is a `GradientCheckpointingLayer` (``every_n_layers`` counts them); refused in one line
+        where it would save nothing (DEQ, adjoints)."""
         self._refuse_checkpointing("activation_checkpointing_enable")
-        return super().activation_checkpointing_enable(*args, **kwargs)
+        self._enable_checkpointing(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """`activation_checkpointing_enable` under its older name, without the FutureWarning transformers 5
+        gives its own models' (bertode keeps the name; transformers routes either call here)."""
+        self._refuse_checkpointing("gradient_checkpointing_enable")
+        self._enable_checkpointing(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        """`activation_checkpointing_disable` under its older name, without transformers 5's FutureWarning."""
+        disable = getattr(super(), "_activation_checkpointing_disable", None)
+        return disable() if disable is not None else super().gradient_checkpointing_disable()
+
+    def _enable_checkpointing(self, checkpoint_kwargs, every_n_layers: int = 1, offload: bool = False):
+        enable = getattr(super(), "_activation_checkpointing_enable", None)
+        if enable is None:  # transformers before activation_checkpointing_enable: the one public name
+            return super().gradient_checkpointing_enable(checkpoint_kwargs)
+        return enable(checkpoint_kwargs, every_n_layers, offload)
 
     def post_init(self):
         super().post_init()

@@ -168,3 +168,42 @@ def test_attentions_are_differentiable_in_train_mode_with_hf_eagers_gradients(ch
         grads.append(dict(model.named_parameters())[query].grad)
     assert grads[1] is not None and grads[0].abs().max() > 1e-4
     assert (grads[0] - grads[1]).abs().max() <= 1e-6
+
+
+def test_checkpointing_is_transformers_per_layer_with_every_n_layers_and_kwargs_and_no_warning():
+    """Every layer is a transformers GradientCheckpointingLayer: every_n_layers picks the same layers as in HF's
+    BertModel, the kwargs reach torch's checkpoint, and gradient_checkpointing_enable() warns nothing."""
+    import warnings
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    torch.manual_seed(0)
+    hf = BertModel(tiny_bert_config(num_hidden_layers=4)).train()
+    plain = bertode.BertODEModel(_config(solver="euler", steps=1, num_hidden_layers=4, hidden_dropout_prob=0.1,
+                                         attention_probs_dropout_prob=0.1)).train()
+    checkpointed = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True},
+                                                   every_n_layers=2)
+    hf.activation_checkpointing_enable(every_n_layers=2)
+    flags = [layer.gradient_checkpointing for layer in checkpointed.encoder.layer]
+    assert all(isinstance(layer, GradientCheckpointingLayer) for layer in checkpointed.encoder.layer)
+    assert flags == [layer.gradient_checkpointing for layer in hf.encoder.layer] == [True, False, True, False]
+    calls = []
+    for layer in checkpointed.encoder.layer:
+        if layer.gradient_checkpointing:
+            assert layer._checkpoint.keywords == {"use_reentrant": True}
+            func = layer._checkpoint
+            layer._checkpoint = lambda *args, func=func, **kwargs: calls.append(1) or func(*args, **kwargs)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks: the recomputation replays them
+        model(**_batch()).last_hidden_state.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert len(calls) == 2 and grads[0].keys() == grads[1].keys()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) <= 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checkpointed.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in checkpointed.encoder.layer)

@@ -19,10 +19,12 @@ per evaluation (``attention_dropout``); a DEQ forward hands the sites its dropou
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..solve import observe
 from ..solve.sensitivities import build_sensitivity, get_sensitivity
@@ -197,8 +199,39 @@ def _in_compute_dtype(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-class BertODELayer(nn.Module):
-    """Attention site then feed-forward site, stepped by the configured block."""
+def replaying(checkpoint, function, *inputs):
+    """``checkpoint(function, *inputs)`` (transformers' activation checkpointing), whose recomputation in the
+    backward pass runs with the forward's dropout masks (the RNG state, restored by the checkpoint, and the
+    row split, `dropout.restored`) and under an observer that takes the forward's attention paths (eager or
+    fused) but records nothing, so it is neither observed nor counted twice."""
+    split, observer = current_split(), observe.active()
+    replay = observer.replay() if observer is not None else None
+    runs = []
+
+    def run(*args):
+        recomputing = bool(runs)
+        runs.append(True)
+        watching = (replay.replay() if replay is not None else None) if recomputing else observer
+        with restored(split), observe.observing(watching):
+            return function(*args)
+
+    return checkpoint(run, *inputs)
+
+
+class BertODELayer(GradientCheckpointingLayer):
+    """Attention site then feed-forward site, stepped by the configured block. A transformers
+    `GradientCheckpointingLayer`: ``activation_checkpointing_enable()`` (with its ``every_n_layers``,
+    ``activation_checkpointing_kwargs``) checkpoints it, recomputed by `replaying`."""
+
+    _checkpoint = None  # the checkpoint function transformers sets (as `_gradient_checkpointing_func`)
+
+    @property
+    def _gradient_checkpointing_func(self):
+        return functools.partial(replaying, self._checkpoint)
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, checkpoint):
+        self._checkpoint = checkpoint
 
     def __init__(self, config, integrate: bool = True, attention_dropout: float | None = None):
         super().__init__()
@@ -285,7 +318,6 @@ class BertODEEncoder(Encoder):
         self.last_stats = SolverStats()
         self.ode_penalty = None  # the regularisers' integrals of the latest forward, unweighted (`regularizers.py`)
         self.skipped_batches = 0  # what `Encoder` users read; an ODE encoder never skips
-        self.gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable()
 
     def solver_stats(self) -> dict:
         return self.last_stats.summary()
@@ -297,35 +329,16 @@ class BertODEEncoder(Encoder):
                     "already constant in its steps)")
         return None
 
-    def _checkpointed(self, layer, hidden, attn_mask, run: Pass):
-        """One layer under activation checkpointing: its activations are recomputed in the
-        backward pass, with the forward's dropout masks (RNG state and row split) and
-        without observing or counting the recomputation."""
-        captured, split, observer = [], current_split(), observe.active()
-        replay = observer.replay() if observer is not None else None  # the same attention paths, recorded nowhere
-
-        def apply(x):
-            with restored(split), observe.observing(observer if not captured else replay.replay() if replay else None):
-                out, records = layer(x, attn_mask, run)
-            captured.append(records)
-            return out
-
-        return self._gradient_checkpointing_func(apply, hidden), captured[0]
-
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None,
                 output_hidden_states: bool = False) -> EncoderOutput:
         """This forward's output; its penalty: ``regularizer_weight`` times the regularisers' integrals."""
         stats = SolverStats()
         states = [hidden] if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         penalties: list = []
         dial = current_dial()
 
         def apply(layer, x, run):
-            if checkpointing:
-                x, records = self._checkpointed(layer, x, attn_mask, run)
-            else:
-                x, records = layer(x, attn_mask, run)
+            x, records = layer(x, attn_mask, run)  # checkpointed by the layer itself, when enabled
             stats.records.extend(records)
             return x
 

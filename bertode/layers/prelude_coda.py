@@ -27,7 +27,7 @@ from torch import nn
 from ..solve import observe
 from ..solve.dial import current_dial, dialed
 from ..solve.stats import SolverStats
-from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
+from .encoder import BertODELayer, Encoder, EncoderOutput, Pass
 from .sublayers import AttentionBranch
 
 # What the model, the tests and the tools read of an encoder that is the core's (beside the properties below).
@@ -72,7 +72,6 @@ class PreludeCodaEncoder(Encoder):
                 module.config = config
         self.coda = nn.ModuleList(BertODELayer(config, integrate=False) for _ in range(config.coda_layers))
         self.last_stats = SolverStats()
-        self.gradient_checkpointing = False  # set by transformers' gradient_checkpointing_enable() (and the core's)
 
     # --- what the model asks of an encoder: the core's -----------------------------------------
     @property
@@ -108,14 +107,10 @@ class PreludeCodaEncoder(Encoder):
         """The coda layer's index in the whole stack, as configured (block record names)."""
         return self.config.num_hidden_layers - len(self.coda) + i
 
-    def _stack(self, layers, first_index, hidden, attn_mask, records: list, states: list | None, checkpoint=True):
-        checkpointing = checkpoint and self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+    def _stack(self, layers, first_index, hidden, attn_mask, records: list, states: list | None):
         for i, layer in enumerate(layers):
-            run = Pass(first_index + i)
-            if checkpointing:  # the same recomputation (dropout masks, observer replay) as the core's
-                hidden, new = BertODEEncoder._checkpointed(self, layer, hidden, attn_mask, run)
-            else:
-                hidden, new = layer(hidden, attn_mask, run)
+            # checkpointed by the layer itself when enabled (`encoder.replaying`), as the core's
+            hidden, new = layer(hidden, attn_mask, Pass(first_index + i))
             records.extend(new)
             if states is not None:
                 states.append(hidden)
@@ -124,7 +119,7 @@ class PreludeCodaEncoder(Encoder):
     def apply_coda(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         """The coda on ``hidden``, observed and counted nowhere (what the dial's callables see)."""
         with observe.observing(None):
-            return self._stack(self.coda, self._coda_index(0), hidden, attn_mask, [], None, checkpoint=False)
+            return self._stack(self.coda, self._coda_index(0), hidden, attn_mask, [], None)
 
     def _dial_through_coda(self, attn_mask, like: torch.Tensor) -> dict:
         """The current dial's ``on_iterate`` and ``readout`` (those set), composed after the coda."""
