@@ -402,3 +402,17 @@ def test_substeps_hand_args_to_every_base_step_and_note_inner_states():
     (solve,) = observer.trajectory()
     assert solve["times"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     torch.testing.assert_close(solve["states"][:, 0, 0], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+
+
+def test_substeps_takes_the_base_solvers_order_and_dtype():
+    from torchdyn.numerics.solvers.ode import SOLVER_DICT
+
+    from bertode.solve._torchdyn import DiffEqSolver
+    from bertode.solve.solvers import FIXED_STEPPING
+    from bertode.solve.substeps import SubSteps
+    wrapped = SubSteps(SOLVER_DICT["rk4"](torch.float64), 3)
+    assert (wrapped.order, wrapped.stepping_class, wrapped.dtype, wrapped.n) == (4, FIXED_STEPPING, torch.float64, 3)
+    assert SubSteps(DiffEqSolver(order=2), 1).dtype == torch.float32  # a base without a dtype
+    with pytest.raises(ValueError) as error:
+        SubSteps(SOLVER_DICT["dopri5"](torch.float32), 2)
+    assert str(error.value) == "SubSteps needs a fixed-step solver, got DormandPrince45 (adaptive)"
