@@ -115,7 +115,9 @@ def _scratch_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0, **l
     scratch = OmegaConf.to_container(cfg.scratch)
     origin.update({key: f"scratch.{key}" for key in scratch})
     try:
-        return BertODEConfig(**scratch | {"vocab_size": vocab_size}, pad_token_id=pad_token_id, **labels, **fields)
+        config = BertODEConfig(**scratch | {"vocab_size": vocab_size}, pad_token_id=pad_token_id, **labels, **fields)
+        config.validate_ode()  # the pairings too (construction checks each field alone), before anything is written
+        return config
     except ValueError as error:
         raise ValueError(rename(str(error), origin)) from None
 
