@@ -17,7 +17,7 @@ all rows). Measurements:
   and `FeedForwardBranch`, HF's `BertAttention` and `BertIntermediate`) count their calls
   in the forward and in the backward (an adjoint re-evaluates the field). BERT is 2 per
   layer; the number is comparable across HF, ODE, block and DEQ rows.
-* host syncs: `bertode.host_syncs.count_host_syncs` over one eager training step (forward,
+* host syncs: `bertode.solve.host_syncs.count_host_syncs` over one eager training step (forward,
   backward, AdamW step), on every device; on CUDA also what CUDA's sync detector reports.
 * time: median of ``--steps`` timed steps after ``--warmup`` untimed ones, with
   ``torch.cuda.synchronize`` around each step on CUDA.
@@ -41,7 +41,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 import bertode
-from bertode.host_syncs import count_host_syncs
+from bertode.solve.host_syncs import count_host_syncs
 
 ROOT = Path(__file__).resolve().parents[1]
 # A GPU machine sees only the checkout: BERTODE_WIKITEXT points at a copy brought along.
@@ -260,7 +260,7 @@ def sizes_of(args) -> dict:
 
 
 def host_syncs(fn) -> dict:
-    """Host synchronisations of one ``fn()`` counted by `bertode.host_syncs.count_host_syncs` (every
+    """Host synchronisations of one ``fn()`` counted by `bertode.solve.host_syncs.count_host_syncs` (every
     device: on CPU, what would synchronise on an accelerator): ``host_syncs`` and ``host_syncs_by_op``."""
     with count_host_syncs() as syncs:
         fn()

@@ -33,7 +33,7 @@ where `bertode.compile.whole_graph` holds, compiled fields otherwise; the row's 
 HF runs eager (the reference) and compiled (row ``hf_bert_compiled``), and counts come
 from one eager step before compiling.
 
-Host syncs per step (``host_syncs``, every device): `bertode.host_syncs.count_host_syncs` over
+Host syncs per step (``host_syncs``, every device): `bertode.solve.host_syncs.count_host_syncs` over
 one eager training step (compiled graphs hide their ops from it): scalar reads, ``.tolist()``,
 data-dependent shapes, device-to-host copies, counted on CPU as what would synchronise on CUDA
 (``host_syncs_by_op`` in the JSON says which). On CUDA, ``cuda_detector_syncs`` is what CUDA's own

@@ -8,7 +8,7 @@ import torch
 
 import bertode
 from bertode import DEQSolveError
-from bertode.host_syncs import count_host_syncs
+from bertode.solve.host_syncs import count_host_syncs
 from bertode.solve.fixed_point import FIXED_POINT_SOLVERS as SOLVERS
 
 from conftest import TINY
@@ -17,7 +17,7 @@ BUILT_IN = ("fixed_point", "anderson", "broyden")
 IDS = torch.randint(5, TINY["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
 
 
-def syncs_of(fn) -> "bertode.host_syncs.HostSyncs":
+def syncs_of(fn) -> "bertode.solve.host_syncs.HostSyncs":
     with count_host_syncs() as syncs:
         fn()
     return syncs

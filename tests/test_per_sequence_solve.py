@@ -9,7 +9,7 @@ import torch
 import torchdiffeq
 
 import bertode
-from bertode.host_syncs import count_host_syncs
+from bertode.solve.host_syncs import count_host_syncs
 from conftest import projection_loss, tiny_ode_config
 
 # The stiff sequence's branch output is this much larger (as a per-row hidden-dropout mask would

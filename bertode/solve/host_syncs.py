@@ -1,6 +1,6 @@
 """Count host synchronisations: the calls that make the host wait for a value computed on the device.
 
-    from bertode.host_syncs import count_host_syncs
+    from bertode.solve.host_syncs import count_host_syncs
     with count_host_syncs() as syncs:
         loss = model(**batch).loss; loss.backward(); optimizer.step()
     print(syncs.count, syncs.by_op, syncs.sites)
