@@ -3,6 +3,7 @@
     python scripts/mutation.py bertode/solve/exits.py
     python scripts/mutation.py bertode/layers/losses.py --tests tests/test_sparse_prediction.py
     python scripts/mutation.py bertode/solve/dial.py --jobs 1 --keep
+    python scripts/mutation.py bertode/solve/dial.py --again     # after new tests: the survivors only
 
 mutmut (the ``mutation`` extra: ``pip install -e .[mutation]``) writes its mutants into a
 ``mutants/`` folder beside the code it mutates and chdirs there, so this script never runs
@@ -17,6 +18,11 @@ runs ``mutmut run`` there, and reads the results back:
 * a survivor is a change to the code that the selected tests cannot tell apart: kill it
   with a test against an oracle, or list it as an equivalent mutant with its reason in
   docs/testing.md ("Mutation testing").
+
+``--again`` (after a run with ``--keep``) re-tests only the survivors recorded in the kept
+copy, with the working tree's tests/ copied in afresh (mutmut collects the new tests' coverage
+first): the quick loop of writing a test that kills a survivor. It refuses when the module's
+source changed since the copy (then run afresh).
 
 Tests default to ``TESTS_BY_MODULE`` below (the files that test that module, chosen to
 be quick) and tests/test_mutation_kills.py; ``--tests`` overrides. mutmut runs the selection once to learn which tests call
@@ -78,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
     parser.add_argument("--scratch", type=Path, help="scratch copy (default /tmp/mut-<module>)")
     parser.add_argument("--out", type=Path, help="results JSON (default results/mutation/<module>.json)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for `mutmut show/browse` there)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for --again, `mutmut show/browse`)")
+    parser.add_argument("--again", action="store_true", help="re-test the kept copy's survivors with today's tests/")
     args = parser.parse_args(argv)
     module = Path(args.module).as_posix()
     if not module.startswith("bertode/") or not module.endswith(".py") or not (REPO / module).is_file():
@@ -106,6 +113,20 @@ def copy_tree(scratch: Path) -> None:
         if source.is_file():
             (scratch / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, scratch / name)
+
+
+def refresh_tests(scratch: Path, module: str) -> list[str]:
+    """For ``--again``: the working tree's tests/ into the kept copy; the names of its survivors."""
+    meta = scratch / "mutants" / f"{module}.meta"
+    if not meta.exists():
+        raise SystemExit(f"--again needs a kept copy with results: {meta} is missing (run once with --keep)")
+    if (scratch / module).read_bytes() != (REPO / module).read_bytes():
+        raise SystemExit(f"{module} changed since the copy in {scratch} was made; run without --again")
+    shutil.copytree(REPO / "tests", scratch / "tests", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return sorted(name for name, code in codes.items()
+                  if STATUS_BY_EXIT_CODE.get(code, "suspicious") in ("survived", "no tests", "suspicious"))
 
 
 def narrow_config(scratch: Path, module: str, tests: list[str]) -> None:
@@ -140,12 +161,17 @@ def read_results(scratch: Path, module: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    print(f"copying the working tree into {args.scratch}", flush=True)
-    copy_tree(args.scratch)
+    names = []
+    if args.again:
+        names = refresh_tests(args.scratch, args.module)
+        print(f"re-testing {len(names)} survivors in {args.scratch}", flush=True)
+    else:
+        print(f"copying the working tree into {args.scratch}", flush=True)
+        copy_tree(args.scratch)
     narrow_config(args.scratch, args.module, args.tests)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     started = datetime.datetime.now(datetime.timezone.utc)
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)]
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *names]
     print(f"{' '.join(command)}  (in {args.scratch}; tests: {' '.join(args.tests)})", flush=True)
     run = subprocess.run(command, cwd=args.scratch, env=env)
     meta = args.scratch / "mutants" / f"{args.module}.meta"
@@ -155,7 +181,8 @@ def main(argv=None) -> int:
     results = dict(
         module=args.module, tool=f"mutmut {version('mutmut')}", date=started.strftime("%Y-%m-%d"),
         minutes=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, 1),
-        tests=args.tests, **read_results(args.scratch, args.module),
+        tests=args.tests, retested_survivors=len(names) if args.again else None,
+        **read_results(args.scratch, args.module),
     )
     if results["not_checked"]:
         print(f"mutmut left {results['not_checked']} of {results['mutants']} mutants unchecked (exit code "
@@ -168,7 +195,7 @@ def main(argv=None) -> int:
     counts = ", ".join(f"{key} {results[key]}" for key in ("mutants", "killed", "survived", "timeout", "no_tests", "suspicious"))
     rate = "n/a" if results["kill_rate"] is None else f"{results['kill_rate']:.1%}"
     print(f"\n{args.module}: {counts}; kill rate {rate} ({results['minutes']} min) -> {args.out}")
-    if not args.keep:
+    if not (args.keep or args.again):
         shutil.rmtree(args.scratch)
     return 0
 
