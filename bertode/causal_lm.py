@@ -50,10 +50,10 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, shift_labels=None,
-                logits_to_keep: int | torch.Tensor = 0, cache=None, use_cache=None, **kwargs):
+                logits_to_keep: int | torch.Tensor = 0, cache=None, use_cache=None, penalty_share=None, **kwargs):
         check_logits_to_keep(logits_to_keep, (input_ids if input_ids is not None else inputs_embeds).shape[1], labels)
         return self._predict(input_ids, inputs_embeds, labels, return_dict, num_items_in_batch,
-                             shift_labels=shift_labels, logits_to_keep=logits_to_keep,
+                             shift_labels=shift_labels, logits_to_keep=logits_to_keep, penalty_share=penalty_share,
                              attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                              output_trajectory=output_trajectory)

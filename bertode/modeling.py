@@ -277,18 +277,24 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
-                output_trajectory=False, return_dict=None, num_items_in_batch=None, **kwargs):
+                output_trajectory=False, return_dict=None, num_items_in_batch=None, penalty_share=None, **kwargs):
         return self._predict(input_ids, inputs_embeds, labels, return_dict, num_items_in_batch,
-                             attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                             penalty_share=penalty_share, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                              output_trajectory=output_trajectory)
 
     def _predict(self, input_ids, inputs_embeds, labels, return_dict, num_items_in_batch, shift_labels=None,
-                 logits_to_keep=0, **encode):
+                 logits_to_keep=0, penalty_share=None, **encode):
         """The encoder, then the head's logits (``logits_to_keep``: at those positions only, see
         `kept_positions`) and, with ``labels``, the loss. As transformers' ``ForCausalLMLoss``: a causal
         LM's labels are shifted inside unless ``shift_labels`` (already shifted) are given, which then
-        are the targets; without ``labels`` there is no loss."""
+        are the targets; without ``labels`` there is no loss.
+
+        The encoder's penalty (a mean over this batch's positions) is added times this batch's share of
+        the normalisation: its share of ``num_items_in_batch``'s targets, unless ``penalty_share`` says
+        otherwise. `bertode.train` passes its share of the global batch's rows, so that a step's penalty is
+        the mean over all its positions however the batch is split (ranks, micro-batches), also when the
+        parts hold different numbers of targets."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         criterion = current_dial().exit  # the `kl` exit criterion reads this head's distributions
         reading = dialed(readout=self.readout) if getattr(criterion, "needs_readout", False) else contextlib.nullcontext()
@@ -304,6 +310,7 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch
                 share = targets.numel() / num_items_in_batch
+            share = share if penalty_share is None else penalty_share
             return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
         logits = self.cls(kept_positions(outputs.last_hidden_state, logits_to_keep))
         if targets is not None:
@@ -311,6 +318,7 @@ class LanguageModelHead(TiedMLMDecoder, BertODEPreTrainedModel):
             targets = targets.reshape(-1).to(logits.device)
             loss = self._token_loss(scored.reshape(-1, self.config.vocab_size), targets, num_items_in_batch)
             share = 1.0 if num_items_in_batch is None else (targets != -100).sum() / num_items_in_batch
+            share = share if penalty_share is None else penalty_share
         return self._result(self.output_class, return_dict, outputs, loss, share, logits=logits)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:

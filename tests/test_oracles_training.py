@@ -211,18 +211,21 @@ def test_a_streamed_run_with_grad_accumulation_killed_and_resumed_gives_the_unin
 
 
 # --- 4. a batch's loss with a regulariser is the sum of its parts' losses ----------------------------------------
-def _split_losses(model, inputs, labels, parts, seed=11):
+def _split_losses(model, inputs, labels, parts, seed=11, by_rows=False):
     """The loss of the whole batch, and the sum of the parts' losses with ``num_items_in_batch``
     the whole batch's target count (as `bertode.train` and HF Trainer weight micro-batches);
     each forward inside `split_invariant` over the global rows, so every row draws the same
-    dropout masks and Hutchinson probes wherever it is computed."""
+    dropout masks and Hutchinson probes wherever it is computed. ``by_rows``: each part's penalty
+    weighted by its share of the rows (``penalty_share``, as `bertode.train` passes it)."""
     rows, total = len(inputs), int((labels != -100).sum())
     with split_invariant(seed, torch.arange(rows), rows):
         whole = model(input_ids=inputs, labels=labels, num_items_in_batch=torch.tensor(total))
     pieces = []
     for part in parts:
         with split_invariant(seed, part, rows):
-            pieces.append(model(input_ids=inputs[part], labels=labels[part], num_items_in_batch=torch.tensor(total)))
+            share = {"penalty_share": len(part) / rows} if by_rows else {}
+            pieces.append(model(input_ids=inputs[part], labels=labels[part], num_items_in_batch=torch.tensor(total),
+                                **share))
     return whole, pieces
 
 
@@ -256,11 +259,34 @@ def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
     assert abs(sum(p.loss for p in pieces).item() - whole.loss.item()) <= 1e-5, (sum(p.loss for p in pieces), whole.loss)
 
 
+@pytest.mark.parametrize("mode", ["ode_rnode", "deq_jacobian"])
+def test_parts_with_unequal_targets_sum_to_the_whole_batch_when_the_penalty_is_shared_by_rows(mode):
+    """Parts holding 2 and 8 of the batch's 10 targets: the penalty is a mean over positions, so the
+    parts' penalties must enter with their share of the rows (1/2 each, `penalty_share`, what
+    `bertode.train` passes), not of the targets (1/5 and 4/5), for the parts to sum to the whole."""
+    torch.manual_seed(0)
+    if mode == "ode_rnode":
+        config = tiny_ode_config(solver="euler", steps=2, regularizer="rnode", regularizer_weight=100.0,
+                                 hidden_dropout_prob=0.1)
+    else:
+        config = tiny_ode_config(mode="deq", deq_max_iter=40, deq_tol=1e-10, jac_reg_weight=0.5, jac_reg_freq=1.0,
+                                 hidden_dropout_prob=0.1)
+    model = bertode.BertODEForMaskedLM(config).train()
+    inputs = torch.randint(5, 64, (4, 10))
+    labels = _labels(inputs, [1, 1, 4, 4])
+    parts = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    whole, pieces = _split_losses(model, inputs, labels, parts, by_rows=True)
+    assert abs(sum(p.loss for p in pieces).item() - whole.loss.item()) <= 1e-5, (sum(p.loss for p in pieces), whole.loss)
+    _, by_targets = _split_losses(model, inputs, labels, parts)  # the targets' shares: off by (3/10) * (P1 - P0)
+    assert abs(sum(p.loss for p in by_targets).item() - whole.loss.item()) > 1e-4
+
+
 def test_torchrun_with_grad_accumulation_and_rnode_matches_one_process(tmp_path, cache_dir):
     """2 processes x 2 accumulated micro-batches a step with regularizer=rnode (kinetic energy
     and the Hutchinson Jacobian term) and dropout: the losses of one process with the same
     micro-batches. Every row draws its masks and probes from its own stream, and each part's
-    penalty enters with its share of the step's targets."""
+    penalty enters with its share of the step's rows (`penalty_share`): at weight 100 a share of the
+    targets instead is off by ~7e-5."""
     import subprocess
     import sys
 
@@ -268,7 +294,7 @@ def test_torchrun_with_grad_accumulation_and_rnode_matches_one_process(tmp_path,
 
     overrides = small(cache_dir, "trainer.device=cpu", "model=ode", "solver=euler", "solver.steps=2", "trainer.max_steps=4",
                       "trainer.batch_size=8", "trainer.grad_accumulation=2", "model.hidden_dropout_prob=0.1",
-                      "regularizer=rnode", "regularizer.weight=1.0", "trainer.eval_every=1000")
+                      "regularizer=rnode", "regularizer.weight=100.0", "trainer.eval_every=1000")
     runs = {"one": [], "two": ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29583"]}
     for name, launcher in runs.items():
         done = subprocess.run([sys.executable, *launcher, "-m", "bertode.train", f"hydra.run.dir={tmp_path / name}",

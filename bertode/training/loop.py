@@ -238,7 +238,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             noise = split_invariant(order.noise_seed(step * trainer.grad_accumulation + a), own_rows, micro, dist.device)
             with context, noise, depth.dial(drawn):
                 with autocast(dist.device, trainer.precision):
-                    out = model(input_ids=inputs, labels=labels, num_items_in_batch=items)
+                    # The penalty (a mean over positions) weighted by this part's share of the rows (DDP averages
+                    # over ranks, hence * world): the step's penalty is the mean over all its positions.
+                    out = model(input_ids=inputs, labels=labels, num_items_in_batch=items,
+                                penalty_share=len(inputs) * dist.world / trainer.batch_size)
                 ce_sum, correct = masked_ce_sum(*scored(objective, out.logits.detach(), labels))
                 if out.loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
                     out.loss.backward()
