@@ -227,8 +227,11 @@ def test_liger_path_calls_the_fused_loss_as_documented(monkeypatch, returns):
 
     from bertode.layers.losses import linear_cross_entropy
 
+    calls = []
+
     class FusedLoss:
         def __init__(self, ignore_index=-100, reduction="mean"):
+            calls.append(ignore_index)
             assert reduction == "sum"
             self.ignore_index = ignore_index
 
@@ -245,7 +248,7 @@ def test_liger_path_calls_the_fused_loss_as_documented(monkeypatch, returns):
     hidden, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((5, 3), (4, 3), (4,)))
     labels = torch.tensor([1, -100, 3, 0, 2])
     loss, logits, ran = linear_cross_entropy(hidden, weight, bias, labels, reduction="sum", kernel="liger")
-    assert ran == "liger" and loss.dtype == torch.float32
+    assert ran == "liger" and calls == [-100] and loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), _dense_cross_entropy(hidden, weight, bias, labels), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits, hidden @ weight.T + bias)
 
