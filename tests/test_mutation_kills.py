@@ -419,3 +419,43 @@ def test_substeps_takes_the_base_solvers_order_and_dtype():
     with pytest.raises(ValueError) as error:
         SubSteps(SOLVER_DICT["dopri5"](torch.float32), 2)
     assert str(error.value) == "SubSteps needs a fixed-step solver, got DormandPrince45 (adaptive)"
+
+
+# --- bertode/training/objective.py -------------------------------------------------------------------------
+
+
+def test_objective_probability_name_and_targets():
+    from bertode.training.objective import Objective, make_objective
+    assert make_objective("mlm", None).probability == 0.15 and Objective(None).probability == 0.15
+    assert make_objective("mlm", None, 0.3).probability == 0.3 and make_objective(None, None).name == "mlm"
+    labels = torch.tensor([[5, 6, -100, 7], [-100, -100, 8, -100]])
+    assert make_objective("mlm", None).targets(labels) == 4  # every label that is not -100
+    assert make_objective("clm", None).targets(labels) == 3  # position 0 is never a next-token target
+    with pytest.raises(NotImplementedError, match=r"^Objective\.make_batch$"):
+        Objective(None).make_batch(labels, torch.Generator())
+
+
+@pytest.mark.parametrize("saved, expected", [({"objective": "clm"}, "clm"), ({"objective": "mlm", "is_decoder": True}, "mlm"),
+                                             ({"is_decoder": True}, "clm"), ({"objective": None}, "mlm"), ({}, "mlm")])
+def test_objective_of_a_saved_config(saved, expected):
+    from bertode.training.objective import objective_of
+    assert objective_of(saved) == expected
+
+
+def test_register_objective(monkeypatch):
+    from bertode.training.objective import OBJECTIVES, Objective, get_objective, register_objective
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))
+    monkeypatch.setattr(OBJECTIVES, "default", OBJECTIVES.default)
+
+    class Span(Objective):
+        pass
+
+    assert register_objective("span_for_test")(Span) is Span
+    assert get_objective("span_for_test") is Span and Span.registry_name == "span_for_test"
+    assert get_objective(None).registry_name == "mlm"
+
+    class Other(Objective):
+        pass
+
+    register_objective("other_for_test", default=True)(Other)
+    assert get_objective(None) is Other
