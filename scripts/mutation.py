@@ -20,7 +20,7 @@ runs ``mutmut run`` there, and reads the results back:
   docs/testing.md ("Mutation testing").
 
 ``--again`` (after a run with ``--keep``) re-tests only the survivors recorded in the kept
-copy, with the working tree's tests/ copied in afresh (mutmut collects the new tests' coverage
+copy, with the working tree's versions of the selected test files copied in afresh (mutmut collects the new tests' coverage
 first): the quick loop of writing a test that kills a survivor. It refuses when the module's
 source changed since the copy (then run afresh).
 
@@ -115,15 +115,16 @@ def copy_tree(scratch: Path) -> None:
             shutil.copy2(source, scratch / name)
 
 
-def refresh_tests(scratch: Path, module: str) -> list[str]:
-    """For ``--again``: the working tree's tests/ into the kept copy; the names of its survivors."""
+def refresh_tests(scratch: Path, module: str, tests: list[str]) -> list[str]:
+    """For ``--again``: the working tree's versions of the selected test files (and conftest.py) into
+    the kept copy; the names of its survivors."""
     meta = scratch / "mutants" / f"{module}.meta"
     if not meta.exists():
         raise SystemExit(f"--again needs a kept copy with results: {meta} is missing (run once with --keep)")
     if (scratch / module).read_bytes() != (REPO / module).read_bytes():
         raise SystemExit(f"{module} changed since the copy in {scratch} was made; run without --again")
-    shutil.copytree(REPO / "tests", scratch / "tests", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in {"tests/conftest.py", *(test.split("::")[0] for test in tests if not test.startswith("-"))}:
+        shutil.copy2(REPO / name, scratch / name)
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     return sorted(name for name, code in codes.items()
                   if STATUS_BY_EXIT_CODE.get(code, "suspicious") in ("survived", "no tests", "suspicious"))
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     names = []
     if args.again:
-        names = refresh_tests(args.scratch, args.module)
+        names = refresh_tests(args.scratch, args.module, args.tests)
         print(f"re-testing {len(names)} survivors in {args.scratch}", flush=True)
     else:
         print(f"copying the working tree into {args.scratch}", flush=True)
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     print(f"{' '.join(command)}  (in {args.scratch}; tests: {' '.join(args.tests)})", flush=True)
     run = subprocess.run(command, cwd=args.scratch, env=env)
     meta = args.scratch / "mutants" / f"{args.module}.meta"
-    if not meta.exists():
+    if run.returncode or not meta.exists():
         print(f"mutmut wrote no results for {args.module} (exit code {run.returncode})", file=sys.stderr)
         return 1
     results = dict(
