@@ -459,3 +459,85 @@ def test_register_objective(monkeypatch):
 
     register_objective("other_for_test", default=True)(Other)
     assert get_objective(None) is Other
+
+
+# --- bertode/layers/loop.py --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graph_from", [None, 1, 2])
+def test_iterate_truncated_backprop_closed_form(graph_from):
+    """z_{k+1} = w z_k from z0 = 1, depth 3: z3 = w^3. With a graph from iteration g (default 0) the
+    gradient is d(w^(3-g) z_g)/dw = (3-g) w^2 and z0 receives dz3/dz_g = w^(3-g) (the skipped
+    iterations count as the identity)."""
+    from bertode.layers.loop import iterate
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    z0 = torch.ones(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    kwargs = {} if graph_from is None else {"graph_from": graph_from}
+    result = iterate(lambda z, active: z * w, z0, 3, **kwargs)
+    result.state.sum().backward()
+    g = graph_from or 0
+    assert result.iterations == 3
+    torch.testing.assert_close(result.state, torch.full_like(z0, 1.5**3))
+    assert w.grad.item() == pytest.approx((3 - g) * 1.5**2 * 6)
+    torch.testing.assert_close(z0.grad, torch.full_like(z0, 1.5 ** (3 - g)))
+
+
+def test_iterate_zero_depth_and_the_global_stop():
+    from bertode.layers.loop import iterate
+    z0 = torch.ones(1, 1, 1)
+    result = iterate(lambda z, active: z / 2, z0, 0)
+    assert result.iterations == 0 and result.state is z0
+    seen = []
+    result = iterate(lambda z, active: z / 2, z0, 10, on_iterate=lambda n, z: seen.append((n, z.item())),
+                     stop=lambda previous, current: (previous - current).abs().max() < 0.1)
+    # differences 1/2, 1/4, 1/8, 1/16: the stop fires after iteration 4, which is reported and returned
+    assert result.iterations == 4 and result.state.item() == 1 / 16
+    assert seen == [(1, 0.5), (2, 0.25), (3, 0.125), (4, 0.0625)]
+
+
+def test_iterate_ends_when_every_real_token_has_exited():
+    """Real tokens stop changing at once (score 0), the padding token doubles (score 1/2): with ``valid``
+    the loop ends after one iteration; every token's exit depth is 1."""
+    from bertode.layers.loop import iterate
+    z0 = torch.ones(1, 3, 2)
+    factor = torch.tensor([1.0, 1.0, 2.0])[None, :, None]
+    valid = torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        result = iterate(lambda z, active: z * factor, z0, 5, criterion=LatentDifference(0.1), valid=valid)
+    assert result.iterations == 1 and result.exit_depths.tolist() == [[1, 1, 1]]
+    assert result.exit_summary(valid) == {"exit_depth_mean": 1.0, "exit_depth_max": 1}
+
+
+def test_exit_summary_over_the_real_tokens():
+    from bertode.layers.loop import LoopResult
+    result = LoopResult(torch.zeros(2, 2, 1), 5, torch.tensor([[1, 3], [2, 5]]))
+    assert result.exit_summary(torch.tensor([[True, False], [True, True]])) == {
+        "exit_depth_mean": pytest.approx(8 / 3), "exit_depth_max": 5}
+    assert result.exit_summary(torch.zeros(2, 2, dtype=torch.bool)) == {"exit_depth_mean": 0.0, "exit_depth_max": 0}
+    assert result.exit_summary(None) == {"exit_depth_mean": 11 / 4, "exit_depth_max": 5}
+
+
+def test_active_tokens_pack_positions_in_ascending_order_and_scatter_in_the_state_dtype():
+    from bertode.layers.loop import ActiveTokens
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 200, generator=generator) < 0.7
+    active = ActiveTokens(mask)
+    for row in range(3):
+        expected = mask[row].nonzero().squeeze(1)
+        assert torch.equal(active.positions[row][active.packed[row]], expected)
+        assert int(active.packed[row].sum()) == len(expected)
+    x = torch.zeros(3, 200, 2, dtype=torch.float64)
+    out = active.scatter(x, torch.ones(int(mask.sum()), 2, dtype=torch.float32))
+    assert out.dtype == torch.float64 and torch.equal(out[..., 0], mask.double())
+
+
+def test_refuse_training_exit_is_the_one_line_error():
+    from bertode.layers.loop import refuse_training_exit
+    module = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError) as error:
+        refuse_training_exit(LatentDifference(0.1), module)
+    assert str(error.value) == (
+        "exit='latent_diff' is invalid while training (train mode with gradients): per-token exit is an inference "
+        "dial (exited tokens would leave dropout and the gradient); allowed: model.eval() or torch.no_grad(), or no "
+        "exit while training")
+    refuse_training_exit(LatentDifference(0.1), module.eval())
