@@ -541,3 +541,34 @@ def test_refuse_training_exit_is_the_one_line_error():
         "dial (exited tokens would leave dropout and the gradient); allowed: model.eval() or torch.no_grad(), or no "
         "exit while training")
     refuse_training_exit(LatentDifference(0.1), module.eval())
+
+
+# --- bertode/layers/dropout.py -----------------------------------------------------------------------------
+
+
+def test_keep_threshold_and_signed_closed_forms():
+    from bertode.layers.dropout import _keep_threshold, _signed
+    assert _keep_threshold(0.0) == 2**31 - 1  # the int32 maximum (keeps all but one word in 2**32)
+    assert _keep_threshold(0.5) == 0 and _keep_threshold(1.0) == -(2**31)
+    assert _keep_threshold(0.1) == int(0.9 * 2**32) - 2**31
+    assert _signed(1 << 63) == -(1 << 63) and _signed((1 << 63) - 1) == (1 << 63) - 1 and _signed(-1) == -1
+
+
+def test_dropout_at_p_zero_is_the_identity_and_draws_nothing():
+    """p = 0 returns the input itself and leaves the block's draw counter alone: the next draw's mask
+    is the block's first."""
+    from bertode.layers.dropout import dropout, split_invariant
+    x = torch.ones(2, 8)
+    assert dropout(x, 0.0, True) is x and dropout(x, 0.5, False) is x
+    with split_invariant(3, torch.arange(2), 2):
+        first = dropout(x, 0.5, True)
+    with split_invariant(3, torch.arange(2), 2):
+        assert dropout(x, 0.0, True) is x
+        assert torch.equal(dropout(x, 0.5, True), first)
+
+
+def test_split_invariant_dropout_refuses_a_tensor_of_other_rows():
+    from bertode.layers.dropout import keep_mask, split_invariant
+    with split_invariant(0, torch.arange(2), 4), pytest.raises(ValueError) as error:
+        keep_mask(torch.ones(3, 5), 0.1)
+    assert str(error.value) == "split-invariant dropout: a tensor of 3 rows in a block for 2 rows of this process"
