@@ -20,13 +20,16 @@ runs ``mutmut run`` there, and reads the results back:
   docs/testing.md ("Mutation testing").
 
 ``--again`` (after a run with ``--keep``) re-tests only the survivors recorded in the kept
-copy, with the working tree's versions of the selected test files copied in afresh (mutmut collects the new tests' coverage
-first): the quick loop of writing a test that kills a survivor. It refuses when the module's
-source changed since the copy (then run afresh).
+copy, with the working tree's versions of the selected test files copied in afresh (mutmut
+collects the new tests' coverage first): the quick loop of writing a test that kills a
+survivor. It refuses when the module's source changed since the copy (then run afresh); a
+new test elsewhere that needs newer source than the copy's fails mutmut's clean run (the
+script then writes nothing: run afresh).
 
 Tests default to ``TESTS_BY_MODULE`` below (the files that test that module, chosen to
-be quick) and tests/test_mutation_kills.py; ``--tests`` overrides. mutmut runs the selection once to learn which tests call
-which function, then runs, for each mutant, only the tests that reach its function.
+be quick) and tests/test_mutation_kills.py; ``--tests`` overrides. mutmut runs the
+selection once to learn which tests call which function, then runs, for each mutant, only
+the tests that reach its function.
 """
 
 from __future__ import annotations
@@ -142,16 +145,19 @@ def narrow_config(scratch: Path, module: str, tests: list[str]) -> None:
 
 def read_results(scratch: Path, module: str) -> dict:
     meta = json.loads((scratch / "mutants" / f"{module}.meta").read_text())
-    status_by_mutant = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in meta["exit_code_by_key"].items()}
+    status_by_mutant = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious")
+                        for name, code in meta["exit_code_by_key"].items()}
     counts = {status: 0 for status in ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault",
                                        "not checked")}
     for status in status_by_mutant.values():
         counts[status] = counts.get(status, 0) + 1
     tested = len(status_by_mutant) - counts["skipped"] - counts["not checked"]
-    not_killed = sorted(name for name, status in status_by_mutant.items() if status in ("survived", "no tests", "suspicious"))
+    not_killed = sorted(name for name, status in status_by_mutant.items()
+                        if status in ("survived", "no tests", "suspicious"))
     survivors = []
     for name in not_killed:
-        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True, text=True)
+        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=scratch, capture_output=True,
+                              text=True)
         survivors.append(dict(name=name, status=status_by_mutant[name], diff=diff.stdout.split("\n", 1)[-1].strip()))
     return dict(
         mutants=len(status_by_mutant), **{key.replace(" ", "_"): value for key, value in counts.items()},
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     for survivor in results["survivors"]:
         print(f"\n# {survivor['name']}: {survivor['status']}\n{survivor['diff']}")
-    counts = ", ".join(f"{key} {results[key]}" for key in ("mutants", "killed", "survived", "timeout", "no_tests", "suspicious"))
+    keys = ("mutants", "killed", "survived", "timeout", "no_tests", "suspicious")
+    counts = ", ".join(f"{key} {results[key]}" for key in keys)
     rate = "n/a" if results["kill_rate"] is None else f"{results['kill_rate']:.1%}"
     print(f"\n{args.module}: {counts}; kill rate {rate} ({results['minutes']} min) -> {args.out}")
     if not (args.keep or args.again):

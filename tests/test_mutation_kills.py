@@ -350,7 +350,8 @@ def test_a_non_finite_evaluation_is_named_with_the_best_residual_so_far(check_ev
 
     with pytest.raises(DEQSolveError) as error:
         fixed_point(f, torch.zeros(2, 3, dtype=torch.float64), max_iter=6, tol=0.0, check_every=check_every)
-    assert str(error.value) == f"deq: non-finite value in f(z) at iteration {nan_at} (best relative residual so far {best})"
+    expected = f"deq: non-finite value in f(z) at iteration {nan_at} (best relative residual so far {best})"
+    assert str(error.value) == expected
 
 
 # --- bertode/solve/substeps.py -----------------------------------------------------------------------------
@@ -435,8 +436,9 @@ def test_objective_probability_name_and_targets():
         Objective(None).make_batch(labels, torch.Generator())
 
 
-@pytest.mark.parametrize("saved, expected", [({"objective": "clm"}, "clm"), ({"objective": "mlm", "is_decoder": True}, "mlm"),
-                                             ({"is_decoder": True}, "clm"), ({"objective": None}, "mlm"), ({}, "mlm")])
+@pytest.mark.parametrize("saved, expected", [
+    ({"objective": "clm"}, "clm"), ({"objective": "mlm", "is_decoder": True}, "mlm"), ({"is_decoder": True}, "clm"),
+    ({"objective": None}, "mlm"), ({}, "mlm")])
 def test_objective_of_a_saved_config(saved, expected):
     from bertode.training.objective import objective_of
     assert objective_of(saved) == expected
