@@ -574,3 +574,87 @@ def test_split_invariant_dropout_refuses_a_tensor_of_other_rows():
     with split_invariant(0, torch.arange(2), 4), pytest.raises(ValueError) as error:
         keep_mask(torch.ones(3, 5), 0.1)
     assert str(error.value) == "split-invariant dropout: a tensor of 3 rows in a block for 2 rows of this process"
+
+
+# --- bertode/solve/solvers.py (registration runs at import: these tests call it themselves) -------------------
+
+
+def test_solver_specs_of_torchdyn_classes_and_tableaus():
+    from bertode.solve._torchdyn import DormandPrince45, Euler, RungeKutta4
+    from bertode.solve.solvers import HEUN, ExplicitRK, solver_spec
+    spec = solver_spec("dp", DormandPrince45, torchdiffeq="dopri5", torchode="Dopri5")
+    assert (spec.name, spec.build, spec.adaptive, spec.order, spec.torchdiffeq, spec.source, spec.torchode) == (
+        "dp", DormandPrince45, True, 5, "dopri5", DormandPrince45, "Dopri5")
+    spec = solver_spec("e", Euler)
+    assert (spec.adaptive, spec.order, spec.torchdiffeq, spec.torchode) == (False, 1, None, None)
+    assert solver_spec("r", RungeKutta4).order == 4
+    spec = solver_spec("h", HEUN, torchdiffeq="heun2", torchode="Heun")
+    built = spec.build(torch.float64)
+    assert (spec.adaptive, spec.order, spec.torchdiffeq, spec.source, spec.torchode) == (False, 2, "heun2", HEUN, "Heun")
+    assert type(built) is ExplicitRK and built.dtype == torch.float64 and built.order == 2
+    assert spec.same_as(solver_spec("h", HEUN, torchdiffeq="heun2", torchode="Heun"))
+    assert not spec.same_as(solver_spec("h", HEUN, torchdiffeq="heun2")) and not spec.same_as(HEUN)
+    assert solver_spec("e", Euler).same_as(solver_spec("e", Euler))
+    assert not solver_spec("e", Euler).same_as(solver_spec("e", RungeKutta4))
+
+
+def test_solver_spec_refusals():
+    from bertode.solve._torchdyn import DiffEqSolver
+    from bertode.solve.solvers import solver_spec
+
+    class Odd(DiffEqSolver):
+        def __init__(self, dtype):
+            super().__init__(order=1, stepping_class="sometimes")
+
+        def step(self, f, x, t, dt, k1=None, args=None):
+            return None, x, None
+
+    with pytest.raises(TypeError) as error:
+        solver_spec("odd", Odd)
+    assert str(error.value) == ("register_solver('odd'): test_solver_spec_refusals.<locals>.Odd.stepping_class="
+                                "'sometimes' is invalid; allowed: 'fixed', 'adaptive'")
+    with pytest.raises(TypeError) as error:
+        solver_spec("three", 3)
+    assert str(error.value) == ("register_solver('three') needs a torchdyn solver class (DiffEqSolver or "
+                                "SolverTemplate subclass taking dtype) or a bertode.ButcherTableau, got 3")
+
+
+def test_register_solver_as_call_and_decorator(monkeypatch):
+    from bertode.solve._torchdyn import Midpoint
+    from bertode.solve.solvers import HEUN, SOLVERS, get_solver, register_solver
+    monkeypatch.setattr(SOLVERS, "_entries", dict(SOLVERS._entries))
+    monkeypatch.setattr(SOLVERS, "default", SOLVERS.default)
+    assert register_solver("heun_for_test", HEUN, torchdiffeq="heun2", torchode="Heun") is HEUN
+    spec = get_solver("heun_for_test")
+    assert (spec.name, spec.source, spec.torchdiffeq, spec.torchode) == ("heun_for_test", HEUN, "heun2", "Heun")
+    assert SOLVERS.default == "euler"
+    assert register_solver("mid_for_test", torchdiffeq="midpoint", default=True)(Midpoint) is Midpoint
+    assert get_solver("mid_for_test").torchdiffeq == "midpoint" and SOLVERS.default == "mid_for_test"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(c=[0.0], a=[[], [1.0]], b=[1.0]), "ButcherTableau: c, a and b need one entry per stage; got 1, 2, 1"),
+    (dict(c=[], a=[], b=[]), "ButcherTableau: c, a and b need one entry per stage; got 0, 0, 0"),
+    (dict(c=[0.0, 1.0], a=[[], [1.0, 0.0]], b=[0.5, 0.5]), "ButcherTableau.a row 1 has 2 entries; allowed: 1 (explicit methods)"),
+    (dict(c=[0.0, 1.0], a=[[], [1.0]], b=[0.5, 0.6]),
+     "ButcherTableau.b sums to 1.1; allowed: weights summing to 1 (consistency)")])
+def test_butcher_tableau_refusals(fields, message):
+    from bertode.solve.solvers import ButcherTableau
+    with pytest.raises(ValueError) as error:
+        ButcherTableau(order=1, **fields)
+    assert str(error.value) == message
+
+
+def test_explicit_rk_step_is_heuns_closed_form():
+    """Heun on dx/dt = t + x: k1 = t + x, k2 = t + h + x + h k1, x' = x + h (k1 + k2) / 2; a given k1 is used."""
+    from bertode.solve.solvers import HEUN, ExplicitRK
+    solver = ExplicitRK(HEUN, torch.float64)
+    c, a, b, berr = solver.tableau
+    assert c.dtype == b.dtype == a[1].dtype == torch.float64 and berr is None and solver.order == 2
+    x, t, h = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64), 0.1
+    k1 = t + x
+    expected = x + h * (k1 + (t + h + x + h * k1)) / 2
+    torch.testing.assert_close(solver.step(lambda t, x: t + x, x, t, h)[1], expected, rtol=0, atol=1e-15)
+    given = torch.zeros_like(x)  # a k1 handed in is used as the first stage
+    expected = x + h * (given + (t + h + x)) / 2
+    torch.testing.assert_close(solver.step(lambda t, x: t + x, x, t, h, k1=given)[1], expected, rtol=0, atol=1e-15)
