@@ -590,7 +590,8 @@ def test_solver_specs_of_torchdyn_classes_and_tableaus():
     assert solver_spec("r", RungeKutta4).order == 4
     spec = solver_spec("h", HEUN, torchdiffeq="heun2", torchode="Heun")
     built = spec.build(torch.float64)
-    assert (spec.adaptive, spec.order, spec.torchdiffeq, spec.source, spec.torchode) == (False, 2, "heun2", HEUN, "Heun")
+    assert (spec.adaptive, spec.order, spec.torchdiffeq, spec.source, spec.torchode) == (
+        False, 2, "heun2", HEUN, "Heun")
     assert type(built) is ExplicitRK and built.dtype == torch.float64 and built.order == 2
     assert spec.same_as(solver_spec("h", HEUN, torchdiffeq="heun2", torchode="Heun"))
     assert not spec.same_as(solver_spec("h", HEUN, torchdiffeq="heun2")) and not spec.same_as(HEUN)
@@ -635,7 +636,8 @@ def test_register_solver_as_call_and_decorator(monkeypatch):
 @pytest.mark.parametrize("fields, message", [
     (dict(c=[0.0], a=[[], [1.0]], b=[1.0]), "ButcherTableau: c, a and b need one entry per stage; got 1, 2, 1"),
     (dict(c=[], a=[], b=[]), "ButcherTableau: c, a and b need one entry per stage; got 0, 0, 0"),
-    (dict(c=[0.0, 1.0], a=[[], [1.0, 0.0]], b=[0.5, 0.5]), "ButcherTableau.a row 1 has 2 entries; allowed: 1 (explicit methods)"),
+    (dict(c=[0.0, 1.0], a=[[], [1.0, 0.0]], b=[0.5, 0.5]),
+     "ButcherTableau.a row 1 has 2 entries; allowed: 1 (explicit methods)"),
     (dict(c=[0.0, 1.0], a=[[], [1.0]], b=[0.5, 0.6]),
      "ButcherTableau.b sums to 1.1; allowed: weights summing to 1 (consistency)")])
 def test_butcher_tableau_refusals(fields, message):
@@ -658,3 +660,41 @@ def test_explicit_rk_step_is_heuns_closed_form():
     given = torch.zeros_like(x)  # a k1 handed in is used as the first stage
     expected = x + h * (given + (t + h + x)) / 2
     torch.testing.assert_close(solver.step(lambda t, x: t + x, x, t, h, k1=given)[1], expected, rtol=0, atol=1e-15)
+
+
+def test_solver_spec_edge_cases():
+    """A solver class without ``order`` reports 0; one without ``stepping_class`` and an instance are refused
+    in one line; specs without a source compare equal."""
+    from bertode.solve._torchdyn import Euler
+    from bertode.solve.solvers import ODESolverSpec, solver_spec
+
+    class NoOrder(torch.nn.Module):
+        stepping_class = "fixed"
+
+        def __init__(self, dtype):
+            super().__init__()
+
+        def step(self, f, x, t, dt, k1=None, args=None):
+            return None, x, None
+
+    class NoStepping(NoOrder):
+        stepping_class = None
+
+    assert solver_spec("no_order", NoOrder).order == 0
+    with pytest.raises(TypeError, match=r"\.NoStepping\.stepping_class=None is invalid; allowed: 'fixed', 'adaptive'$"):
+        solver_spec("no_stepping", NoStepping)
+    instance = Euler()
+    with pytest.raises(TypeError) as error:
+        solver_spec("instance", instance)
+    assert str(error.value).endswith(f"or a bertode.ButcherTableau, got {instance!r}")
+    assert ODESolverSpec("x", Euler, False, 1).same_as(ODESolverSpec("x", Euler, False, 1))
+
+
+def test_valid_tableaus_build_and_euler_steps():
+    """One stage (Euler: x' = x + h f) and two (Heun) are valid tableaus; Euler's weight 1 is applied."""
+    from bertode.solve.solvers import ButcherTableau, ExplicitRK
+    euler = ButcherTableau(c=[0.0], a=[[]], b=[1.0], order=1)
+    ButcherTableau(c=[0.0, 1.0], a=[[], [1.0]], b=[0.5, 0.5], order=2)
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    step = ExplicitRK(euler, torch.float64).step(lambda t, x: 3 * x, x, torch.tensor(0.0), 0.25)[1]
+    torch.testing.assert_close(step, x * 1.75, rtol=0, atol=0)
