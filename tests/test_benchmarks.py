@@ -32,11 +32,12 @@ EXTRA = {
     "bench_memory": ["--layers", "2", "--ode-steps", "1,2,4"],
     "bench_solvers": [],
 }
-SPEED_ROWS = ["hf_bert", "discrete", "euler_1", "euler_1_neural_ode", "block_rk2", "rk4_1", "rk4_4", "dopri5_1e-3", "dopri5_1e-5",
-              "dopri5_1e-3_adjoint", "deq_anderson_ift", "deq_phantom"]
+SPEED_ROWS = ["hf_bert", "discrete", "euler_1", "discrete_sparse", "euler_1_sparse", "euler_1_neural_ode", "block_rk2", "rk4_1",
+              "rk4_4", "dopri5_1e-3", "dopri5_1e-5", "dopri5_1e-3_adjoint", "deq_anderson_ift", "deq_anderson_ift_sparse",
+              "deq_phantom"]
 ITERS = [10, 20, 40]
 ODE_STEPS = [1, 2, 4]
-MEMORY_ROWS = (["hf_bert", "bert_discrete"] + [f"deq_ift_iter{n}" for n in ITERS]
+MEMORY_ROWS = (["hf_bert", "bert_discrete"] + [f"deq_ift_iter{n}" for n in ITERS] + [f"deq_ift_sparse_iter{n}" for n in ITERS]
                + [f"ode_{s}_{g}_s{n}" for s in ("euler", "rk4") for g in ("autograd", "adjoint") for n in ODE_STEPS])
 SOLVER_ROWS = [f"{b} {s}" for s in ("dopri5 tol=1e-03", "dopri5 tol=1e-05", "dopri5 tol=1e-07")
                for b in ("torchdiffeq", "torchdyn", "bertode", "torchode")] + [
@@ -111,6 +112,13 @@ def test_speed_rows_and_their_relations(runs):
     assert ift["branch_evals_forward"] == 2 * (ift["solver"]["forward_iterations"] + 1)
     assert phantom["branch_evals_forward"] == 2 * (phantom["solver"]["forward_iterations"] + 5)
     assert ift["nfe_backward"] == ift["solver"]["backward_iterations"] > 0
+    # Sparse prediction: the same loss as the dense head (summation order only) and the same encoder work, with
+    # fewer saved bytes (the head runs on the labelled rows only).
+    for dense, sparse in (("discrete", "discrete_sparse"), ("euler_1", "euler_1_sparse"),
+                          ("deq_anderson_ift", "deq_anderson_ift_sparse")):
+        assert abs(rows[sparse]["loss"] - rows[dense]["loss"]) <= 1e-5, sparse
+        assert rows[sparse]["branch_evals_forward"] == rows[dense]["branch_evals_forward"], sparse
+        assert rows[sparse]["activation_bytes"] < rows[dense]["activation_bytes"], sparse
 
 
 def test_memory_ift_and_adjoint_are_flat_autograd_grows(runs):
@@ -126,6 +134,8 @@ def test_memory_ift_and_adjoint_are_flat_autograd_grows(runs):
     assert [row["nfe_forward"] for row in ift] == ITERS  # deq_tol=1e-30: every iteration ran
     assert len({row["activation_bytes"] for row in ift}) == 1
     assert ift[0]["activation_bytes"] < rows["hf_bert"]["activation_bytes"]
+    sparse = [rows[f"deq_ift_sparse_iter{n}"]["activation_bytes"] for n in ITERS]
+    assert len(set(sparse)) == 1 and sparse[0] < ift[0]["activation_bytes"]  # flat too, without the dense head's bytes
 
     for solver in ("euler", "rk4"):
         grad = [rows[f"ode_{solver}_autograd_s{n}"]["activation_bytes"] for n in ODE_STEPS]
