@@ -702,3 +702,35 @@ def test_valid_tableaus_build_and_euler_steps():
     x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
     step = ExplicitRK(euler, torch.float64).step(lambda t, x: 3 * x, x, torch.tensor(0.0), 0.25)[1]
     torch.testing.assert_close(step, x * 1.75, rtol=0, atol=0)
+
+
+# --- bertode/layers/vector_fields.py -----------------------------------------------------------------------
+
+
+def test_time_residual_embedding_is_the_fourier_features_closed_form():
+    """With W = I (hidden = time_features = 8): phi(t) = [sin(w_k t), cos(w_k t)], w_k geometric from 1 to
+    max_frequency (4 of them); per sequence for t of shape (batch, 1, 1); forward is G(z + W phi(t)).
+    (atol 1e-5: float32 angles up to 19 rad.)"""
+    from transformers import BertConfig
+
+    from bertode.layers.vector_fields import TimeResidualField
+    field = TimeResidualField(BertConfig(hidden_size=8, num_attention_heads=2), time_features=8, max_frequency=27.0)
+    assert field.time_features == 8 and field.max_frequency == 27.0 and torch.count_nonzero(field.time_proj.weight) == 0
+    with torch.no_grad():
+        field.time_proj.weight.copy_(torch.eye(8))
+    w = torch.tensor([1.0, 3.0, 9.0, 27.0], dtype=torch.float64)
+    t = 0.3
+    expected = torch.cat([torch.sin(w * t), torch.cos(w * t)]).float()
+    torch.testing.assert_close(field.time_embedding(torch.tensor(t)), expected, rtol=1e-5, atol=1e-5)
+    batched = field.time_embedding(torch.tensor([0.3, 0.7]).view(2, 1, 1))
+    assert batched.shape == (2, 1, 8)
+    torch.testing.assert_close(batched[0, 0], expected, rtol=1e-5, atol=1e-5)
+    later = torch.cat([torch.sin(w * 0.7), torch.cos(w * 0.7)]).float()
+    torch.testing.assert_close(batched[1, 0], later, rtol=1e-5, atol=1e-5)
+    z = torch.randn(2, 3, 8)
+    out = field.forward(torch.tensor(t), z, lambda x: 2 * x, None)
+    torch.testing.assert_close(out, 2 * (z + expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError) as error:
+        TimeResidualField(BertConfig(hidden_size=8, num_attention_heads=2), time_features=3)
+    assert str(error.value) == ("BertODEConfig.vector_field_kwargs['time_features']=3 is invalid; allowed: an even "
+                                "integer >= 2")
