@@ -236,11 +236,8 @@ def _labels(inputs, targets_per_row):
     return labels
 
 
-@pytest.mark.parametrize("mode", ["ode_rnode", "deq_jacobian"])
-def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
-    """Rows 0-1 and 2-3 as two micro-batches (or two ranks) with 5 targets each: every part's
-    loss is its cross-entropy sum over the 10 targets of the batch plus its share (5/10) of its
-    penalty, so the two sum to the whole batch's loss (penalty included, at the same probes)."""
+def _regularised_model_and_inputs(mode):
+    """A tiny MLM with dropout and a visible penalty (ODE ``rnode`` or a DEQ Jacobian penalty), and a 4 x 10 batch."""
     torch.manual_seed(0)
     if mode == "ode_rnode":
         config = tiny_ode_config(solver="euler", steps=2, regularizer="rnode", regularizer_weight=100.0,
@@ -248,8 +245,16 @@ def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
     else:
         config = tiny_ode_config(mode="deq", deq_max_iter=40, deq_tol=1e-10, jac_reg_weight=0.5, jac_reg_freq=1.0,
                                  hidden_dropout_prob=0.1)
-    model = bertode.BertODEForMaskedLM(config).train()
-    inputs = torch.randint(5, 64, (4, 10))
+    return bertode.BertODEForMaskedLM(config).train(), torch.randint(5, 64, (4, 10))
+
+
+@pytest.mark.parametrize("mode", ["ode_rnode", "deq_jacobian"])
+def test_the_parts_losses_with_a_regulariser_sum_to_the_whole_batchs(mode):
+    """Rows 0-1 and 2-3 as two micro-batches (or two ranks) with 5 targets each: every part's
+    loss is its cross-entropy sum over the 10 targets of the batch plus its share (5/10) of its
+    penalty, so the two sum to the whole batch's loss (penalty included, at the same probes)."""
+    model, inputs = _regularised_model_and_inputs(mode)
+    config = model.config
     labels = _labels(inputs, [2, 3, 4, 1])
     whole, pieces = _split_losses(model, inputs, labels, [torch.tensor([0, 1]), torch.tensor([2, 3])])
     cross_entropy = torch.nn.functional.cross_entropy(whole.logits.view(-1, config.vocab_size), labels.view(-1),
@@ -264,15 +269,7 @@ def test_parts_with_unequal_targets_sum_to_the_whole_batch_when_the_penalty_is_s
     """Parts holding 2 and 8 of the batch's 10 targets: the penalty is a mean over positions, so the
     parts' penalties must enter with their share of the rows (1/2 each, `penalty_share`, what
     `bertode.train` passes), not of the targets (1/5 and 4/5), for the parts to sum to the whole."""
-    torch.manual_seed(0)
-    if mode == "ode_rnode":
-        config = tiny_ode_config(solver="euler", steps=2, regularizer="rnode", regularizer_weight=100.0,
-                                 hidden_dropout_prob=0.1)
-    else:
-        config = tiny_ode_config(mode="deq", deq_max_iter=40, deq_tol=1e-10, jac_reg_weight=0.5, jac_reg_freq=1.0,
-                                 hidden_dropout_prob=0.1)
-    model = bertode.BertODEForMaskedLM(config).train()
-    inputs = torch.randint(5, 64, (4, 10))
+    model, inputs = _regularised_model_and_inputs(mode)
     labels = _labels(inputs, [1, 1, 4, 4])
     parts = [torch.tensor([0, 1]), torch.tensor([2, 3])]
     whole, pieces = _split_losses(model, inputs, labels, parts, by_rows=True)
