@@ -59,7 +59,7 @@ TESTS_BY_MODULE = {
     "bertode/layers/loop.py": ["tests/test_oracles_solve.py", "tests/test_substeps.py", "tests/test_depth_dial.py"],
     "bertode/solve/solvers.py": ["tests/test_solvers.py", "tests/test_oracles_solve.py", "tests/test_user_solver.py"],
     "bertode/layers/vector_fields.py": ["tests/test_equivalence.py", "tests/test_architecture.py",
-                                        "tests/test_time_weights.py"],
+                                        "tests/test_time_weights.py", "tests/test_oracles_vector_fields.py"],
     "bertode/layers/blocks.py": ["tests/test_blocks.py", "tests/test_equivalence.py"],
     "bertode/layers/sublayers.py": ["tests/test_equivalence.py", "tests/test_causal.py"],
     "bertode/layers/embeddings.py": ["tests/test_equivalence.py", "tests/test_families.py"],
