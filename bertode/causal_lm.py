@@ -6,14 +6,14 @@ ODE, block and DEQ modes all predict the next token from the tokens up to it. Th
 of position i is the cross-entropy of token i + 1 (labels are shifted inside, as in
 transformers' causal-LM loss; the last position has no target).
 
-No key/value cache: an ODE layer re-evaluates attention at every solver stage on that
-stage's state, so the keys and values of earlier positions are not one fixed tensor per
-layer. `generate()` (transformers' `GenerationMixin`: greedy, sampling, beams) therefore
-re-runs the whole prefix for every new token; its outputs are exact, each step costs a
-full encoder forward (the LM head runs on the last position only: ``logits_to_keep=1``).
-Every other generation kwarg reaches the model as with transformers' default
-``prepare_inputs_for_generation`` (``output_attentions``, ``output_hidden_states``,
-``token_type_ids``, ``inputs_embeds`` ...).
+Key/value caches (`layers.kv_cache`): transformers' ``cache`` (a `DynamicCache`; generation
+makes one) holds the keys and values of every attention evaluation of the past tokens, so
+``generate()`` (greedy, sampling, beams: the cache is reordered) runs the new token only.
+Exact where every call makes the same evaluations: discrete, fixed-step solvers and blocks,
+looped cores; a DEQ to its solve's tolerance. A model whose solver is adaptive generates
+without a cache (``generation_config.use_cache`` is False) and refuses ``use_cache=True`` in
+one line. With ``add_cross_attention`` the decoder attends to an encoder's states
+(`transformers.EncoderDecoderModel`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
     transformers' causal LMs, ``shift_labels`` as well: the targets already shifted (position i's is
     ``shift_labels[i]``), used instead of shifting ``labels``. ``logits_to_keep``: the logits of only
     the last k positions (an int; 0: all) or of the given positions (a 1-D tensor), as HF's; the
-    encoder still runs on every position. Generation's cache arguments (``cache``, ``use_cache``)
-    are accepted and unused."""
+    encoder still runs on every position given. ``cache`` / ``use_cache``: as HF's BERT decoder (no cache
+    with ``labels``); ``encoder_hidden_states`` / ``encoder_attention_mask``: the cross-attention's memory."""
 
     output_class = BertODECausalLMOutput
     predicts_next_token = True  # position i predicts token i + 1
@@ -45,26 +45,35 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
             logger.warning("If you want to use `BertODEForCausalLM` as a standalone, add `is_decoder=True.` "
                            "(without it every position attends to the tokens after it)")
         super().__init__(config)
-        self.generation_config.use_cache = False  # module docstring: no key/value cache
+        # generation's default: the cache wherever it is exact (module docstring)
+        self.generation_config.use_cache = bool(config.use_cache) and self.bert.encoder.caching_refusal() is None
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                cache=None, use_cache=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, shift_labels=None,
-                logits_to_keep: int | torch.Tensor = 0, cache=None, use_cache=None, penalty_share=None, **kwargs):
+                logits_to_keep: int | torch.Tensor = 0, penalty_share=None, past_key_values=None, **kwargs):
         check_logits_to_keep(logits_to_keep, (input_ids if input_ids is not None else inputs_embeds).shape[1], labels)
+        if labels is not None:  # as HF's BertLMHeadModel: training scores every position, no cache
+            use_cache = False
         return self._predict(input_ids, inputs_embeds, labels, return_dict, num_items_in_batch,
                              shift_labels=shift_labels, logits_to_keep=logits_to_keep, penalty_share=penalty_share,
                              attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+                             encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                             cache=cache if cache is not None else past_key_values, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                              output_trajectory=output_trajectory)
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, cache=None,
+                                      **kwargs):
         """transformers' default (every model kwarg forwarded: ``logits_to_keep``, ``output_attentions``,
-        ``token_type_ids``, generation's ``position_ids``, ...), but the whole prefix at every step: no cache,
-        so ``next_sequence_length`` (the new tokens only) is ignored and a ``cache`` is not passed on. After
-        ``generate(inputs_embeds=...)`` every step embeds the prompt's embeddings followed by the generated
-        tokens' (HF uses the embeddings at the first step only, the cache holding them after)."""
-        kwargs.pop("cache", None)
+        ``token_type_ids``, generation's ``position_ids``, ...). Without a cache (``use_cache=False``, or an
+        adaptive solver), the whole prefix at every step: ``next_sequence_length`` (the new tokens only) is
+        ignored, and after ``generate(inputs_embeds=...)`` every step embeds the prompt's embeddings followed by
+        the generated tokens' (HF uses the embeddings at the first step only, the cache holding them after)."""
+        if cache is not None:
+            return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                         cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
         if inputs_embeds is not None:
             # input_ids: generate's tokens (empty at first), after the prompt's ids if it was given them too;
@@ -78,6 +87,7 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
                 if kwargs.get(name) is not None:
                     inputs[name] = kwargs[name]
         return inputs
+
 
 def check_logits_to_keep(logits_to_keep, seq_len: int, labels) -> None:
     """One line for a ``logits_to_keep`` that keeps positions the sequence does not have, or that

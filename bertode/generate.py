@@ -8,7 +8,8 @@
 DIR holds a `BertODEForCausalLM` and its tokenizer (``bertode.train objective=clm``'s
 ``final/``). The prompt is tokenized without special tokens after the tokenizer's [CLS]
 (where it has one), as training rows begin; transformers' ``generate`` continues it
-(greedy, or sampling seeded by ``seed``), without a key/value cache (`causal_lm.py`).
+(greedy, or sampling seeded by ``seed``), with a key/value cache wherever it is exact (``use_cache``:
+null; true refuses an adaptive solver or ``exit=`` in one line; false recomputes the prefix; `causal_lm.py`).
 ``depth.steps=N`` dials the depth of every forward (a DEQ's iterations, a looped core's
 applications, an untied ODE's steps per solve) and ``exit=`` a per-token exit criterion
 (DEQ and weight-tied models; `bertode.training.depth`).
@@ -63,7 +64,18 @@ def validate(cfg) -> tuple[Path, dict, dict]:
     torch_device(cfg.device)
     fields = solve_overrides.checkpoint_fields(cfg, saved)
     solve_overrides.check_parameters(BertODEForCausalLM, folder, saved, fields)
-    inference_dial(cfg, {**saved, **fields}, "generate")  # depth.steps=N and exit=: checked against the model
+    _, criterion = inference_dial(cfg, {**saved, **fields}, "generate")  # depth.steps=N and exit=: checked
+    use_cache = cfg.get("use_cache")
+    if use_cache not in (None, True, False):
+        raise ValueError(f"use_cache={use_cache!r} is invalid; allowed: null (wherever exact), true, false")
+    if use_cache:
+        from .configuration import BertODEConfig
+        from .layers.kv_cache import config_refusal
+
+        refusal = config_refusal(BertODEConfig(**{**saved, **fields}))
+        refusal = refusal or (f"exit={criterion.registry_name!r} (per-token exit)" if criterion is not None else None)
+        if refusal:
+            raise ValueError(f"use_cache=true is invalid with {refusal}; allowed: use_cache=false or null")
     return folder, saved, fields
 
 
@@ -95,10 +107,13 @@ def run(cfg, run_dir: Path | None) -> list[str]:
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id)
                 if isinstance(t, int)), 0)
     depth, criterion = inference_dial(cfg, {**saved, **chosen}, "generate")
+    use_cache = cfg.get("use_cache")
+    if use_cache is None:  # wherever exact: the model's default, and no cache beside per-token exit
+        use_cache = bool(model.generation_config.use_cache) and criterion is None
     with torch.no_grad(), inference_dialed(depth, criterion):  # every forward at depth.steps, with exit=
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=int(cfg.max_new_tokens),
                              do_sample=bool(cfg.do_sample), num_return_sequences=int(cfg.num_return_sequences),
-                             pad_token_id=pad, **sampling)
+                             pad_token_id=pad, use_cache=use_cache, **sampling)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]  # the prompt and its continuation
     for text in texts:
         print(text, flush=True)

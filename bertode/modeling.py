@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .configuration import BertODEConfig
 from .layers.embeddings import BertODEEmbeddings, BertODEMLMHead, BertODEPooler, _Predictions
@@ -36,7 +37,10 @@ from .layers.init import apply_rule
 from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.dial import current_dial, dialed
 from .solve.observe import Observer, observing
-from .layers.sublayers import sdpa_mask
+from .layers import kv_cache
+from .layers.sublayers import CrossMemory, sdpa_mask
+
+logger = logging.get_logger(__name__)
 
 
 class BertODEPreTrainedModel(PreTrainedModel):
@@ -154,11 +158,16 @@ class BertODEPreTrainedModel(PreTrainedModel):
             return output_class(loss=loss, **logits) if return_dict else (loss, *logits.values())
         if loss is not None and outputs.penalty is not None:
             loss = loss + share * outputs.penalty
+        # what the output class has room for of a decoder's extras (the causal LM's: its cache, cross-attentions)
+        extras = {name: getattr(outputs, name, None) for name in ("cache", "cross_attentions")
+                  if name in output_class.__dataclass_fields__}
         if not return_dict:
-            rest = tuple(logits.values()) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            rest = tuple(logits.values()) + tuple(v for v in (extras.get("cache"), outputs.hidden_states,
+                                                              outputs.attentions, extras.get("cross_attentions"))
+                                                  if v is not None)
             return ((loss,) + rest) if loss is not None else rest
         return output_class(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                            solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **logits)
+                            solver_stats=outputs.solver_stats, trajectory=outputs.trajectory, **extras, **logits)
 
 
 @torch.compiler.disable  # a data-dependent row count: run eagerly rather than recompile for every batch
@@ -197,45 +206,98 @@ class BertODEModel(BertODEPreTrainedModel):
         token_type_ids=None,
         position_ids=None,
         inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        cache=None,
+        use_cache=None,
         output_hidden_states=None,
         output_attentions=None,
         output_trajectory=False,
         return_dict=None,
+        past_key_values=None,
         **kwargs,
     ):
         """``output_hidden_states``: the embeddings and every layer's output (a DEQ: the
         embeddings and z*). ``output_attentions``: one (batch, heads, seq, seq) tensor of
         attention probabilities per layer, from an eager attention: an ODE layer's first
         evaluation (at the solve's start: at Euler-1 BERT's attention), a DEQ layer's last
-        (at the fixed point); ``"all"`` stacks every evaluation of the forward.
-        ``output_trajectory``: every solve's times, states and outputs
-        (`bertode.solve.observe`)."""
+        (at the fixed point); ``"all"`` stacks every evaluation of the forward (a decoder's
+        cross-attention: ``cross_attentions``, by the same rule).
+        ``output_trajectory``: every solve's times, states and outputs (`bertode.solve.observe`).
+
+        A decoder (``is_decoder``) takes transformers' key/value ``cache`` (``past_key_values``, its
+        older name) and ``use_cache`` (default ``config.use_cache``), as HF's BERT: the tokens given
+        follow the cached ones, ``attention_mask`` spans both, and the output's ``cache`` holds them
+        all (`layers.kv_cache`; one line where caching would not be exact). With ``add_cross_attention``
+        it attends to ``encoder_hidden_states`` (masked by ``encoder_attention_mask``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BertODEModel.forward needs exactly one of input_ids or inputs_embeds")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache if cache is not None else past_key_values
+        session = self._cache_session(cache, use_cache, encoder_hidden_states)
+        past = session.past if session is not None else 0
+        if attention_mask is not None and past and attention_mask.shape[-1] != past + (
+                input_ids if input_ids is not None else inputs_embeds).shape[1]:
+            raise ValueError(f"attention_mask of length {attention_mask.shape[-1]} is invalid with {past} cached "
+                             f"positions; allowed: a mask over the cached and the new positions")
         observer = None
         if output_attentions or output_trajectory:
             keep = "all" if output_attentions == "all" else self.encoder.observed_attention
             observer = Observer(attentions=bool(output_attentions), trajectory=bool(output_trajectory), keep=keep)
-        hidden = self.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-        with self.encoder.rollback_guard(self.parameters), observing(observer):
-            mask = sdpa_mask(attention_mask, self.config.is_decoder, hidden.shape[1], hidden.device)
-            encoded = self.encoder(hidden, mask, output_hidden_states)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, past=past)
+        cross = None
+        if encoder_hidden_states is not None and self.config.add_cross_attention:
+            cross = CrossMemory(encoder_hidden_states, sdpa_mask(encoder_attention_mask))
+        with self.encoder.rollback_guard(self.parameters), observing(observer), kv_cache.caching(session):
+            mask = sdpa_mask(attention_mask, self.config.is_decoder, hidden.shape[1], hidden.device, past)
+            # cross only for a decoder that cross-attends: encoders users wrote take (hidden, mask, output_hidden_states)
+            encoded = self.encoder(hidden, mask, output_hidden_states, *([cross] if cross is not None else []))
+            if session is not None:
+                session.check_complete()
         sequence_output, states = encoded.hidden, encoded.states
         if self.final_norm is not None:  # the last hidden state is the normed one (as GPT-2's)
             sequence_output = self.final_norm(sequence_output)
             states = states[:-1] + (sequence_output,) if states is not None else None
         pooled = self.pooler(sequence_output) if self.pooler is not None else None
         attentions, trajectory = (observer.attentions(), observer.trajectory()) if observer is not None else (None, None)
+        cross_attentions = observer.attentions(cross=True) if observer is not None else None
+        cache = session.cache if session is not None else None
         if not return_dict:
-            return tuple(v for v in (sequence_output, pooled, states, attentions) if v is not None)
+            return tuple(v for v in (sequence_output, pooled, cache, states, attentions, cross_attentions)
+                         if v is not None)
         return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,
-                                  attentions=attentions, solver_stats=encoded.stats, trajectory=trajectory,
-                                  penalty=encoded.penalty, skipped=encoded.skipped or None)
+                                  attentions=attentions, cross_attentions=cross_attentions, cache=cache,
+                                  solver_stats=encoded.stats, trajectory=trajectory, penalty=encoded.penalty,
+                                  skipped=encoded.skipped or None)
+
+    def _cache_session(self, cache, use_cache, encoder_hidden_states) -> kv_cache.CacheSession | None:
+        """The key/value cache this forward reads and extends (a decoder's, as HF's BERT: ``use_cache`` defaults to
+        ``config.use_cache``, and a new cache is made when none is given), or None; refused in one line where the
+        encoder says caching would not be exact, or with activation checkpointing while training (HF's rule:
+        then no cache, with a warning)."""
+        if not self.config.is_decoder:
+            return None
+        asked = use_cache is True or (use_cache is None and cache is not None)
+        if not (asked or (use_cache is None and self.config.use_cache)):
+            return None
+        checkpointing = getattr(type(self), "is_activation_checkpointing", None)
+        checkpointing = checkpointing.__get__(self) if checkpointing is not None else self.is_gradient_checkpointing
+        if checkpointing and self.training:
+            logger.warning_once("use_cache=True is incompatible with activation checkpointing; using no cache")
+            return None
+        refusal = self.encoder.caching_refusal() if hasattr(self.encoder, "caching_refusal") else None
+        if refusal is not None:
+            if not asked:  # the config's default: no cache, silently
+                return None
+            raise ValueError(f"use_cache=True is invalid with {refusal}; allowed: use_cache=False, or a fixed-step "
+                             "solver without per-token exit (a key/value cache must see the same evaluations at every "
+                             "call)")
+        if cache is None:
+            cache = kv_cache.new_cache(encoder_hidden_states is not None and self.config.add_cross_attention)
+        return kv_cache.CacheSession(cache)
 
 
 def kept_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -88,14 +88,15 @@ def test_generate_runs_the_head_on_the_last_position_only():
     assert seen == [1, 1, 1, 1]
 
 
-def test_generate_returns_every_steps_attentions_and_hidden_states_as_hf_without_a_cache():
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_returns_every_steps_attentions_and_hidden_states_as_hf(use_cache):
     hf, ode = _pair(initializer_range=0.5)
     hf.set_attn_implementation("eager")  # HF's sdpa returns no attention maps
     prompt = _tokens((2, 4), 5)
     flags = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True,
                  output_hidden_states=True, return_dict_in_generate=True)
-    expected = hf.generate(prompt, use_cache=False, **flags)
-    got = ode.generate(prompt, **flags)
+    expected = hf.generate(prompt, use_cache=use_cache, **flags)
+    got = ode.generate(prompt, use_cache=use_cache, **flags)
     assert torch.equal(got.sequences, expected.sequences)
     assert len(got.attentions) == len(got.hidden_states) == 3
     for kind in ("attentions", "hidden_states"):

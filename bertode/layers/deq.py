@@ -46,6 +46,7 @@ from ..solve.fixed_point import (FIXED_POINT_SOLVERS, DEQSolveError, checking_ev
                                   reporting)
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
+from . import kv_cache
 from .dropout import keep_mask
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 from .loop import iterate, refuse_training_exit, valid_tokens
@@ -119,7 +120,11 @@ class BertDEQEncoder(Encoder):
         return f
 
     def evaluate_map(self, z_flat, shape, add, qkv, attn_mask, masks: dict, compute_dtype, dtype):
-        """One evaluation of f (what ``compile_model(scope="fields")`` compiles)."""
+        """One evaluation of f (what ``compile_model(scope="fields")`` compiles). Under a key/value cache every
+        evaluation reads the same slots: the past's equilibrium keys and values (`kv_cache`)."""
+        session = kv_cache.active()
+        if session is not None:
+            session.rewind()
         z = z_flat.view(shape).to(compute_dtype)
         hidden = z + add if add is not None else z
         for index, layer in enumerate(self.layer):
@@ -136,9 +141,30 @@ class BertDEQEncoder(Encoder):
                                                   damping=cfg.deq_damping, memory=cfg.deq_memory, name=name)
 
     # --- forward -----------------------------------------------------------------------
+    def caching_refusal(self) -> str | None:
+        refusal = super().caching_refusal()
+        if refusal is None and self.training and torch.is_grad_enabled():
+            return "mode='deq' while training with gradients on (caching is an inference path here)"
+        return refusal
+
     def forward(self, embeddings: torch.Tensor, attn_mask: torch.Tensor | None,
-                output_hidden_states: bool = False) -> EncoderOutput:
-        """This forward's output; its penalty: ``jac_weight`` times the Jacobian penalty (when drawn)."""
+                output_hidden_states: bool = False, cross=None) -> EncoderOutput:
+        """This forward's output; its penalty: ``jac_weight`` times the Jacobian penalty (when drawn). Under a
+        key/value cache the solve reads the past's cached keys and values, and one more evaluation of the map at
+        z* appends the new tokens' (`kv_cache`). (``cross``: refused by the config; a DEQ decoder has no
+        cross-attention.)"""
+        session = kv_cache.active()
+        if session is not None:
+            session.map_start = session.slot
+        with kv_cache.appending(False):
+            encoded = self._forward(embeddings, attn_mask, output_hidden_states)
+        if session is not None and not encoded.skipped:
+            dtype = torch.promote_types(embeddings.dtype, torch.float32)
+            with torch.no_grad():
+                self.layer_map(embeddings, attn_mask, dtype)(encoded.hidden.reshape(embeddings.shape[0], -1).to(dtype))
+        return encoded
+
+    def _forward(self, embeddings, attn_mask, output_hidden_states) -> EncoderOutput:
         cfg = self.config
         dtype = torch.promote_types(embeddings.dtype, torch.float32)
         z0 = embeddings.new_zeros(embeddings.shape[0], embeddings[0].numel(), dtype=dtype)

@@ -62,20 +62,22 @@ class BertODEEmbeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
                              persistent=False)
 
-    def _positions(self, input_ids, inputs_embeds, seq_len: int) -> torch.Tensor:
+    def _positions(self, input_ids, inputs_embeds, seq_len: int, past: int = 0) -> torch.Tensor:
+        """Position ids of these tokens, which follow ``past`` cached ones (HF's ``cache_length`` rule)."""
         if self.position_scheme == "absolute":
-            return self.position_ids[:, :seq_len]
+            return self.position_ids[:, past:past + seq_len]
         if input_ids is None:  # RoBERTa's rule without ids: every token is a real one
-            return self.position_ids[:, 1:seq_len + 1] + self.padding_idx
+            return self.position_ids[:, past + 1:past + seq_len + 1] + self.padding_idx
         real = input_ids.ne(self.padding_idx).long()
-        return torch.cumsum(real, dim=1) * real + self.padding_idx
+        return (torch.cumsum(real, dim=1) + past) * real + self.padding_idx
 
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, past: int = 0):
+        """``past``: positions already in a key/value cache, which these tokens follow."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
-            position_ids = self._positions(input_ids, inputs_embeds, seq_len)
+            position_ids = self._positions(input_ids, inputs_embeds, seq_len, past)
         embeddings = inputs_embeds
         if self.token_type_embeddings is not None:  # HF's order of additions: the sums are bit-equal
             if token_type_ids is None:

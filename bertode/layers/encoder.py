@@ -31,11 +31,12 @@ from ..solve.sensitivities import build_sensitivity, get_sensitivity
 from ..solve.dial import current_dial
 from ..solve.ode import ODESolve
 from ..solve.stats import SolveRecord, SolverStats
+from . import kv_cache
 from .blocks import build_block
 from .dropout import current_split, dropout, keep_mask, restored
 from .loop import iterate, refuse_training_exit, valid_tokens
 from .regularizers import REGULARIZERS, augmented
-from .sublayers import AttentionBranch, FeedForwardBranch
+from .sublayers import AttentionBranch, CrossAttentionBranch, CrossMemory, FeedForwardBranch
 from .vector_fields import build_vector_field
 
 
@@ -52,6 +53,7 @@ class Pass:
     steps: int | None = None  # an ODE site's fixed steps for this pass (the dialled depth; None: the config's)
     backprop: int | None = None  # differentiate the last k steps of each solve only (None: all)
     active: object | None = None  # `loop.ActiveTokens`: the tokens still iterating (None: all)
+    cross: CrossMemory | None = None  # a decoder's encoder states and mask (None: no cross-attention this pass)
 
 
 def ode_solve(config) -> ODESolve:
@@ -219,7 +221,8 @@ def replaying(checkpoint, function, *inputs):
 
 
 class BertODELayer(GradientCheckpointingLayer):
-    """Attention site then feed-forward site, stepped by the configured block. A transformers
+    """Attention site, (a decoder with ``add_cross_attention``) cross-attention site, then feed-forward site, stepped
+    by the configured block; without encoder states the cross-attention site is skipped, as HF's. A transformers
     `GradientCheckpointingLayer`: ``activation_checkpointing_enable()`` (with its ``every_n_layers``,
     ``activation_checkpointing_kwargs``) checkpoints it, recomputed by `replaying`."""
 
@@ -236,12 +239,19 @@ class BertODELayer(GradientCheckpointingLayer):
     def __init__(self, config, integrate: bool = True, attention_dropout: float | None = None):
         super().__init__()
         self.attention = ResidualSite(config, AttentionBranch(config, attention_dropout), "attention", integrate)
+        self.cross_attention = None
+        if getattr(config, "add_cross_attention", False):
+            self.cross_attention = ResidualSite(config, CrossAttentionBranch(config, attention_dropout),
+                                                "cross_attention", integrate)
         self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward", integrate)
         self.block = build_block(config)
 
     def layer(self, x, attn_mask, run: Pass, records: list):
         x, record = self.attention(x, attn_mask, run)
         records.append(record)
+        if self.cross_attention is not None and run.cross is not None:
+            x, record = self.cross_attention(x, run.cross, run)  # the memory takes the mask's place
+            records.append(record)
         x, record = self.feed_forward(x, attn_mask, run)
         records.append(record)
         return x
@@ -293,6 +303,14 @@ class Encoder(nn.Module):
         backward is skipped, its gradients are rolled back (the DEQ's; here nothing to do)."""
         return contextlib.nullcontext()
 
+    def caching_refusal(self) -> str | None:
+        """Why a key/value cache would not be exact for this forward (a phrase naming the setting), or None
+        (`kv_cache`): per-token exit chooses each token's depth from the whole sequence."""
+        exit_criterion = current_dial().exit
+        if exit_criterion is not None:
+            return f"exit={exit_criterion.registry_name!r} (per-token exit)"
+        return None
+
 
 class BertODEEncoder(Encoder):
     """``num_hidden_layers`` layers whose residuals are ODE solves (``integrate``) or BERT's (discrete).
@@ -329,9 +347,21 @@ class BertODEEncoder(Encoder):
                     "already constant in its steps)")
         return None
 
+    def caching_refusal(self) -> str | None:
+        refusal = super().caching_refusal()
+        if refusal or not self.integrate:
+            return refusal
+        if self.layer[0].attention.solve.spec.adaptive:
+            return kv_cache.config_refusal(self.config)
+        sensitivity = self.config.sensitivity
+        if get_sensitivity(sensitivity).reevaluates_field and torch.is_grad_enabled():
+            return f"sensitivity={sensitivity!r} with gradients on (its backward re-evaluates attention without the cache)"
+        return None
+
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None,
-                output_hidden_states: bool = False) -> EncoderOutput:
-        """This forward's output; its penalty: ``regularizer_weight`` times the regularisers' integrals."""
+                output_hidden_states: bool = False, cross: CrossMemory | None = None) -> EncoderOutput:
+        """This forward's output; its penalty: ``regularizer_weight`` times the regularisers' integrals.
+        ``cross``: the encoder's states a decoder cross-attends to."""
         stats = SolverStats()
         states = [hidden] if output_hidden_states else None
         penalties: list = []
@@ -343,11 +373,11 @@ class BertODEEncoder(Encoder):
             return x
 
         if self.config.weight_tying:
-            hidden = self._loop(hidden, attn_mask, dial, apply, penalties, states, stats)
+            hidden = self._loop(hidden, attn_mask, dial, apply, penalties, states, stats, cross)
         else:
             for index in range(self.num_applications):
                 hidden = apply(self.layer[index], hidden, Pass(index, penalties=penalties, steps=dial.depth,
-                                                               backprop=dial.backprop))
+                                                               backprop=dial.backprop, cross=cross))
                 if states is not None:
                     states.append(hidden)
         self.ode_penalty = None
@@ -361,7 +391,7 @@ class BertODEEncoder(Encoder):
         penalty = self.config.regularizer_weight * self.ode_penalty if self.ode_penalty is not None else None
         return EncoderOutput(hidden, tuple(states) if states is not None else None, stats, penalty)
 
-    def _loop(self, hidden, attn_mask, dial, apply, penalties, states, stats):
+    def _loop(self, hidden, attn_mask, dial, apply, penalties, states, stats, cross=None):
         """The looped core: the tied layer applied the dialled number of times (`loop.iterate`)."""
         refuse_training_exit(dial.exit, self)
         depth = dial.steps(self.num_applications)
@@ -372,7 +402,7 @@ class BertODEEncoder(Encoder):
         def step(z, active):
             index, count[0] = count[0], count[0] + 1
             return apply(self.layer[0], z + injected if injected is not None else z,
-                         Pass(index, penalties=penalties, active=active))
+                         Pass(index, penalties=penalties, active=active, cross=cross))
 
         def on_iterate(n, z):
             if states is not None:

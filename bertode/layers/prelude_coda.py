@@ -98,6 +98,9 @@ class PreludeCodaEncoder(Encoder):
     def rollback_guard(self, parameters):
         return self.core.rollback_guard(parameters)
 
+    def caching_refusal(self) -> str | None:
+        return self.core.caching_refusal()
+
     def solver_stats(self) -> dict:
         running = self.core.counters() if hasattr(self.core, "counters") else {}  # a DEQ's, now
         return SolverStats(self.last_stats.records, {**self.last_stats.counters, **running}).summary()
@@ -107,10 +110,10 @@ class PreludeCodaEncoder(Encoder):
         """The coda layer's index in the whole stack, as configured (block record names)."""
         return self.config.num_hidden_layers - len(self.coda) + i
 
-    def _stack(self, layers, first_index, hidden, attn_mask, records: list, states: list | None):
+    def _stack(self, layers, first_index, hidden, attn_mask, records: list, states: list | None, cross=None):
         for i, layer in enumerate(layers):
             # checkpointed by the layer itself when enabled (`encoder.replaying`), as the core's
-            hidden, new = layer(hidden, attn_mask, Pass(first_index + i))
+            hidden, new = layer(hidden, attn_mask, Pass(first_index + i, cross=cross))
             records.extend(new)
             if states is not None:
                 states.append(hidden)
@@ -139,16 +142,17 @@ class PreludeCodaEncoder(Encoder):
         return changes
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None,
-                output_hidden_states: bool = False) -> EncoderOutput:
-        """The prelude, the core, the coda; the core's penalty, skipped flag and counters."""
+                output_hidden_states: bool = False, cross=None) -> EncoderOutput:
+        """The prelude, the core, the coda; the core's penalty, skipped flag and counters (``cross``: a decoder's
+        encoder states, `sublayers.CrossMemory`)."""
         states = [hidden] if output_hidden_states else None
         records: list = []
         observer = observe.active()
-        hidden = self._stack(self.prelude, 0, hidden, attn_mask, records, states)
+        hidden = self._stack(self.prelude, 0, hidden, attn_mask, records, states, cross)
         start = len(self.prelude)
         with _observed_apart(observer, lambda layers: {k: start + k for k in layers}), \
                 dialed(**self._dial_through_coda(attn_mask, hidden)):
-            core = self.core(hidden, attn_mask, output_hidden_states)
+            core = self.core(hidden, attn_mask, output_hidden_states, *([cross] if cross is not None else []))
         if core.skipped:
             self.last_stats = core.stats
             return core
@@ -157,7 +161,7 @@ class PreludeCodaEncoder(Encoder):
         records.extend(core.stats.records)
         after_core = max(observer._attentions, default=start - 1) + 1 if observer is not None else 0
         with _observed_apart(observer, lambda layers: {k: after_core + i for i, k in enumerate(layers)}):
-            hidden = self._stack(self.coda, self._coda_index(0), core.hidden, attn_mask, records, states)
+            hidden = self._stack(self.coda, self._coda_index(0), core.hidden, attn_mask, records, states, cross)
         stats = SolverStats(records, core.stats.counters)
         stats.exit_depths = getattr(core.stats, "exit_depths", None)
         self.last_stats = stats

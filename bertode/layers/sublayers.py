@@ -16,6 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..solve import observe
+from . import kv_cache
 from .dropout import keep_mask, splitting_rows
 
 
@@ -42,13 +43,19 @@ class AttentionBranch(nn.Module):
         """``qkv_injection`` (batch, seq, 3 * hidden) is added to the Q, K, V projections (DEQ input injection).
         ``active`` (`loop.ActiveTokens`): only those tokens query (packed per batch row to the widest
         row's count), and only their rows come back, (n_active, hidden); every token supplies keys and
-        values (per-token exit)."""
+        values (per-token exit). Under a key/value cache (`kv_cache`) the keys and values are the cached
+        past's followed by these tokens'."""
         batch, seq, width = hidden.shape
         k, v = self.key(hidden), self.value(hidden)
         dq = None
         if qkv_injection is not None:
             dq, dk, dv = qkv_injection.chunk(3, dim=-1)
             k, v = k + dk, v + dv
+        k, v = self.heads(k), self.heads(v)
+        session = kv_cache.active()
+        if session is not None:
+            k, v = session.keys_values(k, v)
+        keys = k.shape[2]
         if active is None:
             q = self.query(hidden)
             q = q + dq if dq is not None else q
@@ -57,23 +64,54 @@ class AttentionBranch(nn.Module):
             q = active.pad(q + active.gather(dq) if dq is not None else q)  # (batch, width, hidden): each row's active queries, left-packed
             if attn_mask is not None and attn_mask.shape[-2] > 1:  # a causal mask: the active queries' rows
                 attn_mask = attn_mask.expand(batch, -1, -1, -1).gather(
-                    2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, seq))
-        queries = q.shape[1]
-        q = q.view(batch, queries, self.num_heads, self.head_size).transpose(1, 2)
-        k, v = (x.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2) for x in (k, v))
+                    2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, keys))
+        context = self.attend(self.heads(q), k, v, attn_mask,
+                              unpack=None if active is None else lambda probs: active.unpack_queries(probs, seq))
+        return self.dense(context if active is None else context[active.packed])
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) -> (batch, heads, seq, head_size)."""
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_size).transpose(1, 2)
+
+    def attend(self, q, k, v, attn_mask, cross: bool = False, unpack=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v with heads merged: (batch, queries, hidden). Eager where the
+        probabilities are wanted (``output_attentions``, or ``attn_implementation="eager"``) or the dropout mask
+        must come from `bertode.layers.dropout`; PyTorch's fused SDPA otherwise."""
+        batch, _, queries, _ = q.shape
         p = self.attention_dropout if self.training else 0.0
         observer = observe.active()
-        recorded = observer is not None and observer.needs_attention()
-        # Eager attention where the probabilities are wanted (output_attentions, or
-        # attn_implementation="eager") or the dropout mask must come from bertode.layers.dropout.
+        recorded = observer is not None and observer.needs_attention(cross)
         if recorded or (p > 0 and splitting_rows()) or getattr(self.config, "_attn_implementation", None) == "eager":
             context, probs = eager_attention(q, k, v, attn_mask, p)
             if recorded:
-                observer.attention(probs if active is None else active.unpack_queries(probs, seq))
+                observer.attention(probs if unpack is None else unpack(probs), cross)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        context = context.transpose(1, 2).reshape(batch, queries, width)
-        return self.dense(context if active is None else context[active.packed])
+        return context.transpose(1, 2).reshape(batch, queries, self.num_heads * self.head_size)
+
+
+class CrossMemory:
+    """What a cross-attention site attends to: the encoder's states (batch, source, hidden) and its
+    SDPA mask (batch, 1, 1, source) or None. It takes the place of a self-attention site's mask."""
+
+    def __init__(self, states: torch.Tensor, mask: torch.Tensor | None):
+        self.states, self.mask = states, mask
+
+
+class CrossAttentionBranch(AttentionBranch):
+    """G_C(x) = W_O · MultiHeadAttention(queries from x; keys and values from the encoder's states), the
+    decoder's second sublayer (``add_cross_attention``). Its keys and values depend on the encoder only, so
+    under an encoder-decoder cache they are computed at the first forward and read after."""
+
+    def forward(self, hidden: torch.Tensor, memory: CrossMemory, qkv_injection=None, active=None) -> torch.Tensor:
+        states = memory.states.to(hidden.dtype)
+
+        def keys_values():
+            return self.heads(self.key(states)), self.heads(self.value(states))
+
+        session = kv_cache.active()
+        k, v = session.cross_keys_values(keys_values) if session is not None else keys_values()
+        return self.dense(self.attend(self.heads(self.query(hidden)), k, v, memory.mask, cross=True))
 
 
 def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 0.0):
@@ -103,10 +141,12 @@ class FeedForwardBranch(nn.Module):
 
 
 def sdpa_mask(attention_mask: torch.Tensor | None, causal: bool = False, length: int | None = None,
-              device: torch.device | None = None) -> torch.Tensor | None:
-    """(batch, seq) 1/0 padding mask -> boolean SDPA mask (True = attend): (batch, 1, 1, seq),
-    or with ``causal`` (a decoder, ``config.is_decoder``) (batch or 1, 1, seq, seq) where
-    position i attends to positions <= i; None if nothing is masked.
+              device: torch.device | None = None, past: int = 0) -> torch.Tensor | None:
+    """(batch, keys) 1/0 padding mask -> boolean SDPA mask (True = attend): (batch, 1, 1, keys),
+    or with ``causal`` (a decoder, ``config.is_decoder``) (batch or 1, 1, queries, keys) where
+    query i attends to keys <= past + i; None if nothing is masked. ``past``: positions already in a
+    key/value cache (`kv_cache`), which the queries (the last ``length`` positions) follow; the padding
+    mask then spans past and new positions, as transformers' ``generate`` passes it.
 
     Boolean, not additive, so the same mask serves fp32 and bf16-autocast attention. Every
     evaluation of a sublayer (each solver stage, adjoint and DEQ solve) receives this mask,
@@ -120,10 +160,14 @@ def sdpa_mask(attention_mask: torch.Tensor | None, causal: bool = False, length:
         padding = None
     if not causal:
         return None if padding is None else padding[:, None, None, :].to(torch.bool)
-    length = attention_mask.shape[1] if attention_mask is not None else length
+    queries = attention_mask.shape[1] - past if attention_mask is not None else length
+    if padding is None and queries == 1:  # the newest position attends to every key
+        return None
+    keys = past + queries
     device = attention_mask.device if attention_mask is not None else device
-    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    mask = torch.ones(keys, keys, dtype=torch.bool, device=device).tril()[None, None, past:]
     if padding is not None:
         mask = mask & padding[:, None, None, :].to(torch.bool)
-        mask = mask | (torch.eye(length, dtype=torch.bool, device=device) & ~mask.any(-1, keepdim=True))
+        own = torch.eye(keys, dtype=torch.bool, device=device)[past:]
+        mask = mask | (own & ~mask.any(-1, keepdim=True))
     return mask

@@ -33,6 +33,7 @@ class Observer:
         self.wants_attentions, self.wants_trajectory, self.keep = attentions, trajectory, keep
         self.layer: int | None = None  # the layer whose attention runs now
         self._attentions: dict[int, list[torch.Tensor]] = {}
+        self._cross: dict[int, list[torch.Tensor]] = {}  # a decoder's cross-attention, kept by the same rule
         self.solves: list[dict] = []
         self._open: dict | None = None
 
@@ -42,23 +43,29 @@ class Observer:
         the same (eager or fused) attention path; it records nothing that is kept."""
         twin = Observer(attentions=self.wants_attentions, keep=self.keep)
         twin._attentions = {layer: [] for layer in self._attentions}
+        twin._cross = {layer: [] for layer in self._cross}
         return twin
 
     # --- attention ------------------------------------------------------------------------
-    def needs_attention(self) -> bool:
-        """Whether the attention evaluated now is kept (an eager, probability-returning path)."""
-        return self.wants_attentions and not (self.keep == "first" and self.layer in self._attentions)
+    def needs_attention(self, cross: bool = False) -> bool:
+        """Whether the attention evaluated now is kept (an eager, probability-returning path);
+        ``cross``: a decoder's cross-attention."""
+        kept = self._cross if cross else self._attentions
+        return self.wants_attentions and not (self.keep == "first" and self.layer in kept)
 
-    def attention(self, probs: torch.Tensor) -> None:
-        kept = self._attentions.setdefault(self.layer, [])
+    def attention(self, probs: torch.Tensor, cross: bool = False) -> None:
+        kept = (self._cross if cross else self._attentions).setdefault(self.layer, [])
         if self.keep == "last":
             kept.clear()
         kept.append(probs)  # with its graph where grad is on: differentiable, as HF's eager attentions
 
-    def attentions(self) -> tuple | None:
-        if not self.wants_attentions:
+    def attentions(self, cross: bool = False) -> tuple | None:
+        """Per layer, the kept self-attention (``cross``: cross-attention) probabilities; None if not asked
+        (or, for ``cross``, if no layer cross-attends)."""
+        recorded = self._cross if cross else self._attentions
+        if not self.wants_attentions or (cross and not recorded):
             return None
-        layers = [self._attentions[i] for i in sorted(self._attentions)]
+        layers = [recorded[i] for i in sorted(recorded)]
         return tuple(torch.stack(kept) if self.keep == "all" else kept[0] for kept in layers)
 
     # --- trajectories -----------------------------------------------------------------------
