@@ -26,13 +26,17 @@ BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
                "type_vocab_size", "initializer_range", "layer_norm_eps", "classifier_dropout")
 COMMON_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "id2label", "label2id", "problem_type",
-                 "tie_word_embeddings", "is_decoder")  # is_decoder: causal attention (sublayers.sdpa_mask)
+                 "tie_word_embeddings", "is_decoder",  # is_decoder: causal attention (sublayers.sdpa_mask)
+                 "add_cross_attention")  # a decoder's cross-attention sites (encoder.BertODELayer)
 
 # bertode's names inside one layer, after the family's layer prefix.
 BERT_LAYER = [
     (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.layer.\1.attention.branch.\2."),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.layer.\1.attention.branch.dense."),
     (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.layer.\1.attention.norm."),
+    (r"encoder\.layer\.(\d+)\.crossattention\.self\.(query|key|value)\.", r"encoder.layer.\1.cross_attention.branch.\2."),
+    (r"encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"encoder.layer.\1.cross_attention.branch.dense."),
+    (r"encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"encoder.layer.\1.cross_attention.norm."),
     (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.layer.\1.feed_forward.branch.intermediate."),
     (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.layer.\1.feed_forward.branch.dense."),
     (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.layer.\1.feed_forward.norm."),
