@@ -88,3 +88,10 @@ def file_tree(*roots) -> dict:
     """Every file (hidden ones included) under ``roots`` with its bytes; folders as None."""
     return {root: None if not root.exists() else {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
                                                   for p in sorted(root.rglob("*"))} for root in roots}
+
+
+def pytest_configure(config):
+    """The marks transformers' vendored common tests use (tests/transformers_common)."""
+    marks = ("flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test", "accelerate_tests", "slow")
+    for mark in marks:
+        config.addinivalue_line("markers", f"{mark}: transformers' common tests' own mark")

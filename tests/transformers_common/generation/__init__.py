@@ -1,0 +1,1 @@
+"""Stand-in for transformers' tests/generation package (not in the PyPI sdist)."""
