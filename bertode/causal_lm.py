@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from .configuration import BertODEConfig
 from .modeling import LanguageModelHead
+from .layers import kv_cache
 from .layers.outputs import BertODECausalLMOutput
 
 logger = logging.get_logger(__name__)
@@ -46,7 +47,7 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
                            "(without it every position attends to the tokens after it)")
         super().__init__(config)
         # generation's default: the cache wherever it is exact (module docstring)
-        self.generation_config.use_cache = bool(config.use_cache) and self.bert.encoder.caching_refusal() is None
+        self.generation_config.use_cache = bool(config.use_cache) and kv_cache.config_refusal(config) is None
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,

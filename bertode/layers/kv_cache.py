@@ -53,6 +53,8 @@ class CacheSession:
     def keys_values(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, heads, new, head_size) keys and values of this evaluation -> the past's followed by them."""
         slot, self.slot = self.slot, self.slot + 1
+        if self.past and slot >= self.filled:  # before anything is written: the cache stays as it was
+            self.refuse(more=True)
         layer = _slot(self.self_cache, slot)
         if self.appending:
             return self.self_cache.update(keys, values, slot)
@@ -77,11 +79,21 @@ class CacheSession:
 
     def check_complete(self) -> None:
         """After the forward: a cache filled by an earlier forward must have been read by as many attention
-        evaluations as it holds, or the calls disagree on depth, solver or steps (one line)."""
+        evaluations as it holds, or the calls disagree on depth, solver or steps (`refuse`)."""
         if self.past and self.slot != self.filled:
-            raise ValueError(f"cache holds the keys and values of {self.filled} attention evaluations, but this "
-                             f"forward ran {self.slot}; allowed: the same depth, solver, steps and block in every "
-                             "call that shares a cache (or a new cache)")
+            self.refuse(more=False)
+
+    def refuse(self, more: bool) -> None:
+        """One line; first the slots this forward extended are cut back to the past, so the cache holds what it
+        held before the call."""
+        for layer in self.self_cache.layers[:self.filled]:
+            extra = layer.get_seq_length() - self.past
+            if extra > 0:
+                layer.crop(-extra)  # (transformers' crop counts from the end)
+        ran = "more" if more else str(self.slot)
+        raise ValueError(f"cache holds the keys and values of {self.filled} attention evaluations, but this forward "
+                         f"ran {ran}; allowed: the same depth, solver, steps and block in every call that shares a "
+                         "cache (or a new cache)")
 
 
 def config_refusal(config) -> str | None:

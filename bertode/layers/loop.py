@@ -85,10 +85,11 @@ class LoopResult:
 
 def valid_tokens(attn_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
     """(batch, seq) bool of the real (non-padding) tokens, read off an SDPA mask (None: all real).
-    The last query row of a causal mask sees every real key, so both mask shapes read alike."""
+    The last query row of a causal mask sees every real key, so both mask shapes read alike; under a
+    key/value cache the keys are the cached positions' and then these tokens', the last ``seq`` columns."""
     if attn_mask is None:
         return None
-    return attn_mask[:, 0, -1, :].expand(shape[0], shape[1])
+    return attn_mask[:, 0, -1, -shape[1]:].expand(shape[0], shape[1])
 
 
 def refuse_training_exit(criterion, module) -> None:
