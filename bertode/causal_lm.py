@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import BertODEConfig
 from .modeling import LanguageModelHead
@@ -49,6 +50,7 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
         # generation's default: the cache wherever it is exact (module docstring)
         self.generation_config.use_cache = bool(config.use_cache) and kv_cache.config_refusal(config) is None
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # transformers 5's name, with its warning
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
                 cache=None, use_cache=None, output_hidden_states=None, output_attentions=None,

@@ -13,9 +13,8 @@ the sdist; the vendored folder's stand-in keeps test_modeling_common's import an
 ``test_generation_tester_mixin_inheritance`` check. With ``BERTODE_TRANSFORMERS_TESTS`` set to a
 transformers checkout's ``tests`` folder (v5.25.0), the causal-LM classes run the real mixin too.
 
-A test skipped here carries one of the ``PENDING_*`` reasons below: temporary, the feature is being
-built (issue 26); remove the skip when it lands. The skips transformers' tests make themselves are
-listed with their reasons in docs/testing.md.
+A class's ``skipped`` maps a test name to the reason bertode skips it (none today). The skips
+transformers' tests make themselves are listed with their reasons in docs/testing.md.
 """
 
 from __future__ import annotations
@@ -53,12 +52,6 @@ from transformers_common.test_modeling_common import (  # noqa: E402
     random_attention_mask,
 )
 
-PENDING_CACHE = ("pending (issue 26, caches): `past_key_values=` must warn that it is deprecated for `cache=`, "
-                 "as HF's forward does with transformers.utils.deprecation.deprecate_kwarg")
-PENDING_CHECKPOINTING = ("pending (issue 26, GradientCheckpointingLayer): BertODELayer._gradient_checkpointing_func is a "
-                         "property without a deleter, so the test's mock.patch.object cannot restore it")
-CHECKPOINTING_TESTS = ("test_training_gradient_checkpointing", "test_training_gradient_checkpointing_use_reentrant_false",
-                       "test_training_gradient_checkpointing_use_reentrant_true")
 
 MODES = {"discrete": dict(mode="discrete"), "euler1": dict(mode="ode", solver="euler", steps=1)}
 
@@ -127,7 +120,7 @@ class _BertODECommonTests(ModelTesterMixin):
     mode: dict
     is_decoder = False
     model_split_percents = [0.5, 0.8, 0.9]
-    skipped: dict[str, str] = dict.fromkeys(CHECKPOINTING_TESTS, PENDING_CHECKPOINTING)
+    skipped: dict[str, str] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -181,7 +174,7 @@ class TestBertODEEuler1(_BertODECommonTests, unittest.TestCase):
 
 
 GENERATION_MIXINS = (*upstream_generation_mixin(), GenerationTesterMixin)
-CAUSAL_LM_SKIPS = {**_BertODECommonTests.skipped, "test_bc_cache_name_forward": PENDING_CACHE}
+CAUSAL_LM_SKIPS = dict(_BertODECommonTests.skipped)
 
 
 class TestBertODECausalLMDiscrete(_BertODECommonTests, *GENERATION_MIXINS, unittest.TestCase):

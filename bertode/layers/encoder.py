@@ -236,6 +236,10 @@ class BertODELayer(GradientCheckpointingLayer):
     def _gradient_checkpointing_func(self, checkpoint):
         self._checkpoint = checkpoint
 
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self):  # what mock.patch.object does to restore it
+        self.__dict__.pop("_checkpoint", None)
+
     def __init__(self, config, integrate: bool = True, attention_dropout: float | None = None):
         super().__init__()
         self.attention = ResidualSite(config, AttentionBranch(config, attention_dropout), "attention", integrate)
