@@ -1,6 +1,6 @@
 """The ODE Transformer's seq2seq setting at small scale (issue 26, part 4): reversal of digit strings.
 
-    python scripts/seq2seq_demo.py --out results/seq2seq_demo_cpu.json     # ~2 minutes on 2 CPU cores
+    python scripts/seq2seq_demo.py --out results/seq2seq_demo_cpu.json     # ~1 minute on 2 CPU cores
     python scripts/seq2seq_demo.py --steps 50                              # a dry run
 
 Two `transformers.EncoderDecoderModel`s, a bertode encoder (`BertODEModel`) and a bertode decoder
@@ -20,7 +20,8 @@ model that ignores its encoder scores 10^-length; sorting could be half-solved b
 more steps at this size. The held-out strings never occur in training.
 
 Score: exact match, the share of held-out sources whose greedy ``generate`` (key/value cache on)
-output, up to and including its first EOS, is the whole reversed string and EOS. Written as JSON
+output, up to and including its first EOS, is the whole reversed string and EOS; at the end and every
+``--curve-every`` steps (a Trainer callback, its time left out of training's). Written as JSON
 (``--out``) with versions, machine, sizes, parameter counts and wall times, and printed as a table.
 """
 

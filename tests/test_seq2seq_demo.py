@@ -2,8 +2,8 @@
 
 A bertode encoder-decoder (`transformers.EncoderDecoderModel`) with the ODE Transformer's gated RK2
 block, trained by `transformers.Trainer`, reverses held-out digit strings; Trainer's loss falls from
-the uniform prediction's ln(vocab); greedy and beam ``generate`` give the same tokens (and scores)
-with the key/value cache as without it.
+the uniform prediction's ln(vocab) below the floor of a decoder blind to its source; greedy and beam
+``generate`` give the same tokens (and scores) with the key/value cache as without it.
 
 Run at one torch thread (restored after): the models are too small to share matmuls, and on a busy
 2-core machine OpenMP's spin-waits made 2 threads 40x slower."""
@@ -50,15 +50,18 @@ def test_rk2_gated_encoder_decoder_reverses_held_out_strings():
     assert accuracy >= 0.9, f"exact match {accuracy:.3f} < 0.9"
 
 
-def test_trainer_loss_falls_from_uniform():
-    """EncoderDecoderModel under Trainer: the first step's loss is the uniform prediction's ln(vocab) (the
-    weights start at 0.02 scale) within 0.1, and 8 steps later it is at least 0.3 lower."""
-    setting = demo.Setting(min_length=5, max_length=5, steps=8, train_size=512, eval_size=8, lr=3e-3, warmup=0)
+def test_trainer_loss_falls_below_what_a_source_blind_decoder_can_reach():
+    """EncoderDecoderModel under Trainer, 40 steps on length-5 strings. The first step's loss is the
+    uniform prediction's ln(vocab) (weights start at 0.02 scale) within 0.1. The floor of a decoder that
+    reads no source: it can place EOS (1 of the 6 targets) but the digits are independent of each other, so
+    (5/6) ln 10 = 1.919 per token; the last 5 steps' mean loss must be 0.3 below it (it is ~1.13)."""
+    setting = demo.Setting(min_length=5, max_length=5, steps=40, train_size=2560, eval_size=8, lr=3e-3, warmup=0)
     train, _ = demo.splits(setting)
     losses = demo.train(demo.build_model("rk2_gated", setting), train, setting, log_every=1)
-    assert len(losses) == 8
+    assert len(losses) == 40
     assert losses[0] == pytest.approx(math.log(demo.VOCAB), abs=0.1)
-    assert losses[-1] < losses[0] - 0.3, losses
+    source_blind_floor = 5 / 6 * math.log(10)
+    assert sum(losses[-5:]) / 5 < source_blind_floor - 0.3, losses
 
 
 @pytest.fixture(scope="module")
