@@ -28,6 +28,7 @@ from .validation import (
     check_choice,
     check_deq_numbers,
     check_constructor,
+    check_cross_attention,
     check_int,
     check_kwargs,
     check_positive,
@@ -298,20 +299,7 @@ class BertODEConfig(BertConfig):
         if self.mode == "ode" and self.ode_backend in PER_SEQUENCE_BACKENDS:
             self._check_per_sequence()
         if getattr(self, "add_cross_attention", False):
-            self._check_cross_attention()
-
-    def _check_cross_attention(self) -> None:
-        """A decoder's cross-attention: a decoder, a mode whose sites can take a second input, and a gradient
-        method that differentiates through the encoder's states."""
-        if not self.is_decoder:  # HF's BertLayer raises too
-            raise ValueError("BertODEConfig.add_cross_attention=True is invalid with is_decoder=False; allowed: "
-                             "is_decoder=True (cross-attention is a decoder's)")
-        if self.mode == "deq":
-            wrong_mode("add_cross_attention", True, self.mode, "False (a DEQ map has no cross-attention; use "
-                       "mode='ode' or 'discrete' for the decoder)")
-        if self.mode == "ode" and SENSITIVITIES[self.sensitivity].reevaluates_field:
-            fail("sensitivity", self.sensitivity, "a method that backpropagates through the solve (autograd) with "
-                 "add_cross_attention=True (an adjoint would not return the encoder states' gradients)")
+            check_cross_attention(self, SENSITIVITIES)
 
     def _check_per_sequence(self) -> None:
         """A per-sequence backend: a solver it can step, and a field that takes one time per sequence."""

@@ -105,6 +105,20 @@ def check_deq_numbers(config) -> None:
             fail(name, getattr(config, name), "True or False")
 
 
+def check_cross_attention(config, sensitivities) -> None:
+    """A decoder's cross-attention (``add_cross_attention``): a decoder, a mode whose sites take a second input,
+    and a gradient method that differentiates through the encoder's states (``sensitivities``: the registry)."""
+    if not config.is_decoder:  # HF's BertLayer raises too
+        raise ValueError("BertODEConfig.add_cross_attention=True is invalid with is_decoder=False; allowed: "
+                         "is_decoder=True (cross-attention is a decoder's)")
+    if config.mode == "deq":
+        wrong_mode("add_cross_attention", True, config.mode, "False (a DEQ map has no cross-attention; use "
+                   "mode='ode' or 'discrete' for the decoder)")
+    if config.mode == "ode" and sensitivities[config.sensitivity].reevaluates_field:
+        fail("sensitivity", config.sensitivity, "a method that backpropagates through the solve (autograd) with "
+             "add_cross_attention=True (an adjoint would not return the encoder states' gradients)")
+
+
 def check_architecture(config) -> None:
     """Sizes, and the BERT-family choices of the embeddings and heads."""
     from transformers.activations import ACT2FN
