@@ -90,6 +90,15 @@ class ExplicitRK(DiffEqSolver):
         increment = sum(weight * k for weight, k in zip(b, stages) if weight != 0.0)
         return None, x + dt * increment, None
 
+    def sync_device_dtype(self, x, t_span):
+        """torchdyn's, for a tableau without an error row (torchdyn's own calls ``None.to``): a
+        solve that steps this solver itself (truncated backprop, a kept grid) calls it."""
+        c, a, b, _ = self.tableau
+        self.tableau = None
+        x, t_span = super().sync_device_dtype(x, t_span)
+        self.tableau = (c.to(x), [row.to(x) for row in a], b.to(x), None)
+        return x, t_span
+
 
 @dataclass(frozen=True)
 class ODESolverSpec:
