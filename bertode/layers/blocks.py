@@ -12,6 +12,11 @@ the layer (it may own parameters, like the gate); its ``forward(layer, y)`` gets
                  gate per token, w = 0 and b = 0 at initialisation so g = 1/2
 * ``rk4``        classical RK4: y' = y + (F1 + 2 F2 + 2 F3 + F4) / 6
 
+* ``strang``     the Macaron layer (Lu et al. 2019, Strang-Marchuk splitting of the layer's convection-
+                 diffusion ODE): y = x + 1/2 FFN(x), then the attention step, then + 1/2 FFN', two
+                 feed-forward sites over the first and the second half of the layer's time interval, each
+                 an ODE site in ``mode="ode"`` and post-LN as BERT's (``splits_layer``: the layer builds them)
+
 A `SchemeBlock` takes one step of any explicit solver: a registered solver's name, a
 `ButcherTableau` or a torchdyn solver class. Register your own with
 ``@bertode.register_block("name")``. Blocks are discrete one-step schemes, trained by
@@ -38,9 +43,11 @@ LayerMap = Callable[[torch.Tensor], torch.Tensor]
 class Block(nn.Module, abc.ABC):
     """Base class of blocks; subclass it and register it by name.
 
-    ``is_plain`` is True only for the no-block choice (the layer applied once)."""
+    ``is_plain`` is True for the choices that apply the layer once (no block; a splitting);
+    ``splits_layer``: the layer itself is laid out as a splitting (`encoder.BertODELayer`)."""
 
     is_plain: bool = False
+    splits_layer: bool = False
 
     def __init__(self, config, **kwargs):
         super().__init__()
@@ -108,6 +115,17 @@ class RK2Block(SchemeBlock):
 @register_block("rk4")
 class RK4Block(SchemeBlock):
     solver = RungeKutta4
+
+
+@register_block("strang")
+class StrangSplitting(Block):
+    """The Macaron layer: the layer, once, laid out as half feed-forward, attention, half feed-forward."""
+
+    is_plain = True
+    splits_layer = True
+
+    def forward(self, layer, y):
+        return layer(y)
 
 
 @register_block("rk2_gated")

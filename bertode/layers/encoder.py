@@ -31,7 +31,7 @@ from ..solve.sensitivities import get_sensitivity
 from ..solve.dial import current_dial
 from ..solve.stats import SolveRecord, SolverStats
 from . import kv_cache
-from .blocks import build_block
+from .blocks import BLOCKS, build_block
 from .dropout import current_split, restored
 from .loop import iterate, refuse_training_exit, valid_tokens
 from .site import Pass, ResidualSite  # noqa: F401  (imported from here too)
@@ -79,15 +79,23 @@ class BertODELayer(GradientCheckpointingLayer):
 
     def __init__(self, config, integrate: bool = True, attention_dropout: float | None = None):
         super().__init__()
+        # a splitting (block="strang", the Macaron layer): a first feed-forward half-step before the attention
+        split = BLOCKS[config.block].splits_layer
+        self.feed_forward_first = ResidualSite(config, FeedForwardBranch(config), "feed_forward_first", integrate,
+                                               span=(0.0, 0.5)) if split else None
         self.attention = ResidualSite(config, AttentionBranch(config, attention_dropout), "attention", integrate)
         self.cross_attention = None
         if getattr(config, "add_cross_attention", False):
             self.cross_attention = ResidualSite(config, CrossAttentionBranch(config, attention_dropout),
                                                 "cross_attention", integrate)
-        self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward", integrate)
-        self.block = build_block(config)
+        self.feed_forward = ResidualSite(config, FeedForwardBranch(config), "feed_forward", integrate,
+                                         span=(0.5, 1.0) if split else (0.0, 1.0))
+        self.block = build_block(config)  # after the sites: their initialisation draws come first, as always
 
     def layer(self, x, attn_mask, run: Pass, records: list):
+        if self.feed_forward_first is not None:
+            x, record = self.feed_forward_first(x, attn_mask, run)
+            records.append(record)
         x, record = self.attention(x, attn_mask, run)
         records.append(record)
         if self.cross_attention is not None and run.cross is not None:

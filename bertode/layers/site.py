@@ -50,11 +50,17 @@ IDENTITY = nn.Identity()
 
 class ResidualSite(nn.Module):
     """x -> LN(x + G(x)) (pre: x + G(LN(x))) when it does not integrate; otherwise integrate the vector field
-    over [l t_end, (l + 1) t_end] from x and apply the field's `finish` (e.g. the LayerNorm)."""
+    over [l t_end, (l + 1) t_end] from x and apply the field's `finish` (e.g. the LayerNorm).
 
-    def __init__(self, config, branch: nn.Module, name: str, integrate: bool):
+    ``span`` (a, b): the part of the layer's time interval this site covers, [(l + a) t_end, (l + b) t_end];
+    not integrating, the update is scaled by b - a (LN(x + (b - a) G(x)), one Euler step over the span). A
+    Strang-split (Macaron) layer's feed-forward halves cover (0, 1/2) and (1/2, 1)."""
+
+    def __init__(self, config, branch: nn.Module, name: str, integrate: bool, span: tuple = (0.0, 1.0)):
         super().__init__()
         self.name = name
+        self.span = (float(span[0]), float(span[1]))
+        self.scale = self.span[1] - self.span[0]  # the discrete update's weight (1 for a whole-interval site)
         self.branch = branch
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden_dropout = config.hidden_dropout_prob
@@ -122,8 +128,12 @@ class ResidualSite(nn.Module):
                 if key not in run.dropout_masks:
                     run.dropout_masks[key] = keep_mask(x, self.hidden_dropout)
                 update = update * active.gather(run.dropout_masks[key])
+        update = self._scaled(update)
         rows = rows + update if self.pre_norm else self.norm(rows + update)
         return active.scatter(x, rows)
+
+    def _scaled(self, update: torch.Tensor) -> torch.Tensor:
+        return update if self.scale == 1.0 else update * self.scale
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, run: Pass):
         """(output, the solve's `SolveRecord` or None)."""
@@ -134,8 +144,8 @@ class ResidualSite(nn.Module):
             return self._active_rows(x, attn_mask, run), None
         if not self.ode:
             if self.pre_norm:
-                return x + self._dropout(self.branch(self.norm(x), attn_mask, run.qkv_injection), run), None
-            update = self._dropout(self.branch(x, attn_mask, run.qkv_injection), run)
+                return x + self._scaled(self._dropout(self.branch(self.norm(x), attn_mask, run.qkv_injection), run)), None
+            update = self._scaled(self._dropout(self.branch(x, attn_mask, run.qkv_injection), run))
             return self.norm(x + update), None
 
         # One dropout mask per solve: the field stays one deterministic function of (t, z).
@@ -148,7 +158,8 @@ class ResidualSite(nn.Module):
         def dynamics(t, z):
             return evaluate(self, t, z, attn_mask, keep)
 
-        t0 = run.layer_index * self.t_end
+        t0 = (run.layer_index + self.span[0]) * self.t_end
+        t1 = t0 + self.scale * self.t_end  # (a whole-interval site: t0 + t_end, as before spans)
         name = f"layer.{run.layer_index}.{self.name}"
         if observer is not None:
             observer.begin(name, t0, x)
@@ -161,15 +172,14 @@ class ResidualSite(nn.Module):
             width = x.shape[-1]
             state = torch.cat([x, x.new_zeros(*x.shape[:-1], len(regularizer.names))], -1)
             state, record = self.solve(state, augmented(dynamics, regularizer, noise, width),
-                                       self.dynamics_parameters, t0, t0 + self.t_end, name, run.steps, run.backprop)
+                                       self.dynamics_parameters, t0, t1, name, run.steps, run.backprop)
             z = state[..., :width]
             run.penalties.append((state[..., width:], regularizer.names))
         else:
-            z, record = self.solve(x, dynamics, self.dynamics_parameters, t0, t0 + self.t_end, name, run.steps,
-                                   run.backprop)
+            z, record = self.solve(x, dynamics, self.dynamics_parameters, t0, t1, name, run.steps, run.backprop)
         out = self.field.finish(z, self.field_norm())
         if observer is not None:
-            observer.end(t0 + self.t_end, z, lambda state: self.field.finish(state, self.field_norm()), out)
+            observer.end(t1, z, lambda state: self.field.finish(state, self.field_norm()), out)
         return out, record
 
 
