@@ -170,6 +170,24 @@ def test_per_token_exit_refuses_a_cache():
             model(_tokens((1, 4)), use_cache=True)
 
 
+def test_fixed_length_caches_are_refused_in_one_line():
+    """A StaticCache (``generate(cache_implementation="static")``) has num_hidden_layers layers of a fixed length;
+    bertode needs one growing slot per attention evaluation: refused before anything is written."""
+    from transformers import StaticCache
+
+    model = _decoder(mode="discrete")
+    ids = _tokens((2, 5))
+    line = r"^cache=StaticCache is invalid: its layers \(StaticLayer\) have a fixed length; allowed: a DynamicCache"
+    static = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=line) as info:
+            model(ids, cache=static, use_cache=True)
+        assert "\n" not in str(info.value)
+        assert static.get_seq_length() == 0
+        with pytest.raises(ValueError, match=line):
+            model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+
 def test_bertode_generate_refuses_use_cache_with_an_adaptive_solver(tmp_path, capsys):
     from transformers import BertTokenizerFast
 

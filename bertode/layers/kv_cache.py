@@ -40,6 +40,7 @@ class CacheSession:
         cross = isinstance(cache, EncoderDecoderCache)
         self.self_cache = cache.self_attention_cache if cross else cache
         self.cross_cache = cache.cross_attention_cache if cross else None
+        refuse_fixed_length(cache, self.self_cache, self.cross_cache)
         self.past = filled_length(self.self_cache)
         self.filled = sum(1 for layer in self.self_cache.layers if _holds(layer))
         self.slot = self.cross_slot = 0
@@ -94,6 +95,18 @@ class CacheSession:
         raise ValueError(f"cache holds the keys and values of {self.filled} attention evaluations, but this forward "
                          f"ran {ran}; allowed: the same depth, solver, steps and block in every call that shares a "
                          "cache (or a new cache)")
+
+
+def refuse_fixed_length(cache: Cache, *parts: Cache | None) -> None:
+    """One line for a cache whose layers have a fixed length (`StaticCache`, ``generate(cache_implementation=
+    "static")``, sliding windows): it is sized for ``num_hidden_layers`` layers and a maximum length, where
+    bertode needs one growing slot per attention evaluation (`_slot`) and masks over the cached positions only."""
+    for part in parts:
+        fixed = [layer for layer in (part.layers if part is not None else ()) if not isinstance(layer, DynamicLayer)]
+        if fixed:
+            raise ValueError(f"cache={type(cache).__name__} is invalid: its layers ({type(fixed[0]).__name__}) have a "
+                             "fixed length; allowed: a DynamicCache (generate's default, one growing slot per "
+                             "attention evaluation), or an EncoderDecoderCache of two")
 
 
 def config_refusal(config) -> str | None:

@@ -4,7 +4,7 @@ test_modeling_common.py imports: ``GenerationTesterMixin`` with no tests of its 
 test_modeling_common's ``test_generation_tester_mixin_inheritance`` checks that a test class
 whose models can ``generate`` inherits this class. The real mixin (transformers' GitHub
 sources only) is run by tests/test_transformers_common.py when ``BERTODE_TRANSFORMERS_TESTS``
-names a transformers checkout's ``tests`` folder at v5.25.0 (docs/testing.md)."""
+names a folder holding it as ``generation/test_utils.py`` (docs/testing.md, "Generation tests")."""
 
 
 class GenerationTesterMixin:
