@@ -49,6 +49,9 @@ part bench_dropout 120 python3 scripts/bench_dropout.py "${common[@]}" --batch 1
 # Adaptive solves per sequence (issue 27): every backend's NFE, error against float64, time, and the
 # stiff-batch experiment (the easy sequences' NFE alone and beside one stiff sequence).
 part bench_solvers 120 python3 scripts/bench_solvers.py "${common[@]}" --batch 16 --steps 3 --out "$PARTS/solvers.json"
+# Key/value caches (issue 26): one decoding step at 32 and 256 tokens of context, with and without the cache.
+part bench_kv_cache 90 python3 scripts/bench_kv_cache.py "${common[@]}" --steps 5 --contexts 32,256 \
+  --out "$PARTS/kv_cache.json"
 part profile 90 python3 scripts/profile_steps.py "${common[@]}" --batch "$BATCH" --rows hf_bert,discrete,euler_1 \
   --out "$OUT/profile.txt" --json "$PARTS/profile.json"
 if [ "$DEVICE" = cuda ]; then trainer=(trainer=gpu size=base); else trainer=(trainer=cpu size=tiny trainer.batch_size=8); fi

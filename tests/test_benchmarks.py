@@ -8,11 +8,13 @@ against what the methods imply, never against timings:
 * memory: IFT bytes equal across iteration counts; autograd bytes exactly linear and
   growing in the steps; the adjoint saves the same bytes at every step count and no stages
   (Euler and RK4 equal), and its backward takes one adjoint step per forward step.
+* kv cache: a step with the cache computes the logits of the step without it (a DEQ: to its tolerance),
+  for every model and context.
 * solvers: RK4 NFE = 4 x steps x sites in both backends; RK4 error falls by >= 50x from 1 to
   4 steps (4th order: 256x); dopri5 error falls with the tolerance; the two float64
   references agree.
 
-All three scripts run at once (each spends ~10 s importing torch and transformers).
+All four scripts run at once (each spends ~10 s importing torch and transformers).
 """
 
 import json
@@ -31,6 +33,7 @@ EXTRA = {
     "bench_speed": ["--interleave"],
     "bench_memory": ["--layers", "2", "--ode-steps", "1,2,4"],
     "bench_solvers": [],
+    "bench_kv_cache": ["--contexts", "8,24"],
 }
 SPEED_ROWS = ["hf_bert", "discrete", "euler_1", "discrete_sparse", "euler_1_sparse", "euler_1_neural_ode", "block_rk2", "rk4_1",
               "rk4_4", "dopri5_1e-3", "dopri5_1e-5", "dopri5_1e-3_adjoint", "deq_anderson_ift", "deq_anderson_ift_sparse",
@@ -152,6 +155,16 @@ def test_memory_ift_and_adjoint_are_flat_autograd_grows(runs):
     # ... and no stages: Euler and RK4 adjoints save the same bytes.
     for n in ODE_STEPS:
         assert rows[f"ode_euler_adjoint_s{n}"]["activation_bytes"] == rows[f"ode_rk4_adjoint_s{n}"]["activation_bytes"]
+
+
+def test_kv_cache_rows_time_the_same_logits_with_and_without_the_cache(runs):
+    rows = load(runs, "bench_kv_cache")["rows"]
+    assert {(r["model"], r["context"], r["cache"]) for r in rows} == {
+        (m, n, c) for m in ("hf", "euler1", "rk4x2", "deq") for n in (8, 24) for c in (True, False)}
+    for row in rows:
+        assert row["max_logit_gap"] <= (1e-2 if row["model"] == "deq" else 1e-5), row
+        assert positive(row["ms_per_token"]) and positive(row["cpu_ms_per_token"])
+        assert (row["cache_speedup"] is None) != row["cache"]
 
 
 def test_solvers_backends_agree_on_nfe_and_converge(runs):
