@@ -31,6 +31,7 @@ from .validation import (
     check_cross_attention,
     check_int,
     check_kwargs,
+    check_position_pairing,
     check_positive,
     fail,
     is_number,
@@ -118,7 +119,8 @@ class BertODEConfig(BertConfig):
     The BERT family (set by `from_bert` for RoBERTa, ELECTRA, ALBERT, DistilBERT; see
     `embeddings.py`): embedding_size (``None``: hidden_size) and embedding_projection
     (``None``: a Linear to hidden_size when the widths differ), position_scheme
-    (``absolute`` or RoBERTa's ``after_padding``), ``type_vocab_size=0`` (no token types),
+    (``absolute`` or RoBERTa's ``after_padding``; for a new model also the relative ``rotary``, RoPE with
+    base ``rope_theta``, or ``transformer_xl``: `layers/positions.py`), ``type_vocab_size=0`` (no token types),
     head_hidden_act (the MLM head's activation; ``None``: hidden_act), pooler_hidden_act.
     objective: the training objective's registered name (``bertode.train objective=``),
         saved with the model so that evaluation and fine-tuning read it (None: not trained
@@ -183,6 +185,7 @@ class BertODEConfig(BertConfig):
     embedding_size: int | None = None
     embedding_projection: bool | None = None
     position_scheme: str = "absolute"
+    rope_theta: float = 10000.0
     head_hidden_act: str | None = None
     pooler_hidden_act: str = "tanh"
     embedding_norm: bool = True
@@ -281,6 +284,7 @@ class BertODEConfig(BertConfig):
                              "z + G(LN(z)) has a fixed point only where G vanishes; allowed: 'post'")
         if self.hidden_size % self.num_attention_heads != 0:
             fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        check_position_pairing(self)
         self._check_core()
         self._check_unused_by_mode()
         self._check_sensitivity()

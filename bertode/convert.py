@@ -76,7 +76,9 @@ def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEMo
     model_class = target_class(family, type(source).__name__)
     pooled = family.base_pooler or model_class is not BertODEModel
 
-    config = BertODEConfig(**{**family.config(source.config), **overrides})
+    fields = family.config(source.config)
+    _check_positions(fields, overrides)
+    config = BertODEConfig(**{**fields, **overrides})
     weight_norm = config.mode == "deq" and config.deq_weight_norm
     config.deq_weight_norm = False  # load plain weights first, then reparametrise
     layers = source.config.num_hidden_layers if hasattr(source.config, "num_hidden_layers") else source.config.n_layers
@@ -125,6 +127,16 @@ def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEMo
         target.config.deq_weight_norm = True
     parameter = next(source.parameters())
     return target.to(device=parameter.device, dtype=parameter.dtype).train(source.training)
+
+
+def _check_positions(fields: dict, overrides: dict) -> None:
+    """One line for a ``position_scheme`` other than the source's: its position embeddings would be lost (a relative
+    scheme has none) or read with another numbering."""
+    source = fields.get("position_scheme", "absolute")
+    wanted = overrides.get("position_scheme", source)
+    if wanted != source:
+        raise ValueError(f"from_bert(position_scheme={wanted!r}) is invalid: the source has {source!r} position "
+                         f"embeddings, which the converted model would lose; allowed: {source!r} (the source's)")
 
 
 def _is_bertode_only(key: str) -> bool:

@@ -15,7 +15,7 @@ from huggingface_hub.errors import StrictDataclassError
 DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
-POSITION_SCHEMES = ("absolute", "after_padding")
+POSITION_SCHEMES = ("absolute", "after_padding", "rotary", "transformer_xl")  # the last two: layers/positions.py
 LM_HEAD_TYPES = ("bert", "linear")
 # Upper bounds of the sizes: far beyond any model built with bertode (BERT-large: 24 layers,
 # 1024 wide, 512 positions, 30522 tokens; the largest vocabularies ~256k), so that a typo
@@ -119,6 +119,13 @@ def check_cross_attention(config, sensitivities) -> None:
              "add_cross_attention=True (an adjoint would not return the encoder states' gradients)")
 
 
+def check_position_pairing(config) -> None:
+    """``rope_theta`` is RoPE's: another value with another scheme is refused (a pairing)."""
+    if config.rope_theta != 10000.0 and config.position_scheme != "rotary":
+        fail("rope_theta", config.rope_theta, f"10000.0 with position_scheme={config.position_scheme!r} (it is the "
+             "base of position_scheme='rotary')")
+
+
 def check_architecture(config) -> None:
     """Sizes, and the BERT-family choices of the embeddings and heads."""
     from transformers.activations import ACT2FN
@@ -133,6 +140,7 @@ def check_architecture(config) -> None:
     if not is_number(config.layer_norm_eps) or config.layer_norm_eps <= 0:
         fail("layer_norm_eps", config.layer_norm_eps, "a finite number > 0")
     check_choice("position_scheme", config.position_scheme, POSITION_SCHEMES)
+    check_positive("rope_theta", config.rope_theta)
     if not isinstance(config.embedding_norm, bool):
         fail("embedding_norm", config.embedding_norm, "True or False")
     check_choice("lm_head_type", config.lm_head_type, LM_HEAD_TYPES)

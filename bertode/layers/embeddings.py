@@ -7,7 +7,8 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
   DistilBERT) embeddings of width ``embedding_size``, LayerNorm, dropout, then (ALBERT,
   ELECTRA) a projection to ``hidden_size``. ``position_scheme="after_padding"`` numbers
   positions as RoBERTa does: from ``pad_token_id + 1`` over non-padding tokens, padding
-  at ``pad_token_id``.
+  at ``pad_token_id``. The relative schemes (``rotary``, ``transformer_xl``) have no position
+  embedding: attention reads the positions (`positions.py`).
 * `BertODEPooler`: dense + ``pooler_hidden_act`` on the first token (tanh for BERT, RoBERTa
   and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
 * `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
@@ -31,6 +32,7 @@ from transformers.activations import ACT2FN
 
 from .dropout import Dropout
 from .losses import linear_cross_entropy
+from .positions import RELATIVE_SCHEMES
 
 
 def embedding_width(config) -> int:
@@ -53,7 +55,8 @@ class BertODEEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         # RoBERTa's padding position is pad_token_id, whose embedding gets no gradient there too.
         position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding)
+        self.position_embeddings = None if config.position_scheme in RELATIVE_SCHEMES else \
+            nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
         norm = getattr(config, "embedding_norm", True)
         self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps) if norm else None
@@ -76,14 +79,15 @@ class BertODEEmbeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         seq_len = inputs_embeds.shape[1]
-        if position_ids is None:
+        if position_ids is None and self.position_embeddings is not None:
             position_ids = self._positions(input_ids, inputs_embeds, seq_len, past)
         embeddings = inputs_embeds
         if self.token_type_embeddings is not None:  # HF's order of additions: the sums are bit-equal
             if token_type_ids is None:
                 token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
-        embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids)
         if self.LayerNorm is not None:
             embeddings = self.LayerNorm(embeddings)
         embeddings = self.dropout(embeddings)

@@ -47,6 +47,9 @@ def apply_rule(module: nn.Module) -> bool:
     rule = getattr(module, "_bertode_init", None)
     if rule is None:
         return False
+    if rule == "own":  # a module with parameters of its own kind (positions.TransformerXLPositions' u and v)
+        module.reset_parameters()
+        return True
     weight_rule, bias_rule = RULES[rule]
     weight_rule(module.weight)
     if getattr(module, "bias", None) is not None:

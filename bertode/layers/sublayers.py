@@ -18,10 +18,14 @@ from transformers.activations import ACT2FN
 from ..solve import observe
 from . import kv_cache
 from .dropout import keep_mask, splitting_rows
+from .positions import RotaryPositions, TransformerXLPositions, positions_from, relative_positions
 
 
 class AttentionBranch(nn.Module):
-    """G_A(x) = W_O · MultiHeadSelfAttention(x) with PyTorch's fused SDPA kernel."""
+    """G_A(x) = W_O · MultiHeadSelfAttention(x) with PyTorch's fused SDPA kernel; with a relative
+    ``position_scheme`` (`positions.py`) its ``positions`` rotate queries and keys or bias the scores."""
+
+    positional = True  # self-attention reads positions; cross-attention's keys are the encoder's (no distances)
 
     def __init__(self, config, attention_dropout: float | None = None):
         """``attention_dropout`` (default: the config's ``attention_probs_dropout_prob``) is
@@ -37,6 +41,7 @@ class AttentionBranch(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.positions = relative_positions(config) if self.positional else None
 
     def forward(self, hidden: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 qkv_injection: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,6 +58,9 @@ class AttentionBranch(nn.Module):
             k, v = k + dk, v + dv
         k, v = self.heads(k), self.heads(v)
         session = kv_cache.active()
+        past = session.past if session is not None else 0  # the new tokens follow the cached positions
+        if isinstance(self.positions, RotaryPositions):  # keys are cached rotated, at their own positions
+            k = self.positions.rotate(k, positions_from(past, seq, k.device))
         if session is not None:
             k, v = session.keys_values(k, v)
         keys = k.shape[2]
@@ -65,7 +73,14 @@ class AttentionBranch(nn.Module):
             if attn_mask is not None and attn_mask.shape[-2] > 1:  # a causal mask: the active queries' rows
                 attn_mask = attn_mask.expand(batch, -1, -1, -1).gather(
                     2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, keys))
-        context = self.attend(self.heads(q), k, v, attn_mask,
+        q, bias = self.heads(q), None
+        if self.positions is not None:
+            query_positions = positions_from(past, seq, q.device, None if active is None else active.positions)
+            if isinstance(self.positions, TransformerXLPositions):
+                q, bias = self.positions.query_and_bias(q, query_positions, keys, past)
+            else:
+                q = self.positions.rotate(q, query_positions)
+        context = self.attend(q, k, v, attn_mask, bias=bias,
                               unpack=None if active is None else lambda probs: active.unpack_queries(probs, seq))
         return self.dense(context if active is None else context[active.packed])
 
@@ -73,14 +88,17 @@ class AttentionBranch(nn.Module):
         """(batch, seq, hidden) -> (batch, heads, seq, head_size)."""
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_size).transpose(1, 2)
 
-    def attend(self, q, k, v, attn_mask, cross: bool = False, unpack=None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v with heads merged: (batch, queries, hidden). Eager where the
+    def attend(self, q, k, v, attn_mask, cross: bool = False, unpack=None, bias=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + bias + mask) v with heads merged: (batch, queries, hidden); ``bias``
+        (batch, heads, queries, keys): Transformer-XL's position scores, masked into one float mask. Eager where the
         probabilities are wanted (``output_attentions``, or ``attn_implementation="eager"``) or the dropout mask
         must come from `bertode.layers.dropout`; PyTorch's fused SDPA otherwise."""
         batch, _, queries, _ = q.shape
         p = self.attention_dropout if self.training else 0.0
         observer = observe.active()
         recorded = observer is not None and observer.needs_attention(cross)
+        if bias is not None:
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, torch.finfo(bias.dtype).min)
         if recorded or (p > 0 and splitting_rows()) or getattr(self.config, "_attn_implementation", None) == "eager":
             context, probs = eager_attention(q, k, v, attn_mask, p)
             if recorded:
@@ -101,7 +119,10 @@ class CrossMemory:
 class CrossAttentionBranch(AttentionBranch):
     """G_C(x) = W_O · MultiHeadAttention(queries from x; keys and values from the encoder's states), the
     decoder's second sublayer (``add_cross_attention``). Its keys and values depend on the encoder only, so
-    under an encoder-decoder cache they are computed at the first forward and read after."""
+    under an encoder-decoder cache they are computed at the first forward and read after. It reads no positions
+    (no distance between a target and a source token is defined), whatever ``position_scheme``."""
+
+    positional = False
 
     def forward(self, hidden: torch.Tensor, memory: CrossMemory, qkv_injection=None, active=None) -> torch.Tensor:
         states = memory.states.to(hidden.dtype)
@@ -116,9 +137,11 @@ class CrossAttentionBranch(AttentionBranch):
 
 def eager_attention(q, k, v, attn_mask: torch.Tensor | None, dropout_p: float = 0.0):
     """softmax(q k^T / sqrt(d) + mask) v, written out: (context, attention probabilities
-    before dropout). ``attn_mask`` is SDPA's boolean mask (True = attend)."""
+    before dropout). ``attn_mask`` is SDPA's: boolean (True = attend) or a float mask added to the scores."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask
+    elif attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1)
     kept = probs * keep_mask(probs, dropout_p) if dropout_p > 0 else probs
