@@ -127,7 +127,8 @@ class BertODEConfig(BertConfig):
         by bertode; its head says which).
     GPT-2 (`from_bert` of a ``GPT2LMHeadModel``): ``embedding_norm=False`` (no LayerNorm
     after the embeddings) and ``lm_head_type="linear"`` (the tied decoder alone, no bias;
-    ``"bert"``: BERT's dense, activation, LayerNorm, then the tied decoder and a bias).
+    ``"bert"``: BERT's dense, activation, LayerNorm, then the tied decoder and a bias; ``"adaptive"``: Transformer-XL's
+    adaptive embedding and softmax over the clusters cut at ``adaptive_cutoffs``, ``adaptive_div_value``: `adaptive.py`).
     sparse_prediction: while training with ``labels``, heads that score positions (masked and causal LM,
         pre-training's MLM, token classification) run only at the positions whose label is not -100
         (cramming's sparse prediction), the LM heads' loss through `layers.losses` without the batch's fp32
@@ -190,6 +191,8 @@ class BertODEConfig(BertConfig):
     pooler_hidden_act: str = "tanh"
     embedding_norm: bool = True
     lm_head_type: str = "bert"
+    adaptive_cutoffs: list[int] | None = None
+    adaptive_div_value: float = 4.0
     objective: str | None = None
     sparse_prediction: bool = False
 

@@ -37,7 +37,7 @@ from .layers.init import apply_rule
 from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.dial import current_dial, dialed
 from .solve.observe import Observer, observing
-from .layers import kv_cache
+from .layers import adaptive, kv_cache
 from .layers.sublayers import CrossMemory, sdpa_mask
 
 logger = logging.get_logger(__name__)
@@ -312,12 +312,13 @@ class TiedMLMDecoder:
     """Heads with ``cls.predictions``: the decoder tied to the word embeddings (bias: ``cls.predictions.bias``)."""
 
     @property
-    def _tied_weights_keys(self) -> dict:  # lm_head_type="linear" (GPT-2) has no decoder bias
+    def _tied_weights_keys(self) -> dict:  # "linear" (GPT-2) has no decoder bias; "adaptive" no decoder (its ties)
         bias = {"cls.predictions.decoder.bias": "cls.predictions.bias"} if self.config.lm_head_type == "bert" else {}
-        return {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight", **bias}
+        tied = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight", **bias}
+        return adaptive.tied_weights_keys(self.config) if self.config.lm_head_type == "adaptive" else tied
 
-    def get_output_embeddings(self):
-        return self.cls.predictions.decoder
+    def get_output_embeddings(self):  # None for the adaptive softmax, as transformers' Transformer-XL
+        return getattr(self.cls.predictions, "decoder", None)
 
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings

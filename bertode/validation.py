@@ -16,7 +16,7 @@ DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
 POSITION_SCHEMES = ("absolute", "after_padding", "rotary", "transformer_xl")  # the last two: layers/positions.py
-LM_HEAD_TYPES = ("bert", "linear")
+LM_HEAD_TYPES = ("bert", "linear", "adaptive")
 # Upper bounds of the sizes: far beyond any model built with bertode (BERT-large: 24 layers,
 # 1024 wide, 512 positions, 30522 tokens; the largest vocabularies ~256k), so that a typo
 # (``max_position_embeddings=1e11``) is refused instead of allocating terabytes.
@@ -144,7 +144,40 @@ def check_architecture(config) -> None:
     if not isinstance(config.embedding_norm, bool):
         fail("embedding_norm", config.embedding_norm, "True or False")
     check_choice("lm_head_type", config.lm_head_type, LM_HEAD_TYPES)
+    check_adaptive(config)
     for name in ("hidden_act", "head_hidden_act", "pooler_hidden_act"):
         value = getattr(config, name)
         if (value is not None or name != "head_hidden_act") and isinstance(value, str) and value not in ACT2FN:
             fail(name, value, f"an activation name of transformers' ACT2FN ({', '.join(sorted(ACT2FN)[:6])}, ...)")
+
+
+def check_adaptive(config) -> None:
+    """``lm_head_type="adaptive"``'s cutoffs (increasing ids in (0, vocab_size)), ``adaptive_div_value`` (every
+    cluster at least 1 wide) and an embedding as wide as the hidden states (the projections tie across them)."""
+    cutoffs, div = config.adaptive_cutoffs, config.adaptive_div_value
+    if not is_number(div) or div < 1:
+        fail("adaptive_div_value", div, "a number >= 1 (cluster j is embedding width // div_value**j wide)")
+    if config.lm_head_type != "adaptive":
+        if cutoffs is not None:
+            fail("adaptive_cutoffs", cutoffs, f"None with lm_head_type={config.lm_head_type!r} (they cut "
+                 "lm_head_type='adaptive''s vocabulary)")
+        return
+    allowed = (f"a list of increasing integers in (0, vocab_size={config.vocab_size}), "
+               "the first ids of the tail clusters (Transformer-XL's for WikiText-103: [20000, 40000, 200000])")
+    if cutoffs is None:
+        raise ValueError(f"BertODEConfig.adaptive_cutoffs=None is invalid with BertODEConfig.lm_head_type='adaptive'; "
+                         f"allowed: {allowed}")
+    if not isinstance(cutoffs, (list, tuple)) or not cutoffs or any(isinstance(c, bool) or not isinstance(c, int)
+                                                                   for c in cutoffs):
+        fail("adaptive_cutoffs", cutoffs, allowed)
+    if list(cutoffs) != sorted(set(cutoffs)) or cutoffs[0] <= 0:
+        fail("adaptive_cutoffs", list(cutoffs), allowed)
+    if cutoffs[-1] >= config.vocab_size:
+        raise ValueError(f"BertODEConfig.adaptive_cutoffs={list(cutoffs)!r} is invalid with BertODEConfig.vocab_size="
+                         f"{config.vocab_size}; allowed: {allowed}")
+    if config.embedding_size not in (None, config.hidden_size):
+        fail("embedding_size", config.embedding_size, f"None or hidden_size={config.hidden_size} with "
+             "lm_head_type='adaptive' (the softmax's projections are the embedding's, transposed)")
+    if int(config.hidden_size // div ** len(cutoffs)) < 1:
+        fail("adaptive_div_value", div, f"a value that leaves the last of {len(cutoffs) + 1} clusters at least "
+             f"1 wide (hidden_size={config.hidden_size} // div_value**{len(cutoffs)})")

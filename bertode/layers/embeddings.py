@@ -13,8 +13,9 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
   and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
 * `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
   then the decoder tied to the word embeddings, and a bias; with ``lm_head_type="linear"``
-  (GPT-2) the tied decoder alone, without a bias. Its `_Predictions.scored` is sparse
-  prediction's path: the transform and the decoder's cross-entropy at the scored rows only,
+  (GPT-2) the tied decoder alone, without a bias; with ``"adaptive"`` Transformer-XL's adaptive
+  softmax, and an adaptive input embedding as ``word_embeddings`` (`adaptive.py`). Its
+  `_Predictions.scored` is sparse prediction's path: the transform and the decoder's cross-entropy at the scored rows only,
   through `losses.linear_cross_entropy` (the kernel that ran: ``loss_kernel``).
 
 GPT-2's embeddings are these with ``type_vocab_size=0`` and ``embedding_norm=False`` (no
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .adaptive import AdaptiveEmbedding, AdaptivePredictions
 from .dropout import Dropout
 from .losses import linear_cross_entropy
 from .positions import RELATIVE_SCHEMES
@@ -52,7 +54,8 @@ class BertODEEmbeddings(nn.Module):
         width = embedding_width(config)
         self.position_scheme = config.position_scheme
         self.padding_idx = config.pad_token_id if config.pad_token_id is not None else 0
-        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.word_embeddings = AdaptiveEmbedding(config) if config.lm_head_type == "adaptive" else \
+            nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         # RoBERTa's padding position is pad_token_id, whose embedding gets no gradient there too.
         position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
         self.position_embeddings = None if config.position_scheme in RELATIVE_SCHEMES else \
@@ -144,7 +147,8 @@ class BertODEMLMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.predictions = _Predictions(config)
+        adaptive = getattr(config, "lm_head_type", "bert") == "adaptive"  # Transformer-XL's softmax: `adaptive.py`
+        self.predictions = AdaptivePredictions(config) if adaptive else _Predictions(config)
 
     def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
         return self.predictions(sequence_output)

@@ -1,9 +1,10 @@
 """Training data for masked-language modelling: text in, packed token ids out.
 
 `prepare(data_cfg)` reads the train and eval documents (`documents.py`: the embedded
-sample, local files and globs, or any `datasets` source), trains a WordPiece tokenizer on
-the train text (deterministically: `wordpiece.py`; on its first ``tokenizer_sample_bytes``
-bytes) or loads one, packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T
+sample, local files and globs, or any `datasets` source), trains a tokenizer on the train
+text (deterministically; on its first ``tokenizer_sample_bytes`` bytes): ``data.vocabulary``
+``wordpiece`` (`wordpiece.py`) or ``word`` (`words.py`: words, ``<eos>`` ending every line),
+or loads one, packs each split into rows ``[CLS] t1 ... t_{T-2} [SEP]`` of length T
 (`shards.Packer`) and writes them as token shards (`shards.write_rows`) under
 ``cache_dir/<hash of the data config and inputs>``: ``tokenizer/``, ``train/``, ``eval/``,
 each built beside the entry and renamed into it, so a rerun (or ``python -m
@@ -28,8 +29,10 @@ import torch
 from .documents import documents, identities
 from .shards import Packer, ShardRows, write_rows
 from .sources import DataError
+from .words import SPECIAL_TOKENS as WORD_SPECIALS, read_by
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCABULARIES = ("wordpiece", "word")  # data.vocabulary: `wordpiece.py`, `words.py`
 
 
 STREAM_HEAD_ROWS = 2048
@@ -46,9 +49,14 @@ class Corpus:
 
 
 # --- tokenizer and packing ------------------------------------------------------------
-def _train_tokenizer(lines, vocab_size: int, lowercase: bool, sample_bytes: int | None = None):
-    """WordPiece trained deterministically (`wordpiece.py`) on the train text, or on its
-    first ``sample_bytes`` bytes (a bounded, deterministic sample for large corpora)."""
+def _train_tokenizer(lines, vocab_size: int, lowercase: bool, sample_bytes: int | None = None, cfg=None):
+    """``data.vocabulary``'s tokenizer trained deterministically on the train text, or on its first
+    ``sample_bytes`` bytes (a bounded, deterministic sample for large corpora): WordPiece (`wordpiece.py`),
+    or words (`words.py`, keeping those seen ``data.min_count`` times)."""
+    if cfg is not None and cfg.get("vocabulary", "wordpiece") == "word":
+        from . import words
+
+        return words.train_tokenizer(_sample(lines, sample_bytes), vocab_size, cfg.get("min_count", 1), lowercase)
     from .wordpiece import train_tokenizer
 
     return train_tokenizer(_sample(lines, sample_bytes), vocab_size, SPECIAL_TOKENS, lowercase)
@@ -94,6 +102,8 @@ def _cache_key(cfg, identities) -> str:
                                       "lowercase", "tokenizer", "tokenizer_sample_bytes", "text_column",
                                       "train_split", "eval_split")}
     fields["tokenizer"] = str(Path(fields["tokenizer"]).resolve()) if fields["tokenizer"] else None
+    if cfg.get("vocabulary", "wordpiece") != "wordpiece":  # (absent for WordPiece: its entries keep their keys)
+        fields.update(vocabulary=cfg.vocabulary, min_count=cfg.get("min_count", 1))
     # format 3: token shards (2: one safetensors file; 1: a per-process WordPiece draw)
     blob = json.dumps({"fields": fields, "inputs": identities, "format": 3}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -105,8 +115,20 @@ def check_data(cfg, trains_tokenizer: bool = True) -> None:
         raise DataError(f"data.seq_len={cfg.seq_len!r} is invalid; allowed: an integer >= 8")
     if not isinstance(cfg.mlm_probability, (int, float)) or not 0 < cfg.mlm_probability < 1:
         raise DataError(f"data.mlm_probability={cfg.mlm_probability!r} is invalid; allowed: a number in (0, 1)")
-    if trains_tokenizer and not cfg.tokenizer and (isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int)
-                              or cfg.vocab_size <= len(SPECIAL_TOKENS)):
+    vocabulary, min_count = cfg.get("vocabulary", "wordpiece"), cfg.get("min_count", 1)
+    if vocabulary not in VOCABULARIES:
+        raise DataError(f"data.vocabulary={vocabulary!r} is invalid; allowed: {', '.join(map(repr, VOCABULARIES))}")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1 or (
+            min_count != 1 and vocabulary != "word"):
+        raise DataError(f"data.min_count={min_count!r} is invalid with data.vocabulary={vocabulary!r}; allowed: an "
+                        "integer >= 1 with data.vocabulary=word (words seen fewer times are <unk>), else 1")
+    if vocabulary == "word" and trains_tokenizer and not cfg.tokenizer and cfg.vocab_size is not None and (
+            isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int) or cfg.vocab_size <= len(WORD_SPECIALS)):
+        raise DataError(f"data.vocab_size={cfg.vocab_size!r} is invalid with data.vocabulary='word'; allowed: null "
+                        f"(every word) or an integer > {len(WORD_SPECIALS)} (the special tokens, then the most frequent "
+                        "words)")
+    if vocabulary != "word" and trains_tokenizer and not cfg.tokenizer and (
+            isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int) or cfg.vocab_size <= len(SPECIAL_TOKENS)):
         raise DataError(f"data.vocab_size={cfg.vocab_size!r} is invalid; allowed: an integer > {len(SPECIAL_TOKENS)} "
                         "(the special tokens, then the characters and word pieces)")
     if not isinstance(cfg.lowercase, bool):
@@ -159,10 +181,10 @@ def prepare(cfg, tokenizer=None, check=None) -> Corpus:
     call began."""
     check_data(cfg)
     inputs = identities(cfg)
-    if tokenizer is not None:
-        inputs = inputs + [f"tokenizer:{vocabulary_hash(tokenizer)}"]
-    elif cfg.tokenizer:
-        inputs = inputs + [f"tokenizer:{vocabulary_hash(load_tokenizer(cfg.tokenizer))}"]
+    if tokenizer is not None or cfg.tokenizer:
+        given = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        inputs = inputs + [f"tokenizer:{vocabulary_hash(given)}"]
+        cfg = read_by(cfg, given)  # a given word-level tokenizer reads blank lines too
     entry = Path(os.path.expanduser(str(cfg.cache_dir))) / _cache_key(cfg, inputs)
     # what this call may create, deepest first: the entry and the cache_dir's missing folders
     created = [] if entry.exists() else [entry, *(p for p in entry.parents if not p.exists())]
@@ -189,7 +211,7 @@ def _prepare(cfg, tokenizer, entry: Path) -> Corpus:
         else:
             folder = _build(entry, "tokenizer", lambda f: _train_tokenizer(
                 documents(cfg, "train"), cfg.vocab_size, cfg.lowercase,
-                cfg.get("tokenizer_sample_bytes")).save_pretrained(f))
+                cfg.get("tokenizer_sample_bytes"), cfg).save_pretrained(f))
             tokenizer = load_tokenizer(folder)
     streaming = bool(cfg.get("streaming"))
     eval_limit = (cfg.max_eval_sequences or STREAM_EVAL_ROWS) if streaming else None

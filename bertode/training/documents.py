@@ -2,7 +2,8 @@
 `datasets` source (a hub name, or a local builder such as ``json``/``parquet``/``csv``/
 ``text`` with ``data.data_files``), streamed (``data.streaming``) or loaded.
 
-`documents(cfg, split)` yields the split's non-blank texts in a fixed order, without
+`documents(cfg, split)` yields the split's non-blank texts (a word vocabulary's: every line,
+`keeps_blank`) in a fixed order, without
 holding the corpus in memory; `identities(cfg)` says what determined them (for the cache
 key). Held-out eval text: local files without ``eval_files`` keep their last
 ``eval_fraction`` of lines; a `datasets` source without ``eval_split`` holds out every
@@ -20,18 +21,23 @@ from .sources import SAMPLE_FILES, DataError, expand_files
 SPLITS = ("train", "eval")
 
 
-def _file_lines(files: list[Path]) -> Iterator[str]:
-    """Non-blank lines, split as ``str.splitlines`` splits the whole text, one line in memory."""
+def _file_lines(files: list[Path], blank: bool = False) -> Iterator[str]:
+    """Non-blank lines (``blank``: every line), split as ``str.splitlines`` splits the whole text, one line in memory."""
     for path in files:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 for piece in line.splitlines():
-                    if piece.strip():
+                    if blank or piece.strip():
                         yield piece
 
 
-def _count_lines(files: list[Path]) -> int:
-    return sum(1 for _ in _file_lines(files))
+def keeps_blank(cfg) -> bool:
+    """A word vocabulary keeps blank lines: each is one ``<eos>``, as Transformer-XL reads WikiText (`words.py`)."""
+    return cfg.get("vocabulary", "wordpiece") == "word"
+
+
+def _count_lines(files: list[Path], blank: bool = False) -> int:
+    return sum(1 for _ in _file_lines(files, blank))
 
 
 def _local_files(cfg) -> tuple[list[Path], list[Path]]:
@@ -71,7 +77,7 @@ def _hub_documents(cfg, split: str) -> Iterator[str]:
     index = 0
     for example in _whole(dataset):
         text = example[column]
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not (text.strip() or keeps_blank(cfg)):
             continue
         if every:
             held_out = index % every == every - 1
@@ -88,13 +94,14 @@ def documents(cfg, split: str) -> Iterator[str]:
     if cfg.source == "hub":
         return _hub_documents(cfg, split)
     train_files, eval_files = _local_files(cfg)
+    blank = keeps_blank(cfg)
     if eval_files:
-        return _file_lines(train_files if split == "train" else eval_files)
-    lines = _count_lines(train_files)  # the text's last eval_fraction of lines is held out
+        return _file_lines(train_files if split == "train" else eval_files, blank)
+    lines = _count_lines(train_files, blank)  # the text's last eval_fraction of lines is held out
     cut = max(1, int(lines * (1 - cfg.eval_fraction)))
     if cut >= lines:
         raise DataError(f"data.files: {lines} line(s) of text are too few to hold out an eval split")
-    stream = _file_lines(train_files)
+    stream = _file_lines(train_files, blank)
     if split == "train":
         return (line for i, line in zip(range(cut), stream))
     return (line for i, line in enumerate(stream) if i >= cut)

@@ -9,9 +9,10 @@ for a span-masking model), and is refused in one line otherwise. The data group 
 the text (``data=text data.files=[...] data.eval_files=[...]``); ``split=eval`` (default)
 or ``train``. The groups ``solver``, ``sensitivity``, ``vector_field``, ``block`` and
 ``deq`` choose the trained model's solve again, spelled as for `bertode.train`
-(`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time compute. Prints one line and writes ``evaluation.json`` (loss, perplexity, accuracy, mean
-forward NFE or DEQ iterations per batch, seconds, the overrides) into the Hydra run
-directory; `bertode.report` tabulates and plots a sweep.
+(`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time compute. Prints one line
+and writes ``evaluation.json`` (loss; perplexity, per word with a word vocabulary (``perplexity_per``:
+`words.py`), else per token; accuracy, mean forward NFE or DEQ iterations per batch, seconds, the
+overrides) into the Hydra run directory; `bertode.report` tabulates and plots a sweep.
 
 ``curve=true`` (a DEQ, or a weight-tied looped core) reads the whole quality-versus-depth
 curve from one evaluation: after each iteration n = 1..max of the iterated depth (a DEQ's
@@ -45,6 +46,7 @@ from .cli import hydra_entry, import_plugins, prechecked, usage_errors
 from .checks import check_count, torch_device
 from .corpus import check_data, holds_tokenizer, load_tokenizer, prepare
 from .sources import check_sources
+from .words import perplexity_unit
 from .lm import evaluate as evaluate_batches
 from .lm import fixed_eval_batches, masked_ce_sum
 from .objective import check_objective, get_objective, make_objective, objective_of
@@ -271,15 +273,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         else:
             result = evaluate_batches(model, batches, objective, device)
     config = model.config
-    result.update(checkpoint=str(folder), split=cfg.split, objective=name, sequences=sum(len(b[0]) for b in batches),
+    unit = perplexity_unit(tokenizer)  # a target is a word with a word vocabulary (`words.py`), else a token
+    result.update(perplexity_per=unit, checkpoint=str(folder), split=cfg.split, objective=name,
+                  sequences=sum(len(b[0]) for b in batches),
                   seconds=time.perf_counter() - started, overrides=chosen, mode=config.mode, solver=config.solver,
                   steps=config.steps if config.mode == "ode" else None,
                   deq_max_iter=config.deq_max_iter if config.mode == "deq" else None)
     result.update(depth=depth, exit=getattr(criterion, "registry_name", EXIT_CRITERIA.default),
                   exit_threshold=getattr(criterion, "threshold", None))
     compute = "".join(f", {key} {result[key]:g}" for key in ("nfe_forward", "forward_iterations") if key in result)
-    print(f"{folder} [{cfg.split}]: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-          f"accuracy {result['accuracy']:.3f} over {result['target_tokens']} target tokens{compute}"
+    print(f"{folder} [{cfg.split}]: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+          f"per {unit}, accuracy {result['accuracy']:.3f} over {result['target_tokens']} target {unit}s{compute}"
           f"{' with ' + str(chosen) if chosen else ''}", flush=True)
     for point in result.get("curve", ()):
         print(f"  depth {point['depth']}: loss {point['loss']:.4f}, perplexity {point['perplexity']:.2f}, "

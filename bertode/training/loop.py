@@ -45,9 +45,10 @@ from .distributed import Distributed
 from .stream import batch_order, check_layout, check_shards
 from .lm import autocast, evaluate, fixed_eval_batches, masked_ce_sum, scored
 from .objective import get_objective, make_objective
-from .run_config import forget_model_configs, model_config
+from .run_config import announced_vocab_size, forget_model_configs, model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
+from .words import perplexity_unit
 
 
 def _optimizer(model, trainer, device):
@@ -71,7 +72,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     import_plugins(cfg.get("plugins"))
     check_logger(cfg.logger.kind)
     head = get_objective(cfg.objective)(None).model_class
-    config = model_config(cfg, vocab_size=1)  # validates the model before any data work
+    config = model_config(cfg, announced_vocab_size(cfg))  # validates the model before any data work
     drawn = depth_setting(cfg.get("depth"))
     check_for_model(drawn, {**config.to_dict(), "solver": getattr(config, "solver", None)})
     if trainer.compile not in (False, None) and not drawn.fixed:
@@ -203,7 +204,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     def run_eval(step: int) -> dict:
         result = evaluate(base, eval_batches, objective, dist.device, trainer.precision)
         log.write({"step": step, "kind": "eval", **result, "unigram_baseline": baseline})
-        log.print(f"eval @ step {step}: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+        log.print(f"eval @ step {step}: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+                  f"per {perplexity_unit(corpus.tokenizer)}, "
                   f"accuracy {result['accuracy']:.3f} (unigram baseline loss {baseline:.4f})")
         return result
 

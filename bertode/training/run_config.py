@@ -19,6 +19,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from ..configuration import BertODEConfig
+from ..validation import SIZE_LIMITS, check_adaptive
 from .groups import REGISTRY_GROUPS, field_for, key_for, kwargs_defaults
 
 # Keys of the old grammar (before every command took the same groups), and their spelling now.
@@ -123,11 +124,26 @@ def model_config(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> Ber
     composed config in this process (the checks before Hydra starts, the resume check and
     the training loop all ask; Hydra composes its own copy of the same config)."""
     key = OmegaConf.to_yaml(cfg)
-    if key not in _BUILT:
-        _BUILT[key] = build_model_config(cfg, vocab_size=1)
+    if key not in _BUILT:  # at the largest vocabulary: what depends on it is checked below, at the data's
+        _BUILT[key] = build_model_config(cfg, vocab_size=SIZE_LIMITS["vocab_size"])
     config = copy.deepcopy(_BUILT[key])
     config.vocab_size, config.pad_token_id = vocab_size, pad_token_id
+    if config.lm_head_type == "adaptive":  # its cutoffs cut this vocabulary
+        try:
+            check_adaptive(config)
+        except ValueError as error:
+            raise ValueError(rename(str(error), model_kwargs(cfg, vocab_size, pad_token_id)[1])) from None
     return config
+
+
+def announced_vocab_size(cfg: DictConfig) -> int:
+    """The vocabulary size known before the data is read: ``data.vocab_size`` where it bounds a trained
+    vocabulary (WordPiece's reaches it but for a larger alphabet), else the largest allowed."""
+    data = cfg.get("data") or {}
+    size = data.get("vocab_size")
+    if data.get("tokenizer") or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return SIZE_LIMITS["vocab_size"]
+    return size
 
 
 def forget_model_configs() -> None:

@@ -1,7 +1,7 @@
 """Packed rows: the one packing rule, and token shards on disk.
 
 `Packer` turns documents into rows ``[CLS] t1 ... t_{T-2} [SEP]`` by concatenating their
-token ids (no separator) and cutting every T-2 tokens; a last partial row is dropped. It
+token ids (no separator; a word vocabulary's ``<eos>`` ends each document) and cutting every T-2 tokens; a last partial row is dropped. It
 tokenizes in small batches (at most ``BATCH_DOCUMENTS`` documents or ``BATCH_CHARS``
 characters ahead of the row being cut) and knows the position of the next row's first
 token (document index, token offset), so a stream can restart exactly there.
@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .words import line_end_id
+
 BATCH_DOCUMENTS = 16
 BATCH_CHARS = 1 << 15
 SHARD_ROWS = 1 << 16
@@ -37,6 +39,7 @@ class Packer:
     def __init__(self, tokenizer, documents: Iterable[str], seq_len: int, start: tuple[int, int] = (0, 0)):
         self.tokenizer, self.documents, self.body = tokenizer, iter(documents), seq_len - 2
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.line_end = line_end_id(tokenizer)  # a word vocabulary's <eos>, after every document (`words.py`)
         self.buffer: list[int] = []
         self.pieces: deque[list[int]] = deque()  # [document index, its tokens, of them still in the buffer]
         self.next_document, self.skip = start
@@ -51,6 +54,8 @@ class Packer:
         if not texts:
             return False
         for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            if self.line_end is not None:
+                ids = ids + [self.line_end]
             total = len(ids)
             if self.skip:  # resuming inside this document
                 ids, self.skip = ids[self.skip:], 0

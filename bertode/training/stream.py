@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .documents import documents
 from .errors import DataError
 from .shards import Packer
+from .words import read_by
 
 
 def resolve_shards(data_cfg, world: int) -> int:
@@ -59,6 +60,7 @@ def shard_rows(cfg, tokenizer, shard: int, shards: int, position: tuple[int, int
     """(row, position after it, look-ahead) of one shard, forever, from ``position``
     (epoch, document, offset)."""
     epoch, document, offset = position
+    cfg = read_by(cfg, tokenizer)  # a word-level tokenizer reads blank lines too
     while True:
         texts = (text for i, text in enumerate(documents(cfg, "train")) if i % shards == shard)
         packer = Packer(tokenizer, itertools.islice(texts, document, None), cfg.seq_len, start=(document, offset))
