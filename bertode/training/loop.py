@@ -111,9 +111,15 @@ def setup(cfg: DictConfig, run_dir: Path, dist: Distributed):
     # (prepare() below reads the data with the same checks as the sources' own)
     config = prechecked(cfg, lambda checked: validate(checked, read_sources=False))
     if dist.main:
-        # every shard of a stream must pack a row (reads each shard's first documents)
-        shards = (lambda corpus: check_shards(cfg.data, corpus.tokenizer, dist.world)) if cfg.data.streaming else None
-        corpus = prepare(cfg.data, check=shards)
+        def check(corpus):  # a DataError drops the cache entry this run began
+            if cfg.data.streaming:  # every shard of a stream must pack a row (reads each shard's first documents)
+                check_shards(cfg.data, corpus.tokenizer, dist.world)
+            try:  # what depends on the vocabulary's size (lm_head_type=adaptive's cutoffs)
+                model_config(cfg, vocab_size=len(corpus.tokenizer), pad_token_id=corpus.tokenizer.pad_token_id)
+            except ValueError as error:
+                raise DataError(str(error)) from None
+
+        corpus = prepare(cfg.data, check=check)
     dist.barrier()
     if not dist.main:
         corpus = prepare(cfg.data)  # from the cache rank 0 wrote
