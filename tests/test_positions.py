@@ -102,7 +102,14 @@ def test_transformer_xl_scores_and_attention_equal_the_papers_equations(case):
     kept = reference > -math.inf
     assert (scores - reference)[kept].abs().max() <= 1e-6
     expected = _reference_attention(branch, x, reference, None if past_kv is None else past_kv[1])
-    assert (_run(branch, x, past_kv, mask) - expected).abs().max() <= 1e-6
+    output = _run(branch, x, past_kv, mask)
+    assert (output - expected).abs().max() <= 1e-6
+    # and the gradients of u, v and W_{k,R}
+    weights = torch.randn_like(output)
+    parameters = list(branch.positions.parameters())
+    ours = torch.autograd.grad((output * weights).sum(), parameters)
+    theirs = torch.autograd.grad((expected * weights).sum(), parameters)
+    assert max((a - b).abs().max() for a, b in zip(ours, theirs)) <= 1e-6
     branch.config._attn_implementation = "eager"  # the written-out path adds the same bias
     assert (_run(branch, x, past_kv, mask) - expected).abs().max() <= 1e-6
 
@@ -196,12 +203,13 @@ def _decoder(scheme, **fields):
 
 
 @pytest.mark.parametrize("scheme", ["rotary", "transformer_xl"])
-@pytest.mark.parametrize("fields", [dict(mode="discrete"), dict(mode="ode", solver="rk4", steps=2)],
-                         ids=["discrete", "rk4-2-steps"])
+@pytest.mark.parametrize("fields", [dict(mode="discrete"), dict(mode="ode", solver="rk4", steps=2),
+                                    dict(mode="deq", deq_tol=1e-7, deq_max_iter=100)],
+                         ids=["discrete", "rk4-2-steps", "deq"])
 def test_the_cached_decoder_equals_one_forward(scheme, fields):
     from test_kv_cache import _fed_in_pieces
 
-    model = _decoder(scheme, **fields)
+    model = _decoder(scheme, **fields)  # a DEQ: the bound is its solve's tolerance, as in test_kv_cache
     assert model.bert.embeddings.position_embeddings is None  # no absolute positions
     ids = torch.randint(5, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -241,3 +249,20 @@ def test_train_refuses_an_unknown_scheme_in_one_line_and_writes_nothing(tmp_path
     assert "model.position_scheme='alibi' is invalid; allowed: 'absolute', 'after_padding', 'rotary', " \
            "'transformer_xl'" in error, error
     assert file_tree(tmp_path, cache_dir) == before
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_finetune_refuses_a_relative_scheme_on_a_bert_checkpoint_in_one_line_and_writes_nothing(tmp_path, capsys):
+    from bertode.training.corpus import SPECIAL_TOKENS
+    from bertode.training.wordpiece import train_tokenizer
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=80)).save_pretrained(bert)
+    train_tokenizer(["good bad fine"], 40, SPECIAL_TOKENS).save_pretrained(bert)
+    before = file_tree(tmp_path)
+    error = refused_line(capsys, "finetune", f"hydra.run.dir={tmp_path / 'run'}", f"checkpoint={bert}",
+                         "+model.position_scheme=transformer_xl")
+    assert error == "error: model.position_scheme='transformer_xl' is invalid with the checkpoint's " \
+                    "position_scheme='absolute' (its weights were trained with those positions); allowed: 'absolute'"
+    assert file_tree(tmp_path) == before

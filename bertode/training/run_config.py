@@ -88,6 +88,7 @@ def model_kwargs(cfg: DictConfig, vocab_size: int, pad_token_id: int = 0) -> tup
     for key, value in cfg.model.items():
         if value is not None:
             put(key, value, f"model.{key}")
+        origin.setdefault(key, f"model.{key}")  # a null one's key too, for a refusal that names it
     fields, keys = group_fields(cfg)
     for field, value in fields.items():
         put(field, value, keys[field])
@@ -166,6 +167,11 @@ def check_changes(saved: dict, fields: dict, origin: dict) -> None:
     ``origin[field]``, the key a user typed."""
     if not fields:
         return
+    saved_scheme, scheme = saved.get("position_scheme", "absolute"), fields.get("position_scheme")
+    if scheme is not None and scheme != saved_scheme:  # e.g. a converted BERT's absolute positions would be lost
+        raise ValueError(f"{origin.get('position_scheme', 'position_scheme')}={scheme!r} is invalid with the checkpoint's "
+                         f"position_scheme={saved_scheme!r} (its weights were trained with those positions); allowed: "
+                         f"{saved_scheme!r}")
     try:
         config = BertODEConfig.from_dict(saved)  # as `from_pretrained` loads it: unused options forgotten
         for field, value in fields.items():
