@@ -162,7 +162,7 @@ def check_adaptive(config) -> None:
             fail("adaptive_cutoffs", cutoffs, f"None with lm_head_type={config.lm_head_type!r} (they cut "
                  "lm_head_type='adaptive''s vocabulary)")
         return
-    allowed = (f"a list of increasing integers in (0, vocab_size={config.vocab_size}), "
+    allowed = ("a list of increasing integers in (0, vocab_size), "
                "the first ids of the tail clusters (Transformer-XL's for WikiText-103: [20000, 40000, 200000])")
     if cutoffs is None:
         raise ValueError(f"BertODEConfig.adaptive_cutoffs=None is invalid with BertODEConfig.lm_head_type='adaptive'; "
