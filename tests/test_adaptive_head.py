@@ -157,3 +157,19 @@ def test_bad_adaptive_settings_are_one_line(overrides, message):
     with pytest.raises(ValueError) as error:
         bertode.BertODEConfig(**{**SIZES, **overrides})
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast():
+    """torch's module writes cluster log-probabilities into a buffer of its input's dtype: the head turns autocast
+    off, so under bf16 its loss and logits are the fp32 oracle's."""
+    model = _model()
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(16, SIZES["hidden_size"], generator=generator)
+    labels = torch.randint(0, VOCAB, (16,), generator=generator)
+    oracle = _torch_softmax(model.cls.predictions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = model.cls.predictions.scored(hidden.bfloat16(), labels, "mean")
+    expected = oracle(hidden.bfloat16().float(), labels)
+    assert loss.dtype == logits.dtype == torch.float32
+    assert torch.allclose(loss, expected.loss, atol=1e-6) and torch.allclose(logits, oracle.log_prob(
+        hidden.bfloat16().float()), atol=1e-5)

@@ -87,6 +87,12 @@ class _TransposedProjection(nn.Linear):
         return F.linear(hidden, self.weight.t())
 
 
+def _fp32(hidden: torch.Tensor):
+    """Autocast off: torch's module writes the clusters' log-probabilities into a buffer of its input's dtype,
+    so the whole head runs in fp32 (small by design: the head cluster, and each row's own tail cluster)."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
 class AdaptivePredictions(nn.AdaptiveLogSoftmaxWithLoss):
     """``cls.predictions`` of ``lm_head_type="adaptive"``: `_Predictions`' interface (``forward``: logits,
     `scored`: sparse prediction's loss and logits) over torch's adaptive softmax (module docstring)."""
@@ -104,7 +110,8 @@ class AdaptivePredictions(nn.AdaptiveLogSoftmaxWithLoss):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (..., vocab) in fp32: the logits of this head."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
-        return self.log_prob(flat).reshape(*hidden_states.shape[:-1], self.n_classes)
+        with _fp32(flat):
+            return self.log_prob(flat).reshape(*hidden_states.shape[:-1], self.n_classes)
 
     @torch.compiler.disable  # torch's loss routes rows by cluster: data-dependent shapes
     def scored(self, hidden_states: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +119,11 @@ class AdaptivePredictions(nn.AdaptiveLogSoftmaxWithLoss):
         none of them -100: torch's adaptive loss (``reduction`` sum or mean of the targets' negative
         log-probabilities, fp32), and the rows' log-probabilities (n, vocab), detached."""
         hidden = hidden_states.float()
-        target_log_probs = super().forward(hidden, labels.to(hidden.device)).output
-        loss = -target_log_probs.sum() if reduction == "sum" else -target_log_probs.mean()
-        with torch.no_grad():
-            logits = self.log_prob(hidden)
+        with _fp32(hidden):
+            target_log_probs = super().forward(hidden, labels.to(hidden.device)).output
+            loss = -target_log_probs.sum() if reduction == "sum" else -target_log_probs.mean()
+            with torch.no_grad():
+                logits = self.log_prob(hidden)
         self.loss_kernel = "adaptive"
         return loss, logits
 
