@@ -97,7 +97,7 @@ def test_transformer_xl_scores_and_attention_equal_the_papers_equations(case):
     # the scores the branch attends with: content query against the keys, plus the position bias
     q, k = _split(branch.query(x)), _split(branch.key(x))
     k = k if past_kv is None else torch.cat([past_kv[0], k], dim=2)
-    content, bias = branch.positions.query_and_bias(q, torch.arange(past, past + 5), k.shape[2], past)
+    content, bias = branch.positions.queries(q, torch.arange(past, past + 5), k.shape[2], past)
     scores = content @ k.transpose(-1, -2) / math.sqrt(HEAD) + bias
     kept = reference > -math.inf
     assert (scores - reference)[kept].abs().max() <= 1e-6
@@ -163,7 +163,7 @@ def _identical_tokens_scores(scheme, n, past):
     positions = torch.arange(past, past + n)
     if scheme == "rotary":
         return branch.positions.rotate(q, positions) @ branch.positions.rotate(k, torch.arange(past + n)).transpose(-1, -2)
-    content, bias = branch.positions.query_and_bias(q, positions, past + n, past)
+    content, bias = branch.positions.queries(q, positions, past + n, past)
     return content @ k.transpose(-1, -2) + bias
 
 

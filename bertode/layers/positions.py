@@ -9,6 +9,9 @@ its scores when the embeddings carry no absolute positions.
   (a) + (c) and (b) + (d), with R the sinusoid of the distance i - j, W_{k,R} a learned
   projection and u, v learned per head. The (b) + (d) term is an additive bias of the scores.
 
+Each scheme is a module with the two calls `AttentionBranch` makes: ``keys(k, past)`` on the new keys
+before they are cached, and ``queries(q, positions, keys, past)`` -> (queries, score bias or None).
+
 A token's position is its index in the sequence plus ``past``, the positions already in a
 key/value cache (`kv_cache`), so a cached decoder sees the distances of one forward; padding
 counts as positions. The position tables are recomputed at each evaluation of the branch
@@ -54,6 +57,14 @@ class RotaryPositions(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
 
+    def keys(self, k: torch.Tensor, past: int) -> torch.Tensor:
+        """New keys (batch, heads, n, head_size) rotated at their positions past .. past + n - 1 (cached so)."""
+        return self.rotate(k, positions_from(past, k.shape[2], k.device))
+
+    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0):
+        """Queries rotated at their positions; no score bias."""
+        return self.rotate(q, query_positions), None
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (batch, heads, n, head_size) at positions (n,) or (batch, n)."""
         cos, sin = self.angles(positions, x.dtype)
@@ -94,7 +105,11 @@ class TransformerXLPositions(nn.Module):
         for parameter in (self.content_bias, self.position_bias, self.position_key.weight):
             hf_init.normal_(parameter, std=self.std)  # skips loaded weights (from_pretrained marks them)
 
-    def query_and_bias(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0):
+    def keys(self, k: torch.Tensor, past: int) -> torch.Tensor:
+        """Keys carry no position here: the distances enter through the queries' score bias."""
+        return k
+
+    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0):
         """For queries q (batch, heads, n, head_size) at positions (n,) or (batch, n), none before ``past``, over
         keys at positions 0 .. keys - 1: the content query q + u, and the position term
         (q + v) . W_{k,R} R_{i-j} / sqrt(head_size) as a score bias (batch, heads, n, keys), so that

@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from ..solve import observe
 from . import kv_cache
 from .dropout import keep_mask, splitting_rows
-from .positions import RotaryPositions, TransformerXLPositions, positions_from, relative_positions
+from .positions import positions_from, relative_positions
 
 
 class AttentionBranch(nn.Module):
@@ -59,8 +59,8 @@ class AttentionBranch(nn.Module):
         k, v = self.heads(k), self.heads(v)
         session = kv_cache.active()
         past = session.past if session is not None else 0  # the new tokens follow the cached positions
-        if isinstance(self.positions, RotaryPositions):  # keys are cached rotated, at their own positions
-            k = self.positions.rotate(k, positions_from(past, seq, k.device))
+        if self.positions is not None:  # RoPE's keys are rotated at their own positions, and cached so
+            k = self.positions.keys(k, past)
         if session is not None:
             k, v = session.keys_values(k, v)
         keys = k.shape[2]
@@ -74,12 +74,9 @@ class AttentionBranch(nn.Module):
                 attn_mask = attn_mask.expand(batch, -1, -1, -1).gather(
                     2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, keys))
         q, bias = self.heads(q), None
-        if self.positions is not None:
+        if self.positions is not None:  # RoPE rotates them; Transformer-XL adds u and a score bias
             query_positions = positions_from(past, seq, q.device, None if active is None else active.positions)
-            if isinstance(self.positions, TransformerXLPositions):
-                q, bias = self.positions.query_and_bias(q, query_positions, keys, past)
-            else:
-                q = self.positions.rotate(q, query_positions)
+            q, bias = self.positions.queries(q, query_positions, keys, past)
         context = self.attend(q, k, v, attn_mask, bias=bias,
                               unpack=None if active is None else lambda probs: active.unpack_queries(probs, seq))
         return self.dense(context if active is None else context[active.packed])
