@@ -151,7 +151,7 @@ def test_bad_objectives_and_generation_requests_are_refused_in_one_line(tmp_path
          "is invalid for generation: it is BertODEForMaskedLM (bidirectional attention), which cannot generate"),
         (train_main, ["bertode.train", "model.norm_position=middle", *run],
          "model.norm_position='middle' is invalid; allowed: 'post', 'pre'"),
-        (train_main, ["bertode.train", "objective=xlm", *run], "objective='xlm' is invalid; allowed: 'clm', 'mlm' (registered objectives"),
+        (train_main, ["bertode.train", "objective=xlm", *run], "objective='xlm' is invalid; allowed: 'clm', 'mlm'"),  # (and any plugin's registered before)
         (train_main, ["bertode.train", "objective=clm", "+model_overrides.is_decoder=false", *run],
          "model_overrides.is_decoder=False is invalid with objective='clm'"),
         (train_main, ["bertode.train", "objective=clm", "model=deq", "model.norm_position=pre", *run],
