@@ -18,10 +18,9 @@ from transformers import BertConfig
 from .layers.blocks import BLOCKS
 from .layers.regularizers import REGULARIZERS
 from .solve.fixed_point import FIXED_POINT_SOLVERS
-from .solve.sensitivities import SENSITIVITIES, available_sensitivities, default_sensitivity
+from .solve.sensitivities import SENSITIVITIES, default_sensitivity
 from .solve.ode import FIXED_STEP_LOOPS
 from .solve import ode_sensitivities  # noqa: F401  (registers the ODE sensitivity methods)
-from .solve.per_sequence import embedded_tableau
 from .solve.solvers import ODE_BACKENDS, PER_SEQUENCE_BACKENDS, SOLVERS
 from .validation import (
     check_architecture,
@@ -32,7 +31,9 @@ from .validation import (
     check_int,
     check_kwargs,
     check_position_pairing,
+    check_per_sequence,
     check_positive,
+    check_sensitivity,
     fail,
     is_number,
     type_errors,
@@ -290,7 +291,7 @@ class BertODEConfig(BertConfig):
         check_position_pairing(self)
         self._check_core()
         self._check_unused_by_mode()
-        self._check_sensitivity()
+        check_sensitivity(self, SENSITIVITY_FAMILY[self.mode])
         if self.mode == "deq" and not BLOCKS[self.block].is_plain:
             wrong_mode("block", self.block, self.mode, f"{BLOCKS.default!r} (a DEQ map has no block)")
         check_constructor("block_kwargs", self.block_kwargs, f"block={self.block!r}", BLOCKS[self.block], 1)
@@ -304,23 +305,9 @@ class BertODEConfig(BertConfig):
                 if name is not None and SOLVERS[name].torchdiffeq is None:
                     fail(field, name, f"{', '.join(map(repr, methods))} with ode_backend='torchdiffeq'")
         if self.mode == "ode" and self.ode_backend in PER_SEQUENCE_BACKENDS:
-            self._check_per_sequence()
+            check_per_sequence(self)
         if getattr(self, "add_cross_attention", False):
             check_cross_attention(self, SENSITIVITIES)
-
-    def _check_per_sequence(self) -> None:
-        """A per-sequence backend: a solver it can step, and a field that takes one time per sequence."""
-        spec, backend = SOLVERS[self.solver], self.ode_backend
-        if backend == "torchode" and spec.torchode is None:
-            fail("solver", self.solver, f"{', '.join(repr(n) for n, s in SOLVERS.items() if s.torchode)} with "
-                 "ode_backend='torchode'")
-        if backend == "bertode" and spec.adaptive and embedded_tableau(spec) is None:
-            fail("solver", self.solver, "a fixed-step solver or an adaptive one with an embedded error estimate "
-                 "(dopri5, tsit5) with ode_backend='bertode'")
-        if (spec.adaptive or backend == "torchode") and not VECTOR_FIELDS[self.vector_field].per_sequence_time:
-            fields = [n for n, cls in VECTOR_FIELDS.items() if cls.per_sequence_time]
-            fail("vector_field", self.vector_field, f"a field whose forward takes t of shape (batch, 1, 1) "
-                 f"(per_sequence_time=True: {', '.join(map(repr, fields))}) with ode_backend={backend!r}")
 
     def _check_core(self) -> None:
         """The prelude, core and coda split, and the looped core's input injection."""
@@ -363,32 +350,6 @@ class BertODEConfig(BertConfig):
             if getattr(self, field) != defaults[field]:
                 used_by = "ode" if field in ODE_ONLY else "deq"
                 wrong_mode(field, getattr(self, field), self.mode, f"{defaults[field]!r} (it applies to mode={used_by!r})")
-
-    def _check_sensitivity(self) -> None:
-        family = SENSITIVITY_FAMILY[self.mode]
-        if family is None:
-            if self.sensitivity is not None:
-                wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
-            return
-        method = SENSITIVITIES[self.sensitivity]
-        if method.family != family:
-            wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_sensitivities(family))))
-        if self.adjoint_solver is not None and "adjoint_solver" not in method.config_fields.values():
-            fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
-        check_constructor("sensitivity_kwargs", self.sensitivity_kwargs, f"sensitivity={self.sensitivity!r}", method, 0)
-        if family == "ode":
-            if self.ode_backend not in method.backends:
-                supported = [n for n in available_sensitivities("ode") if self.ode_backend in SENSITIVITIES[n].backends]
-                fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} ({', '.join(supported)})")
-            if method.reevaluates_field and not BLOCKS[self.block].is_plain:
-                fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "
-                     "(a block is one discrete step, trained by backpropagation)")
-            if method.reevaluates_field and self.attention_probs_dropout_prob > 0:
-                # The adjoint re-evaluates the field backwards in time; attention dropout
-                # would draw new masks there (hidden dropout keeps one mask per solve).
-                fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
-                     f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
-        method.from_config(self).validate(self)
 
     @property
     def adaptive(self) -> bool:

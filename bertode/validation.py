@@ -181,3 +181,51 @@ def check_adaptive(config) -> None:
     if int(config.hidden_size // div ** len(cutoffs)) < 1:
         fail("adaptive_div_value", div, f"a value that leaves the last of {len(cutoffs) + 1} clusters at least "
              f"1 wide (hidden_size={config.hidden_size} // div_value**{len(cutoffs)})")
+
+
+def check_per_sequence(self) -> None:
+    """A per-sequence backend: a solver it can step, and a field that takes one time per sequence."""
+    from .layers.vector_fields import VECTOR_FIELDS
+    from .solve.per_sequence import embedded_tableau
+    from .solve.solvers import SOLVERS
+    spec, backend = SOLVERS[self.solver], self.ode_backend
+    if backend == "torchode" and spec.torchode is None:
+        fail("solver", self.solver, f"{', '.join(repr(n) for n, s in SOLVERS.items() if s.torchode)} with "
+             "ode_backend='torchode'")
+    if backend == "bertode" and spec.adaptive and embedded_tableau(spec) is None:
+        fail("solver", self.solver, "a fixed-step solver or an adaptive one with an embedded error estimate "
+             "(dopri5, tsit5) with ode_backend='bertode'")
+    if (spec.adaptive or backend == "torchode") and not VECTOR_FIELDS[self.vector_field].per_sequence_time:
+        fields = [n for n, cls in VECTOR_FIELDS.items() if cls.per_sequence_time]
+        fail("vector_field", self.vector_field, f"a field whose forward takes t of shape (batch, 1, 1) "
+             f"(per_sequence_time=True: {', '.join(map(repr, fields))}) with ode_backend={backend!r}")
+
+
+def check_sensitivity(self, family) -> None:
+    """The gradient method against the mode's family (``family``: 'ode', 'deq' or None), the backend, the block and
+    dropout; then the method's own `validate`."""
+    from .layers.blocks import BLOCKS
+    from .solve.sensitivities import SENSITIVITIES, available_sensitivities
+    if family is None:
+        if self.sensitivity is not None:
+            wrong_mode("sensitivity", self.sensitivity, self.mode, "None (a discrete model is trained by backpropagation)")
+        return
+    method = SENSITIVITIES[self.sensitivity]
+    if method.family != family:
+        wrong_mode("sensitivity", self.sensitivity, self.mode, ", ".join(map(repr, available_sensitivities(family))))
+    if self.adjoint_solver is not None and "adjoint_solver" not in method.config_fields.values():
+        fail("adjoint_solver", self.adjoint_solver, f"None with sensitivity={self.sensitivity!r} (it configures an adjoint)")
+    check_constructor("sensitivity_kwargs", self.sensitivity_kwargs, f"sensitivity={self.sensitivity!r}", method, 0)
+    if family == "ode":
+        if self.ode_backend not in method.backends:
+            supported = [n for n in available_sensitivities("ode") if self.ode_backend in SENSITIVITIES[n].backends]
+            fail("sensitivity", self.sensitivity, f"one supporting ode_backend={self.ode_backend!r} ({', '.join(supported)})")
+        if method.reevaluates_field and not BLOCKS[self.block].is_plain:
+            fail("sensitivity", self.sensitivity, f"one that does not re-evaluate the field with block={self.block!r} "
+                 "(a block is one discrete step, trained by backpropagation)")
+        if method.reevaluates_field and self.attention_probs_dropout_prob > 0:
+            # The adjoint re-evaluates the field backwards in time; attention dropout
+            # would draw new masks there (hidden dropout keeps one mask per solve).
+            fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
+                 f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
+    method.from_config(self).validate(self)
