@@ -232,7 +232,15 @@ def test_bad_sources_give_one_line_and_write_nothing(corpus_files, tmp_path, mon
         (base + ["data.streaming=maybe"], "data.streaming='maybe' is invalid; allowed: true, false"),
         (base + ["data.text_column="], "data.text_column='' is invalid; allowed: a non-empty name"),
     ]
+    # set after huggingface_hub was imported (it reads the variable at import): the data layer honours it,
+    # so no request is made (datasets' five retries took 23 s and their warnings broke the one line)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub.utils import _http
+
+    def network_request(*args, **kwargs):
+        raise AssertionError("a hub request was sent")  # words _unreachable would not take for a refusal
+
+    monkeypatch.setattr(_http, "_http_backoff_base", network_request)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -246,6 +254,34 @@ def test_bad_sources_give_one_line_and_write_nothing(corpus_files, tmp_path, mon
         assert exit_info.value.code == 2, (overrides, error)
         assert error.count("\n") == 0 and error.startswith("error: ") and expected in error, (overrides, error)
         assert _snapshot(tmp_path, cache) == before, overrides
+
+
+def test_without_a_network_a_hub_name_is_refused_by_one_probe_before_datasets_retries(tmp_path, monkeypatch, capsys):
+    """No HF_HUB_OFFLINE and an endpoint that refuses connections (a closed local port): one line, and
+    datasets.load_dataset (five retries with back-off, their warnings on stderr) is never called."""
+    import datasets
+    from huggingface_hub import constants
+
+    from bertode.train import main
+
+    def retrying_load(*args, **kwargs):
+        raise AssertionError("datasets.load_dataset was called: the hub was not probed first")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(datasets, "load_dataset", retrying_load)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bertode.train", f"hydra.run.dir={tmp_path / 'run'}", "data=c4",
+                                      f"data.cache_dir={tmp_path / 'cache'}"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.count("\n") == 0, error
+    assert error.startswith("error: data.hub_path='allenai/c4'") and "the Hugging Face hub is unreachable (" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written"
 
 
 def test_a_shard_too_small_for_one_row_is_a_data_error_and_a_resume_at_a_documents_tail_is_not(corpus_files, tmp_path):

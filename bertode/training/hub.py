@@ -5,10 +5,14 @@
 `load_hub` opens one; `check_hub` proves, before anything is written, that it opens
 (streamed into a temporary cache that is removed), that the splits and the column exist
 and that the train split is not empty, and otherwise says in one line what exists.
+A hub name is first probed with one request (`hub_unreachable`): without a network the
+refusal is one line at once, not datasets' five retries (about 23 s) and their warnings;
+``HF_HUB_OFFLINE`` is honoured also when it was set after huggingface_hub was imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import tempfile
@@ -52,8 +56,58 @@ def load_hub(cfg, split: str | None, streaming: bool, cache_dir: str | None = No
     import datasets
 
     cache = cache_dir or os.path.join(os.path.expanduser(str(cfg.cache_dir)), "datasets")
-    return datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, data_files=data_files_of(cfg),
-                                 streaming=streaming, cache_dir=cache)
+    with _offline_as_set():
+        return datasets.load_dataset(cfg.hub_path, cfg.hub_name, split=split, data_files=data_files_of(cfg),
+                                     streaming=streaming, cache_dir=cache)
+
+
+def _names_the_hub(cfg) -> bool:
+    """A hub dataset name: neither one of datasets' packaged builders (json, parquet, ...) nor a local folder."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    path = str(cfg.hub_path)
+    return path not in _PACKAGED_DATASETS_MODULES and not os.path.exists(os.path.expanduser(path))
+
+
+def _offline_by_environment() -> bool:
+    """``HF_HUB_OFFLINE`` as the environment says now (the libraries read it once, at import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or _offline_by_environment()
+
+
+@contextlib.contextmanager
+def _offline_as_set():
+    """huggingface_hub's and datasets' offline switches on while the environment asks for it, then as they were."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    if _offline_by_environment():
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """The error's type name when one request to the hub's endpoint (no retry) cannot connect, else None.
+    Any HTTP answer, even an error status, means the hub is reachable (proxies come from the environment)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - httpx's and requests' errors have no common base
+        return type(error).__name__
+    return None
 
 
 def _unreachable(error: Exception) -> bool:
@@ -79,6 +133,8 @@ def check_hub(cfg) -> None:
     for path in listed:
         if "://" not in path and not os.path.isfile(path):
             raise DataError(f"data.data_files: {path!r} matches no file")
+    if not _offline() and _names_the_hub(cfg) and (error_name := hub_unreachable()):
+        raise DataError(f"{_describe(cfg)}: the Hugging Face hub is unreachable ({error_name}); {OFFLINE_HINT}")
     with tempfile.TemporaryDirectory(prefix="bertode-check-") as scratch:
         try:
             splits = load_hub(cfg, None, streaming=True, cache_dir=scratch)
