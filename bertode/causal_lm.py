@@ -37,7 +37,8 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
     ``shift_labels[i]``), used instead of shifting ``labels``. ``logits_to_keep``: the logits of only
     the last k positions (an int; 0: all) or of the given positions (a 1-D tensor), as HF's; the
     encoder still runs on every position given. ``cache`` / ``use_cache``: as HF's BERT decoder (no cache
-    with ``labels``); ``encoder_hidden_states`` / ``encoder_attention_mask``: the cross-attention's memory."""
+    with ``labels``); ``encoder_hidden_states`` / ``encoder_attention_mask``: the cross-attention's memory. ``mems``: with
+    ``config.mem_len`` > 0, the previous segment's output ``mems`` (`layers.segment_memory`)."""
 
     output_class = BertODECausalLMOutput
     predicts_next_token = True  # position i predicts token i + 1
@@ -55,7 +56,8 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
                 cache=None, use_cache=None, output_hidden_states=None, output_attentions=None,
                 output_trajectory=False, return_dict=None, num_items_in_batch=None, shift_labels=None,
-                logits_to_keep: int | torch.Tensor = 0, penalty_share=None, past_key_values=None, **kwargs):
+                logits_to_keep: int | torch.Tensor = 0, penalty_share=None, past_key_values=None, mems=None,
+                **kwargs):
         check_logits_to_keep(logits_to_keep, (input_ids if input_ids is not None else inputs_embeds).shape[1], labels)
         if labels is not None:  # as HF's BertLMHeadModel: training scores every position, no cache
             use_cache = False
@@ -65,7 +67,7 @@ class BertODEForCausalLM(LanguageModelHead, GenerationMixin):
                              encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                              cache=cache if cache is not None else past_key_values, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                             output_trajectory=output_trajectory)
+                             output_trajectory=output_trajectory, **({"mems": mems} if mems is not None else {}))
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None, cache=None,
                                       **kwargs):

@@ -30,6 +30,7 @@ from .validation import (
     check_cross_attention,
     check_int,
     check_kwargs,
+    check_memory,
     check_position_pairing,
     check_per_sequence,
     check_positive,
@@ -196,6 +197,7 @@ class BertODEConfig(BertConfig):
     adaptive_div_value: float = 4.0
     objective: str | None = None
     sparse_prediction: bool = False
+    mem_len: int = 0
 
     def __post_init__(self, **kwargs):
         legacy_deq_grad = kwargs.pop("deq_grad", None)  # configs saved before the sensitivity axis
@@ -273,6 +275,7 @@ class BertODEConfig(BertConfig):
                 fail(name, getattr(self, name), "a probability in [0, 1)")
         check_deq_numbers(self)
         check_architecture(self)
+        check_int("mem_len", self.mem_len, 0)
         check_int("prelude_layers", self.prelude_layers, 0)
         check_int("coda_layers", self.coda_layers, 0)
         check_choice("core_injection", self.core_injection, CORE_INJECTIONS)
@@ -289,6 +292,7 @@ class BertODEConfig(BertConfig):
         if self.hidden_size % self.num_attention_heads != 0:
             fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
         check_position_pairing(self)
+        check_memory(self)
         self._check_core()
         self._check_unused_by_mode()
         check_sensitivity(self, SENSITIVITY_FAMILY[self.mode])

@@ -37,7 +37,7 @@ from .layers.init import apply_rule
 from .layers.outputs import BertODEMaskedLMOutput, BertODEModelOutput
 from .solve.dial import current_dial, dialed
 from .solve.observe import Observer, observing
-from .layers import adaptive, kv_cache
+from .layers import adaptive, kv_cache, segment_memory
 from .layers.sublayers import CrossMemory, sdpa_mask
 
 logger = logging.get_logger(__name__)
@@ -159,10 +159,10 @@ class BertODEPreTrainedModel(PreTrainedModel):
         if loss is not None and outputs.penalty is not None:
             loss = loss + share * outputs.penalty
         # what the output class has room for of a decoder's extras (the causal LM's: its cache, cross-attentions)
-        extras = {name: getattr(outputs, name, None) for name in ("cache", "cross_attentions")
+        extras = {name: getattr(outputs, name, None) for name in ("cache", "mems", "cross_attentions")
                   if name in output_class.__dataclass_fields__}
         if not return_dict:
-            rest = tuple(logits.values()) + tuple(v for v in (extras.get("cache"), outputs.hidden_states,
+            rest = tuple(logits.values()) + tuple(v for v in (extras.get("cache"), extras.get("mems"), outputs.hidden_states,
                                                               outputs.attentions, extras.get("cross_attentions"))
                                                   if v is not None)
             return ((loss,) + rest) if loss is not None else rest
@@ -215,6 +215,7 @@ class BertODEModel(BertODEPreTrainedModel):
         output_trajectory=False,
         return_dict=None,
         past_key_values=None,
+        mems=None,
         **kwargs,
     ):
         """``output_hidden_states``: the embeddings and every layer's output (a DEQ: the
@@ -229,19 +230,23 @@ class BertODEModel(BertODEPreTrainedModel):
         older name) and ``use_cache`` (default ``config.use_cache``), as HF's BERT: the tokens given
         follow the cached ones, ``attention_mask`` spans both, and the output's ``cache`` holds them
         all (`layers.kv_cache`; one line where caching would not be exact). With ``add_cross_attention``
-        it attends to ``encoder_hidden_states`` (masked by ``encoder_attention_mask``)."""
+        it attends to ``encoder_hidden_states`` (masked by ``encoder_attention_mask``). With ``config.mem_len`` > 0
+        ``mems`` (the previous segment's output ``mems``; None at a text's first segment) are attended to first, and
+        the output's ``mems`` carry the memory on (`layers.segment_memory`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BertODEModel.forward needs exactly one of input_ids or inputs_embeds")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         cache = cache if cache is not None else past_key_values
-        session = self._cache_session(cache, use_cache, encoder_hidden_states)
+        session = kv_cache.open_session(self, cache, use_cache, encoder_hidden_states)
         past = session.past if session is not None else 0
-        if attention_mask is not None and past and attention_mask.shape[-1] != past + (
-                input_ids if input_ids is not None else inputs_embeds).shape[1]:
+        batch, new = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None and past and attention_mask.shape[-1] != past + new:
             raise ValueError(f"attention_mask of length {attention_mask.shape[-1]} is invalid with {past} cached "
                              f"positions; allowed: a mask over the cached and the new positions")
+        memory = segment_memory.open_memory(self.config, mems, batch, self.config.hidden_size)
+        attention_mask = segment_memory.spanning(attention_mask, memory, new)
         observer = None
         if output_attentions or output_trajectory:
             keep = "all" if output_attentions == "all" else self.encoder.observed_attention
@@ -251,8 +256,10 @@ class BertODEModel(BertODEPreTrainedModel):
         cross = None
         if encoder_hidden_states is not None and self.config.add_cross_attention:
             cross = CrossMemory(encoder_hidden_states, sdpa_mask(encoder_attention_mask))
-        with self.encoder.rollback_guard(self.parameters), observing(observer), kv_cache.caching(session):
-            mask = sdpa_mask(attention_mask, self.config.is_decoder, hidden.shape[1], hidden.device, past)
+        with self.encoder.rollback_guard(self.parameters), observing(observer), kv_cache.caching(session), \
+                segment_memory.remembering(memory):
+            remembered = memory.length if memory is not None else 0
+            mask = sdpa_mask(attention_mask, self.config.is_decoder, new, hidden.device, past + remembered)
             # cross only for a decoder that cross-attends: encoders users wrote take (hidden, mask, output_hidden_states)
             encoded = self.encoder(hidden, mask, output_hidden_states, *([cross] if cross is not None else []))
             if session is not None:
@@ -265,39 +272,14 @@ class BertODEModel(BertODEPreTrainedModel):
         attentions, trajectory = (observer.attentions(), observer.trajectory()) if observer is not None else (None, None)
         cross_attentions = observer.attentions(cross=True) if observer is not None else None
         cache = session.cache if session is not None else None
+        mems = memory.updated() if memory is not None and not encoded.skipped else None
         if not return_dict:
-            return tuple(v for v in (sequence_output, pooled, cache, states, attentions, cross_attentions)
+            return tuple(v for v in (sequence_output, pooled, cache, mems, states, attentions, cross_attentions)
                          if v is not None)
         return BertODEModelOutput(last_hidden_state=sequence_output, pooler_output=pooled, hidden_states=states,
                                   attentions=attentions, cross_attentions=cross_attentions, cache=cache,
                                   solver_stats=encoded.stats, trajectory=trajectory, penalty=encoded.penalty,
-                                  skipped=encoded.skipped or None)
-
-    def _cache_session(self, cache, use_cache, encoder_hidden_states) -> kv_cache.CacheSession | None:
-        """The key/value cache this forward reads and extends (a decoder's, as HF's BERT: ``use_cache`` defaults to
-        ``config.use_cache``, and a new cache is made when none is given), or None; refused in one line where the
-        encoder says caching would not be exact, or with activation checkpointing while training (HF's rule:
-        then no cache, with a warning)."""
-        if not self.config.is_decoder:
-            return None
-        asked = use_cache is True or (use_cache is None and cache is not None)
-        if not (asked or (use_cache is None and self.config.use_cache)):
-            return None
-        checkpointing = getattr(type(self), "is_activation_checkpointing", None)
-        checkpointing = checkpointing.__get__(self) if checkpointing is not None else self.is_gradient_checkpointing
-        if checkpointing and self.training:
-            logger.warning_once("use_cache=True is incompatible with activation checkpointing; using no cache")
-            return None
-        refusal = self.encoder.caching_refusal() if hasattr(self.encoder, "caching_refusal") else None
-        if refusal is not None:
-            if not asked:  # the config's default: no cache, silently
-                return None
-            raise ValueError(f"use_cache=True is invalid with {refusal}; allowed: use_cache=False, or a fixed-step "
-                             "solver without per-token exit (a key/value cache must see the same evaluations at every "
-                             "call)")
-        if cache is None:
-            cache = kv_cache.new_cache(encoder_hidden_states is not None and self.config.add_cross_attention)
-        return kv_cache.CacheSession(cache)
+                                  skipped=encoded.skipped or None, mems=mems)
 
 
 def kept_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

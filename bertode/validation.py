@@ -229,3 +229,21 @@ def check_sensitivity(self, family) -> None:
             fail("attention_probs_dropout_prob", self.attention_probs_dropout_prob,
                  f"0.0 with sensitivity={self.sensitivity!r} (the backward pass re-evaluates the field)")
     method.from_config(self).validate(self)
+
+
+def check_memory(config) -> None:
+    """A segment memory (``mem_len`` > 0, `layers/segment_memory.py`): a causal decoder with relative positions whose
+    attention's keys and values come from the remembered states alone, trained without re-evaluating the field."""
+    from .layers.segment_memory import refusal
+    from .solve.sensitivities import SENSITIVITIES
+
+    if not config.mem_len:
+        return
+    reason = refusal(config)
+    if reason is None and config.mode == "deq" and config.deq_injection == "qkv":
+        reason = "deq_injection='qkv' (the remembered states carry no injection of their own)"
+    method = SENSITIVITIES[config.sensitivity] if config.sensitivity in SENSITIVITIES else None
+    if reason is None and config.mode == "ode" and method is not None and method.reevaluates_field:
+        reason = f"sensitivity={config.sensitivity!r} (its backward re-evaluates attention without the memory)"
+    if reason is not None:
+        raise ValueError(f"BertODEConfig.mem_len={config.mem_len} is invalid with {reason}; allowed: 0")

@@ -46,7 +46,7 @@ from ..solve.fixed_point import (FIXED_POINT_SOLVERS, DEQSolveError, checking_ev
                                   reporting)
 from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
-from . import kv_cache
+from . import kv_cache, segment_memory
 from .dropout import keep_mask
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 from .loop import iterate, refuse_training_exit, valid_tokens
@@ -151,14 +151,17 @@ class BertDEQEncoder(Encoder):
                 output_hidden_states: bool = False, cross=None) -> EncoderOutput:
         """This forward's output; its penalty: ``jac_weight`` times the Jacobian penalty (when drawn). Under a
         key/value cache the solve reads the past's cached keys and values, and one more evaluation of the map at
-        z* appends the new tokens' (`kv_cache`). (``cross``: refused by the config; a DEQ decoder has no
+        z* appends the new tokens' (`kv_cache`); under a segment memory that evaluation is what the next segment
+        remembers (`segment_memory`). (``cross``: refused by the config; a DEQ decoder has no
         cross-attention.)"""
-        session = kv_cache.active()
+        session, memory = kv_cache.active(), segment_memory.active()
         if session is not None:
             session.map_start = session.slot
         with kv_cache.appending(False):
             encoded = self._forward(embeddings, attn_mask, output_hidden_states)
-        if session is not None and not encoded.skipped:
+        if memory is not None:  # the next segment remembers the layer inputs at z*, not the solve's last iterate
+            memory.restart()
+        if (session is not None or memory is not None) and not encoded.skipped:
             dtype = torch.promote_types(embeddings.dtype, torch.float32)
             with torch.no_grad():
                 self.layer_map(embeddings, attn_mask, dtype)(encoded.hidden.reshape(embeddings.shape[0], -1).to(dtype))

@@ -30,7 +30,7 @@ from ..solve import observe
 from ..solve.sensitivities import get_sensitivity
 from ..solve.dial import current_dial
 from ..solve.stats import SolveRecord, SolverStats
-from . import kv_cache
+from . import kv_cache, segment_memory
 from .blocks import BLOCKS, build_block
 from .dropout import current_split, restored
 from .loop import iterate, refuse_training_exit, valid_tokens
@@ -41,9 +41,9 @@ from .sublayers import AttentionBranch, CrossAttentionBranch, CrossMemory, FeedF
 def replaying(checkpoint, function, *inputs):
     """``checkpoint(function, *inputs)`` (transformers' activation checkpointing), whose recomputation in the
     backward pass runs with the forward's dropout masks (the RNG state, restored by the checkpoint, and the
-    row split, `dropout.restored`) and under an observer that takes the forward's attention paths (eager or
+    row split, `dropout.restored`), the forward's segment memory, and under an observer that takes the forward's attention paths (eager or
     fused) but records nothing, so it is neither observed nor counted twice."""
-    split, observer = current_split(), observe.active()
+    split, observer, memory = current_split(), observe.active(), segment_memory.active()
     replay = observer.replay() if observer is not None else None
     runs = []
 
@@ -51,7 +51,7 @@ def replaying(checkpoint, function, *inputs):
         recomputing = bool(runs)
         runs.append(True)
         watching = (replay.replay() if replay is not None else None) if recomputing else observer
-        with restored(split), observe.observing(watching):
+        with restored(split), observe.observing(watching), segment_memory.remembering(memory):
             return function(*args)
 
     return checkpoint(run, *inputs)
@@ -156,6 +156,8 @@ class Encoder(nn.Module):
         """Why a key/value cache would not be exact for this forward (a phrase naming the setting), or None
         (`kv_cache`): per-token exit chooses each token's depth from the whole sequence."""
         exit_criterion = current_dial().exit
+        if getattr(getattr(self, "config", None), "mem_len", 0):
+            return kv_cache.config_refusal(self.config)
         if exit_criterion is not None:
             return f"exit={exit_criterion.registry_name!r} (per-token exit)"
         return None

@@ -29,6 +29,9 @@ import contextlib
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class CacheSession:
@@ -97,6 +100,33 @@ class CacheSession:
                          "cache (or a new cache)")
 
 
+def open_session(model, cache, use_cache, encoder_hidden_states) -> CacheSession | None:
+    """The key/value cache ``model``'s forward reads and extends (a decoder's, as HF's BERT: ``use_cache`` defaults to
+    ``config.use_cache``, and a new cache is made when none is given), or None; refused in one line where the
+    encoder says caching would not be exact, or with activation checkpointing while training (HF's rule:
+    then no cache, with a warning)."""
+    if not model.config.is_decoder:
+        return None
+    asked = use_cache is True or (use_cache is None and cache is not None)
+    if not (asked or (use_cache is None and model.config.use_cache)):
+        return None
+    checkpointing = getattr(type(model), "is_activation_checkpointing", None)
+    checkpointing = checkpointing.__get__(model) if checkpointing is not None else model.is_gradient_checkpointing
+    if checkpointing and model.training:
+        logger.warning_once("use_cache=True is incompatible with activation checkpointing; using no cache")
+        return None
+    refusal = model.encoder.caching_refusal() if hasattr(model.encoder, "caching_refusal") else None
+    if refusal is not None:
+        if not asked:  # the config's default: no cache, silently
+            return None
+        raise ValueError(f"use_cache=True is invalid with {refusal}; allowed: use_cache=False, or a fixed-step "
+                         "solver without per-token exit (a key/value cache must see the same evaluations at every "
+                         "call)")
+    if cache is None:
+        cache = new_cache(encoder_hidden_states is not None and model.config.add_cross_attention)
+    return CacheSession(cache)
+
+
 def refuse_fixed_length(cache: Cache, *parts: Cache | None) -> None:
     """One line for a cache whose layers have a fixed length (`StaticCache`, ``generate(cache_implementation=
     "static")``, sliding windows): it is sized for ``num_hidden_layers`` layers and a maximum length, where
@@ -111,7 +141,10 @@ def refuse_fixed_length(cache: Cache, *parts: Cache | None) -> None:
 
 def config_refusal(config) -> str | None:
     """Why a model of ``config`` cannot cache keys and values exactly (a phrase naming the setting), or None:
-    an adaptive solver chooses its step grid, hence its attention evaluations, from the whole sequence."""
+    an adaptive solver chooses its step grid, hence its attention evaluations, from the whole sequence; a
+    segment memory (``mem_len``) takes the cache's place."""
+    if getattr(config, "mem_len", 0):
+        return f"mem_len={config.mem_len} (a segment memory; pass the output's mems instead)"
     if config.mode != "ode":
         return None
     from ..solve.solvers import get_solver

@@ -40,6 +40,7 @@ class BertODEModelOutput(BaseModelOutputWithPoolingAndCrossAttentions):
     trajectory: tuple | None = None
     penalty: torch.Tensor | None = None
     skipped: bool | None = None
+    mems: tuple | None = None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class BertODEMaskedLMOutput(MaskedLMOutput):
 class BertODECausalLMOutput(CausalLMOutputWithCrossAttentions):
     solver_stats: SolverStats | None = None
     trajectory: tuple | None = None
+    mems: tuple | None = None  # a segment memory's states for the next segment (`segment_memory`)
 
 
 @dataclass

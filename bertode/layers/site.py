@@ -17,6 +17,7 @@ from torch import nn
 from ..solve import observe
 from ..solve.ode import ODESolve
 from ..solve.sensitivities import build_sensitivity
+from . import segment_memory
 from .dropout import dropout, keep_mask
 from .regularizers import REGULARIZERS, augmented
 from .sublayers import CrossMemory
@@ -82,7 +83,8 @@ class ResidualSite(nn.Module):
     def dynamics_parameters(self) -> list[nn.Parameter]:
         """Exactly the parameters the dynamics use (what an adjoint must differentiate)."""
         modules = [self.branch, self.field] + ([self.norm] if self.field.uses_norm or self.pre_norm else [])
-        return [p for module in modules for p in module.parameters()]
+        shared = getattr(getattr(self.branch, "positions", None), "shared_parameters", None)  # DeBERTa's table
+        return [p for module in modules for p in module.parameters()] + (list(shared()) if shared else [])
 
     def evaluate(self, t: torch.Tensor, z: torch.Tensor, attn_mask: torch.Tensor | None,
                  keep: torch.Tensor | None) -> torch.Tensor:
@@ -140,6 +142,9 @@ class ResidualSite(nn.Module):
         observer = observe.active()
         if observer is not None:
             observer.layer = run.layer_index
+        memory = segment_memory.active()
+        if memory is not None and getattr(self.branch, "positional", False):  # self-attention reads (and fills) it
+            memory.enter(run.layer_index, x)
         if not self.ode and run.active is not None:
             return self._active_rows(x, attn_mask, run), None
         if not self.ode:

@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from ..solve import observe
 from . import kv_cache
 from .dropout import keep_mask, splitting_rows
+from . import segment_memory
 from .positions import positions_from, relative_positions
 
 
@@ -59,10 +60,17 @@ class AttentionBranch(nn.Module):
         k, v = self.heads(k), self.heads(v)
         session = kv_cache.active()
         past = session.past if session is not None else 0  # the new tokens follow the cached positions
+        remembered = self.remembered() if self.positional else None
+        if remembered is not None:  # the previous segment's states, keys and values first (`segment_memory`)
+            past = remembered.shape[1]
         if self.positions is not None:  # RoPE's keys are rotated at their own positions, and cached so
             k = self.positions.keys(k, past)
         if session is not None:
             k, v = session.keys_values(k, v)
+        if remembered is not None:
+            mem_k, mem_v = self.heads(self.key(remembered)), self.heads(self.value(remembered))
+            mem_k = self.positions.keys(mem_k, 0) if self.positions is not None else mem_k
+            k, v = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
         keys = k.shape[2]
         if active is None:
             q = self.query(hidden)
@@ -80,6 +88,12 @@ class AttentionBranch(nn.Module):
         context = self.attend(q, k, v, attn_mask, bias=bias,
                               unpack=None if active is None else lambda probs: active.unpack_queries(probs, seq))
         return self.dense(context if active is None else context[active.packed])
+
+    @staticmethod
+    def remembered() -> torch.Tensor | None:
+        """The segment memory of the layer running now (batch, m, hidden), or None."""
+        memory = segment_memory.active()
+        return memory.states() if memory is not None else None
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> (batch, heads, seq, head_size)."""
