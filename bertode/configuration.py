@@ -122,7 +122,9 @@ class BertODEConfig(BertConfig):
     `embeddings.py`): embedding_size (``None``: hidden_size) and embedding_projection
     (``None``: a Linear to hidden_size when the widths differ), position_scheme
     (``absolute`` or RoBERTa's ``after_padding``; for a new model also the relative ``rotary``, RoPE with
-    base ``rope_theta``, or ``transformer_xl``: `layers/positions.py`), ``type_vocab_size=0`` (no token types),
+    base ``rope_theta``, ``transformer_xl``, or DeBERTa's ``deberta`` with max_relative_positions, position_buckets,
+    pos_att_type, share_att_key, norm_rel_ebd, position_biased_input: `layers/positions.py`), ``type_vocab_size=0``
+    (no token types),
     head_hidden_act (the MLM head's activation; ``None``: hidden_act), pooler_hidden_act.
     objective: the training objective's registered name (``bertode.train objective=``),
         saved with the model so that evaluation and fine-tuning read it (None: not trained
@@ -189,6 +191,13 @@ class BertODEConfig(BertConfig):
     embedding_projection: bool | None = None
     position_scheme: str = "absolute"
     rope_theta: float = 10000.0
+    # position_scheme="deberta" (DeBERTa's disentangled attention, HF's names; layers/disentangled.py)
+    max_relative_positions: int = -1
+    position_buckets: int = -1
+    pos_att_type: list[str] | None = None
+    share_att_key: bool = False
+    norm_rel_ebd: str = "none"
+    position_biased_input: bool = False
     head_hidden_act: str | None = None
     pooler_hidden_act: str = "tanh"
     embedding_norm: bool = True

@@ -1,7 +1,7 @@
 """`from_bert`: turn a transformers BERT-family model into the matching ODE-BERT, with all
 weights: BERT (every head), RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, ALBERT, DistilBERT,
-and GPT-2 (pre-LN, causal; `families.py` holds each family's config translation and
-renaming table).
+DeBERTa v1 and v2/v3 (``position_scheme="deberta"``), and GPT-2 (pre-LN, causal; `families.py` holds
+each family's config translation and renaming table).
 
 Parameter names follow HF BERT's except inside a layer, where each Add & Norm residual
 is a site with a ``branch`` and a ``norm``. Parameters the source has no counterpart
@@ -96,7 +96,8 @@ def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEMo
         )
     target = model_class(config, add_pooling_layer=False) if not pooled else model_class(config)
     state = source.state_dict()
-    state = {rename_key(k, family): v for k, v in (family.adapt(state) if family.adapt else state).items()}
+    state = family.adapt(state, source.config) if family.adapt else state
+    state = {rename_key(k, family): v for k, v in state.items()}
     if split:
         state = split_stack(state, layers, config, core_from, shared=family.class_prefix == "Albert")
     # The MLM decoder's bias: one tensor in some families (ELECTRA, DistilBERT), two (tied

@@ -66,7 +66,7 @@ class Family:
     renames: list
     heads: dict
     base_pooler: bool = True  # whether the family's base model has a pooler
-    adapt: Callable | None = None  # the source's state dict -> tensors laid out as bertode's, before renaming
+    adapt: Callable | None = None  # (source's state dict, its config) -> tensors laid out as bertode's, before renaming
 
 
 def _common(hf) -> dict:
@@ -133,7 +133,7 @@ def gpt2_config(hf) -> dict:
             "lm_head_type": "linear"}
 
 
-def gpt2_state(state: dict) -> dict:
+def gpt2_state(state: dict, config=None) -> dict:
     """GPT-2's Conv1D weights (in, out) become Linear weights (out, in); the fused
     ``attn.c_attn`` (in, 3 * hidden) becomes ``attn.query``/``key``/``value``."""
     adapted = {}
@@ -161,6 +161,76 @@ GPT2 = Family(
      (r"(^|\.)ln_f\.", r"\1final_norm."),
      (r"^lm_head\.weight$", "cls.predictions.decoder.weight")],
     {"Model": BertODEModel, "LMHeadModel": BertODEForCausalLM}, base_pooler=False, adapt=gpt2_state)
+
+def deberta_config(hf, v2: bool = False) -> dict:
+    """DeBERTa (v1; ``v2``: DeBERTa-v2/v3): BERT's fields and, with ``relative_attention``, the disentangled
+    attention's (``position_scheme="deberta"``); what bertode does not compute is refused in one line."""
+    relative, terms = bool(getattr(hf, "relative_attention", False)), list(hf.pos_att_type or [])
+    name = "DeBERTa-v2" if v2 else "DeBERTa"
+    refusals = {  # field: (value, supported, what is supported)
+        "conv_kernel_size": (getattr(hf, "conv_kernel_size", 0), lambda v: v <= 0, "0 (no ConvLayer)"),
+        "talking_head": (getattr(hf, "talking_head", False), lambda v: not v, "False"),
+        "attention_head_size": (getattr(hf, "attention_head_size", None), lambda v: v in (None, hf.hidden_size //
+                                hf.num_attention_heads), f"hidden_size / num_attention_heads = "
+                                f"{hf.hidden_size // hf.num_attention_heads}"),
+        "pos_att_type": (terms, lambda v: all(t in ("c2p", "p2c") for t in v) and bool(v) == relative,
+                         "a list of 'c2p' and/or 'p2c' (empty without relative_attention)"),
+        "position_biased_input": (getattr(hf, "position_biased_input", True), lambda v: v or relative,
+                                  "True without relative_attention"),
+        "embedding_size": (getattr(hf, "embedding_size", None), lambda v: v in (None, hf.hidden_size),
+                           f"hidden_size={hf.hidden_size} (no embed_proj)"),
+        "pooler_hidden_size": (getattr(hf, "pooler_hidden_size", hf.hidden_size), lambda v: v == hf.hidden_size,
+                               f"hidden_size={hf.hidden_size}"),
+        "z_steps": (getattr(hf, "z_steps", 0), lambda v: v <= 1, "0 or 1")}
+    for field, (value, supported, allowed) in refusals.items():
+        if not supported(value):
+            raise ValueError(f"from_bert: {name} with {field}={value!r} is not supported; allowed: {allowed}")
+    fields = {**bert_config(hf), "pooler_hidden_act": hf.pooler_hidden_act,
+              "classifier_dropout": getattr(hf, "cls_dropout", None)}
+    if not getattr(hf, "legacy", True):  # the MLM head's decoder is the word embeddings, whatever the config says
+        fields["tie_word_embeddings"] = True
+    if not relative:  # BERT's attention with absolute positions (scaled by 1 / sqrt(head_size): no terms)
+        return fields
+    norm = [part.strip() for part in str(getattr(hf, "norm_rel_ebd", "none")).lower().split("|")] if v2 else []
+    return {**fields, "position_scheme": "deberta", "max_relative_positions": hf.max_relative_positions,
+            "position_buckets": getattr(hf, "position_buckets", -1) if v2 else -1, "pos_att_type": terms,
+            "share_att_key": bool(getattr(hf, "share_att_key", False)) if v2 else False,
+            "norm_rel_ebd": "layer_norm" if "layer_norm" in norm else "none",
+            "position_biased_input": bool(getattr(hf, "position_biased_input", True))}
+
+
+def deberta_state(state: dict, config) -> dict:
+    """DeBERTa v1's fused ``in_proj`` (per head: query, key, value rows) becomes query/key/value (biases
+    ``q_bias``, zero, ``v_bias``); its bias-free ``pos_proj`` gets a zero bias (v2's ``pos_key_proj`` has one)."""
+    adapted = {}
+    for key, tensor in state.items():
+        if key.endswith(".attention.self.in_proj.weight"):
+            stem = key[:-len("in_proj.weight")]
+            per_head = tensor.view(config.num_attention_heads, 3, -1, tensor.shape[1])
+            for index, part in enumerate(("query", "key", "value")):
+                adapted[f"{stem}{part}.weight"] = per_head[:, index].reshape(-1, tensor.shape[1])
+            adapted[f"{stem}key.bias"] = tensor.new_zeros(tensor.shape[0] // 3)
+        elif key.endswith((".q_bias", ".v_bias")):
+            adapted[key[:-len("q_bias")] + ("query" if key.endswith("q_bias") else "value") + ".bias"] = tensor
+        elif key.endswith(".pos_proj.weight"):
+            adapted[key.replace(".pos_proj.", ".pos_key_proj.")] = tensor
+            adapted[key.replace(".pos_proj.weight", ".pos_key_proj.bias")] = tensor.new_zeros(tensor.shape[0])
+        else:
+            adapted[key.replace(".pos_q_proj.", ".pos_query_proj.")] = tensor
+    return adapted
+
+
+DEBERTA_RENAMES = [
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)_proj\.", r"encoder.layer.\1.attention.self.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(pos_key_proj|pos_query_proj)\.",
+     r"encoder.layer.\1.attention.branch.positions.\2."),
+    *BERT_LAYER,
+    (r"(^|\.)encoder\.LayerNorm\.", r"\1encoder.rel_embeddings.norm."),  # v2's norm_rel_ebd="layer_norm"
+    (r"^pooler\.dense\.", "bert.pooler.dense."),  # ContextPooler
+    (r"^lm_predictions\.lm_head\.(dense|LayerNorm)\.", r"cls.predictions.transform.\1."),  # legacy=False
+    (r"^lm_predictions\.lm_head\.bias$", "cls.predictions.bias")]
+DEBERTA_HEADS = {name: BERT_HEADS[name] for name in ("Model", "ForMaskedLM", "ForSequenceClassification",
+                                                    "ForTokenClassification", "ForQuestionAnswering")}
 
 ROBERTA = Family(
     "Roberta", "roberta", roberta_config,
@@ -221,6 +291,10 @@ FAMILIES: dict[str, Family] = {
          (r"^pre_classifier\.", "bert.pooler.dense.")],
         BERT_HEADS, base_pooler=False),
     "gpt2": GPT2,
+    "deberta": Family("Deberta", "deberta", deberta_config, DEBERTA_RENAMES, DEBERTA_HEADS, base_pooler=False,
+                      adapt=deberta_state),
+    "deberta-v2": Family("DebertaV2", "deberta", lambda hf: deberta_config(hf, v2=True), DEBERTA_RENAMES,
+                         {**DEBERTA_HEADS, "ForMultipleChoice": heads.BertODEForMultipleChoice}, base_pooler=False),
 }
 
 

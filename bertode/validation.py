@@ -15,7 +15,10 @@ from huggingface_hub.errors import StrictDataclassError
 DEQ_STOP_MODES = ("rel", "abs")
 DEQ_INJECTIONS = ("add", "qkv")
 DEQ_ON_NONFINITE = ("raise", "skip")
-POSITION_SCHEMES = ("absolute", "after_padding", "rotary", "transformer_xl")  # the last two: layers/positions.py
+POSITION_SCHEMES = ("absolute", "after_padding", "rotary", "transformer_xl", "deberta")  # relative: layers/positions.py
+# position_scheme="deberta"'s fields and their defaults (layers/disentangled.py)
+DEBERTA_FIELDS = {"max_relative_positions": -1, "position_buckets": -1, "pos_att_type": None, "share_att_key": False,
+                  "norm_rel_ebd": "none", "position_biased_input": False}
 LM_HEAD_TYPES = ("bert", "linear", "adaptive")
 # Upper bounds of the sizes: far beyond any model built with bertode (BERT-large: 24 layers,
 # 1024 wide, 512 positions, 30522 tokens; the largest vocabularies ~256k), so that a typo
@@ -124,6 +127,24 @@ def check_position_pairing(config) -> None:
     if config.rope_theta != 10000.0 and config.position_scheme != "rotary":
         fail("rope_theta", config.rope_theta, f"10000.0 with position_scheme={config.position_scheme!r} (it is the "
              "base of position_scheme='rotary')")
+    for name, default in DEBERTA_FIELDS.items():  # DeBERTa's, likewise
+        if config.position_scheme != "deberta" and getattr(config, name, default) != default:
+            fail(name, getattr(config, name), f"{default!r} with position_scheme={config.position_scheme!r} (a field "
+                 "of position_scheme='deberta')")
+
+
+def check_disentangled(config) -> None:
+    """Each of DeBERTa's fields on its own."""
+    check_int("max_relative_positions", config.max_relative_positions, -1, SIZE_LIMITS["max_position_embeddings"])
+    check_int("position_buckets", config.position_buckets, -1, SIZE_LIMITS["max_position_embeddings"])
+    terms = config.pos_att_type
+    if terms is not None and (not isinstance(terms, (list, tuple)) or len(set(terms)) != len(terms)
+                              or any(term not in ("c2p", "p2c") for term in terms)):
+        fail("pos_att_type", terms, "None (both), or a list of distinct 'c2p', 'p2c'")
+    for name in ("share_att_key", "position_biased_input"):
+        if not isinstance(getattr(config, name), bool):
+            fail(name, getattr(config, name), "True or False")
+    check_choice("norm_rel_ebd", config.norm_rel_ebd, ("none", "layer_norm"))
 
 
 def check_architecture(config) -> None:
@@ -141,6 +162,7 @@ def check_architecture(config) -> None:
         fail("layer_norm_eps", config.layer_norm_eps, "a finite number > 0")
     check_choice("position_scheme", config.position_scheme, POSITION_SCHEMES)
     check_positive("rope_theta", config.rope_theta)
+    check_disentangled(config)
     if not isinstance(config.embedding_norm, bool):
         fail("embedding_norm", config.embedding_norm, "True or False")
     check_choice("lm_head_type", config.lm_head_type, LM_HEAD_TYPES)

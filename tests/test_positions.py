@@ -233,7 +233,7 @@ def test_from_bert_refuses_to_drop_the_sources_absolute_positions(scheme):
 
 def test_unknown_schemes_and_a_stray_rope_theta_are_one_line():
     with pytest.raises(ValueError, match=r"^BertODEConfig.position_scheme='alibi' is invalid; allowed: 'absolute', "
-                                         r"'after_padding', 'rotary', 'transformer_xl'$"):
+                                         r"'after_padding', 'rotary', 'transformer_xl', 'deberta'$"):
         bertode.BertODEConfig(position_scheme="alibi")
     config = bertode.BertODEConfig(rope_theta=500.0)
     with pytest.raises(ValueError, match=r"^BertODEConfig.rope_theta=500.0 is invalid; allowed: 10000.0 with "

@@ -48,6 +48,7 @@ from ..solve.sensitivities import build_sensitivity
 from ..solve.stats import FixedPointRecord, SolverStats
 from . import kv_cache, segment_memory
 from .dropout import keep_mask
+from .disentangled import share_relative_embeddings
 from .encoder import BertODEEncoder, BertODELayer, Encoder, EncoderOutput, Pass
 from .loop import iterate, refuse_training_exit, valid_tokens
 
@@ -388,5 +389,5 @@ def build_encoder(config) -> Encoder:
     if getattr(config, "prelude_layers", 0) or getattr(config, "coda_layers", 0):
         from .prelude_coda import PreludeCodaEncoder
 
-        return PreludeCodaEncoder(config, ENCODERS)
-    return ENCODERS[config.mode](config)
+        return share_relative_embeddings(PreludeCodaEncoder(config, ENCODERS), config)
+    return share_relative_embeddings(ENCODERS[config.mode](config), config)  # DeBERTa's table: the encoder's

@@ -7,8 +7,9 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
   DistilBERT) embeddings of width ``embedding_size``, LayerNorm, dropout, then (ALBERT,
   ELECTRA) a projection to ``hidden_size``. ``position_scheme="after_padding"`` numbers
   positions as RoBERTa does: from ``pad_token_id + 1`` over non-padding tokens, padding
-  at ``pad_token_id``. The relative schemes (``rotary``, ``transformer_xl``) have no position
-  embedding: attention reads the positions (`positions.py`).
+  at ``pad_token_id``. The relative schemes (``rotary``, ``transformer_xl``, ``deberta``) have no position
+  embedding: attention reads the positions (`positions.py`), except DeBERTa's with ``position_biased_input``
+  (absolute positions added too).
 * `BertODEPooler`: dense + ``pooler_hidden_act`` on the first token (tanh for BERT, RoBERTa
   and ALBERT; gelu for ELECTRA's and relu for DistilBERT's classification heads).
 * `BertODEMLMHead`: dense (hidden -> embedding width) + ``head_hidden_act`` + LayerNorm,
@@ -58,8 +59,9 @@ class BertODEEmbeddings(nn.Module):
             nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         # RoBERTa's padding position is pad_token_id, whose embedding gets no gradient there too.
         position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
-        self.position_embeddings = None if config.position_scheme in RELATIVE_SCHEMES else \
-            nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding)
+        absolute = config.position_scheme not in RELATIVE_SCHEMES or getattr(config, "position_biased_input", False)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding) \
+            if absolute else None
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
         norm = getattr(config, "embedding_norm", True)
         self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps) if norm else None
@@ -70,7 +72,7 @@ class BertODEEmbeddings(nn.Module):
 
     def _positions(self, input_ids, inputs_embeds, seq_len: int, past: int = 0) -> torch.Tensor:
         """Position ids of these tokens, which follow ``past`` cached ones (HF's ``cache_length`` rule)."""
-        if self.position_scheme == "absolute":
+        if self.position_scheme != "after_padding":  # absolute, or DeBERTa's position_biased_input
             return self.position_ids[:, past:past + seq_len]
         if input_ids is None:  # RoBERTa's rule without ids: every token is a real one
             return self.position_ids[:, past + 1:past + seq_len + 1] + self.padding_idx

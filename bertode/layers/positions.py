@@ -9,8 +9,13 @@ its scores when the embeddings carry no absolute positions.
   (a) + (c) and (b) + (d), with R the sinusoid of the distance i - j, W_{k,R} a learned
   projection and u, v learned per head. The (b) + (d) term is an additive bias of the scores.
 
+* ``deberta`` (He et al. 2021; `disentangled.DisentangledPositions`): DeBERTa's content-to-position and
+  position-to-content scores over a shared table of relative embeddings.
+
 Each scheme is a module with the two calls `AttentionBranch` makes: ``keys(k, past)`` on the new keys
-before they are cached, and ``queries(q, positions, keys, past)`` -> (queries, score bias or None).
+before they are cached, and ``queries(q, positions, keys, past, content_keys=, projections=)`` -> (queries,
+score bias or None); the content keys (all of them, cached ones too) and the attention's (query, key)
+Linears are what only DeBERTa's p2c term and ``share_att_key`` read.
 
 A token's position is its index in the sequence plus ``past``, the positions already in a
 key/value cache (`kv_cache`), so a cached decoder sees the distances of one forward; padding
@@ -26,6 +31,8 @@ import math
 import torch
 from torch import nn
 from transformers import initialization as hf_init
+
+from .disentangled import DisentangledPositions
 
 
 def positions_from(past: int, length: int, device, offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +68,7 @@ class RotaryPositions(nn.Module):
         """New keys (batch, heads, n, head_size) rotated at their positions past .. past + n - 1 (cached so)."""
         return self.rotate(k, positions_from(past, k.shape[2], k.device))
 
-    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0):
+    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0, **_):
         """Queries rotated at their positions; no score bias."""
         return self.rotate(q, query_positions), None
 
@@ -109,7 +116,7 @@ class TransformerXLPositions(nn.Module):
         """Keys carry no position here: the distances enter through the queries' score bias."""
         return k
 
-    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0):
+    def queries(self, q: torch.Tensor, query_positions: torch.Tensor, keys: int, past: int = 0, **_):
         """For queries q (batch, heads, n, head_size) at positions (n,) or (batch, n), none before ``past``, over
         keys at positions 0 .. keys - 1: the content query q + u, and the position term
         (q + v) . W_{k,R} R_{i-j} / sqrt(head_size) as a score bias (batch, heads, n, keys), so that
@@ -128,7 +135,8 @@ class TransformerXLPositions(nn.Module):
         return q + self.content_bias[:, None].to(q.dtype), by_distance.gather(-1, columns) / math.sqrt(self.head_size)
 
 
-RELATIVE_SCHEMES = {"rotary": RotaryPositions, "transformer_xl": TransformerXLPositions}
+RELATIVE_SCHEMES = {"rotary": RotaryPositions, "transformer_xl": TransformerXLPositions,
+                    "deberta": DisentangledPositions}
 
 
 def relative_positions(config) -> nn.Module | None:

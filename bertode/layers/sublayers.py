@@ -82,9 +82,10 @@ class AttentionBranch(nn.Module):
                 attn_mask = attn_mask.expand(batch, -1, -1, -1).gather(
                     2, active.positions[:, None, :, None].expand(-1, attn_mask.shape[1], -1, keys))
         q, bias = self.heads(q), None
-        if self.positions is not None:  # RoPE rotates them; Transformer-XL adds u and a score bias
+        if self.positions is not None:  # RoPE rotates them; Transformer-XL, DeBERTa add a score bias
             query_positions = positions_from(past, seq, q.device, None if active is None else active.positions)
-            q, bias = self.positions.queries(q, query_positions, keys, past)
+            q, bias = self.positions.queries(q, query_positions, keys, past, content_keys=k,
+                                             projections=(self.query, self.key))
         context = self.attend(q, k, v, attn_mask, bias=bias,
                               unpack=None if active is None else lambda probs: active.unpack_queries(probs, seq))
         return self.dense(context if active is None else context[active.packed])
