@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 from transformers.cache_utils import DynamicCache
 
 import bertode
 from bertode.causal_lm import BertODEForCausalLM
 from bertode.layers import kv_cache
+from bertode.layers.disentangled import share_relative_embeddings
 from bertode.layers.loop import ActiveTokens
 from bertode.layers.sublayers import AttentionBranch, sdpa_mask
 from conftest import TINY, file_tree, refused_line
@@ -25,7 +27,8 @@ HEAD = WIDTH // HEADS
 def _branch(scheme, **fields):
     torch.manual_seed(0)
     config = bertode.BertODEConfig(**{**TINY, **fields}, position_scheme=scheme)
-    return AttentionBranch(config).double().eval()
+    holder = share_relative_embeddings(nn.ModuleList([AttentionBranch(config)]), config)  # DeBERTa's table
+    return holder.double().eval()[0]
 
 
 def _cache_of(past_k, past_v):
@@ -185,7 +188,7 @@ def test_rotary_scores_do_not_change_when_the_absolute_start_shifts():
     assert (at(0) - q @ k.transpose(-1, -2)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("scheme", ["rotary", "transformer_xl"])
+@pytest.mark.parametrize("scheme", ["rotary", "transformer_xl", "deberta"])
 def test_per_token_exit_queries_see_their_own_positions(scheme):
     """The active (not yet exited) tokens query alone, packed to the left: each keeps its position."""
     branch = _branch(scheme)
@@ -202,7 +205,7 @@ def _decoder(scheme, **fields):
     return BertODEForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("scheme", ["rotary", "transformer_xl"])
+@pytest.mark.parametrize("scheme", ["rotary", "transformer_xl", "deberta"])
 @pytest.mark.parametrize("fields", [dict(mode="discrete"), dict(mode="ode", solver="rk4", steps=2),
                                     dict(mode="deq", deq_tol=1e-7, deq_max_iter=100)],
                          ids=["discrete", "rk4-2-steps", "deq"])
