@@ -120,7 +120,8 @@ class BertODEConfig(BertConfig):
 
     The BERT family (set by `from_bert` for RoBERTa, ELECTRA, ALBERT, DistilBERT; see
     `embeddings.py`): embedding_size (``None``: hidden_size) and embedding_projection
-    (``None``: a Linear to hidden_size when the widths differ), position_scheme
+    (``None``: a Linear to hidden_size when the widths differ; ``"before_norm"``: DeBERTa's, bias-free, before the
+    LayerNorm), position_scheme
     (``absolute`` or RoBERTa's ``after_padding``; for a new model also the relative ``rotary``, RoPE with
     base ``rope_theta``, ``transformer_xl``, or DeBERTa's ``deberta`` with max_relative_positions, position_buckets,
     pos_att_type, share_att_key, norm_rel_ebd, position_biased_input: `layers/positions.py`), ``type_vocab_size=0``
@@ -188,7 +189,7 @@ class BertODEConfig(BertConfig):
     deq_spectral_radius: bool = False
     deq_check_every: int = 5
     embedding_size: int | None = None
-    embedding_projection: bool | None = None
+    embedding_projection: bool | str | None = None
     position_scheme: str = "absolute"
     rope_theta: float = 10000.0
     # position_scheme="deberta" (DeBERTa's disentangled attention, HF's names; layers/disentangled.py)
@@ -196,7 +197,7 @@ class BertODEConfig(BertConfig):
     position_buckets: int = -1
     pos_att_type: list[str] | None = None
     share_att_key: bool = False
-    norm_rel_ebd: str = "none"
+    norm_rel_ebd: str | None = None
     position_biased_input: bool = False
     head_hidden_act: str | None = None
     pooler_hidden_act: str = "tanh"

@@ -177,8 +177,6 @@ def deberta_config(hf, v2: bool = False) -> dict:
                          "a list of 'c2p' and/or 'p2c' (empty without relative_attention)"),
         "position_biased_input": (getattr(hf, "position_biased_input", True), lambda v: v or relative,
                                   "True without relative_attention"),
-        "embedding_size": (getattr(hf, "embedding_size", None), lambda v: v in (None, hf.hidden_size),
-                           f"hidden_size={hf.hidden_size} (no embed_proj)"),
         "pooler_hidden_size": (getattr(hf, "pooler_hidden_size", hf.hidden_size), lambda v: v == hf.hidden_size,
                                f"hidden_size={hf.hidden_size}"),
         "z_steps": (getattr(hf, "z_steps", 0), lambda v: v <= 1, "0 or 1")}
@@ -187,15 +185,18 @@ def deberta_config(hf, v2: bool = False) -> dict:
             raise ValueError(f"from_bert: {name} with {field}={value!r} is not supported; allowed: {allowed}")
     fields = {**bert_config(hf), "pooler_hidden_act": hf.pooler_hidden_act,
               "classifier_dropout": getattr(hf, "cls_dropout", None)}
+    width = getattr(hf, "embedding_size", None) or hf.hidden_size
+    if width != hf.hidden_size:  # DeBERTa's embed_proj
+        fields.update(embedding_size=width, embedding_projection="before_norm")
     if not getattr(hf, "legacy", True):  # the MLM head's decoder is the word embeddings, whatever the config says
         fields["tie_word_embeddings"] = True
     if not relative:  # BERT's attention with absolute positions (scaled by 1 / sqrt(head_size): no terms)
         return fields
-    norm = [part.strip() for part in str(getattr(hf, "norm_rel_ebd", "none")).lower().split("|")] if v2 else []
+    norm = [part.strip() for part in str(getattr(hf, "norm_rel_ebd", "")).lower().split("|")] if v2 else []
     return {**fields, "position_scheme": "deberta", "max_relative_positions": hf.max_relative_positions,
             "position_buckets": getattr(hf, "position_buckets", -1) if v2 else -1, "pos_att_type": terms,
             "share_att_key": bool(getattr(hf, "share_att_key", False)) if v2 else False,
-            "norm_rel_ebd": "layer_norm" if "layer_norm" in norm else "none",
+            "norm_rel_ebd": "layer_norm" if "layer_norm" in norm else None,
             "position_biased_input": bool(getattr(hf, "position_biased_input", True))}
 
 
@@ -225,6 +226,7 @@ DEBERTA_RENAMES = [
     (r"encoder\.layer\.(\d+)\.attention\.self\.(pos_key_proj|pos_query_proj)\.",
      r"encoder.layer.\1.attention.branch.positions.\2."),
     *BERT_LAYER,
+    (r"(^|\.)embeddings\.embed_proj\.", r"\1embeddings.project."),
     (r"(^|\.)encoder\.LayerNorm\.", r"\1encoder.rel_embeddings.norm."),  # v2's norm_rel_ebd="layer_norm"
     (r"^pooler\.dense\.", "bert.pooler.dense."),  # ContextPooler
     (r"^lm_predictions\.lm_head\.(dense|LayerNorm)\.", r"cls.predictions.transform.\1."),  # legacy=False

@@ -18,7 +18,7 @@ DEQ_ON_NONFINITE = ("raise", "skip")
 POSITION_SCHEMES = ("absolute", "after_padding", "rotary", "transformer_xl", "deberta")  # relative: layers/positions.py
 # position_scheme="deberta"'s fields and their defaults (layers/disentangled.py)
 DEBERTA_FIELDS = {"max_relative_positions": -1, "position_buckets": -1, "pos_att_type": None, "share_att_key": False,
-                  "norm_rel_ebd": "none", "position_biased_input": False}
+                  "norm_rel_ebd": None, "position_biased_input": False}
 LM_HEAD_TYPES = ("bert", "linear", "adaptive")
 # Upper bounds of the sizes: far beyond any model built with bertode (BERT-large: 24 layers,
 # 1024 wide, 512 positions, 30522 tokens; the largest vocabularies ~256k), so that a typo
@@ -144,7 +144,7 @@ def check_disentangled(config) -> None:
     for name in ("share_att_key", "position_biased_input"):
         if not isinstance(getattr(config, name), bool):
             fail(name, getattr(config, name), "True or False")
-    check_choice("norm_rel_ebd", config.norm_rel_ebd, ("none", "layer_norm"))
+    check_choice("norm_rel_ebd", config.norm_rel_ebd, (None, "layer_norm"))
 
 
 def check_architecture(config) -> None:
@@ -156,8 +156,10 @@ def check_architecture(config) -> None:
     check_int("type_vocab_size", config.type_vocab_size, 0, 2**16)
     if config.embedding_size is not None:
         check_int("embedding_size", config.embedding_size, 1, SIZE_LIMITS["hidden_size"])
-    if config.embedding_projection is not None and not isinstance(config.embedding_projection, bool):
-        fail("embedding_projection", config.embedding_projection, "None, True or False")
+    projection = config.embedding_projection
+    if not (projection is None or isinstance(projection, bool) or projection == "before_norm"):
+        fail("embedding_projection", config.embedding_projection, "None, True, False or 'before_norm' (DeBERTa's "
+             "embed_proj: no bias, before the LayerNorm)")
     if not is_number(config.layer_norm_eps) or config.layer_norm_eps <= 0:
         fail("layer_norm_eps", config.layer_norm_eps, "a finite number > 0")
     check_choice("position_scheme", config.position_scheme, POSITION_SCHEMES)

@@ -29,7 +29,8 @@ V2 = dict(relative_attention=True, pos_att_type="p2c|c2p", position_buckets=6, m
 VARIANTS = {"v1": ("deberta", V1), "v2": ("deberta-v2", V2),
             "v1-absolute": ("deberta", dict(type_vocab_size=2)),  # relative_attention=False: BERT's attention
             "v2-c2p-unshared": ("deberta-v2", dict(relative_attention=True, pos_att_type=["c2p"],
-                                                   max_relative_positions=5, position_biased_input=False))}
+                                                   max_relative_positions=5, position_biased_input=False)),
+            "v1-embed-proj": ("deberta", {**V1, "embedding_size": 16})}  # embed_proj: bias-free, before the norm
 CASES = [(variant, suffix) for variant, (model_type, _) in VARIANTS.items() for suffix in FAMILIES[model_type].heads
          if variant in ("v1", "v2") or suffix == "ForMaskedLM"]
 PER_TOKEN = ("last_hidden_state", "logits", "start_logits", "end_logits")
@@ -151,7 +152,7 @@ REFUSALS = [  # (model type, HF config field and value, the one line's tail)
      "attention_head_size=4 is not supported; allowed: hidden_size / num_attention_heads = 8"),
     ("deberta-v2", {"pos_att_type": ["c2p", "p2p"]}, "pos_att_type=['c2p', 'p2p'] is not supported; allowed: a list of "
      "'c2p' and/or 'p2c' (empty without relative_attention)"),
-    ("deberta", {"embedding_size": 16}, "embedding_size=16 is not supported; allowed: hidden_size=32 (no embed_proj)"),
+    ("deberta", {"pooler_hidden_size": 16}, "pooler_hidden_size=16 is not supported; allowed: hidden_size=32"),
 ]
 
 

@@ -54,7 +54,7 @@ class RelativeEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(2 * table_span(config), config.hidden_size))
-        normed = getattr(config, "norm_rel_ebd", "none") == "layer_norm"
+        normed = getattr(config, "norm_rel_ebd", None) == "layer_norm"
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if normed else None
         self.std = config.initializer_range
         self._bertode_init = "own"  # `init.apply_rule`: the model's `_init_weights` calls reset_parameters

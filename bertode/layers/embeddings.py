@@ -5,7 +5,8 @@ RoBERTa, ELECTRA, ALBERT or DistilBERT computes exactly what its source computes
 
 * `BertODEEmbeddings`: word + position (+ token type, unless ``type_vocab_size=0``:
   DistilBERT) embeddings of width ``embedding_size``, LayerNorm, dropout, then (ALBERT,
-  ELECTRA) a projection to ``hidden_size``. ``position_scheme="after_padding"`` numbers
+  ELECTRA) a projection to ``hidden_size`` (DeBERTa's, ``embedding_projection="before_norm"``: bias-free,
+  before the LayerNorm). ``position_scheme="after_padding"`` numbers
   positions as RoBERTa does: from ``pad_token_id + 1`` over non-padding tokens, padding
   at ``pad_token_id``. The relative schemes (``rotary``, ``transformer_xl``, ``deberta``) have no position
   embedding: attention reads the positions (`positions.py`), except DeBERTa's with ``position_biased_input``
@@ -64,9 +65,12 @@ class BertODEEmbeddings(nn.Module):
             if absolute else None
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
         norm = getattr(config, "embedding_norm", True)
-        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps) if norm else None
+        self.project_first = config.embedding_projection == "before_norm"  # DeBERTa's embed_proj: LayerNorm(hidden)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size if self.project_first else width,
+                                      eps=config.layer_norm_eps) if norm else None
         self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.layers.dropout.split_invariant
-        self.project = nn.Linear(width, config.hidden_size) if projects_embeddings(config) else None
+        self.project = nn.Linear(width, config.hidden_size, bias=not self.project_first) \
+            if projects_embeddings(config) else None
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
                              persistent=False)
 
@@ -93,10 +97,12 @@ class BertODEEmbeddings(nn.Module):
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.position_embeddings is not None:
             embeddings = embeddings + self.position_embeddings(position_ids)
+        if self.project_first:
+            embeddings = self.project(embeddings)
         if self.LayerNorm is not None:
             embeddings = self.LayerNorm(embeddings)
         embeddings = self.dropout(embeddings)
-        return self.project(embeddings) if self.project is not None else embeddings
+        return self.project(embeddings) if self.project is not None and not self.project_first else embeddings
 
 
 class BertODEPooler(nn.Module):
