@@ -106,7 +106,9 @@ def check_group_choices(argv: list[str], config_name: str | None = None) -> None
         _fail(old)
     plain = set()
     if config_name is not None:
-        plain = {k for k in OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").keys() if k != "defaults"}
+        # a section that shares a group's name (evaluate's model.mem_len) is no group there: model=deq stays refused
+        raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml"))
+        plain = {k for k, v in raw.items() if k != "defaults" and not isinstance(v, dict)}
     groups = [g for g in config_groups() if g not in plain]
     own = command_groups(config_name) if config_name is not None else groups
     for argument in argv:

@@ -9,7 +9,8 @@ for a span-masking model), and is refused in one line otherwise. The data group 
 the text (``data=text data.files=[...] data.eval_files=[...]``); ``split=eval`` (default)
 or ``train``. The groups ``solver``, ``sensitivity``, ``vector_field``, ``block`` and
 ``deq`` choose the trained model's solve again, spelled as for `bertode.train`
-(`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time compute. Prints one line
+(`solve_overrides.py`): ``-m solver.steps=1,2,4,8,16`` sweeps inference-time compute; ``model.mem_len=N``
+sets a causal LM's segment memory (`segments.py`: the rows are then read in text order, the memory carried). Prints one line
 and writes ``evaluation.json`` (loss; perplexity, per word with a word vocabulary (``perplexity_per``:
 `words.py`), else per token; accuracy, mean forward NFE or DEQ iterations per batch, seconds, the
 overrides) into the Hydra run directory; `bertode.report` tabulates and plots a sweep.
@@ -49,6 +50,7 @@ from .sources import check_sources
 from .words import perplexity_unit
 from .lm import evaluate as evaluate_batches
 from .lm import fixed_eval_batches, masked_ce_sum
+from .segments import ordered_eval_batches
 from .objective import check_objective, get_objective, make_objective, objective_of
 from .depth import inference_dial, inference_dialed
 
@@ -151,7 +153,8 @@ def validate(cfg: DictConfig) -> tuple[Path, dict, str, dict]:
     check_sources(cfg.data)
     check_weights(folder)
     name = checkpoint_objective(cfg, folder, saved)
-    fields = checkpoint_fields(cfg, saved)
+    memory = (cfg.get("model") or {}).get("mem_len")
+    fields = checkpoint_fields(cfg, saved, {"mem_len": (memory, "model.mem_len")} if memory is not None else None)
     solve_overrides.check_parameters(get_objective(name)(None).model_class, folder, saved, fields)
     inference_dial(cfg, {**saved, **fields}, "evaluate")  # depth.steps=N and exit=: checked against the model
     check_curve(cfg, folder, {**saved, **fields})
@@ -261,7 +264,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with usage_errors():
         model = solve_overrides.load(objective.model_class, folder, chosen).to(device)
     rows = corpus.eval if cfg.split == "eval" else corpus.train
-    batches = fixed_eval_batches(rows, objective, cfg.seed, cfg.batch_size, cfg.max_sequences)
+    with usage_errors():  # with a segment memory: the rows in text order, the memory carried (`segments.py`)
+        batches = (ordered_eval_batches if model.config.mem_len else fixed_eval_batches)(
+            rows, objective, cfg.seed, cfg.batch_size, cfg.max_sequences)
     depth, criterion = inference_dial(cfg, {**saved, **chosen}, "evaluate")
     started = time.perf_counter()
     with inference_dialed(depth, criterion):  # every forward at depth.steps (null: the model's own), exit=

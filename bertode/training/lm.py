@@ -58,9 +58,11 @@ def evaluate(model, batches, objective, device: torch.device, precision: str = "
     model.eval()
     total, correct, count = 0.0, 0, 0
     compute: dict[str, float] = {}  # the solves' cost, summed over batches
-    for inputs, labels in batches:
+    mems, remembers = None, bool(getattr(getattr(model, "config", None), "mem_len", 0))
+    for inputs, labels in batches:  # with a segment memory: batches in text order (`segments.ordered_eval_batches`)
         with autocast(device, precision):
-            logits = model(input_ids=inputs.to(device)).logits
+            output = model(input_ids=inputs.to(device), **({"mems": mems} if remembers else {}))
+        logits, mems = output.logits, getattr(output, "mems", None)
         loss, right = masked_ce_sum(*objective.aligned(logits, labels.to(device)))
         total += loss.item()
         correct += int(right)

@@ -48,6 +48,7 @@ from .objective import get_objective, make_objective
 from .run_config import announced_vocab_size, forget_model_configs, model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
+from .segments import MemoryCarry, SegmentOrder, ordered_eval_batches
 from .words import perplexity_unit
 
 
@@ -93,6 +94,9 @@ def validate(cfg: DictConfig, read_sources: bool = True):
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     check_data(cfg.data)
+    if config.mem_len and cfg.data.get("streaming"):
+        raise DataError(f"data.streaming=true is invalid with model.mem_len={config.mem_len} (a segment memory reads "
+                        "each batch row's text in order, from packed rows); allowed: data.streaming=false")
     if cfg.data.get("streaming"):
         problem = check_layout(cfg.data.stream_shards, cfg.data.num_workers, int(os.environ.get("WORLD_SIZE", "1")))
         if problem:
@@ -192,13 +196,19 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     micro = trainer.batch_size // trainer.grad_accumulation  # rows per micro-batch, all ranks together
     with usage_errors():  # a stream resumed with another data.stream_shards
         order = batch_order(cfg.data, corpus, micro, cfg.seed, dist, state["step"] * trainer.grad_accumulation, data_state)
+        if config.mem_len:  # the text in order, each batch row continuing its own (`segments.py`)
+            order = SegmentOrder(corpus.train, micro, cfg.seed, dist.rank, dist.world)
     if dist.main:  # one history: what came after the checkpoint (or all, starting over) is redone
         keep_until(run_dir / "metrics.jsonl", state["step"])
     log = RunLog(run_dir, cfg.logger.kind, enabled=dist.main, project=cfg.logger.get("project", "bertode"),
                  config=OmegaConf.to_container(cfg, resolve=True))
     own_rows = torch.arange(micro)[dist.rank::dist.world]  # this rank's rows of every micro-batch
-    eval_batches = fixed_eval_batches(corpus.eval, objective, cfg.seed, max(1, trainer.batch_size // dist.world),
-                                      cfg.data.max_eval_sequences)
+    carry = MemoryCarry(own_rows) if config.mem_len else None
+    if carry is not None and resume_from is not None:
+        carry.load(saved.get("memory"), dist.device)
+    with usage_errors():
+        eval_batches = (ordered_eval_batches if config.mem_len else fixed_eval_batches)(
+            corpus.eval, objective, cfg.seed, max(1, trainer.batch_size // dist.world), cfg.data.max_eval_sequences)
     baseline = unigram_cross_entropy(corpus.counts, corpus.eval[:cfg.data.max_eval_sequences or len(corpus.eval)])
     parameters = sum(p.numel() for p in base.parameters())
     if resume_from is not None:
@@ -249,7 +259,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                     # The penalty (a mean over positions) weighted by this part's share of the rows (DDP averages
                     # over ranks, hence * world): the step's penalty is the mean over all its positions.
                     out = model(input_ids=inputs, labels=labels, num_items_in_batch=items,
-                                penalty_share=len(inputs) * dist.world / trainer.batch_size)
+                                penalty_share=len(inputs) * dist.world / trainer.batch_size,
+                                **(carry.before(order, step * trainer.grad_accumulation + a) if carry else {}))
+                if carry is not None:
+                    carry.after(out)
                 ce_sum, correct = masked_ce_sum(*scored(objective, out.logits.detach(), labels))
                 if out.loss.requires_grad:  # a skipped DEQ batch has no path to any parameter
                     out.loss.backward()
@@ -287,12 +300,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             result = run_eval(step)
         if step % trainer.checkpoint_every == 0:
             failure, data_position = None, order.state(dist)  # a collective call for streams
+            memory = carry.state(dist) if carry is not None else None  # and for a memory
             if dist.main:
                 try:
                     checkpoint.save(run_dir / "checkpoints", step, base,
                                     {"optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
                                      "step": step, "tokens": tokens, "elapsed": elapsed, "data": data_position,
-                                     "objective": objective.name, "depth": depth.describe},
+                                     "objective": objective.name, "depth": depth.describe, "memory": memory},
                                     keep=trainer.keep_checkpoints)
                 except checkpoint.CheckpointError as error:  # full or read-only disk: keep what was saved
                     failure = str(error)
