@@ -264,8 +264,6 @@ def check_memory(config) -> None:
     if not config.mem_len:
         return
     reason = refusal(config)
-    if reason is None and config.mode == "deq" and config.deq_injection == "qkv":
-        reason = "deq_injection='qkv' (the remembered states carry no injection of their own)"
     method = SENSITIVITIES[config.sensitivity] if config.sensitivity in SENSITIVITIES else None
     if reason is None and config.mode == "ode" and method is not None and method.reevaluates_field:
         reason = f"sensitivity={config.sensitivity!r} (its backward re-evaluates attention without the memory)"

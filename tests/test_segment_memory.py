@@ -17,6 +17,7 @@ MODES = {
     "rk4": dict(mode="ode", solver="rk4", steps=2),
     "dopri5": dict(mode="ode", solver="dopri5", atol=1e-10, rtol=1e-10),  # its step grid reads every token
     "deq": dict(mode="deq", deq_tol=1e-9, deq_max_iter=100, deq_stop_mode="abs"),
+    "deq_qkv": dict(mode="deq", deq_injection="qkv", deq_tol=1e-9, deq_max_iter=100, deq_stop_mode="abs"),
 }
 
 
@@ -54,7 +55,8 @@ def test_changing_a_token_leaves_every_earlier_logit_unchanged_across_segment_bo
 
 
 @pytest.mark.parametrize("mode, scheme", [("discrete", "transformer_xl"), ("euler", "transformer_xl"),
-                                          ("deq", "transformer_xl"), ("discrete", "rotary")])
+                                          ("deq", "transformer_xl"), ("deq_qkv", "transformer_xl"),
+                                          ("discrete", "rotary")])
 def test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_once_per_layer(mode, scheme):
     """Transformer-XL's recurrence with a memory as long as the text so far is the causal forward of the whole
     text when each layer evaluates attention once at its input (discrete, Euler-1); a DEQ's equilibrium of the
@@ -67,9 +69,10 @@ def test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_
     whole = model(tokens).logits
     config.mem_len = 18
     logits, mems = by_segments(model, tokens, 6)
-    tolerance = 1e-6 if mode == "deq" else 1e-10
+    tolerance = 1e-6 if mode.startswith("deq") else 1e-10
     assert (logits - whole).abs().max() <= tolerance
-    assert [tuple(m.shape) for m in mems] == [(2, 18, 32)] * 2  # every layer input of the text: mem_len 18
+    width = 4 * 32 if mode == "deq_qkv" else 32  # the states, then their Q/K/V injection
+    assert [tuple(m.shape) for m in mems] == [(2, 18, width)] * 2  # every layer input of the text: mem_len 18
     assert not any(m.requires_grad for m in mems)
 
 
@@ -120,7 +123,6 @@ def test_a_padding_mask_over_the_new_tokens_spans_the_memory():
     (dict(is_decoder=False), r"mem_len=8 is invalid with is_decoder=False"),
     (dict(position_scheme="absolute"), r"mem_len=8 is invalid with position_scheme='absolute'"),
     (dict(mem_len=-1), r"mem_len=-1 is invalid; allowed: an integer >= 0"),
-    (dict(mode="deq", deq_injection="qkv"), r"mem_len=8 is invalid with deq_injection='qkv'"),
     (dict(mode="ode", solver="rk4", sensitivity="adjoint", attention_probs_dropout_prob=0.0),
      r"mem_len=8 is invalid with sensitivity='adjoint'"),
 ])

@@ -41,23 +41,25 @@ class SegmentMemory:
 
     def check(self, batch: int, width: int) -> None:
         """One line for memories that do not fit this forward (another batch size or width, or lengths that
-        differ between layers)."""
+        differ between layers). ``width``: hidden, or 4 x hidden where the states carry their Q/K/V injection."""
         for index, state in enumerate(self.past):
             if state.dim() != 3 or state.shape[0] != batch or state.shape[2] != width \
                     or state.shape[1] != self.length:
                 raise ValueError(f"mems[{index}] of shape {tuple(state.shape)} is invalid; allowed: (batch={batch}, "
-                                 f"{self.length}, hidden={width}) tensors, one per layer, as the model's output "
+                                 f"{self.length}, {width}) tensors, one per layer, as the model's output "
                                  "`mems` returned them for the previous segment of the same rows")
 
-    def enter(self, layer: int, hidden: torch.Tensor) -> None:
-        """Layer ``layer``'s self-attention is evaluated now at ``hidden``: it reads that layer's memory, and the
-        first state seen for that layer in this forward is what it remembers."""
+    def enter(self, layer: int, hidden: torch.Tensor, injection: torch.Tensor | None = None) -> None:
+        """Layer ``layer``'s self-attention is evaluated now at ``hidden`` (with a DEQ's Q/K/V ``injection``, which
+        is remembered beside the states: the DEQ-Transformer's injection spans memory and segment): it reads that
+        layer's memory, and the first state seen for that layer in this forward is what it remembers."""
         self.layer = layer
         if layer not in self.new:
-            self.new[layer] = hidden.detach()
+            self.new[layer] = (hidden if injection is None else torch.cat([hidden, injection.to(hidden.dtype)], -1)).detach()
 
     def states(self) -> torch.Tensor | None:
-        """The current layer's remembered states (batch, m, hidden), or None (first segment, or a layer the
+        """The current layer's remembered states (batch, m, hidden), followed on the last axis by their Q/K/V
+        injection (batch, m, 3 x hidden) under a DEQ's ``qkv`` injection; None (first segment, or a layer the
         previous segment did not reach)."""
         if self.layer is None or self.layer >= len(self.past):
             return None
@@ -94,7 +96,7 @@ def open_memory(config, mems, batch: int, width: int) -> SegmentMemory | None:
     if reason is not None:
         raise ValueError(f"BertODEConfig.mem_len={mem_len} is invalid with {reason}; allowed: 0")
     memory = SegmentMemory(mems, mem_len)
-    memory.check(batch, width)
+    memory.check(batch, width * (4 if getattr(config, "mode", None) == "deq" and config.deq_injection == "qkv" else 1))
     return memory
 
 

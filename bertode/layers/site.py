@@ -144,7 +144,7 @@ class ResidualSite(nn.Module):
             observer.layer = run.layer_index
         memory = segment_memory.active()
         if memory is not None and getattr(self.branch, "positional", False):  # self-attention reads (and fills) it
-            memory.enter(run.layer_index, x)
+            memory.enter(run.layer_index, x, run.qkv_injection)
         if not self.ode and run.active is not None:
             return self._active_rows(x, attn_mask, run), None
         if not self.ode:

@@ -68,7 +68,12 @@ class AttentionBranch(nn.Module):
         if session is not None:
             k, v = session.keys_values(k, v)
         if remembered is not None:
-            mem_k, mem_v = self.heads(self.key(remembered)), self.heads(self.value(remembered))
+            remembered, injected = remembered[..., :width], remembered[..., width:]
+            mem_k, mem_v = self.key(remembered), self.value(remembered)
+            if injected.shape[-1]:  # a DEQ's Q/K/V injection of the remembered positions
+                _, inject_k, inject_v = injected.chunk(3, dim=-1)
+                mem_k, mem_v = mem_k + inject_k, mem_v + inject_v
+            mem_k, mem_v = self.heads(mem_k), self.heads(mem_v)
             mem_k = self.positions.keys(mem_k, 0) if self.positions is not None else mem_k
             k, v = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
         keys = k.shape[2]
