@@ -2,7 +2,8 @@
 
     python scripts/bench_positions.py --size small --device cpu --threads 2 --out results/bench_positions_cpu_small.json
 
-One causal LM per scheme (``absolute``, ``rotary``, ``transformer_xl``) at `_bench_common`'s sizes
+One causal LM per scheme (``absolute``, ``rotary``, ``transformer_xl``, ``deberta``: c2p and p2c over
+``max_relative_positions`` = the model's positions) at `_bench_common`'s sizes
 (``--seq`` overrides the length: the relative terms grow with it), each in ``--modes`` (``discrete``:
 one attention evaluation per layer; ``rk4``: 2 rk4 steps, 8 per layer, where the position tables
 are recomputed at every evaluation). A step is forward, backward and an AdamW step on one seeded
@@ -25,7 +26,7 @@ import _bench_common as common  # noqa: E402
 import bertode  # noqa: E402
 from bertode.causal_lm import BertODEForCausalLM  # noqa: E402
 
-SCHEMES = ("absolute", "rotary", "transformer_xl")
+SCHEMES = ("absolute", "rotary", "transformer_xl", "deberta")
 MODES = {"discrete": dict(mode="discrete"), "rk4": dict(mode="ode", solver="rk4", steps=2)}
 
 

@@ -196,3 +196,19 @@ def test_finetune_refuses_an_unsupported_deberta_checkpoint_in_one_line_and_writ
     assert error == (f"error: checkpoint={str(folder)!r} is invalid: DeBERTa-v2 with conv_kernel_size=3 is not "
                      "supported; allowed: 0 (no ConvLayer)")
     assert file_tree(tmp_path) == before
+
+
+def test_an_adjoint_differentiates_the_shared_table():
+    """The table is no attention site's own parameter: an adjoint still returns its gradient (autograd's)."""
+    _, source = _source("v2", "ForMaskedLM")
+    inputs = _inputs(source, "ForMaskedLM")
+    grads = []
+    for sensitivity in ("autograd", "adjoint"):
+        model = bertode.from_bert(source, solver="rk4", steps=2, sensitivity=sensitivity, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0).double().eval()
+        logits = model(**inputs).logits
+        (logits[inputs["attention_mask"].bool()] ** 2).mean().backward()
+        grads.append(model.bert.encoder.rel_embeddings.weight.grad)
+    assert grads[0].abs().max() > 1e-6
+    # the adjoint integrates backward with rk4's own error (~4e-6 relative here)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[0].abs().max()
