@@ -106,22 +106,27 @@ def test_resume_with_a_memory_reproduces_the_uninterrupted_losses(tmp_path, cach
 
 
 def test_evaluation_runs_at_another_memory_length_and_a_longer_memory_reads_more(tmp_path, cache_dir, capsys):
+    """bertode.evaluate at model.mem_len 0, 16 and 64; the training run's own final evaluation at
+    trainer.eval_mem_len=64 is the same number as bertode.evaluate's at 64."""
     from conftest import run_command
 
-    run_train(tmp_path / "run", small(cache_dir, *MEMORY, "model=bert", "data.max_eval_sequences=12",
-                                      "trainer.max_steps=20", "trainer.lr=3e-3"))
+    trained, _ = run_train(tmp_path / "run", small(cache_dir, *MEMORY, "model=bert", "data.max_eval_sequences=12",
+                                                   "trainer.max_steps=20", "trainer.lr=3e-3",
+                                                   "trainer.eval_mem_len=64"))
     final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["mem_len"] == 24  # the training memory is saved
     losses = {}
     for mem_len in (0, 16, 64):
         out = tmp_path / f"eval{mem_len}"
         code = run_command("evaluate", [f"checkpoint={final}", f"model.mem_len={mem_len}", f"data.cache_dir={cache_dir}",
-                                        "data.seq_len=16", "data.vocab_size=500", "max_sequences=12", "batch_size=2",
+                                        "data.seq_len=16", "data.vocab_size=500", "max_sequences=12", "batch_size=4",
                                         f"hydra.run.dir={out}"])
         assert code == 0, capsys.readouterr().err[-2000:]
         result = json.loads((out / "evaluation.json").read_text())
         assert result["overrides"] == {"mem_len": mem_len} and math.isfinite(result["loss"])
         losses[mem_len] = result["loss"]
     assert losses[0] != losses[16] != losses[64]  # the memory is read (its effect on the loss is measured, not assumed)
+    assert abs(trained["eval"]["loss"] - losses[64]) <= 1e-6
 
 
 def test_memory_settings_a_run_cannot_use_are_refused_before_anything_is_written(tmp_path, cache_dir, capsys,
@@ -134,7 +139,22 @@ def test_memory_settings_a_run_cannot_use_are_refused_before_anything_is_written
         "model.mem_len=-1 is invalid; allowed: an integer >= 0": ["objective=clm", "model.mem_len=-1"],
         "model.mem_len=8 is invalid with position_scheme='absolute'": ["objective=clm", "model.mem_len=8"],
         "data.streaming=true is invalid with model.mem_len=8": MEMORY[:2] + ["model.mem_len=8", "data.streaming=true"],
+        "trainer.eval_mem_len=64 is invalid with model.mem_len=0": MEMORY[:2] + ["trainer.eval_mem_len=64"],
     }
     for expected, argv in cases.items():
         assert expected in refused_line(capsys, "train", *common, *argv)
     assert file_tree(run, cache_dir) == before
+
+
+def test_the_deq_transformer_recipe_carries_the_papers_memory_positions_vocabulary_and_softmax():
+    from bertode.training.run_config import build_model_config
+    from test_train import compose_train
+
+    cfg = compose_train(["experiment=deq_transformer_wt103"])
+    config = build_model_config(cfg, vocab_size=267_735)
+    assert (config.position_scheme, config.mem_len, cfg.trainer.eval_mem_len) == ("transformer_xl", 150, 480)
+    assert (config.lm_head_type, config.adaptive_cutoffs, config.adaptive_div_value) == ("adaptive",
+                                                                                          [20000, 40000, 200000], 4.0)
+    assert (cfg.data.vocabulary, cfg.data.vocab_size, cfg.data.seq_len - 2) == ("word", None, 150)
+    assert (config.mode, config.deq_injection, config.is_decoder) == ("deq", "qkv", True)
+    assert (cfg.depth.low, cfg.depth.high, config.deq_max_iter) == (10, 12, 12)  # f_thres 12 + U(-2, 0)

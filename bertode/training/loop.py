@@ -48,7 +48,7 @@ from .objective import get_objective, make_objective
 from .run_config import announced_vocab_size, forget_model_configs, model_config
 from .run_log import RunLog, check_logger, keep_until, progress_line, write_model_card
 from .schedule import lr_factor
-from .segments import MemoryCarry, SegmentOrder, ordered_eval_batches
+from .segments import MemoryCarry, SegmentOrder, check_eval_memory, memory_length, ordered_eval_batches
 from .words import perplexity_unit
 
 
@@ -94,6 +94,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
         except ValueError as error:
             raise ValueError(str(error).replace("compile scope=", "trainer.compile=", 1)) from None
     check_data(cfg.data)
+    check_eval_memory(trainer.get("eval_mem_len"), config.mem_len)
     if config.mem_len and cfg.data.get("streaming"):
         raise DataError(f"data.streaming=true is invalid with model.mem_len={config.mem_len} (a segment memory reads "
                         "each batch row's text in order, from packed rows); allowed: data.streaming=false")
@@ -218,7 +219,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
               f"tokens, run dir {run_dir}")
 
     def run_eval(step: int) -> dict:
-        result = evaluate(base, eval_batches, objective, dist.device, trainer.precision)
+        with memory_length(base, trainer.get("eval_mem_len")):  # a segment memory's evaluation length
+            result = evaluate(base, eval_batches, objective, dist.device, trainer.precision)
         log.write({"step": step, "kind": "eval", **result, "unigram_baseline": baseline})
         log.print(f"eval @ step {step}: {objective.label} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
                   f"per {perplexity_unit(corpus.tokenizer)}, "

@@ -15,6 +15,8 @@ read in order, as Transformer-XL's ordered iterator reads it, and the memory car
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .sources import DataError
@@ -103,3 +105,24 @@ def ordered_eval_batches(rows, objective, seed: int, batch_size: int, max_rows: 
     inputs, labels = objective.make_batch(rows[:width * length], torch.Generator().manual_seed(seed))
     index = torch.arange(width) * length
     return [(inputs[index + j], labels[index + j]) for j in range(length)]
+
+
+def check_eval_memory(eval_mem_len, mem_len: int) -> None:
+    """``trainer.eval_mem_len``: null, or a length >= 0 for a model trained with a memory; one line otherwise."""
+    if eval_mem_len is None:
+        return
+    if isinstance(eval_mem_len, bool) or not isinstance(eval_mem_len, int) or eval_mem_len < 0 or not mem_len:
+        raise ValueError(f"trainer.eval_mem_len={eval_mem_len!r} is invalid with model.mem_len={mem_len}; allowed: null, "
+                         "or an integer >= 0 for a model trained with a segment memory (model.mem_len > 0)")
+
+
+@contextlib.contextmanager
+def memory_length(model, mem_len: int | None):
+    """Within: ``model`` (its config) remembers ``mem_len`` positions (None: its own)."""
+    own = model.config.mem_len
+    if mem_len is not None:
+        model.config.mem_len = mem_len
+    try:
+        yield
+    finally:
+        model.config.mem_len = own
