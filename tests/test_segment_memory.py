@@ -56,7 +56,7 @@ def test_changing_a_token_leaves_every_earlier_logit_unchanged_across_segment_bo
 
 @pytest.mark.parametrize("mode, scheme", [("discrete", "transformer_xl"), ("euler", "transformer_xl"),
                                           ("deq", "transformer_xl"), ("deq_qkv", "transformer_xl"),
-                                          ("discrete", "rotary")])
+                                          ("discrete", "rotary"), ("discrete", "deberta")])
 def test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_once_per_layer(mode, scheme):
     """Transformer-XL's recurrence with a memory as long as the text so far is the causal forward of the whole
     text when each layer evaluates attention once at its input (discrete, Euler-1); a DEQ's equilibrium of the

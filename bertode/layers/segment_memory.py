@@ -134,9 +134,10 @@ def refusal(config) -> str | None:
     """Why a model of ``config`` cannot use a segment memory (a phrase), or None."""
     if not getattr(config, "is_decoder", False):
         return "is_decoder=False (a bidirectional model's tokens would attend to the memory and to later tokens)"
-    if getattr(config, "position_scheme", "absolute") not in ("transformer_xl", "rotary"):
-        return (f"position_scheme={config.position_scheme!r} (absolute positions restart at 0 in every segment; "
-                "the memory needs relative positions)")
+    scheme = getattr(config, "position_scheme", "absolute")
+    if scheme not in ("transformer_xl", "rotary", "deberta") or getattr(config, "position_biased_input", False):
+        return (f"position_scheme={scheme!r}{' with position_biased_input=True' if scheme == 'deberta' else ''} "
+                "(absolute positions restart at 0 in every segment; the memory needs relative positions)")
     if getattr(config, "add_cross_attention", False):
         return "add_cross_attention=True (a decoder of an encoder-decoder model)"
     return None
