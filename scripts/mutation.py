@@ -73,9 +73,23 @@ TESTS_BY_MODULE = {
     "bertode/convert.py": ["tests/test_equivalence.py", "tests/test_families.py"],
     "bertode/families.py": ["tests/test_families.py"],
     "bertode/training/loop.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
-    "bertode/training/lm.py": ["tests/test_oracles_training.py", "tests/test_clm.py"],
+    # lm: the unit tests of evaluate (node ids); the files' training runs reach evaluate too, minutes per mutant
+    "bertode/training/lm.py": [
+        "tests/test_oracles_training.py::test_evaluate_is_the_total_cross_entropy_over_the_total_targets",
+        "tests/test_segment_memory_training.py::test_the_ordered_evaluation_is_the_loss_of_each_slice_read_as_one_text",
+        "tests/test_clm.py::test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy"],
     "bertode/training/evaluate.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
     "bertode/training/checkpoint.py": ["tests/test_train.py", "tests/test_faults.py"],
+    # segments: its unit tests only (node ids: a -k here would replace setup.cfg's); the file's training runs
+    # (resume, evaluation at another mem_len) take minutes per mutant
+    "bertode/training/segments.py": [
+        f"tests/test_segment_memory_training.py::test_{name}" for name in (
+            "each_batch_row_reads_the_next_row_of_its_own_slice_at_any_world_size",
+            "a_checkpointed_memory_is_every_global_row_in_order_and_each_rank_takes_its_own",
+            "the_ordered_evaluation_is_the_loss_of_each_slice_read_as_one_text",
+            "memory_settings_a_run_cannot_use_are_refused_before_anything_is_written")],
+    "bertode/training/schedule.py": ["tests/test_oracles_training.py"],
+    "bertode/training/words.py": ["tests/test_word_vocabulary.py", "tests/test_oracles_training.py"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants

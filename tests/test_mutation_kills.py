@@ -734,3 +734,153 @@ def test_time_residual_embedding_is_the_fourier_features_closed_form():
         TimeResidualField(BertConfig(hidden_size=8, num_attention_heads=2), time_features=3)
     assert str(error.value) == ("BertODEConfig.vector_field_kwargs['time_features']=3 is invalid; allowed: an even "
                                 "integer >= 2")
+
+
+# --- bertode/training/segments.py ------------------------------------------------------------------------------
+
+
+def _noisy_batch(rows, generator):
+    """A make_batch whose output shows the generator it was given (None: torch's global one)."""
+    return rows + torch.randint(0, 1000, rows.shape, generator=generator), rows.clone()
+
+
+def test_segment_order_masks_with_batch_orders_generator_and_noise_seed():
+    """A memory run masks micro-batch m (and seeds its dropout) as `BatchOrder` does: the same generator and noise
+    seed for the same (seed, m), reproducibly."""
+    from types import SimpleNamespace
+
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.segments import SegmentOrder
+
+    rows = torch.arange(40).reshape(10, 4)
+    order = SegmentOrder(rows, micro_batch=2, seed=3)
+    for m in range(4):
+        peer = SimpleNamespace(seed=3, micro_batch_rows=lambda _, rows=order.micro_batch_rows(m): rows)
+        expected = BatchOrder.batch(peer, m, _noisy_batch)
+        for got in (order.local_batch(m, _noisy_batch), order.local_batch(m, _noisy_batch)):
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert order.noise_seed(m) == BatchOrder(rows, 2, seed=3).noise_seed(m) == BatchOrder.noise_seed_of(3, m)
+
+
+def test_slices_need_a_row_each_and_the_refusal_names_the_split():
+    from bertode.training.segments import SegmentOrder, ordered_eval_batches, slice_length
+    from bertode.training.sources import DataError
+
+    assert slice_length(4, 4, "train") == 1 and slice_length(9, 4, "train") == 2  # as many rows as slices: one each
+    with pytest.raises(DataError) as error:
+        SegmentOrder(torch.zeros(3, 4, dtype=torch.long), micro_batch=4, seed=0)
+    assert str(error.value) == ("model.mem_len needs the train rows read as 4 contiguous slices, but there are 3 rows; "
+                                "allowed: more text, or a smaller batch")
+    with pytest.raises(DataError) as error:
+        ordered_eval_batches(torch.zeros(0, 4, dtype=torch.long), None, seed=0, batch_size=4)
+    assert str(error.value) == ("model.mem_len needs the eval rows read as 1 contiguous slices, but there are 0 rows; "
+                                "allowed: more text, or a smaller batch")
+
+
+def test_ordered_eval_batches_of_one_slice_are_fixed_eval_batches_of_the_first_max_rows():
+    """batch_size 1: one slice, the rows in order, masked as `lm.fixed_eval_batches` masks them (same seed)."""
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import MaskedLanguageModel
+    from bertode.training.segments import ordered_eval_batches
+
+    class Vocabulary:
+        all_special_ids, mask_token_id = [0, 1, 2, 3, 4], 4
+
+        def __len__(self):
+            return 50
+
+    objective = MaskedLanguageModel(Vocabulary(), probability=0.5)
+    rows = torch.randint(5, 50, (6, 10), generator=torch.Generator().manual_seed(0))
+    for max_rows in (None, 4):
+        ordered = ordered_eval_batches(rows, objective, seed=7, batch_size=1, max_rows=max_rows)
+        fixed = fixed_eval_batches(rows, objective, seed=7, batch_size=1, max_rows=max_rows)
+        assert len(ordered) == len(fixed) == (max_rows or 6)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ordered, fixed))
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Capture:
+    """A dist whose gather keeps the value a rank sends (and stops there)."""
+
+    def gather(self, value):
+        self.value = value
+        raise _Captured
+
+
+class _Ranks:
+    """dist.gather as torch.distributed gives it: every rank's value (computed by the real code), in rank order."""
+
+    def __init__(self, carries):
+        self.carries = carries
+
+    def gather(self, value):
+        parts = []
+        for carry in self.carries:
+            capture = _Capture()
+            with pytest.raises(_Captured):
+                carry.state(capture)
+            parts.append(capture.value)
+        assert value in parts
+        return parts
+
+
+def test_a_memory_carry_starts_empty_keeps_each_forwards_memory_and_saves_what_each_rank_sends():
+    from types import SimpleNamespace
+
+    from bertode.training.segments import MemoryCarry, SegmentOrder
+
+    order = SegmentOrder(torch.arange(12)[:, None], micro_batch=4, seed=0)  # 3 rows per slice
+    carry = MemoryCarry(torch.arange(4))
+    assert carry.mems is None and carry.before(order, 0) == {"mems": None}
+    memory = [torch.randn(4, 2, 3, requires_grad=True), torch.randn(4, 2, 3, requires_grad=True)]
+    carry.after(SimpleNamespace(mems=memory))
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(carry.mems, memory))
+    assert carry.before(order, 1)["mems"] is carry.mems and carry.before(order, 2)["mems"] is carry.mems
+    assert carry.before(order, 3) == {"mems": None} and carry.mems is None  # the slices wrap: the memory starts over
+    carry.after(SimpleNamespace(mems=memory))
+    carry.after(SimpleNamespace(logits=None))  # an output without a memory (a skipped batch): none is kept
+    assert carry.mems is None
+    carries = [MemoryCarry(torch.tensor([2, 0])), MemoryCarry(torch.tensor([3, 1]))]  # any rows, any order
+    assert carries[0].state(_Ranks(carries)) is None  # no memory yet: nothing saved
+    for each in carries:
+        each.after(SimpleNamespace(mems=[m[each.own_rows] for m in memory]))
+    state = carries[1].state(_Ranks(carries))
+    assert all(torch.equal(saved, whole) for saved, whole in zip(state["mems"], memory))
+    carries[0].load(None, "cpu")
+    assert carries[0].mems is None
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, 480])
+def test_eval_mem_len_accepts_null_and_integers_from_zero(value):
+    from bertode.training.segments import check_eval_memory
+
+    check_eval_memory(value, 24)
+
+
+@pytest.mark.parametrize("value, mem_len", [(True, 24), (1.5, 24), ("8", 24), (-1, 24), (8, 0)])
+def test_eval_mem_len_refusal_is_the_one_line_error(value, mem_len):
+    from bertode.training.segments import check_eval_memory
+
+    with pytest.raises(ValueError) as error:
+        check_eval_memory(value, mem_len)
+    assert str(error.value) == (f"trainer.eval_mem_len={value!r} is invalid with model.mem_len={mem_len}; allowed: "
+                                "null, or an integer >= 0 for a model trained with a segment memory (model.mem_len > 0)")
+
+
+def test_memory_length_sets_and_restores_the_configs_mem_len():
+    from types import SimpleNamespace
+
+    from bertode.training.segments import memory_length
+
+    model = SimpleNamespace(config=SimpleNamespace(mem_len=24))
+    with memory_length(model, 64):
+        assert model.config.mem_len == 64
+    with memory_length(model, None):
+        assert model.config.mem_len == 24
+    with pytest.raises(RuntimeError), memory_length(model, 0):
+        assert model.config.mem_len == 0
+        raise RuntimeError
+    assert model.config.mem_len == 24
