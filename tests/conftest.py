@@ -1,10 +1,22 @@
 """Shared tiny configurations and inputs: hidden 16-32, 1-2 layers, seq <= 12, on CPU; commands run in-process."""
 
 import logging
+import os
 import sys
 
-import pytest
-import torch
+# pytest-xdist (setup.cfg's addopts run two workers): each worker, and the commands it starts, gets its share of
+# the cores, so two workers do not oversubscribe them. Set before torch is imported (OpenMP reads it once).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // WORKERS)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from transformers import BertConfig
 
 TINY = dict(
@@ -48,9 +60,11 @@ def cache_dir(tmp_path_factory):
 
 
 # --- commands run in this process (refusal tests): their exit status, their one error line, the files they left ---
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging():
-    """In-process Hydra runs point the root logger at the run's log file and pytest's streams: put it back."""
+    """In-process Hydra runs point the root logger at the run's log file and pytest's streams: put it back
+    after every test (a later test's warnings would otherwise go to a closed stream, or into its one-line stderr,
+    depending on which tests ran before it in the same process: pytest-xdist changes that order)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
