@@ -88,8 +88,8 @@ TESTS_BY_MODULE = {
             "a_checkpointed_memory_is_every_global_row_in_order_and_each_rank_takes_its_own",
             "the_ordered_evaluation_is_the_loss_of_each_slice_read_as_one_text",
             "memory_settings_a_run_cannot_use_are_refused_before_anything_is_written")],
-    "bertode/training/schedule.py": ["tests/test_oracles_training.py"],
-    "bertode/training/words.py": ["tests/test_word_vocabulary.py", "tests/test_oracles_training.py"],
+    "bertode/training/schedule.py": ["tests/test_schedule.py"],
+    "bertode/training/words.py": ["tests/test_word_vocabulary.py"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants

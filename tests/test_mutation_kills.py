@@ -884,3 +884,61 @@ def test_memory_length_sets_and_restores_the_configs_mem_len():
         assert model.config.mem_len == 0
         raise RuntimeError
     assert model.config.mem_len == 24
+
+
+# --- bertode/training/lm.py ------------------------------------------------------------------------------------
+
+
+def test_precision_fp32_runs_in_float32_bf16_autocasts_and_others_are_the_one_line_error():
+    from bertode.training.lm import autocast
+
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with autocast(torch.device("cpu"), "fp32"):
+        assert (a @ b).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    for bad in ("BF16", "fp16"):
+        with pytest.raises(ValueError) as error:
+            autocast(torch.device("cpu"), bad)
+        assert str(error.value) == f"trainer.precision={bad!r} is invalid; allowed: 'fp32', 'bf16'"
+
+
+def test_masked_ce_sum_is_the_float64_sum_over_the_labelled_positions_and_counts_the_right_ones():
+    from bertode.training.lm import masked_ce_sum
+
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = logits.argmax(-1)  # every labelled position right ...
+    labels[0, 1] = (labels[0, 1] + 1) % 5  # ... but this one
+    labels[1, 0] = labels[1, 2] = -100
+    kept = labels != -100
+    expected = -logits.log_softmax(-1)[kept].gather(-1, labels[kept][:, None]).sum()
+    loss, correct = masked_ce_sum(logits.to(torch.bfloat16), labels)
+    assert loss.dtype == torch.float32 and int(correct) == 3  # 4 labelled, 3 right
+    reference = -logits.to(torch.bfloat16).double().log_softmax(-1)[kept].gather(-1, labels[kept][:, None]).sum()
+    assert abs(loss.item() - reference.item()) <= 1e-5 and abs(loss.item() - expected.item()) <= 0.1
+
+
+def test_fixed_eval_batches_cut_the_first_max_rows_into_consecutive_batches():
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import make_objective
+
+    rows = torch.arange(7 * 4).reshape(7, 4)
+    clm = make_objective("clm", tokenizer=None)
+    for max_rows, sizes in ((None, [3, 3, 1]), (5, [3, 2])):
+        batches = fixed_eval_batches(rows, clm, seed=0, batch_size=3, max_rows=max_rows)
+        assert [len(inputs) for inputs, _ in batches] == sizes
+        assert torch.equal(torch.cat([inputs for inputs, _ in batches]), rows[:sum(sizes)])
+
+
+def test_scored_lines_up_dense_logits_and_gives_sparse_rows_their_targets_in_order():
+    from bertode.training.lm import scored
+    from bertode.training.objective import make_objective
+
+    clm = make_objective("clm", tokenizer=None)
+    labels = torch.tensor([[-100, 7, 8, -100], [-100, 9, -100, 6]])
+    dense = torch.randn(2, 4, 10)
+    logits, targets = scored(clm, dense, labels)
+    assert torch.equal(logits, dense[:, :-1]) and torch.equal(targets, labels[:, 1:])
+    sparse = torch.randn(4, 10)  # one row per target, (batch, seq) order: 7, 8, 9, 6
+    logits, targets = scored(clm, sparse, labels)
+    assert logits is sparse and targets.tolist() == [7, 8, 9, 6]
