@@ -145,6 +145,9 @@ def copy_tree(scratch: Path) -> None:
         if source.is_file():
             (scratch / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, scratch / name)
+    # tests that read ../shared/data beside the repository find it beside mutmut's mutants/ (where they run)
+    if (REPO.parent / "shared").is_dir():
+        (scratch / "shared").symlink_to(REPO.parent / "shared")
 
 
 def marked_source(module: str) -> bytes:

@@ -942,3 +942,66 @@ def test_scored_lines_up_dense_logits_and_gives_sparse_rows_their_targets_in_ord
     sparse = torch.randn(4, 10)  # one row per target, (batch, seq) order: 7, 8, 9, 6
     logits, targets = scored(clm, sparse, labels)
     assert logits is sparse and targets.tolist() == [7, 8, 9, 6]
+
+
+# --- bertode/training/words.py ---------------------------------------------------------------------------------
+
+_WORD_LINES = ["The the THE cat", "Cat dog the", ""]
+_SPECIALS = ["[PAD]", "<unk>", "[CLS]", "[SEP]", "[MASK]", "<eos>"]
+
+
+def test_word_counts_and_vocabulary_keep_case_unless_lowercased():
+    """By hand: case kept, the = 2, the rest 1 (first occurrence breaks ties); lower-cased, the = 4, cat = 2, dog = 1."""
+    from bertode.training.words import train_vocabulary, word_counts
+
+    assert list(word_counts(_WORD_LINES).items()) == [("The", 1), ("the", 2), ("THE", 1), ("cat", 1), ("Cat", 1),
+                                                      ("dog", 1)]
+    assert train_vocabulary(_WORD_LINES, None) == _SPECIALS + ["the", "The", "THE", "cat", "Cat", "dog"]
+    assert train_vocabulary(_WORD_LINES, None, lowercase=True) == _SPECIALS + ["the", "cat", "dog"]
+    assert train_vocabulary(_WORD_LINES, None, min_count=2, lowercase=True) == _SPECIALS + ["the", "cat"]
+
+
+def test_the_word_tokenizer_reads_words_unknowns_pairs_and_special_tokens_as_documented():
+    from bertode.training.words import train_tokenizer
+
+    tokenizer = train_tokenizer(_WORD_LINES, None)  # min_count 1, case kept
+    vocab = tokenizer.get_vocab()
+    assert len(vocab) == 12 and vocab["dog"] == 11 and vocab["The"] == 7
+    assert tokenizer("The zebra dog")["input_ids"] == [7, 1, 11, 5]  # an unknown word is <unk>; the line ends <eos>
+    assert tokenizer("dog", "the")["input_ids"] == [11, 5, 6, 5]  # a pair: each text ends with <eos>
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.mask_token_id, tokenizer.eos_token_id) == (0, 1, 2, 3, 4, 5)
+    lower = train_tokenizer(_WORD_LINES, None, min_count=2, lowercase=True)
+    assert lower("THE Cat dog")["input_ids"] == [6, 7, 1, 5]  # the, cat; dog (seen once) is <unk>
+
+
+def test_line_end_id_is_eos_of_a_word_level_tokenizer_only():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bertode.training.words import line_end_id, perplexity_unit, train_tokenizer
+
+    assert line_end_id(train_tokenizer(_WORD_LINES, None)) == 5
+    assert line_end_id(object()) is None  # no backend tokenizer (a slow one)
+    vocab = {token: index for index, token in enumerate(["[UNK]", "<eos>", "a", "##b"])}
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+    assert line_end_id(wordpiece) is None and perplexity_unit(wordpiece) == "token"  # <eos> in it, but not words
+
+
+def test_read_by_sets_the_vocabulary_a_tokenizer_reads_on_a_copy():
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bertode.training.words import read_by, train_tokenizer
+
+    word = train_tokenizer(_WORD_LINES, None)
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
+    unset, pieces, words = (OmegaConf.create(c) for c in ({"x": 1}, {"vocabulary": "wordpiece"}, {"vocabulary": "word"}))
+    assert read_by(unset, wordpiece) is unset and read_by(pieces, wordpiece) is pieces and read_by(words, word) is words
+    for cfg, tokenizer, kind in ((unset, word, "word"), (pieces, word, "word"), (words, wordpiece, "wordpiece")):
+        read = read_by(cfg, tokenizer)
+        assert read is not cfg and read.vocabulary == kind and cfg.get("vocabulary") != kind  # the original kept
+    assert read_by(unset, word).x == 1
+    plain = {"vocabulary": "wordpiece"}
+    assert read_by(plain, word) is plain  # not a config (a dict): as it is
