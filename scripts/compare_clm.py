@@ -46,10 +46,11 @@ def common(args, cache: Path) -> list[str]:
             "trainer.checkpoint_every=1000000", "trainer.log_every=100", f"seed={args.seed}"]
 
 
-def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
+def run_row(name: str, overrides: list[str], args, work: Path, shared: list[str] | None = None) -> dict:
+    """One training run (``shared``: the overrides every row has; default: this table's `common`)."""
     run_dir = work / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    command = [sys.executable, "-m", "bertode.train", *overrides, *common(args, work / "cache"),
-               f"hydra.run.dir={run_dir}"]
+    shared = common(args, work / "cache") if shared is None else shared
+    command = [sys.executable, "-m", "bertode.train", *overrides, *shared, f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
@@ -67,7 +68,8 @@ def run_row(name: str, overrides: list[str], args, work: Path) -> dict:
             "eval_loss": evaluation["loss"], "eval_perplexity": evaluation["perplexity"],
             "eval_tokens": evaluation["target_tokens"], "unigram_loss": summary["unigram_baseline"],
             "unigram_perplexity": math.exp(summary["unigram_baseline"]),
-            "nfe_forward": evaluation.get("nfe_forward"), "forward_iterations": evaluation.get("forward_iterations")}
+            "nfe_forward": evaluation.get("nfe_forward"), "forward_iterations": evaluation.get("forward_iterations"),
+            "run_dir": str(run_dir)}
 
 
 def main() -> None:
