@@ -158,3 +158,22 @@ def test_the_deq_transformer_recipe_carries_the_papers_memory_positions_vocabula
     assert (cfg.data.vocabulary, cfg.data.vocab_size, cfg.data.seq_len - 2) == ("word", None, 150)
     assert (config.mode, config.deq_injection, config.is_decoder) == ("deq", "qkv", True)
     assert (cfg.depth.low, cfg.depth.high, config.deq_max_iter) == (10, 12, 12)  # f_thres 12 + U(-2, 0)
+
+
+def test_two_processes_read_the_same_text_and_save_the_same_memory_as_one(tmp_path, cache_dir):
+    """torchrun with 2 ranks: each global row reads the same text and keeps the same memory as in one process, so
+    the losses and the checkpointed memory (gathered from both ranks) are one process's."""
+    from test_train import _losses, _python
+
+    overrides = small(cache_dir, *MEMORY, "trainer.device=cpu", "model=ode", "solver=rk4", "trainer.max_steps=6",
+                      "trainer.checkpoint_every=3", "trainer.eval_every=1000", "model.hidden_dropout_prob=0.1")
+    one = _python("-m", "bertode.train", f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _python("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "bertode.train",
+                  f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 6 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (a, b)
+    saved = [torch.load(run / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)["memory"]["mems"]
+             for run in (tmp_path / "one", tmp_path / "two")]
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(*saved))
