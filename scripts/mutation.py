@@ -90,6 +90,7 @@ TESTS_BY_MODULE = {
             "memory_settings_a_run_cannot_use_are_refused_before_anything_is_written")],
     "bertode/training/schedule.py": ["tests/test_schedule.py"],
     "bertode/training/words.py": ["tests/test_word_vocabulary.py"],
+    "bertode/training/distributed.py": ["tests/test_data_order.py"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants
