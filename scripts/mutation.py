@@ -91,6 +91,10 @@ TESTS_BY_MODULE = {
     "bertode/training/schedule.py": ["tests/test_schedule.py"],
     "bertode/training/words.py": ["tests/test_word_vocabulary.py"],
     "bertode/training/distributed.py": ["tests/test_data_order.py"],
+    "bertode/training/wordpiece.py": [  # not test_tokenizer's two fresh processes (subprocesses, seconds each)
+        "tests/test_oracles_training.py::test_wordpiece_merges_in_the_documented_order_with_ties_broken_by_the_pair",
+        "tests/test_oracles_training.py::test_the_default_run_trains_the_pinned_vocabulary_on_the_shipped_sample",
+        "tests/test_tokenizer.py::test_the_vocabulary_matches_the_tokenizers_trainer_up_to_ties"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants

@@ -1005,3 +1005,47 @@ def test_read_by_sets_the_vocabulary_a_tokenizer_reads_on_a_copy():
     assert read_by(unset, word).x == 1
     plain = {"vocabulary": "wordpiece"}
     assert read_by(plain, word) is plain  # not a config (a dict): as it is
+
+
+# --- bertode/training/wordpiece.py -----------------------------------------------------------------------------
+
+
+def test_wordpiece_alphabet_is_the_most_frequent_characters_ties_by_character():
+    """a 3, d 3, b 2, c 1: limit_alphabet 3 keeps a, b, d; "c" leaves its word (an empty word: no symbols)."""
+    from bertode.training.wordpiece import train_vocabulary
+
+    vocab = train_vocabulary(["aaa bb c d dd"], 7, ["[UNK]"], limit_alphabet=3)
+    assert vocab == ["[UNK]", "##a", "##b", "##d", "a", "b", "d"]
+    cjk = " ".join(chr(0x4E00 + i) for i in range(1001))  # 1001 characters seen once: the default keeps the first 1000
+    vocab = train_vocabulary([cjk], 10, ["[UNK]"])
+    assert len(vocab) == 1001 and chr(0x4E00 + 999) in vocab and chr(0x4E00 + 1000) not in vocab
+
+
+def test_wordpiece_merges_a_pair_whose_count_fell_to_one_at_min_frequency_one():
+    """By hand: (a, ##b) 2 first; then (ab, ##c) and (ab, ##d), once each, in the pairs' text order."""
+    from bertode.training.wordpiece import train_vocabulary
+
+    assert train_vocabulary(["abc abd"], 100, ["[UNK]"], min_frequency=1) == ["[UNK]", "##b", "##c", "##d", "a", "ab",
+                                                                             "abc", "abd"]
+
+
+def test_wordpiece_lowercases_by_default_cleans_text_spaces_cjk_and_keeps_case_when_asked(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bertode.training.wordpiece import train_tokenizer, train_vocabulary
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert train_vocabulary(["AB ab"], 6, ["[UNK]"]) == ["[UNK]", "##b", "a", "ab"]  # lower-cased: "ab" twice
+    assert train_vocabulary(["AB ab"], 6, ["[UNK]"], lowercase=False) == ["[UNK]", "##B", "##b", "A", "a"]
+    # a control character is dropped (clean_text), a CJK character is a word of its own (handle_chinese_chars)
+    assert train_vocabulary(["a\x00b 中c"], 20, ["[UNK]"], lowercase=False) == ["[UNK]", "##b", "a", "c", "中"]
+    cased = train_tokenizer(["AB ab AB"], 30, specials, lowercase=False)
+    assert cased.tokenize("AB ab") == ["AB", "a", "##b"]  # AB twice (merged), ab once (not)
+    assert cased.tokenize("a\x00b中") == ["a", "##b", "[UNK]"]  # 中 (no character of its corpus) a word of its own
+    cased.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).tokenize("AB ab") == ["AB", "a", "##b"]  # saved as cased
+    lower = train_tokenizer(["ab ab"], 30, specials)
+    encoding = lower("AB zz")
+    assert encoding.tokens() == ["[CLS]", "ab", "[UNK]", "[SEP]"]  # BERT's frame; an unknown word is [UNK]
+    assert (lower.pad_token_id, lower.unk_token_id, lower.cls_token_id, lower.sep_token_id,
+            lower.mask_token_id) == (0, 1, 2, 3, 4)
