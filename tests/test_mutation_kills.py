@@ -867,7 +867,8 @@ def test_eval_mem_len_refusal_is_the_one_line_error(value, mem_len):
     with pytest.raises(ValueError) as error:
         check_eval_memory(value, mem_len)
     assert str(error.value) == (f"trainer.eval_mem_len={value!r} is invalid with model.mem_len={mem_len}; allowed: "
-                                "null, or an integer >= 0 for a model trained with a segment memory (model.mem_len > 0)")
+                                "null, or an integer >= 0 for a model trained with a segment memory "
+                                "(model.mem_len > 0)")
 
 
 def test_memory_length_sets_and_restores_the_configs_mem_len():
@@ -951,7 +952,7 @@ _SPECIALS = ["[PAD]", "<unk>", "[CLS]", "[SEP]", "[MASK]", "<eos>"]
 
 
 def test_word_counts_and_vocabulary_keep_case_unless_lowercased():
-    """By hand: case kept, the = 2, the rest 1 (first occurrence breaks ties); lower-cased, the = 4, cat = 2, dog = 1."""
+    """By hand: case kept, the = 2, the rest 1 (first occurrence breaks ties); lower-cased, the 4, cat 2, dog 1."""
     from bertode.training.words import train_vocabulary, word_counts
 
     assert list(word_counts(_WORD_LINES).items()) == [("The", 1), ("the", 2), ("THE", 1), ("cat", 1), ("Cat", 1),
@@ -997,7 +998,8 @@ def test_read_by_sets_the_vocabulary_a_tokenizer_reads_on_a_copy():
 
     word = train_tokenizer(_WORD_LINES, None)
     wordpiece = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
-    unset, pieces, words = (OmegaConf.create(c) for c in ({"x": 1}, {"vocabulary": "wordpiece"}, {"vocabulary": "word"}))
+    unset, pieces, words = (OmegaConf.create(c) for c in ({"x": 1}, {"vocabulary": "wordpiece"},
+                                                          {"vocabulary": "word"}))
     assert read_by(unset, wordpiece) is unset and read_by(pieces, wordpiece) is pieces and read_by(words, word) is words
     for cfg, tokenizer, kind in ((unset, word, "word"), (pieces, word, "word"), (words, wordpiece, "wordpiece")):
         read = read_by(cfg, tokenizer)
