@@ -72,18 +72,27 @@ def run_row(name: str, overrides: list[str], args, work: Path, shared: list[str]
             "run_dir": str(run_dir)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(description: str, work: Path, extra=None) -> argparse.Namespace:
+    """The WikiText-2 tables' command line (``extra(parser)`` adds a table's own options); one line for a
+    ``--data`` folder without valid.txt and test.txt."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per row")
     parser.add_argument("--data", type=Path, default=SHARED)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bertode-compare-clm"))
+    parser.add_argument("--work", type=Path, default=work)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     for split in ("valid.txt", "test.txt"):
         if not (args.data / split).is_file():
             raise SystemExit(f"--data={args.data} is invalid: no {split}; allowed: a folder with WikiText-2's "
                              "valid.txt and test.txt (../shared/data/wikitext-2)")
+    return args
+
+
+def main() -> None:
+    args = parse_arguments(__doc__.splitlines()[0], Path("/tmp/bertode-compare-clm"))
     import torch
 
     rows = [run_row(name, overrides, args, args.work) for name, overrides in ROWS.items()]

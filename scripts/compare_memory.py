@@ -19,7 +19,6 @@ prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_clm import ROOT, SHARED, run_row  # noqa: E402  (the same runner as the WordPiece table)
+from compare_clm import ROOT, parse_arguments, run_row  # noqa: E402  (the same runner as the WordPiece table)
 
 ROWS = {
     "DEQ, no memory": ["experiment=deq_transformer_wt2_cpu", "model.mem_len=0"],
@@ -70,18 +69,10 @@ def evaluate_at(row: dict, mem_len: int, args, cache: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per row")
-    parser.add_argument("--data", type=Path, default=SHARED)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bertode-compare-memory"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-rows", type=int, default=1024, help="the first rows of test.txt scored (64 words each)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    for split in ("valid.txt", "test.txt"):
-        if not (args.data / split).is_file():
-            raise SystemExit(f"--data={args.data} is invalid: no {split}; allowed: a folder with WikiText-2's "
-                             "valid.txt and test.txt (../shared/data/wikitext-2)")
+    def eval_rows(parser):
+        parser.add_argument("--eval-rows", type=int, default=1024, help="the first rows of test.txt scored (64 words each)")
+
+    args = parse_arguments(__doc__.splitlines()[0], Path("/tmp/bertode-compare-memory"), eval_rows)
     import torch
 
     cache = args.work / "cache"
