@@ -125,6 +125,7 @@ def test_a_padding_mask_over_the_new_tokens_spans_the_memory():
     (dict(mem_len=-1), r"mem_len=-1 is invalid; allowed: an integer >= 0"),
     (dict(mode="ode", solver="rk4", sensitivity="adjoint", attention_probs_dropout_prob=0.0),
      r"mem_len=8 is invalid with sensitivity='adjoint'"),
+    (dict(num_hidden_layers=3, prelude_layers=1), r"mem_len=8 is invalid with prelude_layers=1, coda_layers=0"),
 ])
 def test_settings_a_memory_cannot_serve_are_refused_in_one_line(fields, message):
     base = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -143,3 +144,23 @@ def test_mems_of_another_batch_or_a_cache_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"use_cache=True is invalid with mem_len=8"):
         model(tokens, use_cache=True)
     assert model.generation_config.use_cache is False
+
+
+def test_per_token_exit_of_a_looped_core_stays_causal_across_segment_boundaries():
+    """Each token of a weight-tied core stops on its own latent change (``exit=latent_diff``); an exited token
+    keeps supplying its keys, and the remembered states are each application's inputs (segments may run different
+    numbers of applications: the missing ones read the last one's): still causal."""
+    import bertode
+
+    model = causal_lm(mode="discrete", weight_tying=True, core_injection="add", num_hidden_layers=4)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(7))
+    edited = tokens.clone()
+    edited[:, 8] = (edited[:, 8] + 1) % 50
+    with bertode.dialed(exit=bertode.make_exit_criterion("latent_diff", 0.05), depth=8):
+        reference, mems = by_segments(model, tokens, 6)
+        exited = model.solver_stats()["exit_depth_mean"]
+        logits, _ = by_segments(model, edited, 6)
+    assert 1 < exited < 8  # tokens left at different depths
+    assert len({tuple(m.shape) for m in mems}) == 1  # every application remembers as many positions
+    assert (logits[:, :8] - reference[:, :8]).abs().max() <= 1e-6
+    assert (logits[:, 8:] - reference[:, 8:]).abs().max() > 1e-4

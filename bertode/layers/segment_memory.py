@@ -59,26 +59,28 @@ class SegmentMemory:
 
     def states(self) -> torch.Tensor | None:
         """The current layer's remembered states (batch, m, hidden), followed on the last axis by their Q/K/V
-        injection (batch, m, 3 x hidden) under a DEQ's ``qkv`` injection; None (first segment, or a layer the
-        previous segment did not reach)."""
-        if self.layer is None or self.layer >= len(self.past):
+        injection (batch, m, 3 x hidden) under a DEQ's ``qkv`` injection; None at a text's first segment. A looped
+        core whose previous segment ran fewer applications (per-token exit) reads its last application's."""
+        if self.layer is None or not self.past:
             return None
-        return self.past[self.layer]
+        return self.past[min(self.layer, len(self.past) - 1)]
 
     def restart(self) -> None:
         """Forget this forward's states (a DEQ remembers its map's evaluation at z*, made after the solve)."""
         self.new = {}
 
     def updated(self) -> tuple:
-        """Per remembered layer, the last ``mem_len`` positions of (past, this forward's states), detached."""
+        """Per remembered layer, the last ``mem_len`` positions of (past, this forward's states), detached. Where a
+        looped core ran fewer applications in one of the two segments than in the other, the missing ones take its
+        last application's states, so that every layer remembers as many positions."""
         layers = sorted(self.new)
         if layers != list(range(len(layers))):
             raise RuntimeError(f"segment memory recorded layers {layers}; expected 0 .. {len(layers) - 1}")
         out = []
-        for index in layers:
-            state = self.new[index]
-            if index < len(self.past):
-                state = torch.cat([self.past[index].to(state.dtype), state], dim=1)
+        for index in range(max(len(layers), len(self.past))):
+            state = self.new[min(index, len(layers) - 1)]
+            if self.past:
+                state = torch.cat([self.past[min(index, len(self.past) - 1)].to(state.dtype), state], dim=1)
             out.append(state[:, max(0, state.shape[1] - self.mem_len):].detach())
         return tuple(out)
 
@@ -140,4 +142,8 @@ def refusal(config) -> str | None:
                 "(absolute positions restart at 0 in every segment; the memory needs relative positions)")
     if getattr(config, "add_cross_attention", False):
         return "add_cross_attention=True (a decoder of an encoder-decoder model)"
+    if getattr(config, "prelude_layers", 0) or getattr(config, "coda_layers", 0):
+        # the core numbers its layers (applications) from 0 again: their memories would share the prelude's slots
+        return (f"prelude_layers={config.prelude_layers}, coda_layers={config.coda_layers} (a memory per layer of a "
+                "prelude-core-coda stack is not built yet)")
     return None
