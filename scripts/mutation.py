@@ -67,7 +67,20 @@ TESTS_BY_MODULE = {
     "bertode/solve/solvers.py": ["tests/test_solvers.py", "tests/test_oracles_solve.py", "tests/test_user_solver.py"],
     "bertode/layers/vector_fields.py": ["tests/test_equivalence.py", "tests/test_architecture.py",
                                         "tests/test_time_weights.py", "tests/test_oracles_vector_fields.py"],
-    "bertode/layers/blocks.py": ["tests/test_blocks.py", "tests/test_equivalence.py"],
+    # blocks, regularizers: the unit tests (node ids), not the files' training runs (seconds to a minute each)
+    "bertode/layers/blocks.py": ["tests/test_blocks.py", "tests/test_macaron.py",
+                                 "tests/test_user_block.py::test_both_forms_match_the_equations_with_hf_layers",
+                                 "tests/test_user_block.py::test_a_block_with_an_adjoint_is_refused"],
+    "bertode/layers/regularizers.py": [
+        f"tests/test_regularizers.py::test_{name}" for name in (
+            "kinetic_energy_matches_a_dense_quadrature_and_autograd_equals_adjoint",
+            "the_hutchinson_jacobian_term_averages_to_the_dense_frobenius_norm",
+            "the_penalty_is_in_the_loss_and_its_gradient",
+            "the_regularizer_group_composes_and_is_refused_outside_ode_mode",
+            "the_augmented_state_carries_the_closed_form_integrands_and_their_gradients",
+            "a_user_integrand_of_another_dtype_is_cast_to_the_states",
+            "the_rnode_integrands_are_the_kinetic_and_jacobian_ones",
+            "registering_a_regulariser_keeps_the_default")],
     "bertode/layers/sublayers.py": ["tests/test_equivalence.py", "tests/test_causal.py"],
     "bertode/layers/embeddings.py": ["tests/test_equivalence.py", "tests/test_families.py"],
     "bertode/convert.py": ["tests/test_equivalence.py", "tests/test_families.py"],
@@ -95,6 +108,16 @@ TESTS_BY_MODULE = {
         "tests/test_oracles_training.py::test_wordpiece_merges_in_the_documented_order_with_ties_broken_by_the_pair",
         "tests/test_oracles_training.py::test_the_default_run_trains_the_pinned_vocabulary_on_the_shipped_sample",
         "tests/test_tokenizer.py::test_the_vocabulary_matches_the_tokenizers_trainer_up_to_ties"],
+    "bertode/layers/segment_memory.py": ["tests/test_segment_memory.py"],  # tiny models, no training run: 8 s
+    # disentangled: HF DeBERTa as the oracle and the scheme's unit tests (node ids); not the ODE training run
+    "bertode/layers/disentangled.py": [
+        "tests/test_deberta.py::test_conversion_equals_hf_in_outputs_and_gradients",
+        "tests/test_deberta.py::test_log_buckets_equal_transformers",
+        "tests/test_deberta.py::test_deberta_fields_are_checked_in_one_line",
+        "tests/test_deberta.py::test_an_adjoint_differentiates_the_shared_table",
+        "tests/test_positions.py::test_scores_depend_on_i_minus_j_only",
+        "tests/test_positions.py::test_per_token_exit_queries_see_their_own_positions",
+        "tests/test_positions.py::test_the_cached_decoder_equals_one_forward"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants
