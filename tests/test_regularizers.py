@@ -127,3 +127,81 @@ def test_kinetic_regularisation_keeps_an_adaptive_solver_cheap_at_equal_loss(tmp
     print(f"forward NFE, steps 81-100: {nfe}; eval loss: {loss}")
     assert nfe["kinetic"] < 0.8 * nfe["none"], nfe
     assert abs(loss["kinetic"] - loss["none"]) <= 0.1, loss
+
+
+# `augmented` on a linear field written here, f(t, z) = t z A, whose εᵀ ∂f/∂z = t ε Aᵀ (issue 29's mutation run).
+
+def _linear_field(width=6):
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(width, width, generator=generator, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(2, 3, width, generator=generator, dtype=torch.float64)
+    state = torch.randn(2, 3, width + 2, generator=generator, dtype=torch.float64)
+    return a, noise, state, (lambda t, z: t * z @ a)
+
+
+def test_the_augmented_state_carries_the_closed_form_integrands_and_their_gradients():
+    from bertode.layers.regularizers import REGULARIZERS, augmented
+
+    a, noise, state, field = _linear_field()
+    t = torch.tensor(0.7, dtype=torch.float64)
+    z = state[..., :6]
+    dynamics = augmented(field, REGULARIZERS["rnode"](), noise, 6)
+    kinetic = (t * z @ a).pow(2).mean(-1)
+    jacobian = (t * noise @ a.T).pow(2).mean(-1)
+    with torch.no_grad():  # an adjoint's forward solve: values only
+        out = dynamics(t, state)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, torch.cat([t * z @ a, kinetic[..., None], jacobian[..., None]], -1).detach())
+    # building a graph: the penalty's gradient reaches the field's weights, the state's reaches the state
+    state.requires_grad_()
+    out = dynamics(t, state)
+    (grad_a,) = torch.autograd.grad(out[..., 7].sum(), a, retain_graph=True)
+    torch.testing.assert_close(grad_a, torch.autograd.grad(jacobian.sum(), a)[0])
+    (grad_state,) = torch.autograd.grad(out[..., :6].sum(), state)
+    torch.testing.assert_close(grad_state[..., :6], (t * torch.ones(2, 3, 6, dtype=torch.float64) @ a.T).detach())
+    # without the Jacobian: the field at this t and the kinetic energy
+    with torch.no_grad():
+        out = augmented(field, REGULARIZERS["kinetic"](), None, 6)(t, state)
+    torch.testing.assert_close(out, torch.cat([t * z @ a, kinetic[..., None]], -1).detach())
+
+
+def test_a_user_integrand_of_another_dtype_is_cast_to_the_states():
+    from bertode.layers.regularizers import Regularizer, augmented
+
+    class Float64Energy(Regularizer):
+        names = ("energy",)
+
+        def integrands(self, dz, noise_jacobian):
+            return [dz.double().pow(2).mean(-1)]
+
+    a, noise, state, _ = _linear_field()
+    field = lambda t, z: z @ a.float()  # noqa: E731
+    for uses_jacobian in (False, True):
+        regularizer = Float64Energy()
+        regularizer.uses_jacobian = uses_jacobian
+        with torch.no_grad():
+            out = augmented(field, regularizer, noise.float(), 6)(torch.tensor(0.0), state.float())
+        assert out.dtype == torch.float32, uses_jacobian
+
+
+def test_the_rnode_integrands_are_the_kinetic_and_jacobian_ones():
+    from bertode.layers.regularizers import REGULARIZERS
+
+    dz, noise_jacobian = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    kinetic, jacobian = REGULARIZERS["rnode"]().integrands(dz, noise_jacobian)
+    torch.testing.assert_close(kinetic, (dz * dz).sum(-1) / 4)
+    torch.testing.assert_close(jacobian, (noise_jacobian * noise_jacobian).sum(-1) / 4)
+
+
+def test_registering_a_regulariser_keeps_the_default():
+    from bertode.layers.regularizers import REGULARIZERS
+
+    @bertode.register_regularizer("registered_test_penalty")
+    class Penalty(bertode.layers.regularizers.Kinetic):
+        pass
+
+    try:
+        assert REGULARIZERS["registered_test_penalty"] is Penalty and REGULARIZERS.default == "none"
+    finally:
+        REGULARIZERS._entries.pop("registered_test_penalty", None)
+        REGULARIZERS.default = "none"
