@@ -137,6 +137,8 @@ def check_disentangled(config) -> None:
     """Each of DeBERTa's fields on its own."""
     check_int("max_relative_positions", config.max_relative_positions, -1, SIZE_LIMITS["max_position_embeddings"])
     check_int("position_buckets", config.position_buckets, -1, SIZE_LIMITS["max_position_embeddings"])
+    if config.position_buckets == 1:  # log buckets divide by buckets // 2 (DeBERTa-v2 fails there too)
+        fail("position_buckets", 1, "-1 or 0 (no buckets), or an integer >= 2")
     terms = config.pos_att_type
     if terms is not None and (not isinstance(terms, (list, tuple)) or len(set(terms)) != len(terms)
                               or any(term not in ("c2p", "p2c") for term in terms)):

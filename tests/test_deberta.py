@@ -127,7 +127,7 @@ def test_from_pretrained_on_a_deberta_directory_converts_and_a_converted_model_r
 
 def test_log_buckets_equal_transformers():
     distances = torch.arange(-700, 701)[:, None] - torch.zeros(1, dtype=torch.long)
-    for buckets, max_position in ((6, 16), (256, 512), (64, 300)):
+    for buckets, max_position in ((6, 16), (256, 512), (64, 300), (7, 20), (3, 10)):  # odd: mid = buckets // 2
         assert torch.equal(log_buckets(distances, buckets, max_position),
                            make_log_bucket_position(distances, buckets, max_position).long())
 
@@ -176,6 +176,12 @@ def test_deberta_fields_are_checked_in_one_line():
     with pytest.raises(ValueError, match=r"^BertODEConfig.pos_att_type=\['c2p', 'p2p'\] is invalid; allowed: None "
                                          r"\(both\), or a list of distinct 'c2p', 'p2c'$"):
         bertode.BertODEConfig(position_scheme="deberta", pos_att_type=["c2p", "p2p"])
+    # one bucket: buckets // 2 = 0 divides the log buckets (a ZeroDivisionError in the forward, HF's too)
+    with pytest.raises(ValueError, match=r"^BertODEConfig.position_buckets=1 is invalid; allowed: -1 or 0 \(no "
+                                         r"buckets\), or an integer >= 2$"):
+        bertode.BertODEConfig(position_scheme="deberta", position_buckets=1).validate_ode()
+    for buckets in (-1, 0, 2):
+        bertode.BertODEConfig(position_scheme="deberta", position_buckets=buckets).validate_ode()
     config = bertode.BertODEConfig(position_buckets=256)
     with pytest.raises(ValueError, match=r"^BertODEConfig.position_buckets=256 is invalid; allowed: -1 with "
                                          r"position_scheme='absolute' \(a field of position_scheme='deberta'\)$"):

@@ -1051,3 +1051,178 @@ def test_wordpiece_lowercases_by_default_cleans_text_spaces_cjk_and_keeps_case_w
     assert encoding.tokens() == ["[CLS]", "ab", "[UNK]", "[SEP]"]  # BERT's frame; an unknown word is [UNK]
     assert (lower.pad_token_id, lower.unk_token_id, lower.cls_token_id, lower.sep_token_id,
             lower.mask_token_id) == (0, 1, 2, 3, 4)
+
+
+# --- bertode/layers/segment_memory.py ------------------------------------------------------------------------
+
+
+def test_segment_memory_refuses_each_misfit_layer_by_index_in_the_one_line_error():
+    from bertode.layers.segment_memory import SegmentMemory
+
+    def message(past, batch=2, width=8):
+        with pytest.raises(ValueError) as error:
+            SegmentMemory(past, mem_len=6).check(batch, width)
+        return str(error.value)
+
+    tail = "tensors, one per layer, as the model's output `mems` returned them for the previous segment of the same rows"
+    fit = torch.zeros(2, 5, 8)
+    SegmentMemory((fit, fit), mem_len=6).check(2, 8)  # fits: no error
+    # the length is layer 0's: layer 1 of another length is the misfit, whatever its width
+    assert message((fit, torch.zeros(2, 4, 8))) == f"mems[1] of shape (2, 4, 8) is invalid; allowed: (batch=2, 5, 8) {tail}"
+    assert message((fit, torch.zeros(2, 5, 3))) == f"mems[1] of shape (2, 5, 3) is invalid; allowed: (batch=2, 5, 8) {tail}"
+    assert message((fit,), batch=3).startswith("mems[0] of shape (2, 5, 8) is invalid; allowed: (batch=3, 5, 8)")
+    assert message((torch.zeros(2, 5, 8, 1),)).startswith("mems[0] of shape (2, 5, 8, 1) is invalid")
+
+
+def test_segment_memory_reads_nothing_before_a_layer_enters_and_keeps_the_states_dtype():
+    from bertode.layers.segment_memory import SegmentMemory
+
+    past = (torch.zeros(1, 3, 4),)
+    memory = SegmentMemory(past, mem_len=4)
+    assert memory.length == 3 and memory.states() is None  # no layer entered yet
+    memory.enter(0, torch.ones(1, 2, 4), injection=torch.full((1, 2, 12), 2.0, dtype=torch.float64))
+    assert memory.states() is past[0]
+    assert memory.new[0].dtype == torch.float32 and torch.equal(memory.new[0][..., 4:], torch.full((1, 2, 12), 2.0))
+    memory.enter(0, torch.full((1, 2, 4), 5.0))  # a later evaluation of the same layer: the first state is kept
+    assert torch.equal(memory.new[0][..., :4], torch.ones(1, 2, 4))
+
+
+def test_segment_memory_missing_a_layer_is_the_one_line_runtime_error():
+    from bertode.layers.segment_memory import SegmentMemory
+
+    memory = SegmentMemory(None, mem_len=4)
+    memory.enter(1, torch.zeros(1, 2, 4))
+    with pytest.raises(RuntimeError) as error:
+        memory.updated()
+    assert str(error.value) == "segment memory recorded layers [1]; expected 0 .. 0"
+
+
+def test_segment_memory_updated_is_the_last_mem_len_positions_in_the_new_states_dtype():
+    from bertode.layers.segment_memory import SegmentMemory
+
+    past = (torch.arange(3.0, dtype=torch.float64).view(1, 3, 1),)
+    memory = SegmentMemory(past, mem_len=4)
+    memory.enter(0, torch.tensor([[[3.0], [4.0]]]))
+    (kept,) = memory.updated()
+    assert kept.dtype == torch.float32 and kept.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+# --- bertode/layers/disentangled.py --------------------------------------------------------------------------
+
+
+def test_deberta_spans_and_table_follow_its_defaults_for_configs_without_the_fields():
+    from types import SimpleNamespace
+
+    from bertode.layers.disentangled import RelativeEmbeddings, resolved_max_relative, table_span
+
+    bare = SimpleNamespace(max_position_embeddings=40)  # DeBERTa's defaults: max_relative_positions=position_buckets=-1
+    assert resolved_max_relative(bare) == 40 and table_span(bare) == 40
+    one = SimpleNamespace(max_position_embeddings=40, max_relative_positions=1)  # < 1 means the embeddings' length
+    assert resolved_max_relative(one) == 1 and table_span(one) == 1
+    assert resolved_max_relative(SimpleNamespace(max_position_embeddings=40, max_relative_positions=0)) == 40
+    assert table_span(SimpleNamespace(max_position_embeddings=40, max_relative_positions=5, position_buckets=1)) == 1
+    assert table_span(SimpleNamespace(max_position_embeddings=40, max_relative_positions=5, position_buckets=0)) == 5
+    torch.manual_seed(0)
+    table = RelativeEmbeddings(SimpleNamespace(max_position_embeddings=64, hidden_size=32, initializer_range=0.02))
+    assert table.norm is None and torch.equal(table(), table.weight) and tuple(table.weight.shape) == (128, 32)
+    assert 0.018 <= table.weight.std().item() <= 0.022  # N(0, initializer_range^2) over 4096 draws: within 10 %
+
+
+def test_disentangled_positions_share_the_encoders_table_parameters_and_none_before():
+    from types import SimpleNamespace
+
+    from bertode import BertODEConfig
+    from bertode.layers.disentangled import DisentangledPositions, share_relative_embeddings
+
+    config = BertODEConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, position_scheme="deberta", max_relative_positions=4)
+    encoder = torch.nn.Module()
+    encoder.positions = DisentangledPositions(config)
+    assert list(encoder.positions.shared_parameters()) == []
+    with pytest.raises(RuntimeError) as error:
+        encoder.positions.queries(torch.zeros(1, 4, 2, 8), torch.arange(2), 2, content_keys=torch.zeros(1, 4, 2, 8))
+    assert str(error.value) == ("DisentangledPositions has no relative embeddings: build the encoder with "
+                                "bertode.layers.deq.build_encoder (it shares the encoder's table)")
+    share_relative_embeddings(encoder, config)
+    assert [p is q for p, q in zip(encoder.positions.shared_parameters(), encoder.rel_embeddings.parameters())] == [True]
+    assert tuple(encoder.rel_embeddings.weight.shape) == (8, 32)
+    other = torch.nn.Module()
+    assert share_relative_embeddings(other, SimpleNamespace()) is other and not hasattr(other, "rel_embeddings")
+
+
+def test_open_memory_refuses_in_one_line_and_reads_configs_without_the_fields():
+    from types import SimpleNamespace
+
+    from bertode.layers.segment_memory import open_memory
+
+    past = (torch.zeros(2, 3, 8),)
+    with pytest.raises(ValueError) as error:  # a config without mem_len has none
+        open_memory(SimpleNamespace(), past, 2, 8)
+    assert str(error.value) == ("mems is invalid with BertODEConfig.mem_len=0; allowed: None (set mem_len > 0 for a "
+                                "segment memory)")
+    assert open_memory(SimpleNamespace(), None, 2, 8) is None
+    with pytest.raises(ValueError) as error:  # refused here too, not only by the config's validation
+        open_memory(SimpleNamespace(mem_len=8, is_decoder=False), None, 2, 8)
+    assert str(error.value) == ("BertODEConfig.mem_len=8 is invalid with is_decoder=False (a bidirectional model's "
+                                "tokens would attend to the memory and to later tokens); allowed: 0")
+    memory = open_memory(SimpleNamespace(mem_len=4, is_decoder=True, position_scheme="rotary"), past, 2, 8)  # no mode
+    assert memory.length == 3 and memory.mem_len == 4
+
+
+def test_spanning_extends_a_mask_of_any_rank_over_the_memory_and_keeps_others_as_given():
+    from bertode.layers.segment_memory import SegmentMemory, spanning
+
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])[:, None, None]  # (batch, 1, 1, new)
+    memory = SegmentMemory((torch.zeros(2, 3, 8),), mem_len=4)
+    extended = spanning(mask, memory, 5)
+    assert torch.equal(extended, torch.cat([torch.ones(2, 1, 1, 3, dtype=mask.dtype), mask], -1))
+    assert spanning(mask, None, 5) is mask and spanning(mask, SegmentMemory(None, 4), 5) is mask
+    assert spanning(mask, memory, 2) is mask  # over memory and new positions already
+
+
+def test_disentangled_defaults_are_both_terms_no_buckets_own_projections_even_for_configs_without_the_fields():
+    from types import SimpleNamespace
+
+    from bertode import BertODEConfig
+    from bertode.layers.disentangled import DisentangledPositions, RelativeEmbeddings
+
+    sizes = dict(hidden_size=32, num_attention_heads=4, max_position_embeddings=40, max_relative_positions=3)
+    explicit = BertODEConfig(vocab_size=50, num_hidden_layers=1, intermediate_size=64, position_scheme="deberta",
+                             pos_att_type=["c2p", "p2c"], **sizes)
+    torch.manual_seed(0)
+    reference = DisentangledPositions(explicit)
+    reference.__dict__["table"] = RelativeEmbeddings(explicit)
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 4, 7, 8, generator=generator) for _ in range(2))
+    expected = reference.queries(q, torch.arange(7), 7, content_keys=k)
+    for config in (BertODEConfig(vocab_size=50, num_hidden_layers=1, intermediate_size=64, position_scheme="deberta",
+                                 **sizes),
+                   SimpleNamespace(pos_att_type=None, **sizes),  # None: both terms; no buckets, own projections
+                   SimpleNamespace(pos_att_type=None, position_buckets=0, **sizes)):  # 0 buckets: none, as DeBERTa's
+        positions = DisentangledPositions(config)
+        assert (positions.c2p, positions.p2c, positions.scale_factor, positions.buckets <= 0) == (True, True, 3, True)
+        positions.load_state_dict(reference.state_dict())
+        positions.__dict__["table"] = reference.table
+        for ours, theirs in zip(positions.queries(q, torch.arange(7), 7, content_keys=k), expected):
+            assert torch.equal(ours, theirs)
+    only_p2c = DisentangledPositions(SimpleNamespace(pos_att_type=["p2c"], **sizes))
+    assert only_p2c.pos_key_proj is None and isinstance(only_p2c.pos_query_proj, torch.nn.Linear)
+
+
+def test_segment_memory_refusal_reads_configs_without_the_fields_as_bidirectional_and_absolute():
+    from types import SimpleNamespace
+
+    from bertode.layers.segment_memory import refusal
+
+    assert refusal(SimpleNamespace()) == ("is_decoder=False (a bidirectional model's tokens would attend to the "
+                                          "memory and to later tokens)")
+    assert refusal(SimpleNamespace(is_decoder=True)) == (
+        "position_scheme='absolute' (absolute positions restart at 0 in every segment; the memory needs relative "
+        "positions)")
+    assert refusal(SimpleNamespace(is_decoder=True, position_scheme="rotary")) is None
+    assert refusal(SimpleNamespace(is_decoder=True, position_scheme="deberta", position_biased_input=True)) == (
+        "position_scheme='deberta' with position_biased_input=True (absolute positions restart at 0 in every "
+        "segment; the memory needs relative positions)")
+    assert refusal(SimpleNamespace(is_decoder=True, position_scheme="deberta", position_biased_input=False)) is None
+    assert refusal(SimpleNamespace(is_decoder=True, position_scheme="rotary", add_cross_attention=True)) == (
+        "add_cross_attention=True (a decoder of an encoder-decoder model)")
