@@ -1120,7 +1120,7 @@ def test_deberta_spans_and_table_follow_its_defaults_for_configs_without_the_fie
     one = SimpleNamespace(max_position_embeddings=40, max_relative_positions=1)  # < 1 means the embeddings' length
     assert resolved_max_relative(one) == 1 and table_span(one) == 1
     assert resolved_max_relative(SimpleNamespace(max_position_embeddings=40, max_relative_positions=0)) == 40
-    assert table_span(SimpleNamespace(max_position_embeddings=40, max_relative_positions=5, position_buckets=1)) == 1
+    assert table_span(SimpleNamespace(max_position_embeddings=40, max_relative_positions=5, position_buckets=2)) == 2
     assert table_span(SimpleNamespace(max_position_embeddings=40, max_relative_positions=5, position_buckets=0)) == 5
     torch.manual_seed(0)
     table = RelativeEmbeddings(SimpleNamespace(max_position_embeddings=64, hidden_size=32, initializer_range=0.02))
@@ -1148,6 +1148,23 @@ def test_disentangled_positions_share_the_encoders_table_parameters_and_none_bef
     assert tuple(encoder.rel_embeddings.weight.shape) == (8, 32)
     other = torch.nn.Module()
     assert share_relative_embeddings(other, SimpleNamespace()) is other and not hasattr(other, "rel_embeddings")
+
+
+def test_segment_memory_a_looped_core_with_fewer_applications_reads_and_remembers_the_last_ones():
+    from bertode.layers.segment_memory import SegmentMemory
+
+    column = lambda *values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1)  # noqa: E731
+    past = (column(1.0, 2.0), column(3.0, 4.0))  # two applications last segment
+    memory = SegmentMemory(past, mem_len=3)
+    memory.enter(2, column(9.0))  # a third application reads the last one's memory
+    assert memory.states() is past[1]
+    one = SegmentMemory((column(1.0, 2.0),), mem_len=3)  # one application last segment, two now
+    one.enter(0, column(5.0))
+    one.enter(1, column(6.0))
+    assert [m.flatten().tolist() for m in one.updated()] == [[1.0, 2.0, 5.0], [1.0, 2.0, 6.0]]
+    two = SegmentMemory(past, mem_len=3)  # two last segment, one now: the second remembers the one's states
+    two.enter(0, column(5.0))
+    assert [m.flatten().tolist() for m in two.updated()] == [[1.0, 2.0, 5.0], [3.0, 4.0, 5.0]]
 
 
 def test_open_memory_refuses_in_one_line_and_reads_configs_without_the_fields():
@@ -1207,6 +1224,28 @@ def test_disentangled_defaults_are_both_terms_no_buckets_own_projections_even_fo
             assert torch.equal(ours, theirs)
     only_p2c = DisentangledPositions(SimpleNamespace(pos_att_type=["p2c"], **sizes))
     assert only_p2c.pos_key_proj is None and isinstance(only_p2c.pos_query_proj, torch.nn.Linear)
+    wide = DisentangledPositions(explicit).double()  # float64 projections over the float32 table: cast to q's dtype
+    wide.load_state_dict(reference.state_dict())
+    wide.__dict__["table"] = reference.table
+    for ours, theirs in zip(wide.queries(q.double(), torch.arange(7), 7, content_keys=k.double()), expected):
+        assert ours.dtype == torch.float64 and (ours - theirs).abs().max() <= 1e-5
+    content_only = DisentangledPositions(SimpleNamespace(pos_att_type=[], **sizes))  # s = 1, a zero bias in q's dtype
+    content_only.__dict__["table"] = reference.table
+    scaled, bias = content_only.queries(q.double(), torch.arange(7), 7, content_keys=k.double())
+    assert torch.equal(scaled, q.double()) and bias.dtype == torch.float64 and not bias.any()
+
+
+def test_the_models_init_rule_redraws_the_relative_table():
+    from bertode import BertODEConfig, BertODEModel
+
+    config = BertODEConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, position_scheme="deberta", max_relative_positions=64)
+    model = BertODEModel(config)
+    table = model.encoder.rel_embeddings
+    with torch.no_grad():
+        table.weight.zero_()
+    model._init_weights(table)  # as from_pretrained does for a table missing from a checkpoint
+    assert 0.018 <= table.weight.std().item() <= 0.022  # N(0, 0.02^2) over 128 x 32 draws
 
 
 def test_segment_memory_refusal_reads_configs_without_the_fields_as_bidirectional_and_absolute():
@@ -1226,3 +1265,5 @@ def test_segment_memory_refusal_reads_configs_without_the_fields_as_bidirectiona
     assert refusal(SimpleNamespace(is_decoder=True, position_scheme="deberta", position_biased_input=False)) is None
     assert refusal(SimpleNamespace(is_decoder=True, position_scheme="rotary", add_cross_attention=True)) == (
         "add_cross_attention=True (a decoder of an encoder-decoder model)")
+    assert refusal(SimpleNamespace(is_decoder=True, position_scheme="rotary", prelude_layers=0, coda_layers=2)) == (
+        "prelude_layers=0, coda_layers=2 (a memory per layer of a prelude-core-coda stack is not built yet)")
