@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 
 import pytest
 import torch
@@ -169,7 +170,10 @@ def test_two_processes_read_the_same_text_and_save_the_same_memory_as_one(tmp_pa
                       "trainer.checkpoint_every=3", "trainer.eval_every=1000", "model.hidden_dropout_prob=0.1")
     one = _python("-m", "bertode.train", f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _python("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "bertode.train",
+    with socket.socket() as probe:  # a free port: other files' torchrun tests may run at the same time (xdist)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    two = _python("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "bertode.train",
                   f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
