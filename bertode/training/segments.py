@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 
+from .distributed import BatchOrder
 from .sources import DataError
 
 
@@ -30,12 +31,12 @@ def slice_length(rows: int, width: int, what: str) -> int:
     return rows // width
 
 
-class SegmentOrder:
-    """Micro-batch m's rows: row ``b * n + m % n`` for global row b (n rows per slice); `distributed.BatchOrder`'s
-    interface (``local_batch``, ``noise_seed``, ``state``)."""
+class SegmentOrder(BatchOrder):
+    """Micro-batch m's rows: row ``b * n + m % n`` for global row b (n rows per slice), in place of
+    `distributed.BatchOrder`'s shuffled epochs; its masking, dropout seeds and rank slicing are BatchOrder's."""
 
     def __init__(self, rows, micro_batch: int, seed: int, rank: int = 0, world: int = 1):
-        self.rows, self.micro_batch, self.seed, self.rank, self.world = rows, micro_batch, seed, rank, world
+        super().__init__(rows, micro_batch, seed, rank, world)
         self.length = slice_length(len(rows), micro_batch, "train")
 
     def micro_batch_rows(self, m: int) -> torch.Tensor:
@@ -44,19 +45,6 @@ class SegmentOrder:
     def starts_over(self, m: int) -> bool:
         """Whether micro-batch m reads the slices' first rows (the memory starts empty there)."""
         return m % self.length == 0
-
-    def noise_seed(self, m: int) -> int:
-        from .distributed import BatchOrder
-
-        return BatchOrder.noise_seed_of(self.seed, m)
-
-    def local_batch(self, m: int, make_batch):
-        generator = torch.Generator().manual_seed(self.seed * 7_919 + m + 1)
-        inputs, labels = make_batch(self.micro_batch_rows(m), generator)
-        return inputs[self.rank::self.world], labels[self.rank::self.world]
-
-    def state(self, dist) -> None:
-        return None  # the step is the position
 
 
 class MemoryCarry:
