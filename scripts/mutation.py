@@ -47,6 +47,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# the sensitivity axis's fast tests (no training run, no subprocess), shared by its modules' selections
+SENSITIVITY_TESTS = ["tests/test_sensitivity.py", "tests/test_config.py", "tests/test_kills_sensitivities.py"] + [
+    f"tests/test_user_sensitivity.py::test_{name}" for name in (
+        "covering_every_step_it_is_autograd", "fewer_steps_truncate_the_gradient",
+        "adaptive_solvers_are_refused_in_one_line", "the_former_names_still_work",
+        "the_axis_keeps_its_config_field_and_names_its_methods_in_errors")] + [
+    f"tests/test_pairings.py::test_{name}" for name in (
+        "config_refuses_the_pairing", "the_defaults_of_each_mode_are_filled_from_the_registries",
+        "a_saved_config_is_read_leniently_and_a_constructed_one_strictly",
+        "options_of_another_mode_are_refused_and_kwargs_are_checked",
+        "a_config_whose_mode_changes_fills_the_new_modes_defaults",
+        "a_config_is_edited_field_by_field_and_its_pairings_checked_when_a_model_is_built")]
+DEQ_SENSITIVITY_TESTS = [f"tests/test_deq.py::test_{name}" for name in (
+    "ift_gradient_matches_finite_differences_and_unrolled", "phantom_gradient_is_aligned_with_ift",
+    "pretraining_runs_the_layer_unrolled_first", "forward_stats_and_model_residual",
+    "nan_in_the_layer_raises_a_named_error")]
+
+# one Euler-1 conversion per family and head kind (test_families.py's node ids): every table row, under a minute
+CONVERSIONS = [f"tests/test_families.py::test_euler1_conversion_equals_the_source_in_outputs_and_gradients[{case}]"
+               for case in ("bert-ForMaskedLM", "bert-ForSequenceClassification", "roberta-ForMaskedLM",
+                            "electra-ForMaskedLM", "electra-ForSequenceClassification", "albert-ForMaskedLM",
+                            "distilbert-ForSequenceClassification", "gpt2-LMHeadModel")]
+
 # module -> the test files run against its mutants (the quick ones that test that subject)
 TESTS_BY_MODULE = {
     "bertode/solve/exits.py": ["tests/test_depth_dial.py", "tests/test_prelude_coda.py"],
@@ -60,10 +83,12 @@ TESTS_BY_MODULE = {
     "bertode/solve/ode.py": ["tests/test_oracles_solve.py", "tests/test_sensitivity.py", "tests/test_solvers.py",
                              "tests/test_per_sequence_solve.py", "tests/test_dtype_and_stats.py",
                              "tests/test_oracles_ode.py"],
-    "bertode/solve/ode_sensitivities.py": ["tests/test_oracles_solve.py", "tests/test_sensitivity.py",
-                                           "tests/test_per_sequence_solve.py"],
-    "bertode/solve/sensitivities.py": ["tests/test_sensitivity.py", "tests/test_user_sensitivity.py",
-                                       "tests/test_config.py"],
+    # the gradient-method axis: its unit tests and refusals (node ids), not the training run nor the CLI's process
+    "bertode/solve/ode_sensitivities.py": SENSITIVITY_TESTS + [
+        "tests/test_oracles_solve.py::test_adjoint_gradients_of_norm_using_fields_equal_autograd"],
+    "bertode/solve/sensitivities.py": SENSITIVITY_TESTS + DEQ_SENSITIVITY_TESTS,
+    "bertode/solve/deq_sensitivities.py": DEQ_SENSITIVITY_TESTS + ["tests/test_kills_sensitivities.py"],
+    "bertode/solve/per_sequence.py": ["tests/test_per_sequence_solve.py", "tests/test_kills_sensitivities.py"],
     "bertode/solve/solvers.py": ["tests/test_solvers.py", "tests/test_oracles_solve.py", "tests/test_user_solver.py"],
     "bertode/layers/vector_fields.py": ["tests/test_equivalence.py", "tests/test_architecture.py",
                                         "tests/test_time_weights.py", "tests/test_oracles_vector_fields.py"],
@@ -82,7 +107,15 @@ TESTS_BY_MODULE = {
             "the_rnode_integrands_are_the_kinetic_and_jacobian_ones",
             "registering_a_regulariser_keeps_the_default")],
     "bertode/layers/sublayers.py": ["tests/test_equivalence.py", "tests/test_causal.py"],
-    "bertode/layers/embeddings.py": ["tests/test_equivalence.py", "tests/test_families.py"],
+    # embeddings: each variant against its HF source (node ids): RoBERTa's numbering, ELECTRA/ALBERT's projection,
+    # DistilBERT/GPT-2 without token types or LayerNorm, DeBERTa's projection before the norm, cached positions,
+    # inputs_embeds, the sparse and adaptive heads; not the files' training runs
+    "bertode/layers/embeddings.py": ["tests/test_equivalence.py", *CONVERSIONS, "tests/test_kills_conversion.py",
+        "tests/test_deberta.py::test_conversion_equals_hf_in_outputs_and_gradients",
+        "tests/test_kv_cache.py::test_cached_logits_equal_hf_bert_decoders_with_their_own_cache",
+        "tests/test_causal_lm_conventions.py::test_generate_from_inputs_embeds_equals_hf_and_generating_from_the_ids",
+        "tests/test_sparse_prediction.py::test_masked_lm_sparse_equals_dense",
+        "tests/test_adaptive_head.py::test_loss_equals_torchs_adaptive_softmax_on_the_same_weights"],
     "bertode/convert.py": ["tests/test_equivalence.py", "tests/test_families.py"],
     "bertode/families.py": ["tests/test_families.py"],
     "bertode/training/loop.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
@@ -92,7 +125,8 @@ TESTS_BY_MODULE = {
         "tests/test_segment_memory_training.py::test_the_ordered_evaluation_is_the_loss_of_each_slice_read_as_one_text",
         "tests/test_clm.py::test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy"],
     "bertode/training/evaluate.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
-    "bertode/training/checkpoint.py": ["tests/test_train.py", "tests/test_faults.py"],
+    # checkpoint: its in-process unit tests (the files' training runs take seconds to minutes per mutant)
+    "bertode/training/checkpoint.py": ["tests/test_kills_training.py", "tests/test_legacy.py"],
     # segments: its unit tests only (node ids: a -k here would replace setup.cfg's); the file's training runs
     # (resume, evaluation at another mem_len) take minutes per mutant
     "bertode/training/segments.py": [
