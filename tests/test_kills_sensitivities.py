@@ -54,3 +54,28 @@ def test_a_method_shows_its_class_and_options():
     assert repr(Adjoint("rk4", 1e-3)) == "Adjoint(adjoint_solver='rk4', adjoint_atol=0.001, adjoint_rtol=0.0001)"
     assert repr(Autograd()) == "Autograd()"
     assert repr(PhantomGradient(2)) == "PhantomGradient(steps=2)"
+
+
+def test_the_adjoints_defaults_are_the_configs():
+    config = bertode.BertODEConfig(vocab_size=64, hidden_size=32)
+    method = Adjoint()
+    assert (method.adjoint_solver, method.adjoint_atol, method.adjoint_rtol) == (
+        config.adjoint_solver, config.adjoint_atol, config.adjoint_rtol) == (None, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("adjoint_solver, stage_sum", [
+    (None, lambda x: 1 + x),  # the forward solver (Euler) backwards
+    ("rk4", lambda x: 1 + x + x ** 2 / 2 + x ** 3 / 6 + x ** 4 / 24),
+])
+def test_the_adjoint_solves_backwards_with_its_adjoint_solver(adjoint_solver, stage_sum):
+    """dz/dt = a z with Euler forward: the adjoint a' = -a lambda, solved backwards on the same grid by the
+    adjoint solver, gives dz1/dz0 = R(a h)^n, R the solver's stability polynomial (Euler's or RK4's)."""
+    from bertode.solve.ode import ODESolve
+
+    a = torch.nn.Parameter(torch.tensor(-1.5, dtype=torch.float64))
+    z0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    solve = ODESolve("euler", sensitivity=Adjoint(adjoint_solver=adjoint_solver), steps=4)
+    z1, _ = solve(z0, lambda t, z: a * z, [a], 0.0, 1.0)
+    torch.testing.assert_close(z1, z0.detach() * (1 - 1.5 * 0.25) ** 4, rtol=1e-14, atol=1e-14)
+    z1.sum().backward()
+    torch.testing.assert_close(z0.grad, torch.full_like(z0, stage_sum(-1.5 * 0.25) ** 4), rtol=1e-12, atol=1e-12)
