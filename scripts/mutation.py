@@ -82,7 +82,7 @@ TESTS_BY_MODULE = {
     "bertode/layers/loop.py": ["tests/test_oracles_solve.py", "tests/test_substeps.py", "tests/test_depth_dial.py"],
     "bertode/solve/ode.py": ["tests/test_oracles_solve.py", "tests/test_sensitivity.py", "tests/test_solvers.py",
                              "tests/test_per_sequence_solve.py", "tests/test_dtype_and_stats.py",
-                             "tests/test_oracles_ode.py"],
+                             "tests/test_oracles_ode.py", "tests/test_kills_ode.py"],
     # the gradient-method axis: its unit tests and refusals (node ids), not the training run nor the CLI's process
     "bertode/solve/ode_sensitivities.py": SENSITIVITY_TESTS + [
         "tests/test_oracles_solve.py::test_adjoint_gradients_of_norm_using_fields_equal_autograd"],
@@ -106,7 +106,34 @@ TESTS_BY_MODULE = {
             "a_user_integrand_of_another_dtype_is_cast_to_the_states",
             "the_rnode_integrands_are_the_kinetic_and_jacobian_ones",
             "registering_a_regulariser_keeps_the_default")],
-    "bertode/layers/sublayers.py": ["tests/test_equivalence.py", "tests/test_causal.py"],
+    # sublayers: HF at Euler-1, causality, and one node id per attention path (relative positions, RoPE under a
+    # cache, per-token exit's packed queries, cross-attention's cache, segment memory, recorded attentions)
+    "bertode/layers/sublayers.py": [
+        "tests/test_equivalence.py", "tests/test_causal.py", "tests/test_kills_attention_stats.py",
+        "tests/test_positions.py::test_transformer_xl_scores_and_attention_equal_the_papers_equations",
+        "tests/test_positions.py::test_rotary_attention_equals_softmax_of_rotated_queries_and_keys_under_a_cache",
+        "tests/test_positions.py::test_per_token_exit_queries_see_their_own_positions",
+        "tests/test_depth_dial.py::test_a_layer_on_the_active_rows_equals_the_dense_layer_there_and_leaves_the_rest",
+        "tests/test_depth_dial.py::test_attentions_under_exit_keep_their_shape_and_exited_rows_are_zero",
+        "tests/test_cross_attention.py::test_the_cache_reads_the_encoder_once_and_generation_equals_no_cache",
+        "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
+        "once_per_layer",
+        "tests/test_inspect.py::test_attentions_equal_hf_eager_attentions_at_euler1"],
+    # stats, observe, host_syncs: their unit tests and the models' counts, attentions and trajectories (no training)
+    "bertode/solve/stats.py": [
+        "tests/test_kills_attention_stats.py", "tests/test_dtype_and_stats.py::test_fixed_step_counts",
+        "tests/test_dtype_and_stats.py::test_adaptive_counts_and_backward_nfe_are_reset_per_batch",
+        "tests/test_per_sequence_solve.py::test_one_host_sync_per_attempted_step_and_the_stats_per_sequence",
+        "tests/test_per_sequence_solve.py::test_the_model_reports_steps_per_sequence",
+        "tests/test_deq.py::test_forward_stats_and_model_residual"],
+    "bertode/solve/observe.py": [
+        "tests/test_kills_attention_stats.py",
+        "tests/test_inspect.py::test_attentions_equal_hf_eager_attentions_at_euler1",
+        "tests/test_inspect.py::test_all_attentions_stack_every_evaluation_and_a_deq_gives_its_last",
+        "tests/test_inspect.py::test_trajectories_have_monotone_times_and_end_at_the_layer_output",
+        "tests/test_inspect.py::test_a_deq_trajectory_is_its_iterates",
+        "tests/test_inspect.py::test_gradient_checkpointing_with_attentions_requested"],
+    "bertode/solve/host_syncs.py": ["tests/test_kills_attention_stats.py", "tests/test_host_syncs.py"],
     # embeddings: each variant against its HF source (node ids): RoBERTa's numbering, ELECTRA/ALBERT's projection,
     # DistilBERT/GPT-2 without token types or LayerNorm, DeBERTa's projection before the norm, cached positions,
     # inputs_embeds, the sparse and adaptive heads; not the files' training runs

@@ -17,7 +17,7 @@ import bertode
 from bertode.layers import sublayers
 from bertode.layers.sublayers import AttentionBranch, CrossAttentionBranch, CrossMemory, FeedForwardBranch
 from bertode.layers.sublayers import eager_attention, sdpa_mask
-from bertode.solve import host_syncs, observe
+from bertode.solve import observe
 from bertode.solve.host_syncs import HostSyncs, count_host_syncs, sync_op_name
 from bertode.solve.observe import Observer
 from bertode.solve.stats import FixedPointRecord, SolveRecord, SolverStats, on_host
@@ -150,7 +150,8 @@ def test_the_eager_implementation_takes_the_written_out_path_and_sdpa_the_fused_
     branch, _ = branch_and_hf("eager")
     hidden = torch.randn(1, 4, 32, dtype=torch.float64)
     calls, fused = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(sublayers.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    monkeypatch.setattr(sublayers.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     branch(hidden)
     assert calls == []
     branch.config._attn_implementation = "sdpa"
@@ -262,10 +263,11 @@ def test_a_per_sequence_record_reports_the_most_steps_any_row_took_and_every_row
 def test_a_summary_sums_repeated_sites_and_per_sequence_lists_and_lifts_deq_and_counter_keys():
     a1 = SolveRecord("a", fixed_steps=2, nfe_forward=4, nfe_backward=1)
     a2 = SolveRecord("a", fixed_steps=3, nfe_forward=6, nfe_backward=2)
-    b1 = SolveRecord("b", nfe_forward=5, per_sequence={"accepted": torch.tensor([1, 2]), "rejected": torch.tensor([0, 1]),
-                                                     "nfe": torch.tensor([4, 5])})
-    b2 = SolveRecord("b", nfe_forward=7, per_sequence={"accepted": torch.tensor([3, 1]), "rejected": torch.tensor([2, 0]),
-                                                     "nfe": torch.tensor([6, 7])})
+    def rows(accepted, rejected, nfe):
+        return {"accepted": torch.tensor(accepted), "rejected": torch.tensor(rejected), "nfe": nfe}
+
+    b1 = SolveRecord("b", nfe_forward=5, per_sequence=rows([1, 2], [0, 1], torch.tensor([4, 5])))
+    b2 = SolveRecord("b", nfe_forward=7, per_sequence=rows([3, 1], [2, 0], torch.tensor([6, 7])))
     b3 = SolveRecord("b", nfe_forward=1, per_sequence={"accepted": torch.tensor([1, 1, 1]),
                                                      "rejected": torch.tensor([0, 0, 0]), "nfe": None})  # other batch
     deq = FixedPointRecord("deq", nfe_forward=11, nfe_backward=4, extra={"forward_iterations": torch.tensor(11)})
@@ -405,8 +407,9 @@ def test_each_kind_of_op_is_named_or_not_counted_as_the_rules_say():
     assert sync_op_name(ATEN.index.Tensor, (x, [bools]), {}) == "aten.index (bool mask)"
     assert sync_op_name(ATEN.index.Tensor, (x, [bools.to(torch.uint8)]), {}) == "aten.index (bool mask)"
     assert sync_op_name(ATEN.index.Tensor, (x, [None, ints]), {}) is None
-    assert sync_op_name(ATEN.index_put_.default, (x,), {"indices": [bools], "values": x}) == "aten.index_put_ (bool mask)"
-    assert sync_op_name(ATEN.index_put_.default, (x,), {}) is None
+    put = ATEN.index_put_.default
+    assert sync_op_name(put, (x,), {"indices": [bools], "values": x}) == "aten.index_put_ (bool mask)"
+    assert sync_op_name(put, (x,), {}) is None
     repeats = torch.tensor([1, 2, 0])
     assert sync_op_name(ATEN.repeat_interleave.Tensor, (repeats,), {}) == "aten.repeat_interleave"
     assert sync_op_name(ATEN.repeat_interleave.self_Tensor, (x, repeats), {}) == "aten.repeat_interleave"
@@ -424,7 +427,8 @@ def test_each_kind_of_op_is_named_or_not_counted_as_the_rules_say():
     assert sync_op_name(to_copy, (x,), {"device": "meta"}) is None  # host to device
     assert sync_op_name(ATEN.copy_.default, (x, meta), {}) == "aten.copy_ (device to host)"
     assert sync_op_name(ATEN.copy_.default, (x, meta), {"non_blocking": True}) is None
-    assert sync_op_name(ATEN.copy_.default, (meta, x), {}) is None and sync_op_name(ATEN.copy_.default, (x, x), {}) is None
+    assert sync_op_name(ATEN.copy_.default, (meta, x), {}) is None  # host to device
+    assert sync_op_name(ATEN.copy_.default, (x, x), {}) is None
 
 
 def test_a_count_names_its_ops_and_the_test_line_that_asked_and_restores_the_tensor_methods():
