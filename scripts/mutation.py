@@ -88,7 +88,15 @@ TESTS_BY_MODULE = {
         "tests/test_oracles_solve.py::test_adjoint_gradients_of_norm_using_fields_equal_autograd"],
     "bertode/solve/sensitivities.py": SENSITIVITY_TESTS + DEQ_SENSITIVITY_TESTS,
     "bertode/solve/deq_sensitivities.py": DEQ_SENSITIVITY_TESTS + ["tests/test_kills_sensitivities.py"],
-    "bertode/solve/per_sequence.py": ["tests/test_per_sequence_solve.py", "tests/test_kills_sensitivities.py"],
+    # per_sequence: its own backend's tests (node ids), not torchode's nor the 6 s tsit5 time_weights case
+    "bertode/solve/per_sequence.py": [f"tests/test_per_sequence_solve.py::test_{name}" for name in (
+        "a_sequence_is_solved_alone_as_in_a_stiff_batch",
+        "each_sequence_matches_torchdiffeq_alone[bertode-dopri5-time_residual]",
+        "each_sequence_matches_torchdiffeq_alone[bertode-dopri5-add_norm]",
+        "rejected_steps_retry_from_where_they_were_against_the_closed_form",
+        "gradient_matches_torchdiffeq_and_the_rows_solved_alone",
+        "one_host_sync_per_attempted_step_and_the_stats_per_sequence", "the_model_reports_steps_per_sequence",
+        "the_step_bound_raises_naming_the_sequence", "refusals_name_the_field")] + ["tests/test_kills_sensitivities.py"],
     "bertode/solve/solvers.py": ["tests/test_solvers.py", "tests/test_oracles_solve.py", "tests/test_user_solver.py"],
     "bertode/layers/vector_fields.py": ["tests/test_equivalence.py", "tests/test_architecture.py",
                                         "tests/test_time_weights.py", "tests/test_oracles_vector_fields.py"],
@@ -143,9 +151,26 @@ TESTS_BY_MODULE = {
         "tests/test_causal_lm_conventions.py::test_generate_from_inputs_embeds_equals_hf_and_generating_from_the_ids",
         "tests/test_sparse_prediction.py::test_masked_lm_sparse_equals_dense",
         "tests/test_adaptive_head.py::test_loss_equals_torchs_adaptive_softmax_on_the_same_weights"],
-    "bertode/convert.py": ["tests/test_equivalence.py", "tests/test_families.py"],
-    "bertode/families.py": ["tests/test_families.py"],
-    "bertode/training/loop.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
+    # convert: the conversions and refusals (node ids), directories, the prelude/coda split, DeBERTa's adapted state
+    "bertode/convert.py": [*CONVERSIONS, "tests/test_kills_conversion.py",
+        "tests/test_families.py::test_from_pretrained_on_a_family_directory_converts[bert]",
+        "tests/test_families.py::test_other_model_types_and_architectures_are_refused_in_one_line",
+        "tests/test_families.py::test_untied_output_embeddings_convert_exactly",
+        "tests/test_prelude_coda.py::test_from_bert_maps_the_stack_onto_prelude_core_and_coda",
+        "tests/test_prelude_coda.py::test_from_bert_splits_albert_s_one_shared_layer_applied_again",
+        "tests/test_prelude_coda.py::test_from_bert_gives_a_tied_core_the_first_or_the_mean_middle_layer",
+        "tests/test_prelude_coda.py::test_a_split_leaving_no_core_is_refused",
+        "tests/test_deberta.py::test_conversion_equals_hf_in_outputs_and_gradients"],
+    # families: every family's conversion and its one-line refusals (node ids)
+    "bertode/families.py": [*CONVERSIONS, "tests/test_kills_conversion.py",
+        "tests/test_families.py::test_other_model_types_and_architectures_are_refused_in_one_line",
+        "tests/test_families.py::test_untied_output_embeddings_convert_exactly",
+        "tests/test_deberta.py::test_conversion_equals_hf_in_outputs_and_gradients",
+        "tests/test_deberta.py::test_unsupported_deberta_features_are_refused_in_one_line",
+        "tests/test_gpt2.py::test_gpt2_variants_bertode_cannot_express_are_refused_in_one_line",
+        "tests/test_gpt2.py::test_a_gpt2_head_without_a_bertode_class_and_gpt2_as_a_deq_are_refused"],
+    # loop: short in-process runs checked against a hand-written step (test_train's runs take minutes per mutant)
+    "bertode/training/loop.py": ["tests/test_kills_training.py"],
     # lm: the unit tests of evaluate (node ids); the files' training runs reach evaluate too, minutes per mutant
     "bertode/training/lm.py": [
         "tests/test_oracles_training.py::test_evaluate_is_the_total_cross_entropy_over_the_total_targets",
