@@ -60,21 +60,20 @@ class BertODEEmbeddings(nn.Module):
             nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         # RoBERTa's padding position is pad_token_id, whose embedding gets no gradient there too.
         position_padding = self.padding_idx if config.position_scheme == "after_padding" else None
-        absolute = config.position_scheme not in RELATIVE_SCHEMES or getattr(config, "position_biased_input", False)
+        absolute = config.position_scheme not in RELATIVE_SCHEMES or config.position_biased_input
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, width, padding_idx=position_padding) \
             if absolute else None
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
-        norm = getattr(config, "embedding_norm", True)
         self.project_first = config.embedding_projection == "before_norm"  # DeBERTa's embed_proj: LayerNorm(hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden_size if self.project_first else width,
-                                      eps=config.layer_norm_eps) if norm else None
+                                      eps=config.layer_norm_eps) if config.embedding_norm else None
         self.dropout = Dropout(config.hidden_dropout_prob)  # honours bertode.layers.dropout.split_invariant
         self.project = nn.Linear(width, config.hidden_size, bias=not self.project_first) \
             if projects_embeddings(config) else None
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
                              persistent=False)
 
-    def _positions(self, input_ids, inputs_embeds, seq_len: int, past: int = 0) -> torch.Tensor:
+    def _positions(self, input_ids, seq_len: int, past: int) -> torch.Tensor:
         """Position ids of these tokens, which follow ``past`` cached ones (HF's ``cache_length`` rule)."""
         if self.position_scheme != "after_padding":  # absolute, or DeBERTa's position_biased_input
             return self.position_ids[:, past:past + seq_len]
@@ -89,7 +88,7 @@ class BertODEEmbeddings(nn.Module):
             inputs_embeds = self.word_embeddings(input_ids)
         seq_len = inputs_embeds.shape[1]
         if position_ids is None and self.position_embeddings is not None:
-            position_ids = self._positions(input_ids, inputs_embeds, seq_len, past)
+            position_ids = self._positions(input_ids, seq_len, past)
         embeddings = inputs_embeds
         if self.token_type_embeddings is not None:  # HF's order of additions: the sums are bit-equal
             if token_type_ids is None:
@@ -130,7 +129,7 @@ class _Transform(nn.Module):
 class _Predictions(nn.Module):
     def __init__(self, config):
         super().__init__()
-        linear = getattr(config, "lm_head_type", "bert") == "linear"  # GPT-2: logits = h E^T
+        linear = config.lm_head_type == "linear"  # GPT-2: logits = h E^T
         self.transform = None if linear else _Transform(config)
         self.decoder = nn.Linear(embedding_width(config), config.vocab_size, bias=not linear)  # bias tied to `bias`
         self.bias = None if linear else nn.Parameter(torch.zeros(config.vocab_size))
@@ -155,7 +154,7 @@ class BertODEMLMHead(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        adaptive = getattr(config, "lm_head_type", "bert") == "adaptive"  # Transformer-XL's softmax: `adaptive.py`
+        adaptive = config.lm_head_type == "adaptive"  # Transformer-XL's softmax: `adaptive.py`
         self.predictions = AdaptivePredictions(config) if adaptive else _Predictions(config)
 
     def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
