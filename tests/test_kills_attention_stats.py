@@ -68,6 +68,7 @@ def test_the_causal_mask_without_padding_is_the_lower_triangle_shifted_by_the_pa
     assert torch.equal(mask, written_mask(None, True, past, 4))
     ones = sdpa_mask(torch.ones(2, past + 4, dtype=torch.long), causal=True, past=past)  # all ones: no padding term
     assert torch.equal(ones, written_mask(None, True, past, 4))
+    assert torch.equal(sdpa_mask(None, causal=True, length=4), written_mask(None, True, 0, 4))  # past defaults to 0
 
 
 def test_one_new_query_sees_every_key_so_its_causal_mask_is_none_unless_padded():
@@ -242,11 +243,12 @@ def test_a_solve_record_counts_forward_then_backward_evaluations_and_steps_from_
         record.count_evaluation()
     record.phase = "backward"
     record.count_evaluation()
-    assert (record.nfe_forward, record.nfe_backward) == (3, 1)
+    record.count_evaluation()
+    assert (record.nfe_forward, record.nfe_backward) == (3, 2)
     # attempts at t = 0 (rejected), 0, 0.25 (rejected), 0.25, 0.25, 0.5: three accepted, three rejected
     record.step_times = [torch.tensor(t) for t in (0.0, 0.0, 0.25, 0.25, 0.25, 0.5)]
     assert record.step_counts() == (3, 3)
-    assert record.as_dict() == {"name": "site", "nfe_forward": 3, "nfe_backward": 1, "accepted_steps": 3,
+    assert record.as_dict() == {"name": "site", "nfe_forward": 3, "nfe_backward": 2, "accepted_steps": 3,
                                 "rejected_steps": 3}
     assert SolveRecord("fixed", fixed_steps=4, step_times=[torch.tensor(0.0)] * 3).step_counts() == (4, 0)
 
