@@ -124,6 +124,7 @@ TESTS_BY_MODULE = {
         "tests/test_depth_dial.py::test_a_layer_on_the_active_rows_equals_the_dense_layer_there_and_leaves_the_rest",
         "tests/test_depth_dial.py::test_attentions_under_exit_keep_their_shape_and_exited_rows_are_zero",
         "tests/test_cross_attention.py::test_the_cache_reads_the_encoder_once_and_generation_equals_no_cache",
+        "tests/test_cross_attention.py::test_cross_attention_converts_exactly_from_hf_bert_decoders",
         "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
         "once_per_layer",
         "tests/test_inspect.py::test_attentions_equal_hf_eager_attentions_at_euler1"],

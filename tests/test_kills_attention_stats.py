@@ -15,6 +15,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 
 import bertode
 from bertode.layers import sublayers
+from bertode.layers.dropout import split_invariant
 from bertode.layers.sublayers import AttentionBranch, CrossAttentionBranch, CrossMemory, FeedForwardBranch
 from bertode.layers.sublayers import eager_attention, sdpa_mask
 from bertode.solve import observe
@@ -464,3 +465,17 @@ def syncs_in_optimizer_step() -> int:
         optimizer.state[weight]["step"].item()
     assert mine.count == 1
     return syncs.count
+
+
+def test_attention_dropout_inside_a_split_draws_each_rows_mask_from_its_own_stream():
+    """Under `split_invariant` the dropped probabilities come from each row's stream (the eager path), so a row
+    gets the same output whether its batch holds the other row or not; SDPA's own draw would differ."""
+    torch.manual_seed(0)
+    branch = AttentionBranch(tiny_ode_config(attention_probs_dropout_prob=0.5)).double().train()
+    hidden = torch.randn(2, 6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with split_invariant(7, torch.arange(2), 2):
+        both = branch(hidden)
+    with split_invariant(7, torch.tensor([1]), 2):
+        second = branch(hidden[1:])
+    torch.testing.assert_close(second, both[1:], rtol=0, atol=1e-12)
+    assert (both - branch.eval()(hidden)).abs().max() > 1e-3  # and something was dropped
