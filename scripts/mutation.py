@@ -83,6 +83,11 @@ TESTS_BY_MODULE = {
     "bertode/solve/ode.py": ["tests/test_oracles_solve.py", "tests/test_sensitivity.py", "tests/test_solvers.py",
                              "tests/test_per_sequence_solve.py", "tests/test_dtype_and_stats.py",
                              "tests/test_oracles_ode.py", "tests/test_kills_ode.py"],
+    # _torchdyn: RungeKutta4.step against the classical method written out (node ids; no NeuralODE solve)
+    "bertode/solve/_torchdyn.py": [
+        "tests/test_kills_ode.py::test_a_step_is_classical_rk4_with_float64_times_and_coefficients",
+        "tests/test_kills_ode.py::test_rk4_steps_from_a_given_first_stage",
+        "tests/test_oracles_solve.py::test_fixed_step_solvers_on_cos_t_z_match_their_tableau_and_the_closed_form"],
     # the gradient-method axis: its unit tests and refusals (node ids), not the training run nor the CLI's process
     "bertode/solve/ode_sensitivities.py": SENSITIVITY_TESTS + [
         "tests/test_oracles_solve.py::test_adjoint_gradients_of_norm_using_fields_equal_autograd"],

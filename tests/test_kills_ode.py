@@ -329,3 +329,18 @@ def test_an_adjoints_backward_solve_hands_the_field_a_bf16_state_as_bf16(backend
     forward = len(seen)
     z1.float().sum().backward()
     assert record.nfe_backward == len(seen) - forward > 0 and set(seen) == {torch.bfloat16}
+
+
+def test_rk4_steps_from_a_given_first_stage():
+    """`_torchdyn.RungeKutta4.step` with k1 given (as torchdyn's loops may pass): k1 is not recomputed."""
+    from bertode.solve._torchdyn import RungeKutta4
+
+    x, t, h = _z0()[0], torch.tensor(0.1, dtype=F64), 0.3
+    f = lambda t, z: -0.7 * z + t  # noqa: E731
+    k1 = torch.tensor([[0.25, -0.5, 1.0]], dtype=F64)  # not f(t, x)
+    got = RungeKutta4(F64).step(f, x, t, h, k1=k1)
+    k2 = f(t + h / 2, x + h / 2 * k1)
+    k3 = f(t + h / 2, x + h / 2 * k2)
+    k4 = f(t + h, x + h * k3)
+    assert got[0] is None and got[2] is None
+    torch.testing.assert_close(got[1], x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), rtol=1e-15, atol=1e-15)
