@@ -2,6 +2,8 @@
 `bertode/families.py` (issue 29; docs/testing.md, "Mutation testing"): each variant of the embeddings
 against its HF source or a sum written out here, the conversion tables' key sets, and the one-line refusals."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -88,3 +90,156 @@ def test_a_fresh_model_has_the_hf_model_s_state_dict_keys_and_shapes():
     want = {rename_key(key, FAMILIES["bert"]): tuple(value.shape) for key, value in source.state_dict().items()}
     assert {key: tuple(value.shape) for key, value in ours.state_dict().items()} == want
     assert ours.cls.predictions.loss_kernel is None  # no sparse `scored` call yet: no kernel has run
+
+
+# Distinct values for every field a family's table maps (dropouts, init, eps, activations, ids), so a field read from
+# the wrong source field, or left at bertode's default, shows.
+DISTINCT = dict(hidden_dropout_prob=0.11, attention_probs_dropout_prob=0.12, initializer_range=0.031,
+                layer_norm_eps=1e-7, hidden_act="relu", type_vocab_size=3, bos_token_id=5, eos_token_id=6,
+                problem_type="multi_label_classification", tie_word_embeddings=False, is_decoder=True)
+BERTS = {
+    "bert": (lambda: transformers.BertConfig(**SIZES, **DISTINCT, classifier_dropout=0.14, pad_token_id=2), {}),
+    "roberta": (lambda: transformers.RobertaConfig(**SIZES, **DISTINCT, classifier_dropout=0.14, pad_token_id=2),
+                dict(position_scheme="after_padding", head_hidden_act="gelu")),
+    "electra": (lambda: transformers.ElectraConfig(**SIZES, **DISTINCT, classifier_dropout=0.14, pad_token_id=2,
+                                                   embedding_size=16),
+                dict(embedding_size=16, embedding_projection=True, head_hidden_act="gelu", pooler_hidden_act="gelu")),
+    "albert": (lambda: transformers.AlbertConfig(**SIZES, **DISTINCT, classifier_dropout_prob=0.14, pad_token_id=2,
+                                                 embedding_size=16),
+               dict(embedding_size=16, embedding_projection=True, weight_tying=True)),
+}
+
+
+@pytest.mark.parametrize("model_type", list(BERTS))
+def test_every_mapped_config_field_is_the_source_s(model_type):
+    make, extra = BERTS[model_type]
+    hf = make()
+    hf.id2label, hf.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}
+    want = {**{name: getattr(hf, name) for name in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                    "num_attention_heads", "intermediate_size",
+                                                    "max_position_embeddings", "pad_token_id")},
+            **DISTINCT, "classifier_dropout": 0.14, "id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1},
+            **extra}
+    if hasattr(hf, "add_cross_attention"):  # not an ALBERT field
+        want["add_cross_attention"] = False
+    fields = FAMILIES[model_type].config(hf)
+    assert {name: fields.get(name, "missing") for name in want} == want
+    assert "classifier_dropout_prob" not in fields and set(fields) <= set(bertode.BertODEConfig().to_dict())
+
+
+LABELS = dict(id2label={0: "LABEL_0", 1: "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})  # transformers' default
+
+
+def test_distilbert_and_gpt2_fields_are_read_from_their_own_names():
+    hf = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=48, activation="relu",
+                                       dropout=0.11, attention_dropout=0.12, max_position_embeddings=40,
+                                       initializer_range=0.031, seq_classif_dropout=0.14, pad_token_id=2)
+    assert FAMILIES["distilbert"].config(hf) == dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        hidden_act="relu", hidden_dropout_prob=0.11, attention_probs_dropout_prob=0.12, max_position_embeddings=40,
+        type_vocab_size=0, initializer_range=0.031, layer_norm_eps=1e-12, classifier_dropout=0.14,
+        pooler_hidden_act="relu", pad_token_id=2, tie_word_embeddings=True, **LABELS)
+    hf = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_inner=None, n_positions=40,
+                                 activation_function="relu", resid_pdrop=0.11, embd_pdrop=0.11, attn_pdrop=0.12,
+                                 initializer_range=0.031, layer_norm_epsilon=1e-7, pad_token_id=2, bos_token_id=5,
+                                 eos_token_id=6)
+    assert FAMILIES["gpt2"].config(hf) == dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        hidden_act="relu", hidden_dropout_prob=0.11, attention_probs_dropout_prob=0.12, max_position_embeddings=40,
+        type_vocab_size=0, initializer_range=0.031, layer_norm_eps=1e-7, bos_token_id=5, eos_token_id=6,
+        tie_word_embeddings=True, **LABELS, is_decoder=True, add_cross_attention=False, pad_token_id=None,
+        norm_position="pre", embedding_norm=False, lm_head_type="linear")
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "electra"])
+def test_heads_keep_their_own_gelu_whatever_the_layers_activation(model_type):
+    """RoBERTa's and ELECTRA's MLM heads (and ELECTRA's classifier) apply gelu even with ``hidden_act="relu"``."""
+    family = FAMILIES[model_type]
+    make, _ = BERTS[model_type]
+    ids = _ids(rows=2)
+    for suffix in ("ForMaskedLM", "ForSequenceClassification"):
+        config = make()
+        config.is_decoder, config.num_labels, config.problem_type = False, 3, None
+        torch.manual_seed(0)
+        source = getattr(transformers, family.class_prefix + suffix)(config).double().eval()
+        ours = bertode.from_bert(source, solver="euler", steps=1).eval()
+        assert (ours(input_ids=ids).logits - source(input_ids=ids).logits).abs().max() <= 1e-10, suffix
+
+
+def _bert(model_class=transformers.BertModel, **fields):
+    torch.manual_seed(0)
+    return model_class(transformers.BertConfig(**{**SIZES, **fields})).eval()
+
+
+def test_conversion_refusals_are_one_line_naming_the_value(tmp_path):
+    refusals = [
+        (lambda: bertode.from_bert(tmp_path / "empty"), ValueError,
+         f"from_bert: {str(tmp_path / 'empty')!r} holds no readable config.json ("),
+        (lambda: bertode.from_bert(torch.nn.Linear(2, 2)), TypeError,
+         "from_bert(model_or_path=Linear) is not supported; allowed: a transformers BERT-family model (bert, roberta, "),
+        (lambda: bertode.from_bert(_bert(num_hidden_layers=2), weight_tying=True), ValueError,
+         "from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers=2; allowed: weight_tying=False "
+         "for a multi-layer BERT"),
+        (lambda: bertode.from_bert(_bert(), num_hidden_layers=2), ValueError,
+         "from_bert(num_hidden_layers=2) differs from the source's 1 layers; allowed: the source's count, or "
+         "weight_tying=True with a 1-layer source"),
+        (lambda: bertode.from_bert(_bert(transformers.BertForSequenceClassification, num_labels=3), id2label={0: "a", 1: "b"},
+                                   label2id={"a": 0, "b": 1}),
+         ValueError, "from_bert: size mismatch for classifier.weight: copying a param with shape torch.Size([3, 32])"),
+        (lambda: bertode.from_bert(transformers.BertModel(transformers.BertConfig(**SIZES), add_pooling_layer=False)),
+         ValueError,
+         "from_bert: the source lacks parameters bertode needs: ['pooler.dense.weight', 'pooler.dense.bias']"),
+        (lambda: bertode.from_bert(_bert(), core_from="last"), ValueError,
+         "from_bert(core_from='last') is invalid; allowed: 'first', 'mean'"),
+        (lambda: bertode.from_bert(_bert(), position_scheme="after_padding"), ValueError,
+         "from_bert(position_scheme='after_padding') is invalid: the source has 'absolute' position embeddings, which "
+         "the converted model would lose; allowed: 'absolute' (the source's)"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for convert, error_class, start in refusals:
+        with pytest.raises(error_class) as error:
+            convert()
+        message = str(error.value)
+        assert "\n" not in message and message.startswith(start), message
+    extra = _bert()
+    extra.register_parameter("extra", torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"^from_bert: the source has parameters bertode cannot place: \['extra'\]$"):
+        bertode.from_bert(extra)
+
+
+def test_a_directory_without_architectures_is_a_base_model_and_a_refused_head_loads_no_weights(tmp_path):
+    source = _bert()
+    source.save_pretrained(tmp_path / "bare")
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
+    ids = _ids(pad=0)
+    converted = bertode.from_bert(tmp_path / "bare").eval()
+    assert type(converted) is bertode.BertODEModel
+    assert (converted(input_ids=ids).last_hidden_state - source(input_ids=ids).last_hidden_state).abs().max() <= 1e-5
+    electra = transformers.ElectraForPreTraining(transformers.ElectraConfig(**SIZES, embedding_size=16))
+    electra.save_pretrained(tmp_path / "electra")
+    (tmp_path / "electra" / "model.safetensors").write_bytes(b"not weights")  # never read: refused before
+    with pytest.raises(ValueError, match=r"^from_bert: architecture 'ElectraForPreTraining' is not supported; "
+                                         r"allowed: ElectraModel, ElectraForMaskedLM, "):
+        bertode.from_bert(tmp_path / "electra")
+
+
+def test_the_converted_model_takes_the_source_s_dtype_mode_and_frozen_parameters():
+    source = _bert().double().train()
+    source.embeddings.position_embeddings.weight.requires_grad_(False)  # e.g. DistilBERT's sinusoidal table
+    source.encoder.layer[0].output.LayerNorm.bias.requires_grad_(False)
+    converted = bertode.from_bert(source)
+    assert converted.training and next(converted.parameters()).dtype == torch.float64
+    frozen = {name for name, parameter in converted.named_parameters() if not parameter.requires_grad}
+    assert frozen == {"embeddings.position_embeddings.weight", "encoder.layer.0.feed_forward.norm.bias"}
+    assert not bertode.from_bert(source.eval()).training
+
+
+def test_a_deq_with_weight_norm_converts_the_source_s_weights_then_reparametrises_them():
+    source = _bert()
+    deq = bertode.from_bert(source, mode="deq", deq_weight_norm=True)
+    assert deq.config.deq_weight_norm
+    query = deq.encoder.layer[0].attention.branch.query
+    assert hasattr(query, "parametrizations")
+    assert (query.weight - source.encoder.layer[0].attention.self.query.weight).abs().max() <= 1e-6
