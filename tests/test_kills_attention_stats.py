@@ -479,3 +479,16 @@ def test_attention_dropout_inside_a_split_draws_each_rows_mask_from_its_own_stre
         second = branch(hidden[1:])
     torch.testing.assert_close(second, both[1:], rtol=0, atol=1e-12)
     assert (both - branch.eval()(hidden)).abs().max() > 1e-3  # and something was dropped
+
+
+def test_recorded_attentions_without_attention_dropout_leave_the_hidden_dropout_masks_as_they_were():
+    """The eager path (``output_attentions``) draws no mask at p = 0, so a training forward's hidden dropout
+    masks, drawn from torch's generator after it, are those of the fused path."""
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(hidden_dropout_prob=0.3, solver="rk4", steps=2)).train()
+    ids = torch.randint(5, 64, (2, 6), generator=torch.Generator().manual_seed(7))
+    outputs = []
+    for attentions in (False, True):
+        torch.manual_seed(1)
+        outputs.append(model(ids, output_attentions=attentions).last_hidden_state)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
