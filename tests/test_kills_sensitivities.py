@@ -1,16 +1,28 @@
 """Oracle tests written to kill the mutation-testing survivors (issue 29) of the gradient-method
 axis: `solve/sensitivities.py` (the registry), `ode_sensitivities.py`, `deq_sensitivities.py`,
-and the per-sequence solve (`solve/per_sequence.py`)."""
+and the per-sequence solve (`solve/per_sequence.py`); docs/testing.md, "Mutation testing".
 
+Oracles: the registry through the public decorator (on a scratch copy); the adjoint's backward
+solver as its stability polynomial on dz/dt = a z; the DEQ's methods on a linear contraction
+f(z) = z A^T + b in float64 (autograd through (I - A)^-1 b, damped steps written out); the
+per-sequence stepper against torchdiffeq's tableaus and a one-row reference written from its
+docstring (Hairer's first step, the I controller, FSAL), row by row, with gradients."""
+
+import math
 import types
 
 import pytest
 import torch
 
 import bertode
-from bertode.solve import sensitivities
-from bertode.solve.deq_sensitivities import ImplicitGradient, PhantomGradient
-from bertode.solve.ode_sensitivities import Adjoint, Autograd, InterpolatedAdjoint
+from bertode.solve import per_sequence, sensitivities
+from bertode.solve.deq_sensitivities import FixedPointProblem, ImplicitGradient, PhantomGradient, UnrolledGradient
+from bertode.solve.fixed_point import DEQSolveError
+from bertode.solve.ode import ODESolve
+from bertode.solve.ode_sensitivities import Adjoint, Autograd
+from bertode.solve.per_sequence import EmbeddedTableau, PerSequenceSolve, embedded_tableau
+from bertode.solve.solvers import get_solver
+from bertode.solve.stats import FixedPointRecord
 
 
 @pytest.fixture
@@ -70,8 +82,6 @@ def test_the_adjoints_defaults_are_the_configs():
 def test_the_adjoint_solves_backwards_with_its_adjoint_solver(adjoint_solver, stage_sum):
     """dz/dt = a z with Euler forward: the adjoint a' = -a lambda, solved backwards on the same grid by the
     adjoint solver, gives dz1/dz0 = R(a h)^n, R the solver's stability polynomial (Euler's or RK4's)."""
-    from bertode.solve.ode import ODESolve
-
     a = torch.nn.Parameter(torch.tensor(-1.5, dtype=torch.float64))
     z0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64, requires_grad=True)
     solve = ODESolve("euler", sensitivity=Adjoint(adjoint_solver=adjoint_solver), steps=4)
@@ -83,9 +93,6 @@ def test_the_adjoint_solves_backwards_with_its_adjoint_solver(adjoint_solver, st
 
 # --- the DEQ's methods on a linear contraction f(z) = z A^T + b (flat (batch, dim) states, float64) ----------
 
-from bertode.solve.deq_sensitivities import FixedPointProblem, UnrolledGradient  # noqa: E402
-from bertode.solve.fixed_point import DEQSolveError  # noqa: E402
-from bertode.solve.stats import FixedPointRecord  # noqa: E402
 
 DIM = 3
 A0 = torch.tensor([[0.3, -0.2, 0.1], [0.05, 0.4, -0.1], [-0.15, 0.1, 0.2]], dtype=torch.float64)
@@ -248,3 +255,151 @@ def test_unrolled_stops_strictly_below_the_tolerance_and_guards_a_zero_image():
         A.zero_(), b.zero_()
     UnrolledGradient()(problem)
     assert problem.record.nfe_forward == 2 and problem.record.extra["forward_rel_residual"] == 0.0
+
+
+# --- the per-sequence stepper (`per_sequence.py`) against a one-row reference written from its docstring ---------
+
+
+def _spec(tableau, order, adaptive=True):
+    """A stand-in solver spec whose torchdyn solver carries ``tableau`` (c of stages 2.., a's rows, b, e)."""
+    return types.SimpleNamespace(adaptive=adaptive, order=order,
+                                 build=lambda dtype: types.SimpleNamespace(tableau=tableau))
+
+
+def _torchdiffeq_tableau(name):
+    """torchdiffeq's tableau of ``name`` as floats: (c of stages 2.., a's rows, b, e)."""
+    from torchdiffeq._impl import adaptive_heun, bosh3, dopri5
+    table = dict(dopri5=dopri5._DORMAND_PRINCE_SHAMPINE_TABLEAU, bosh3=bosh3._BOGACKI_SHAMPINE_TABLEAU,
+                 adaptive_heun=adaptive_heun._ADAPTIVE_HEUN_TABLEAU)[name]
+    return (table.alpha.tolist(), [row.tolist() for row in table.beta], table.c_sol.tolist(), table.c_error.tolist())
+
+
+def _close(xs, ys):
+    return len(xs) == len(ys) and all(abs(x - y) <= 1e-15 for x, y in zip(xs, ys))
+
+
+def test_the_embedded_tableau_is_torchdiffeqs_and_fsal_is_detected():
+    ours = embedded_tableau(get_solver("dopri5"))
+    c, a, b, e = _torchdiffeq_tableau("dopri5")
+    assert _close(ours.c, [0.0] + c) and all(_close(x, y) for x, y in zip(ours.a[1:], a)) and ours.a[0] == ()
+    assert _close(ours.b, b) and (_close(ours.e, e) or _close(ours.e, [-x for x in e]))  # the sign is the norm's
+    assert (ours.order, ours.fsal, len(ours.a)) == (5, True, 7)
+    c, a, b, e = _torchdiffeq_tableau("bosh3")
+    bosh3 = embedded_tableau(_spec((c, a, b[:3], e), 3))  # b without its last zero: padded
+    assert bosh3 == EmbeddedTableau((0.0, *c), ((),) + tuple(map(tuple, a)), tuple(b), tuple(e), 3, True)
+    heun = embedded_tableau(_spec(_torchdiffeq_tableau("adaptive_heun"), 2))
+    assert heun.fsal is False and heun.b == (0.5, 0.5) and heun.c == (0.0, 1.0)
+    assert embedded_tableau(_spec((c, a, b, e), 3, adaptive=False)) is None
+    assert embedded_tableau(get_solver("rk4")) is None
+    for wrong in [(c, a, b, None), (c, a, b), [c, a, b, e], None, (c[:2], a, b, e), (c, a[:2], b, e),
+                  (c, a, b + [0.0], e)]:
+        assert embedded_tableau(_spec(wrong, 3)) is None, wrong
+    bertode_solve = ODESolve("dopri5", ode_backend="bertode")
+    assert bertode_solve.tableau == ours
+
+
+def _rms(x):
+    return x.pow(2).mean().sqrt().item()
+
+
+def _one_row(f, z0, t0, t1, tab, atol, rtol):
+    """One sequence alone, in Python floats for t and h (the rules of per_sequence.py's docstring):
+    (z1, accepted, rejected, evaluations, t after each attempt)."""
+    scale = atol + rtol * z0.abs()
+    f0 = f(t0, z0)
+    d0, d1 = _rms(z0 / scale), _rms(f0 / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = f(t0 + h0, z0 + h0 * f0)
+    d2 = _rms((f1 - f0) / scale) / h0
+    largest = max(d1, d2)
+    h1 = max(h0 * 1e-3, 1e-6) if largest <= 1e-15 else (0.01 / largest) ** (1 / (tab.order + 1))
+    dt = min(100 * h0, h1, t1 - t0)
+    t, z, k1, accepted, rejected, nfe, times = t0, z0, f0, 0, 0, 2, []
+    while True:
+        last = dt >= t1 - t
+        h = t1 - t if last else dt
+        ks = [k1]
+        for i in range(1, len(tab.c)):
+            stage = z + h * sum(w * k for w, k in zip(tab.a[i], ks))
+            ks.append(f(t + tab.c[i] * h, stage))
+        nfe += len(tab.c) - 1
+        z_new = z + h * sum(w * k for w, k in zip(tab.b, ks))
+        error = h * sum(w * k for w, k in zip(tab.e, ks))
+        ratio = _rms(error.detach() / (atol + rtol * torch.maximum(z.abs(), z_new.abs()).detach()))
+        good = ratio <= 1.0
+        factor = 10.0 if ratio == 0 else min(max(0.9 * ratio ** (-1 / tab.order), 0.2), 10.0)
+        dt = h * (factor if good else min(factor, 1.0))
+        if good:
+            accepted, t, z = accepted + 1, (t1 if last else t + h), z_new
+            if tab.fsal:
+                k1 = ks[-1]
+            else:
+                k1, nfe = f(t, z), nfe + 1
+        else:
+            rejected += 1
+        times.append(t)
+        if good and last:
+            return z, accepted, rejected, nfe, times
+
+
+# per row: dz/dt = lam z + mu cos(3 t) on (2,)-vectors; row 1 stiff, row 2 f = 0 (the flat-field initial step),
+# row 3 from z0 = 0 (d0 = 0)
+LAM = torch.tensor([-1.0, -30.0, 0.0, -2.0], dtype=torch.float64).view(4, 1, 1)
+MU = torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=torch.float64).view(4, 1, 1)
+ZS = torch.tensor([[[1.0, -0.5]], [[2.0, 1.0]], [[0.3, -0.7]], [[0.0, 0.0]]], dtype=torch.float64)
+
+
+def _field(lam, mu):
+    def f(t, z):
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+        return lam * z + mu * torch.cos(3 * t)
+    return f
+
+
+@pytest.mark.parametrize("name, atol, rtol", [
+    ("dopri5", 1e-6, 1e-5), ("bosh3", 1e-5, 1e-4), ("adaptive_heun", 1e-3, 1e-3)])
+def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
+    tab = embedded_tableau(get_solver(name)) if name == "dopri5" else embedded_tableau(
+        _spec(_torchdiffeq_tableau(name), dict(bosh3=3, adaptive_heun=2)[name]))
+    t0, t1 = 0.25, 1.5
+    lam = LAM.clone().requires_grad_()
+    z0 = ZS.clone().requires_grad_()
+    stepper = PerSequenceSolve(tab, atol, rtol, name="probe")
+    z1 = stepper(_field(lam, MU), z0, t0, t1, torch.float64)
+    weights = torch.linspace(-1.0, 2.0, z1.numel(), dtype=torch.float64).view_as(z1)
+    (weights * z1).sum().backward()
+    for row in range(4):
+        lam_row = LAM[row:row + 1].clone().requires_grad_()
+        z0_row = ZS[row:row + 1].clone().requires_grad_()
+        z, accepted, rejected, nfe, _ = _one_row(_field(lam_row, MU[row:row + 1]), z0_row, t0, t1, tab, atol, rtol)
+        torch.testing.assert_close(z1[row:row + 1], z, rtol=1e-12, atol=1e-14)
+        assert (stepper.accepted[row].item(), stepper.rejected[row].item(), stepper.nfe[row].item()) == (
+            accepted, rejected, nfe), row
+        (weights[row:row + 1] * z).sum().backward()
+        torch.testing.assert_close(z0.grad[row:row + 1], z0_row.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(lam.grad[row:row + 1], lam_row.grad, rtol=1e-10, atol=1e-14)
+    assert stepper.rejected[1] > 0 and stepper.accepted[1] > stepper.accepted[0]  # the stiff row
+    assert stepper.accepted.dtype == torch.long and stepper.nfe.shape == (4,)
+
+
+def test_the_step_bound_and_a_non_finite_error_name_the_sequences():
+    tab = embedded_tableau(get_solver("dopri5"))
+    _, _, _, _, times = _one_row(_field(LAM[:1], MU[:1]), ZS[:1], 0.0, 1.0, tab, 1e-9, 1e-9)
+    with pytest.raises(RuntimeError) as error, torch.no_grad():
+        PerSequenceSolve(tab, 1e-9, 1e-9, max_steps=3, name="probe")(_field(LAM[:2], MU[:2]), ZS[:2], 0.0, 1.0,
+                                                                      torch.float64)
+    message = str(error.value)
+    assert message.startswith("per-sequence solve 'probe' took 3 steps on sequence(s) [0, 1] without reaching "
+                              "t1=1.0 (t=[")
+    assert message.endswith("]); allowed: at most MAX_STEPS=3 steps per sequence (loosen atol/rtol)")
+    assert float(message.split("(t=[")[1].split(",")[0]) == pytest.approx(times[2], rel=1e-12)
+    assert per_sequence.MAX_STEPS == 10_000 and PerSequenceSolve(tab, 1e-6, 1e-6).max_steps == 10_000
+
+    def blows_up(t, z):  # row 1 turns non-finite after t = 0.5
+        bad = (t > 0.5) & (torch.arange(2).view(2, 1, 1) == 1)
+        return torch.where(bad, torch.full_like(z, math.nan), -z)
+
+    with pytest.raises(FloatingPointError) as error, torch.no_grad():
+        PerSequenceSolve(tab, 1e-6, 1e-6, name="probe")(blows_up, ZS[:2], 0.0, 1.0, torch.float64)
+    assert str(error.value) == ("per-sequence solve 'probe': the error norm is not finite on sequence(s) [1]; allowed: "
+                                "finite dynamics (lower the learning rate or the weights' scale)")
