@@ -16,6 +16,7 @@ from transformers.models.bert.modeling_bert import BertAttention
 import bertode
 from bertode.layers import sublayers
 from bertode.layers.dropout import split_invariant
+from bertode.layers.loop import ActiveTokens
 from bertode.layers.sublayers import AttentionBranch, CrossAttentionBranch, CrossMemory, FeedForwardBranch
 from bertode.layers.sublayers import eager_attention, sdpa_mask
 from bertode.solve import observe
@@ -159,6 +160,16 @@ def test_the_eager_implementation_takes_the_written_out_path_and_sdpa_the_fused_
     branch.config._attn_implementation = "sdpa"
     branch(hidden)
     assert calls == [1]
+    with split_invariant(3, torch.arange(1), 1):  # no dropout to draw (eval): the fused kernel still
+        branch(hidden)
+    assert calls == [1, 1]
+    branch.attention_dropout = 0.5
+    branch.train()
+    branch(hidden)  # dropout outside a split: the fused kernel's own draw
+    assert calls == [1, 1, 1]
+    with split_invariant(3, torch.arange(1), 1):  # inside one: the written-out path with the rows' streams
+        branch(hidden)
+    assert calls == [1, 1, 1]
 
 
 def test_the_qkv_injection_is_added_to_each_projection():
@@ -492,3 +503,14 @@ def test_recorded_attentions_without_attention_dropout_leave_the_hidden_dropout_
         torch.manual_seed(1)
         outputs.append(model(ids, output_attentions=attentions).last_hidden_state)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+
+
+def test_active_queries_under_a_causal_mask_of_two_positions_are_the_dense_rows():
+    """Per-token exit packs each row's active queries to the left; their causal mask rows are gathered at their
+    own positions, for two positions too (row 1 has only its second token active, packed into slot 0)."""
+    branch, _ = branch_and_hf("sdpa")
+    hidden = torch.randn(2, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    mask = sdpa_mask(None, causal=True, length=2)
+    active = ActiveTokens(torch.tensor([[True, True], [False, True]]))
+    dense = branch(hidden, mask)
+    torch.testing.assert_close(branch(hidden, mask, active=active), dense[active.mask], rtol=0, atol=1e-12)
