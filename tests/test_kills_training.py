@@ -239,8 +239,14 @@ def test_load_refuses_a_model_it_does_not_fit_and_a_damaged_weights_file(tmp_pat
     assert message.startswith(f"trainer.resume: checkpoint {str(target)!r} does not fit the model (missing [")
     assert message.count("bert.encoder.layer.1.") == 3 and "unexpected [])" in message
     bigger = _model(intermediate_size=48)
-    with pytest.raises(CheckpointError, match=r"model.safetensors does not load \("):
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(repr(str(target)))}: model.safetensors does not "
+                                              r"load \("):
         checkpoint.load(target, bigger)
+    deeper = checkpoint.save(tmp_path / "deeper", 1, _model(num_hidden_layers=2), {"step": 1})
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(deeper, _model())
+    unexpected = str(error.value).split("(missing [], unexpected ")[1]
+    assert unexpected.count("'bert.encoder.layer.1.") == 3 and unexpected.endswith("])")  # the first three
     (target / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="model.safetensors is damaged"):
         checkpoint.load(target, _model())
@@ -312,3 +318,644 @@ def test_text_is_written_whole_and_atomically(tmp_path):
     checkpoint._write_text(tmp_path / "a.txt", "one")
     checkpoint._write_text(tmp_path / "a.txt", "two")
     assert (tmp_path / "a.txt").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_temporaries_lie_beside_their_targets_named_for_them(tmp_path, monkeypatch):
+    """A rename within one directory is atomic, and `remove_staging` finds a staging by its name."""
+    renamed = []
+    for name in ("replace", "rename"):
+        original = getattr(checkpoint.os, name)
+        monkeypatch.setattr(checkpoint.os, name, lambda a, b, original=original: (renamed.append((a, b)), original(a, b))[1])
+    checkpoint._write_text(tmp_path / "a.txt", "one")
+    (source, target), = renamed
+    assert source.startswith(str(tmp_path / ".a.txt-")) and target == tmp_path / "a.txt"
+    renamed.clear()
+    checkpoint.save(tmp_path, 1, torch.nn.Linear(2, 2), {"step": 1})
+    staging = [(a, b) for a, b in renamed if b == tmp_path / "step_00000001"]
+    assert len(staging) == 1 and staging[0][0].parent == tmp_path and staging[0][0].name.startswith(".step_00000001-")
+
+
+def test_cleaning_up_is_best_effort(tmp_path, monkeypatch):
+    """A directory that cannot be removed (a busy file system) does not fail a save or a clean-up."""
+    model = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model, {"step": step})
+    (tmp_path / ".step_00000009-x").mkdir()
+
+    def rmtree(path, ignore_errors=False):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    checkpoint.save(tmp_path, 3, model, {"step": 3}, keep=1)  # prunes steps 1 and 2: busy, left
+    assert checkpoint.remove_staging(tmp_path) == [tmp_path / ".step_00000009-x"]
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(CheckpointError, match="No space left on device"):  # its staging cannot be removed either
+        checkpoint.save(tmp_path, 4, model, {"step": 4})
+
+
+def test_the_default_keeps_two_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, torch.nn.Linear(2, 2), {"step": step})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_a_state_that_is_not_plain_tensors_and_values_is_refused(tmp_path):
+    from fractions import Fraction
+
+    target = checkpoint.save(tmp_path, 1, torch.nn.Linear(2, 2), {"step": Fraction(1, 3)})  # torch.save pickles it
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(target, torch.nn.Linear(2, 2))
+    assert str(error.value) == f"checkpoint {str(target)!r}: state.pt is damaged (UnpicklingError)"
+
+
+def test_an_unreadable_file_is_named_with_the_cause(tmp_path, monkeypatch):
+    target = _saved(tmp_path)
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "_digest", unreadable)
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.verify(target)
+    assert str(error.value) == f"checkpoint {str(target)!r}: model.safetensors cannot be read (Permission denied)"
+
+
+def test_the_cuda_rng_state_is_saved_and_restored_where_cuda_is(monkeypatch):
+    """This process's CUDA generator (faked here: the machine may have no GPU)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = checkpoint.rng_state()
+    assert sorted(state) == ["cuda", "python", "torch"] and torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
+    checkpoint.set_rng_state(state)
+    assert len(restored) == 1 and restored[0] is state["cuda"]
+    checkpoint.set_rng_state({"torch": state["torch"], "python": state["python"]})  # saved on a machine without
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint.set_rng_state(state)  # saved with CUDA, resumed without
+    assert len(restored) == 1
+
+# --- loop.py: short in-process runs on tiny text, against steps written here ------------------------------
+
+WORDS = "the a whale ship sea captain boat man old white deck rope wind sail harpoon".split()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """Tiny train and eval text files and a data cache for them (tokenizer: 100 tokens at most)."""
+    folder = tmp_path_factory.mktemp("text")
+    draw = random.Random(0)
+    lines = [" ".join(draw.choice(WORDS) for _ in range(12 + i % 7)) for i in range(60)]
+    (folder / "train.txt").write_text("\n".join(lines))
+    (folder / "eval.txt").write_text("\n".join(lines[:10]))
+    return folder
+
+
+def _overrides(text, *extra):
+    solve = [] if "model=bert" in extra else ["solver=euler", "solver.steps=1"]
+    return [*solve, "data=text", f"data.files=[{text / 'train.txt'}]", f"data.eval_files=[{text / 'eval.txt'}]",
+            f"data.cache_dir={text / 'cache'}", "data.seq_len=12", "data.vocab_size=100", "data.max_eval_sequences=3",
+            "model.hidden_size=16", "model.intermediate_size=32", "model.num_attention_heads=2",
+            "model.num_hidden_layers=1", "model.hidden_dropout_prob=0.0",
+            "trainer.batch_size=4", "trainer.log_every=2", "trainer.warmup_steps=1", *extra]
+
+
+def _train(run_dir, text, *extra):
+    from bertode.train import compose, train
+
+    cfg = compose(_overrides(text, *extra))
+    result = train(cfg, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, result, records
+
+
+STEP_RUN = ("trainer.max_steps=3", "trainer.grad_accumulation=2", "trainer.warmup_steps=2", "trainer.lr=0.02",
+            "trainer.grad_clip=0.05", "trainer.weight_decay=0.3", "trainer.betas=[0.8,0.9]", "trainer.min_lr_ratio=0.25",
+            "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=2", "seed=3")
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory, text):
+    """A 3-step run, a checkpoint at every step, its stdout in ``run_dir / "stdout"``."""
+    import contextlib
+    import io
+
+    run_dir = tmp_path_factory.mktemp("steps")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        ran = _train(run_dir, text, *STEP_RUN)
+    (run_dir / "stdout").write_text(stdout.getvalue())
+    return (run_dir, *ran)
+
+
+def _hand_gradient(model, micro_batches, clip):
+    """The step's gradient written out: the cross-entropy summed over every micro-batch's targets
+    over the step's target count, clipped to norm ``clip``; and the unclipped norm, loss, accuracy."""
+    import torch.nn.functional as F
+
+    total = sum(int((labels != -100).sum()) for _, labels in micro_batches)
+    model.zero_grad(set_to_none=True)
+    ce, right = 0.0, 0
+    for inputs, labels in micro_batches:
+        logits = model(input_ids=inputs).logits
+        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
+        (loss / total).backward()
+        ce += loss.item()
+        right += int((flat.argmax(-1) == targets)[targets != -100].sum())
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    scale = min(1.0, clip / (norm + 1e-6))
+    return {name: g * scale for name, g in grads.items()}, norm, ce / total, right / total
+
+
+def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_at_the_scheduled_lr(step_run):
+    """Two micro-batches per step: the gradient (read back from AdamW's moments in the
+    checkpoints) is the hand-written clipped gradient of total CE / total targets; the weights
+    are AdamW's step from it with decay on matrices only; the record's fields are these numbers."""
+    from safetensors.torch import load_file
+
+    from bertode.training.corpus import prepare
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.objective import make_objective
+
+    run_dir, cfg, result, records = step_run
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    order = BatchOrder(corpus.train, 2, 3)  # micro-batches of 4 / 2 rows, seed 3
+    config = bertode.BertODEConfig.from_pretrained(run_dir / "final")
+    torch.manual_seed(3)
+    model = bertode.BertODEForMaskedLM(config)  # the run's initial weights: seeded before the model is built
+    betas, lr, decay = (0.8, 0.9), 0.02, 0.3
+    factors = [1 / 2, 2 / 2, 1.0]  # warm-up (s + 1) / 2, then linear decay from 1 (at step 2: progress 0)
+    moments = None
+    for step in range(3):
+        micro = [order.local_batch(2 * step + a, objective.make_batch) for a in range(2)]
+        grads, norm, loss, accuracy = _hand_gradient(model, micro, 0.05)
+        saved = torch.load(run_dir / "checkpoints" / f"step_{step + 1:08d}" / "state.pt", weights_only=True)
+        names = [name for name, _ in model.named_parameters()]
+        decayed = [n for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+        groups = saved["optimizer"]["param_groups"]
+        assert [(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in groups] == [
+            (pytest.approx(lr * factors[step]), decay, betas), (pytest.approx(lr * factors[step]), 0.0, betas)]
+        index_of = dict(zip(decayed + [n for n in names if n not in decayed], range(len(names))))
+        state = {n: saved["optimizer"]["state"][index_of[n]] for n in names}
+        for n in names:  # m_t = b1 m_(t-1) + (1 - b1) g_t: the step's gradient, as AdamW saw it
+            before = moments[n] if moments else torch.zeros_like(grads[n])
+            seen = (state[n]["exp_avg"] - betas[0] * before) / (1 - betas[0])
+            assert torch.allclose(seen, grads[n], rtol=1e-3, atol=1e-6 * 0.05), (step, n)
+        record = train_records[step]
+        assert record["loss"] == pytest.approx(loss, rel=1e-5) and record["accuracy"] == pytest.approx(accuracy)
+        assert record["grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > 0.05  # clipping acts
+        assert record["lr"] == pytest.approx(lr * factors[step]) and record["tokens"] == 4 * 12 * (step + 1)
+        optimizer = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n in decayed],
+                                        "weight_decay": decay},
+                                       {"params": [p for n, p in model.named_parameters() if n not in decayed],
+                                        "weight_decay": 0.0}], lr=lr * factors[step], betas=betas)
+        if moments:
+            for n, p in model.named_parameters():
+                optimizer.state[p] = {k: v.clone() for k, v in previous[n].items()}
+        for n, p in model.named_parameters():  # AdamW from the gradient it saw, to compare the weights exactly
+            before = moments[n] if moments else torch.zeros_like(grads[n])
+            p.grad = (state[n]["exp_avg"] - betas[0] * before) / (1 - betas[0])
+        optimizer.step()
+        weights = load_file(run_dir / "checkpoints" / f"step_{step + 1:08d}" / "model.safetensors")
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.detach(), weights[n], rtol=1e-5, atol=1e-7), (step, n)
+            with torch.no_grad():
+                p.copy_(weights[n])
+        moments = {n: state[n]["exp_avg"] for n in names}
+        previous = {n: {k: v.clone() for k, v in state[n].items()} for n in names}
+        assert saved["step"] == step + 1 and saved["tokens"] == record["tokens"] and saved["objective"] == "mlm"
+        assert saved["elapsed"] == pytest.approx(record["elapsed"]) and saved["data"] is None
+        assert saved["memory"] is None and sorted(saved["rng"]) == ["python", "torch"]
+
+
+def _hand_eval(model, batches):
+    """Total cross-entropy over total targets, and accuracy, recomputed from the logits."""
+    import torch.nn.functional as F
+
+    total, right, count = 0.0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for inputs, labels in batches:
+            logits = model(input_ids=inputs).logits.reshape(-1, model.config.vocab_size).double()
+            targets = labels.reshape(-1)
+            total += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+            right += int((logits.argmax(-1) == targets)[targets != -100].sum())
+            count += int((targets != -100).sum())
+    return total / count, right / count, count
+
+
+def test_the_run_logs_evaluates_saves_and_prints_what_it_computed(step_run):
+    from safetensors.torch import load_file
+
+    from bertode.training.corpus import prepare, unigram_cross_entropy
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import make_objective
+
+    run_dir, cfg, result, records = step_run
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    base = {"step", "kind", "loss", "accuracy", "lr", "grad_norm", "tokens", "elapsed", "nfe_forward", "nfe_backward",
+            "depth"}
+    assert {k for k in records[0] if k not in ("tokens_per_s", "peak_memory_mb")} >= base
+    assert "tokens_per_s" in records[0] and "tokens_per_s" in records[1] and "tokens_per_s" not in records[3]
+    assert records[1]["peak_memory_mb"] > 1 and records[0]["depth"] is None and records[0]["nfe_forward"] == 2
+    assert 0 < records[0]["elapsed"] < records[1]["elapsed"] < records[3]["elapsed"]
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    baseline = unigram_cross_entropy(corpus.counts, corpus.eval[:3])
+    model = bertode.BertODEForMaskedLM.from_pretrained(run_dir / "final")
+    weights = load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    loss, accuracy, count = _hand_eval(model, fixed_eval_batches(corpus.eval, objective, 3, 4, 3))
+    final = records[4]
+    assert final["loss"] == pytest.approx(loss, rel=1e-5) and final["accuracy"] == pytest.approx(accuracy)
+    assert final["target_tokens"] == count and final["unigram_baseline"] == pytest.approx(baseline)
+    assert result == {"eval": {k: v for k, v in final.items() if k not in ("step", "kind", "unigram_baseline")},
+                      "unigram_baseline": final["unigram_baseline"], "step": 3, "run_dir": str(run_dir)}
+    summary = json.loads((run_dir / "final" / "train_results.json").read_text())
+    assert summary["step"] == 3 and summary["tokens"] == 144 and summary["eval"] == result["eval"]
+    assert summary["elapsed"] == pytest.approx(records[3]["elapsed"]) and summary["unigram_baseline"] == baseline
+    assert summary["solver_stats"]["nfe_forward"] == 2
+    assert f"(ode mode, 3 steps, eval MLM loss {final['loss']:.4f};" in (run_dir / "final" / "README.md").read_text()
+    assert (run_dir / "final" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (1, 2, 3)]
+    lines = (run_dir / "stdout").read_text().splitlines()
+    rows = len(corpus.train)
+    assert lines[0] == (f"bertode.train: ode model, 0.01 M parameters, 1 process(es) on cpu, {rows} train rows x 12 "
+                        f"tokens, run dir {run_dir}")
+    assert re.fullmatch(rf"step 1/3 \| loss {records[0]['loss']:.4f} \| lr 1\.00e-02 \| [\d,]+ tok/s \| NFE 2/0 "
+                        r"\| ETA \d+\.\d min", lines[1]), lines[1]
+    assert lines[2].startswith(f"step 2/3 | loss {records[1]['loss']:.4f} | lr 2.00e-02 |")
+    for line, record in zip((lines[3], lines[4]), (records[2], records[4])):
+        assert line == (f"eval @ step {record['step']}: MLM loss {record['loss']:.4f}, perplexity "
+                        f"{record['perplexity']:.2f} per token, accuracy {record['accuracy']:.3f} (unigram baseline "
+                        f"loss {baseline:.4f})")
+    assert lines[5:] == [f"final model: {run_dir / 'final'}"]
+
+
+def test_a_resumed_run_continues_with_the_uninterrupted_losses_and_weights(step_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run_dir, cfg, result, records = step_run
+    shutil.copytree(run_dir / "checkpoints" / "step_00000001", tmp_path / "checkpoints" / "step_00000001")
+    _, resumed, again = _train(tmp_path, cfg.data.files and _text_of(cfg), *STEP_RUN, "trainer.resume=auto")
+    assert [r["step"] for r in again if r["kind"] == "train"] == [2, 3]
+    for new, old in zip([r for r in again if r["kind"] == "train"], records[1::2][:1] + [records[3]]):
+        assert (new["loss"], new["grad_norm"], new["lr"], new["tokens"]) == (old["loss"], old["grad_norm"], old["lr"],
+                                                                             old["tokens"])
+    assert resumed["eval"]["loss"] == result["eval"]["loss"]
+    ours, theirs = (load_file(d / "final" / "model.safetensors") for d in (tmp_path, run_dir))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000001'} at step 1\n" in out
+
+
+def _text_of(cfg):
+    from pathlib import Path
+
+    return Path(cfg.data.files[0]).parent
+
+
+def test_a_resume_with_another_objective_or_data_stream_is_one_line(step_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from bertode.training.objective import OBJECTIVES, MaskedLanguageModel, register_objective
+
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))
+    register_objective("mlm_twin")(type("Twin", (MaskedLanguageModel,), {}))  # the same attention as mlm's
+    run_dir, cfg, _, _ = step_run
+    text = _text_of(cfg)
+    for case, extra, expected in [
+            ("clm", ["objective=mlm_twin"], "objective='mlm_twin' is invalid for resuming {target}: it was trained "
+                                            "with objective='mlm'; allowed: the run's own objective"),
+            ("stream", ["data.streaming=true"], "data.streaming=True is invalid for resuming {target}: it was trained "
+                                                "with data.streaming=False; allowed: the run's own setting")]:
+        target = tmp_path / case / "checkpoints" / "step_00000001"
+        shutil.copytree(run_dir / "checkpoints" / "step_00000001", target)
+        if case == "clm":  # a config saved before configs named their objective: state.pt's is checked at load
+            config = json.loads((target / "config.json").read_text())
+            del config["objective"]
+            (target / "config.json").write_text(json.dumps(config))
+            (target / "manifest.json").unlink()
+            checkpoint.seal(target)
+        with pytest.raises(SystemExit) as exit_info:
+            _train(tmp_path / case, text, *STEP_RUN, "trainer.resume=auto", *extra)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == "error: " + expected.format(target=target)
+
+
+def test_max_tokens_and_max_time_stop_the_run(tmp_path, text):
+    _, result, records = _train(tmp_path / "tokens", text, "trainer.max_steps=10", "trainer.max_tokens=96",
+                                "trainer.eval_every=100", "trainer.checkpoint_every=100")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2] and result["step"] == 2
+    _, result, records = _train(tmp_path / "time", text, "trainer.max_steps=10", "trainer.max_time=1e-9",
+                                "trainer.eval_every=100", "trainer.checkpoint_every=100")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1] and result["step"] == 1
+
+
+def test_the_loop_refuses_settings_it_cannot_run_in_one_line(text):
+    from bertode.train import compose
+    from bertode.training.loop import validate
+
+    for extra, expected in [
+            (["depth=uniform", "depth.low=1", "depth.high=2", "trainer.compile=true"], "trainer.compile=True is invalid with depth='uniform'"),
+            (["model=bert", "trainer.dynamics_every=2"], "trainer.dynamics_every=2 is invalid with mode='discrete' and "
+                                                          "untied layers (no flow, no iterated map to read); allowed: 0, "
+                                                          "or an ODE, DEQ or weight-tied model"),
+            (["objective=clm", "model.position_scheme=transformer_xl", "model.mem_len=4", "data.streaming=true"], "data.streaming=true is invalid with "
+                                                                           "model.mem_len=4"),
+            (["data.seq_len=20"], "data.seq_len=20 is invalid; allowed: <= model.max_position_embeddings=16")]:
+        with pytest.raises(ValueError) as error:
+            validate(compose(_overrides(text, "model.max_position_embeddings=16", *extra)))
+        assert str(error.value).startswith(expected), (extra, str(error.value))
+
+
+# --- evaluate.py: in-process evaluations of the step run's final model, and its refusals ------------------
+
+def _evaluate(step_run, *extra):
+    from bertode.training.cli import compose
+    from bertode.training.evaluate import run
+
+    run_dir, cfg, _, _ = step_run
+    text = _text_of(cfg)
+    evaluation = compose("evaluate", [f"checkpoint={run_dir / 'final'}", "data=text", f"data.files=[{text / 'train.txt'}]",
+                                      f"data.eval_files=[{text / 'eval.txt'}]", f"data.cache_dir={text / 'cache'}",
+                                      "data.seq_len=12", "data.vocab_size=100", "max_sequences=3", "batch_size=2",
+                                      "seed=5", *extra])
+    out = run_dir / "evaluations" / "_".join(extra or ["default"])
+    return run(evaluation, out), out
+
+
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_of_unequal_counts(step_run, split, capsys):
+    from bertode.training.corpus import prepare
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import make_objective
+
+    run_dir, cfg, _, _ = step_run
+    result, out = _evaluate(step_run, f"split={split}")
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    batches = fixed_eval_batches(corpus.eval if split == "eval" else corpus.train, objective, 5, 2, 3)
+    assert len({int((labels != -100).sum()) for _, labels in batches}) > 1  # unequal target counts
+    model = bertode.BertODEForMaskedLM.from_pretrained(run_dir / "final")
+    loss, accuracy, count = _hand_eval(model, batches)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5) and result["accuracy"] == pytest.approx(accuracy)
+    assert result["perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-5)
+    assert result["target_tokens"] == count and result["sequences"] == 3 and result["nfe_forward"] == 2
+    expected = dict(perplexity_per="token", checkpoint=str(run_dir / "final"), split=split, objective="mlm",
+                    overrides={}, mode="ode", solver="euler", steps=1, deq_max_iter=None, depth=None,
+                    exit="none", exit_threshold=None)
+    assert {k: result[k] for k in expected} == expected and 0 < result["seconds"] < 60
+    assert json.loads((out / "evaluation.json").read_text()) == result
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{run_dir / 'final'} [{split}]: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} per "
+        f"token, accuracy {result['accuracy']:.3f} over {count} target tokens, nfe_forward 2")
+
+
+def test_an_evaluation_with_another_solve_says_so(step_run, capsys):
+    result, _ = _evaluate(step_run, "solver.steps=2")
+    assert result["overrides"] == {"steps": 2} and result["steps"] == 2 and result["nfe_forward"] == 4
+    assert capsys.readouterr().out.splitlines()[-1].endswith(", nfe_forward 4 with {'steps': 2}")
+
+
+def test_the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_depth(step_run, tmp_path):
+    """A weight-tied discrete core of 3 applications: curve point n equals the evaluation at depth.steps=n."""
+    import shutil
+
+    run_dir = step_run[0]
+    tied = tmp_path / "final"
+    shutil.copytree(run_dir / "final", tied)
+    config = json.loads((tied / "config.json").read_text())
+    config.update(mode="discrete", weight_tying=True, num_hidden_layers=3, solver=None, steps=None, sensitivity=None)
+    (tied / "config.json").write_text(json.dumps(config))
+    tied_run = (tmp_path, *step_run[1:])
+    result, out = _evaluate(tied_run, "curve=true")
+    assert [point["depth"] for point in result["curve"]] == [1, 2, 3]
+    for point in result["curve"]:
+        alone, _ = _evaluate(tied_run, f"depth.steps={point['depth']}")
+        assert point["loss"] == pytest.approx(alone["loss"], rel=1e-5), point
+        assert point["accuracy"] == pytest.approx(alone["accuracy"]) and point["perplexity"] == pytest.approx(
+            alone["perplexity"], rel=1e-5)
+    assert result["curve"][-1]["loss"] == pytest.approx(result["loss"], rel=1e-5)
+
+
+class _Config:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def test_the_depth_curve_repeats_a_converged_solves_last_iterate_and_reduces_as_the_loss():
+    """Batch 1 reports iterates 1, 2 (converged) of depth 3; batch 2 reports 2, 3 (none at 1):
+    depth n's loss is the summed cross-entropy over every batch's targets."""
+    import torch.nn.functional as F
+
+    from bertode.training.evaluate import DepthCurve
+    from bertode.training.objective import MaskedLanguageModel
+
+    model = torch.nn.Module()
+    model.config = _Config(mode="deq", deq_max_iter=3)
+    model.readout = lambda hidden: hidden * 2.0  # the head: logits from the hidden states
+    curve = DepthCurve(model, MaskedLanguageModel(None), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    labels = [torch.tensor([[1, -100, 3], [0, 2, -100]]), torch.tensor([[4, 4, -100]])]
+    hidden = {(b, n): torch.randn(len(labels[b]), 3, 5, generator=generator) for b in (0, 1) for n in (1, 2, 3)}
+    reported = {0: (1, 2), 1: (2, 3)}
+    batches = [(torch.zeros_like(y), y) for y in labels]
+    feed = curve.batches(batches)
+    assert len(feed) == 2
+    for b, (inputs, y) in enumerate(feed):
+        assert y is labels[b] and torch.equal(curve.labels, y)
+        for n in reported[b]:
+            curve.on_iterate(n, hidden[(b, n)])
+    def scored(b, n):
+        logits, y = (hidden[(b, n)] * 2.0).reshape(-1, 5), labels[b].reshape(-1)
+        return F.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item(), int(
+            (logits.argmax(-1) == y)[y != -100].sum())
+    used = {1: [(0, 1)], 2: [(0, 2), (1, 2)], 3: [(0, 2), (1, 3)]}  # batch 2 has nothing at depth 1
+    expected = []
+    for n, parts in used.items():
+        loss = sum(scored(b, m)[0] for b, m in parts) / 6
+        expected.append({"depth": n, "loss": pytest.approx(loss, rel=1e-6),
+                         "perplexity": pytest.approx(float(torch.tensor(loss).exp()), rel=1e-6),
+                         "accuracy": pytest.approx(sum(scored(b, m)[1] for b, m in parts) / 6)})
+    assert curve.result() == expected
+    with pytest.raises(RuntimeError) as error:
+        curve.close(labels[0])
+    assert str(error.value) == ("curve=true: the model's encoder reported no iterates (it does not call "
+                                "current_dial().on_iterate); allowed: curve=false")
+
+
+def test_the_depth_curve_goes_to_the_dialled_depth_and_caps_the_perplexity():
+    from bertode.solve.dial import dialed
+    from bertode.training.evaluate import DepthCurve
+    from bertode.training.objective import MaskedLanguageModel
+
+    model = torch.nn.Module()
+    model.config = _Config(mode="discrete", num_hidden_layers=5, prelude_layers=1, coda_layers=1)
+    model.readout = lambda hidden: hidden
+    curve = DepthCurve(model, MaskedLanguageModel(None), torch.device("cpu"))
+    y = torch.tensor([[0, 1]])
+    logits = torch.tensor([[[-100.0, 100.0], [100.0, -100.0]]])  # both wrong by 200 nats
+    for _ in curve.batches([(y, y)]):
+        with dialed(depth=4):
+            curve.on_iterate(1, logits)
+    assert curve.result() == [{"depth": n, "loss": 200.0, "perplexity": pytest.approx(float(torch.tensor(50.0).exp())),
+                               "accuracy": 0.0} for n in (1, 2, 3, 4)]
+    empty = DepthCurve(model, MaskedLanguageModel(None), torch.device("cpu"))
+    assert empty.result() == []
+
+
+def test_the_configured_depth_is_a_deqs_iterations_or_the_cores_applications():
+    from bertode.training.evaluate import configured_depth
+
+    assert configured_depth(_Config(mode="deq", deq_max_iter="7")) == 7
+    assert configured_depth(_Config(mode="discrete", num_hidden_layers=6, prelude_layers=2, coda_layers=1)) == 3
+    assert configured_depth(_Config(mode="discrete", num_hidden_layers=6, prelude_layers=None, coda_layers=None)) == 6
+    assert configured_depth(_Config(mode="ode", num_hidden_layers=4)) == 4
+
+
+def _cfg(**fields):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(fields)
+
+
+def test_curve_needs_an_iterated_depth_in_one_line(tmp_path):
+    from bertode.training.evaluate import check_curve
+
+    for fields in ({"mode": "deq"}, {"mode": "ode", "weight_tying": True}, {"mode": "discrete", "weight_tying": True}):
+        check_curve(_cfg(curve=True), tmp_path, fields)
+    for curve in (False, None):
+        check_curve(_cfg(curve=False), tmp_path, {"mode": "ode"})
+    check_curve(_cfg(), tmp_path, {})
+    for value in ("yes", 1):
+        with pytest.raises(ValueError) as error:
+            check_curve(_cfg(curve=value), tmp_path, {"mode": "deq"})
+        assert str(error.value) == f"curve={value!r} is invalid; allowed: true, false"
+    where = repr(str(tmp_path))
+    for fields in ({}, {"mode": "ode"}):
+        with pytest.raises(ValueError) as error:
+            check_curve(_cfg(curve=True), tmp_path, fields)
+        assert str(error.value) == (f"curve=true is invalid for checkpoint={where}: the model's mode='ode' with untied "
+                                    "layers has no iterated depth to score per iterate; allowed: curve=false, and sweep "
+                                    "the solve instead with -m solver.steps=1,2,4,8")
+    with pytest.raises(ValueError) as error:
+        check_curve(_cfg(curve=True), tmp_path, {"mode": "discrete"})
+    assert str(error.value) == (f"curve=true is invalid for checkpoint={where}: the model's mode='discrete' with untied "
+                                "layers has a fixed depth; allowed: curve=false (a curve needs mode='deq' or "
+                                "weight_tying=true)")
+
+
+def test_the_rows_must_fit_the_checkpoints_positions():
+    from bertode.training.evaluate import check_positions
+
+    check_positions(512, {})
+    check_positions(30, {"max_position_embeddings": 32, "position_scheme": "after_padding", "pad_token_id": 1})
+    with pytest.raises(ValueError) as error:
+        check_positions(513, {})
+    assert str(error.value) == ("data.seq_len=513 is invalid: the checkpoint's model has 512 positions; allowed: "
+                                "<= 512")
+    with pytest.raises(ValueError) as error:
+        check_positions(31, {"max_position_embeddings": 32, "position_scheme": "after_padding", "pad_token_id": 1},
+                        key="seq_len")
+    assert str(error.value) == "seq_len=31 is invalid: the checkpoint's model has 30 positions; allowed: <= 30"
+    with pytest.raises(ValueError, match="has 31 positions"):
+        check_positions(32, {"max_position_embeddings": 32, "position_scheme": "after_padding", "pad_token_id": None})
+    check_positions(32, {"max_position_embeddings": 32, "position_scheme": "absolute", "pad_token_id": 1})
+
+
+def test_the_objective_is_the_checkpoints_or_one_with_its_attention(tmp_path, monkeypatch):
+    from bertode.training.evaluate import checkpoint_objective
+    from bertode.training.objective import OBJECTIVES, MaskedLanguageModel, register_objective
+
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))
+    register_objective("mlm_twin")(type("Twin", (MaskedLanguageModel,), {}))
+    assert checkpoint_objective(_cfg(objective=None), tmp_path, {"objective": "mlm"}) == "mlm"
+    assert checkpoint_objective(_cfg(), tmp_path, {"is_decoder": True}) == "clm"
+    assert checkpoint_objective(_cfg(objective="mlm_twin"), tmp_path, {"objective": "mlm"}) == "mlm_twin"
+    with pytest.raises(ValueError) as error:
+        checkpoint_objective(_cfg(objective="clm"), tmp_path, {"objective": "mlm"})
+    assert str(error.value) == (f"objective='clm' is invalid for checkpoint={str(tmp_path)!r}: it was trained with "
+                                "objective='mlm' and causal attention would ask another model; allowed: objective=mlm "
+                                "or null (train a causal one with bertode.train objective=clm)")
+    with pytest.raises(ValueError, match="'mlm' is invalid for checkpoint=.*objective='clm' and bidirectional attention"
+                                         r".*\(train a bidirectional one with bertode.train objective=mlm\)"):
+        checkpoint_objective(_cfg(objective="mlm"), tmp_path, {"objective": "clm"})
+
+
+def test_a_checkpoint_folder_is_read_or_refused_in_one_line(step_run, tmp_path):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from bertode.training.evaluate import check_weights, read_checkpoint
+
+    final = step_run[0] / "final"
+    folder, saved = read_checkpoint(_cfg(checkpoint=str(final)))
+    assert folder == final and saved == json.loads((final / "config.json").read_text())
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(OmegaConf.create({"checkpoint": "???"}))
+    assert str(error.value) == "checkpoint is missing; allowed: checkpoint=DIR, a directory written by save_pretrained"
+    copy = tmp_path / "copy"
+    shutil.copytree(final, copy)
+    where = repr(str(copy))
+    for text, expected in [
+            ("{not json", f"checkpoint={where} is invalid: its config.json is not JSON ("),
+            (b"\xff\xfe", f"checkpoint={where} is invalid: its config.json is not JSON ("),
+            ('{"model_type": "bert"}', f"checkpoint={where} is invalid: its model_type is 'bert'; allowed: a bertode "
+                                       "model's directory ('bertode'; convert others with bertode.from_bert)"),
+            ("[1]", f"checkpoint={where} is invalid: its model_type is None; allowed: a bertode")]:
+        (copy / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError) as error:
+            read_checkpoint(_cfg(checkpoint=str(copy)))
+        assert str(error.value).startswith(expected), str(error.value)
+        assert str(error.value).count("\n") == 0
+    (copy / "config.json").unlink()
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(_cfg(checkpoint=str(copy)))
+    assert str(error.value) == (f"checkpoint={where} is invalid; allowed: a directory written by save_pretrained "
+                                "(e.g. a run's final/)")
+    shutil.copy(final / "config.json", copy / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (copy / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(_cfg(checkpoint=str(copy)))
+    assert str(error.value) == (f"checkpoint={where} is invalid: it holds no tokenizer; allowed: a directory with the "
+                                "model and its tokenizer (a bertode.train run's final/)")
+    (copy / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(ValueError) as error:
+        check_weights(copy)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint={where} is invalid: its model.safetensors is damaged (") and message.endswith(
+        "); allowed: a directory written by save_pretrained") and "\n" not in message
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(ValueError) as error:
+        check_weights(copy)
+    assert str(error.value) == (f"checkpoint={where} is invalid: it holds no weights (model.safetensors); allowed: a "
+                                "directory written by save_pretrained")
+    (copy / "pytorch_model.bin").write_bytes(b"x")
+    check_weights(copy)  # another weights file: read at load
+
+
+def test_evaluate_refuses_a_split_it_cannot_read_in_one_line(step_run):
+    from bertode.training.cli import compose
+    from bertode.training.evaluate import validate
+
+    final = step_run[0] / "final"
+    for extra, expected in [(["split=test"], "split='test' is invalid; allowed: 'eval', 'train'"),
+                            (["split=train", "data.streaming=true"], "split='train' is invalid with data.streaming=true "
+                             "(a stream has no fixed train rows); allowed: split=eval, or data.streaming=false")]:
+        with pytest.raises(ValueError) as error:
+            validate(compose("evaluate", [f"checkpoint={final}", *extra]))
+        assert str(error.value) == expected
+    folder, saved, name, fields = validate(compose("evaluate", [f"checkpoint={final}", "solver.steps=3"]))
+    assert (folder, name, fields) == (final, "mlm", {"steps": 3}) and saved["hidden_size"] == 16
