@@ -219,6 +219,8 @@ def test_cross_attention_reads_the_encoders_states_in_the_queries_dtype_under_th
     context = written_attention(q, k, v, additive)[0].transpose(1, 2).reshape(2, 3, 32)
     assert out.dtype == torch.float64 and branch.positions is None
     torch.testing.assert_close(out, branch.dense(context), rtol=0, atol=1e-12)
+    relative = tiny_ode_config(position_scheme="transformer_xl", is_decoder=True)
+    assert CrossAttentionBranch(relative).positions is None and AttentionBranch(relative).positions is not None
 
 
 def test_the_feed_forward_branch_applies_a_named_or_a_callable_activation():
