@@ -6,6 +6,7 @@ Oracles: masks written out element by element; softmax(q k^T / sqrt(d) + mask) v
 
 import math
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -516,3 +517,30 @@ def test_active_queries_under_a_causal_mask_of_two_positions_are_the_dense_rows(
     active = ActiveTokens(torch.tensor([[True, True], [False, True]]))
     dense = branch(hidden, mask)
     torch.testing.assert_close(branch(hidden, mask, active=active), dense[active.mask], rtol=0, atol=1e-12)
+
+
+def test_a_counter_opened_in_a_fresh_thread_counts_each_read_once_and_passes_the_methods_arguments_on():
+    """A thread that never counted before (no suppression depth yet) counts every read; ``numpy(force=True)``
+    reaches numpy with its argument; another dispatch mode on the stack is passed over."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    results = []
+
+    def count():
+        x = torch.arange(4.0, requires_grad=True)
+        with count_host_syncs() as syncs:
+            x.detach().tolist()
+            x.numpy(force=True)
+            x.detach()[x.detach() > 1]
+            with PassThrough():
+                x.detach().tolist()
+        results.append(dict(syncs.by_op))
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    thread.join()
+    assert results == [{"Tensor.tolist": 2, "Tensor.numpy": 1, "aten.index (bool mask)": 1}]
