@@ -72,7 +72,7 @@ def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEMo
     if not isinstance(source, PreTrainedModel):
         raise TypeError(f"from_bert(model_or_path={type(source).__name__}) is not supported; allowed: a transformers "
                         f"BERT-family model ({', '.join(FAMILIES)}) or a directory holding one")
-    family = family_of(getattr(source.config, "model_type", None))
+    family = family_of(source.config.model_type)
     model_class = target_class(family, type(source).__name__)
     pooled = family.base_pooler or model_class is not BertODEModel
 
@@ -81,7 +81,7 @@ def from_bert(model_or_path, core_from: str = "first", **overrides) -> BertODEMo
     config = BertODEConfig(**{**fields, **overrides})
     weight_norm = config.mode == "deq" and config.deq_weight_norm
     config.deq_weight_norm = False  # load plain weights first, then reparametrise
-    layers = source.config.num_hidden_layers if hasattr(source.config, "num_hidden_layers") else source.config.n_layers
+    layers = source.config.num_hidden_layers  # DistilBERT's n_layers and GPT-2's n_layer too (attribute_map)
     split = bool(config.prelude_layers or config.coda_layers)
     _check_split(config, layers, core_from, split)
     if config.weight_tying and family.class_prefix != "Albert" and layers != 1 and not split:
@@ -178,20 +178,20 @@ def split_stack(state: dict, layers: int, config, core_from: str = "first", shar
         else:
             per_layer.setdefault(int(match[2]), {})[(match[1], match[3])] = value
     if shared:
-        per_layer = {i: per_layer.get(0, {}) for i in range(layers)}
+        per_layer = {i: per_layer[0] for i in range(layers)}
     middle = range(p, layers - c)
     for i in range(p):
-        out.update({f"{head}encoder.prelude.{i}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+        out.update({f"{head}encoder.prelude.{i}.{rest}": v for (head, rest), v in per_layer[i].items()})
     for j, i in enumerate(range(layers - c, layers)):
-        out.update({f"{head}encoder.coda.{j}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+        out.update({f"{head}encoder.coda.{j}.{rest}": v for (head, rest), v in per_layer[i].items()})
     if config.weight_tying:
-        first = per_layer.get(p, {})
+        first = per_layer[p]
         core = first if core_from == "first" else {
             name: torch.stack([per_layer[i][name] for i in middle]).mean(0) for name in first}
         out.update({f"{head}encoder.core.layer.0.{rest}": v for (head, rest), v in core.items()})
     else:
         for j, i in enumerate(middle):
-            out.update({f"{head}encoder.core.layer.{j}.{rest}": v for (head, rest), v in per_layer.get(i, {}).items()})
+            out.update({f"{head}encoder.core.layer.{j}.{rest}": v for (head, rest), v in per_layer[i].items()})
     return out
 
 

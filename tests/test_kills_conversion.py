@@ -3,6 +3,7 @@
 against its HF source or a sum written out here, the conversion tables' key sets, and the one-line refusals."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,3 +244,119 @@ def test_a_deq_with_weight_norm_converts_the_source_s_weights_then_reparametrise
     query = deq.encoder.layer[0].attention.branch.query
     assert hasattr(query, "parametrizations")
     assert (query.weight - source.encoder.layer[0].attention.self.query.weight).abs().max() <= 1e-6
+
+
+def test_more_refusals_name_the_source_s_scheme_the_tied_core_and_the_first_five_keys(tmp_path):
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(**SIZES, pad_token_id=1))
+    with pytest.raises(ValueError) as error:
+        bertode.from_bert(roberta, position_scheme="absolute")
+    assert str(error.value) == ("from_bert(position_scheme='absolute') is invalid: the source has 'after_padding' "
+                                "position embeddings, which the converted model would lose; allowed: 'after_padding' "
+                                "(the source's)")
+    with pytest.raises(ValueError) as error:
+        bertode.from_bert(_bert(), weight_tying=True, core_from="mean")
+    assert str(error.value) == ("from_bert(core_from='mean') is invalid without a weight-tied core between a prelude "
+                                "and a coda; allowed: 'first' (or weight_tying=True with prelude_layers or coda_layers)")
+    extra = _bert()
+    for index in range(7):
+        extra.register_parameter(f"extra{index}", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ValueError) as error:
+        bertode.from_bert(extra)
+    assert str(error.value) == ("from_bert: the source has parameters bertode cannot place: "
+                                "['extra0', 'extra1', 'extra2', 'extra3', 'extra4']")
+    holed = _bert()
+    for name in ("query", "key", "value"):
+        setattr(holed.encoder.layer[0].attention.self, name, None)
+    with pytest.raises(ValueError) as error:
+        bertode.from_bert(holed)
+    branch = "encoder.layer.0.attention.branch"
+    assert str(error.value) == ("from_bert: the source lacks parameters bertode needs: "
+                                f"{[f'{branch}.{n}.{p}' for n in ('query', 'key', 'value') for p in ('weight', 'bias')][:5]}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((OSError, ValueError)) as loading:
+        transformers.AutoConfig.from_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError) as error:
+        bertode.from_bert(tmp_path / "empty")
+    assert str(error.value) == (f"from_bert: {str(tmp_path / 'empty')!r} holds no readable config.json "
+                                f"({str(loading.value).splitlines()[0]}); allowed: a directory written by save_pretrained")
+
+
+def test_bertode_s_own_parameters_need_no_source_and_a_deq_without_weight_norm_keeps_plain_weights():
+    source = _bert()
+    ids = _ids(pad=0)
+    for fields in (dict(vector_field="time_weights"), dict(block="rk2_gated"), dict(mode="deq")):
+        converted = bertode.from_bert(source, **fields)  # time_weights' field, the gate, the DEQ's injection
+        query = next(module for name, module in converted.named_modules() if name.endswith("branch.query"))
+        assert torch.equal(query.weight, source.encoder.layer[0].attention.self.query.weight), fields
+    deq = bertode.from_bert(source, mode="deq", deq_weight_norm=False)
+    assert not any(hasattr(module, "parametrizations") for module in deq.modules())
+    assert converted(input_ids=ids).last_hidden_state.shape == (3, 7, 32)
+
+
+def test_a_prelude_without_a_coda_splits_the_stack_and_equals_the_source():
+    torch.manual_seed(0)
+    source = transformers.BertModel(transformers.BertConfig(**{**SIZES, "num_hidden_layers": 3})).double().eval()
+    ours = bertode.from_bert(source, prelude_layers=1, solver="euler", steps=1).double().eval()
+    assert len(ours.encoder.prelude) == 1 and len(ours.encoder.core.layer) == 2
+    ids = _ids(pad=0)
+    assert (ours(input_ids=ids).last_hidden_state - source(input_ids=ids).last_hidden_state).abs().max() <= 1e-10
+
+
+def test_split_stack_by_default_maps_each_layer_once_and_a_tied_core_takes_the_first_middle_layer():
+    from bertode.convert import split_stack
+
+    state = {f"bert.encoder.layer.{i}.w": torch.tensor(float(i)) for i in range(4)}
+    state["bert.embeddings.w"] = torch.tensor(-1.0)
+    split = SimpleNamespace(prelude_layers=1, coda_layers=1, weight_tying=False)
+    assert {key: value.item() for key, value in split_stack(state, 4, split).items()} == {
+        "bert.encoder.prelude.0.w": 0.0, "bert.encoder.core.layer.0.w": 1.0, "bert.encoder.core.layer.1.w": 2.0,
+        "bert.encoder.coda.0.w": 3.0, "bert.embeddings.w": -1.0}
+    tied = SimpleNamespace(prelude_layers=1, coda_layers=1, weight_tying=True)
+    assert split_stack(state, 4, tied)["bert.encoder.core.layer.0.w"].item() == 1.0
+
+
+def test_rename_bert_key_gives_bertode_s_site_names():
+    from bertode.convert import rename_bert_key
+
+    assert [rename_bert_key(key) for key in ("bert.encoder.layer.0.attention.self.query.weight",
+                                             "encoder.layer.1.attention.output.LayerNorm.bias",
+                                             "bert.encoder.layer.2.intermediate.dense.weight",
+                                             "bert.encoder.layer.3.output.dense.bias", "cls.predictions.bias")] == [
+        "bert.encoder.layer.0.attention.branch.query.weight", "encoder.layer.1.attention.norm.bias",
+        "bert.encoder.layer.2.feed_forward.branch.intermediate.weight", "bert.encoder.layer.3.feed_forward.branch.dense.bias",
+        "cls.predictions.bias"]
+
+
+def test_a_source_that_names_only_the_decoder_s_bias_converts_with_its_logits():
+    torch.manual_seed(0)
+    source = transformers.BertForMaskedLM(transformers.BertConfig(**SIZES, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        source.cls.predictions.decoder.bias.normal_()
+    source.cls.predictions.bias = None  # an older head layout: the bias lives on the decoder only
+    assert "cls.predictions.bias" not in source.state_dict()
+    ids = _ids(pad=0)
+    ours = bertode.from_bert(source).eval()
+    assert (ours(input_ids=ids).logits - source(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_from_pretrained_on_a_bert_directory_passes_conversion_fields_to_from_bert_and_the_rest_to_the_source(tmp_path):
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(transformers.BertConfig(**{**SIZES, "num_hidden_layers": 4})).save_pretrained(tmp_path)
+    model = bertode.BertODEForMaskedLM.from_pretrained(tmp_path, dtype=torch.float64, solver="rk4", prelude_layers=1,
+                                                       coda_layers=1, weight_tying=True, core_from="mean")
+    assert model.config.solver == "rk4" and next(model.parameters()).dtype == torch.float64
+    source = transformers.BertForMaskedLM.from_pretrained(tmp_path, dtype=torch.float64)
+    middle = [source.bert.encoder.layer[i].attention.self.query.weight for i in (1, 2)]
+    assert torch.allclose(model.bert.encoder.core.layer[0].attention.branch.query.weight, (middle[0] + middle[1]) / 2)
+    with pytest.raises(ValueError) as error:
+        bertode.BertODEForCausalLM.from_pretrained(_save(tmp_path / "roberta"))
+    assert str(error.value) == ("BertODEForCausalLM.from_pretrained: a 'roberta' checkpoint has no BertODEForCausalLM "
+                                "conversion; allowed: BertODEModel, BertODEForMaskedLM, BertODEForSequenceClassification, "
+                                "BertODEForTokenClassification, BertODEForQuestionAnswering, BertODEForMultipleChoice")
+    bertode.BertODEModel(bertode.BertODEConfig(**SIZES)).save_pretrained(tmp_path / "ours")
+    assert type(bertode.BertODEModel.from_pretrained(tmp_path / "ours")) is bertode.BertODEModel  # not converted
+
+
+def _save(folder):
+    transformers.RobertaModel(transformers.RobertaConfig(**SIZES, pad_token_id=1)).save_pretrained(folder)
+    return folder
