@@ -291,6 +291,8 @@ def test_the_embedded_tableau_is_torchdiffeqs_and_fsal_is_detected():
     assert heun.fsal is False and heun.b == (0.5, 0.5) and heun.c == (0.0, 1.0)
     assert embedded_tableau(_spec((c, a, b, e), 3, adaptive=False)) is None
     assert embedded_tableau(get_solver("rk4")) is None
+    no_tableau = types.SimpleNamespace(adaptive=True, order=3, build=lambda dtype: object())
+    assert embedded_tableau(no_tableau) is None
     for wrong in [(c, a, b, None), (c, a, b), [c, a, b, e], None, (c[:2], a, b, e), (c, a[:2], b, e),
                   (c, a, b + [0.0], e)]:
         assert embedded_tableau(_spec(wrong, 3)) is None, wrong
@@ -343,10 +345,13 @@ def _one_row(f, z0, t0, t1, tab, atol, rtol):
 
 
 # per row: dz/dt = lam z + mu cos(3 t) on (2,)-vectors; row 1 stiff, row 2 f = 0 (the flat-field initial step),
-# row 3 from z0 = 0 (d0 = 0)
-LAM = torch.tensor([-1.0, -30.0, 0.0, -2.0], dtype=torch.float64).view(4, 1, 1)
-MU = torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=torch.float64).view(4, 1, 1)
-ZS = torch.tensor([[[1.0, -0.5]], [[2.0, 1.0]], [[0.3, -0.7]], [[0.0, 0.0]]], dtype=torch.float64)
+# row 3 from z0 = 0 (d0 = 0), row 4 from z0 below atol (d0 ~ 0.5), row 5 slow (d1 ~ 0.1, largest < 1)
+LAM = torch.tensor([-1.0, -30.0, 0.0, -2.0, -1.0, -1e-6], dtype=torch.float64).view(6, 1, 1)
+MU = torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64).view(6, 1, 1)
+ZS = torch.tensor([[[1.0, -0.5]], [[2.0, 1.0]], [[0.3, -0.7]], [[0.0, 0.0]], [[5e-7, -2e-7]], [[1.0, -0.5]]],
+                  dtype=torch.float64)
+# adaptive Heun with its first stage evaluated twice (an all-zero row of a): the same solution, one more evaluation
+HEUN_TWICE = ([0.0, 1.0], [[0.0], [1.0, 0.0]], [0.5, 0.0, 0.5], [0.5, 0.0, -0.5])
 
 
 def _field(lam, mu):
@@ -357,10 +362,14 @@ def _field(lam, mu):
 
 
 @pytest.mark.parametrize("name, atol, rtol", [
-    ("dopri5", 1e-6, 1e-5), ("bosh3", 1e-5, 1e-4), ("adaptive_heun", 1e-3, 1e-3)])
+    ("dopri5", 1e-6, 1e-5), ("bosh3", 1e-5, 1e-4), ("adaptive_heun", 1e-3, 1e-3), ("heun_twice", 1e-3, 1e-3)])
 def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
-    tab = embedded_tableau(get_solver(name)) if name == "dopri5" else embedded_tableau(
-        _spec(_torchdiffeq_tableau(name), dict(bosh3=3, adaptive_heun=2)[name]))
+    if name == "dopri5":
+        tab = embedded_tableau(get_solver(name))
+    elif name == "heun_twice":
+        tab = embedded_tableau(_spec(HEUN_TWICE, 2))
+    else:
+        tab = embedded_tableau(_spec(_torchdiffeq_tableau(name), dict(bosh3=3, adaptive_heun=2)[name]))
     t0, t1 = 0.25, 1.5
     lam = LAM.clone().requires_grad_()
     z0 = ZS.clone().requires_grad_()
@@ -368,7 +377,7 @@ def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
     z1 = stepper(_field(lam, MU), z0, t0, t1, torch.float64)
     weights = torch.linspace(-1.0, 2.0, z1.numel(), dtype=torch.float64).view_as(z1)
     (weights * z1).sum().backward()
-    for row in range(4):
+    for row in range(len(ZS)):
         lam_row = LAM[row:row + 1].clone().requires_grad_()
         z0_row = ZS[row:row + 1].clone().requires_grad_()
         z, accepted, rejected, nfe, _ = _one_row(_field(lam_row, MU[row:row + 1]), z0_row, t0, t1, tab, atol, rtol)
@@ -379,7 +388,26 @@ def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
         torch.testing.assert_close(z0.grad[row:row + 1], z0_row.grad, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(lam.grad[row:row + 1], lam_row.grad, rtol=1e-10, atol=1e-14)
     assert stepper.rejected[1] > 0 and stepper.accepted[1] > stepper.accepted[0]  # the stiff row
-    assert stepper.accepted.dtype == torch.long and stepper.nfe.shape == (4,)
+    assert stepper.accepted.dtype == torch.long and stepper.nfe.shape == (len(ZS),)
+
+
+def test_a_step_reaching_t1_exactly_is_the_last_and_a_half_precision_state_keeps_its_dtype():
+    """dz/dt = -1e-5 z at loose tolerances: the first step is the whole span (h1 > 1), taken once."""
+    tab = embedded_tableau(get_solver("dopri5"))
+    stepper = PerSequenceSolve(tab, 1e-2, 1e-2)
+    assert stepper.accepted is None and stepper.rejected is None and stepper.nfe is None
+    with torch.no_grad():
+        z1 = stepper(lambda t, z: -1e-5 * z, ZS[:1], 0.0, 1.0, torch.float64)
+    assert (stepper.accepted.tolist(), stepper.rejected.tolist(), stepper.nfe.tolist()) == ([1], [0], [8])
+    torch.testing.assert_close(z1, ZS[:1] * math.exp(-1e-5), rtol=1e-12, atol=0)
+    seen = []
+
+    def spy(t, z):  # a bf16 state: the field sees it in bf16, and time in float32
+        seen.append((t.dtype, z.dtype))
+        return -z
+    z1 = PerSequenceSolve(tab, 1e-2, 1e-2)(spy, ZS.to(torch.bfloat16), 0.0, 1.0, torch.float32)
+    assert z1.dtype == torch.bfloat16 and set(seen) == {(torch.float32, torch.bfloat16)}
+    torch.testing.assert_close(z1.double(), ZS * math.exp(-1.0), rtol=6e-2, atol=2e-2)  # bf16 steps
 
 
 def test_the_step_bound_and_a_non_finite_error_name_the_sequences():
@@ -394,6 +422,8 @@ def test_the_step_bound_and_a_non_finite_error_name_the_sequences():
     assert message.endswith("]); allowed: at most MAX_STEPS=3 steps per sequence (loosen atol/rtol)")
     assert float(message.split("(t=[")[1].split(",")[0]) == pytest.approx(times[2], rel=1e-12)
     assert per_sequence.MAX_STEPS == 10_000 and PerSequenceSolve(tab, 1e-6, 1e-6).max_steps == 10_000
+    with pytest.raises(RuntimeError, match=r"^per-sequence solve 'solve' took 2 steps"), torch.no_grad():
+        PerSequenceSolve(tab, 1e-9, 1e-9, max_steps=2)(_field(LAM[:1], MU[:1]), ZS[:1], 0.0, 1.0, torch.float64)
 
     def blows_up(t, z):  # row 1 turns non-finite after t = 0.5
         bad = (t > 0.5) & (torch.arange(2).view(2, 1, 1) == 1)
