@@ -433,7 +433,8 @@ def _train(run_dir, text, *extra):
 
 STEP_RUN = ("trainer.max_steps=3", "trainer.grad_accumulation=2", "trainer.warmup_steps=2", "trainer.lr=0.02",
             "trainer.grad_clip=0.05", "trainer.weight_decay=0.3", "trainer.betas=[0.8,0.9]", "trainer.min_lr_ratio=0.25",
-            "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=2", "seed=3")
+            "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=2", "seed=3",
+            "data.mlm_probability=0.3")
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +486,7 @@ def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_a
     train_records = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3]
     corpus = prepare(cfg.data)
-    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    objective = make_objective("mlm", corpus.tokenizer, 0.3)
     order = BatchOrder(corpus.train, 2, 3)  # micro-batches of 4 / 2 rows, seed 3
     config = bertode.BertODEConfig.from_pretrained(run_dir / "final")
     torch.manual_seed(3)
@@ -567,7 +568,7 @@ def test_the_run_logs_evaluates_saves_and_prints_what_it_computed(step_run):
     assert records[1]["peak_memory_mb"] > 1 and records[0]["depth"] is None and records[0]["nfe_forward"] == 2
     assert 0 < records[0]["elapsed"] < records[1]["elapsed"] < records[3]["elapsed"]
     corpus = prepare(cfg.data)
-    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    objective = make_objective("mlm", corpus.tokenizer, 0.3)
     baseline = unigram_cross_entropy(corpus.counts, corpus.eval[:3])
     model = bertode.BertODEForMaskedLM.from_pretrained(run_dir / "final")
     weights = load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")
@@ -652,10 +653,19 @@ def test_a_resume_with_another_objective_or_data_stream_is_one_line(step_run, tm
         assert capsys.readouterr().err.strip() == "error: " + expected.format(target=target)
 
 
-def test_max_tokens_and_max_time_stop_the_run(tmp_path, text):
-    _, result, records = _train(tmp_path / "tokens", text, "trainer.max_steps=10", "trainer.max_tokens=96",
-                                "trainer.eval_every=100", "trainer.checkpoint_every=100")
+def test_max_tokens_and_max_time_stop_the_run(tmp_path, text, capsys):
+    threads = torch.get_num_threads()
+    try:
+        _, result, records = _train(tmp_path / "tokens", text, "trainer.max_steps=10", "trainer.max_tokens=96",
+                                    "trainer.eval_every=100", "trainer.checkpoint_every=100", "trainer.num_threads=1",
+                                    "trainer.deterministic=true", "trainer.resume=auto")
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2] and result["step"] == 2
+    assert f"trainer.resume=auto: no checkpoint under {tmp_path / 'tokens' / 'checkpoints'}; starting from step 0" in \
+        capsys.readouterr().out
     _, result, records = _train(tmp_path / "time", text, "trainer.max_steps=10", "trainer.max_time=1e-9",
                                 "trainer.eval_every=100", "trainer.checkpoint_every=100")
     assert [r["step"] for r in records if r["kind"] == "train"] == [1] and result["step"] == 1
@@ -959,3 +969,91 @@ def test_evaluate_refuses_a_split_it_cannot_read_in_one_line(step_run):
         assert str(error.value) == expected
     folder, saved, name, fields = validate(compose("evaluate", [f"checkpoint={final}", "solver.steps=3"]))
     assert (folder, name, fields) == (final, "mlm", {"steps": 3}) and saved["hidden_size"] == 16
+
+
+
+def test_the_optimizer_decays_matrices_but_not_vectors_or_norms():
+    from omegaconf import OmegaConf
+
+    from bertode.training.loop import _numeric_stats, _optimizer
+
+    model = torch.nn.Module()
+    model.dense = torch.nn.Linear(3, 4)
+    model.NormScale = torch.nn.Linear(3, 4, bias=False)  # a matrix, but a norm's: no decay
+    model.frozen = torch.nn.Linear(2, 2)
+    model.frozen.requires_grad_(False)
+    trainer = OmegaConf.create({"weight_decay": 0.3, "lr": 0.02, "betas": [0.8, 0.9]})
+    optimizer = _optimizer(model, trainer, torch.device("cpu"))
+    (decay, no_decay) = optimizer.param_groups
+    assert decay["params"] == [model.dense.weight] and decay["weight_decay"] == 0.3
+    assert no_decay["params"] == [model.dense.bias, model.NormScale.weight] and no_decay["weight_decay"] == 0.0
+    assert decay["betas"] == (0.8, 0.9) and decay["lr"] == 0.02
+    assert _numeric_stats({"a": 1, "b": 2.5, "c": True, "d": "x", "e": None}) == {"a": 1, "b": 2.5}
+
+
+def test_a_run_keeps_the_lock_it_was_given_and_lets_go_of_its_own(tmp_path, text, monkeypatch, capsys):
+    from bertode.training import lock
+
+    quick = ("trainer.max_steps=1", "trainer.eval_every=100", "trainer.checkpoint_every=100")
+    capsys.readouterr()
+    lock.hold(tmp_path / "given")  # as `cli.hydra_entry` does before Hydra runs the task
+    try:
+        _train(tmp_path / "given", text, *quick)
+        assert lock.holds(tmp_path / "given")
+    finally:
+        lock.release_all()
+    _train(tmp_path / "own", text, *quick)
+    assert not lock.holds(tmp_path / "own")
+
+    def live(run_dir):
+        raise ValueError(f"hydra.run.dir={str(run_dir)!r} is invalid: another run is live in it")
+
+    monkeypatch.setattr(lock, "hold", live)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tmp_path / "live", text, *quick)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: hydra.run.dir={str(tmp_path / 'live')!r} is invalid: another "
+                                               "run is live in it")
+
+
+def test_a_run_checks_its_config_before_reading_data(tmp_path, text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tmp_path / "bad", text, "model=bert", "trainer.dynamics_every=2")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: trainer.dynamics_every=2 is invalid with mode='discrete'")
+
+
+def test_each_step_runs_at_the_depth_drawn_for_it(tmp_path, text):
+    from bertode.training.depth import depth_setting
+
+    cfg, _, records = _train(tmp_path, text, "model=bert", "model.weight_tying=true", "model.num_hidden_layers=3",
+                             "depth=uniform", "depth.low=1", "depth.high=3", "trainer.max_steps=4",
+                             "trainer.eval_every=100", "trainer.checkpoint_every=100", "seed=1")
+    drawn = depth_setting(cfg.depth)
+    depths = [r["depth"] for r in records if r["kind"] == "train"]
+    assert depths == [drawn.draw(1, step) for step in (1, 2, 3, 4)] and len(set(depths)) > 1
+
+
+@pytest.mark.parametrize("case", ["clm_saved_before_configs_named_it", "stream"])
+def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case):
+    """A causal LM whose checkpoint's config names no objective (state.pt's says clm), and a
+    streamed run (state.pt holds the stream's position): step 2 resumed is step 2 uninterrupted."""
+    import shutil
+
+    extra = (["objective=clm"] if case.startswith("clm") else ["data.streaming=true"]) + [
+        "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=100"]
+    _, _, records = _train(tmp_path / "whole", text, *extra)
+    target = tmp_path / "resumed" / "checkpoints" / "step_00000001"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_00000001", target)
+    if case.startswith("clm"):
+        config = json.loads((target / "config.json").read_text())
+        del config["objective"]
+        (target / "config.json").write_text(json.dumps(config))
+        (target / "manifest.json").unlink()
+        checkpoint.seal(target)
+    else:
+        assert torch.load(target / "state.pt", weights_only=True)["data"] is not None
+    _, _, again = _train(tmp_path / "resumed", text, *extra, "trainer.resume=auto")
+    assert [(r["step"], r["loss"]) for r in again if r["kind"] == "train"] == [
+        (r["step"], r["loss"]) for r in records if r["kind"] == "train"][1:]
