@@ -694,12 +694,12 @@ def _evaluate(step_run, *extra):
     from bertode.training.cli import compose
     from bertode.training.evaluate import run
 
-    run_dir, cfg, _, _ = step_run
+    run_dir, cfg = step_run[:2]
     text = _text_of(cfg)
     evaluation = compose("evaluate", [f"checkpoint={run_dir / 'final'}", "data=text", f"data.files=[{text / 'train.txt'}]",
                                       f"data.eval_files=[{text / 'eval.txt'}]", f"data.cache_dir={text / 'cache'}",
-                                      "data.seq_len=12", "data.vocab_size=100", "max_sequences=3", "batch_size=2",
-                                      "seed=5", *extra])
+                                      "data.seq_len=12", "data.vocab_size=60", "data.mlm_probability=0.3",
+                                      "max_sequences=3", "batch_size=2", "seed=5", *extra])  # the checkpoint's vocabulary
     out = run_dir / "evaluations" / "_".join(extra or ["default"])
     return run(evaluation, out), out
 
@@ -713,7 +713,7 @@ def test_evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_o
     run_dir, cfg, _, _ = step_run
     result, out = _evaluate(step_run, f"split={split}")
     corpus = prepare(cfg.data)
-    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    objective = make_objective("mlm", corpus.tokenizer, 0.3)
     batches = fixed_eval_batches(corpus.eval if split == "eval" else corpus.train, objective, 5, 2, 3)
     assert len({int((labels != -100).sum()) for _, labels in batches}) > 1  # unequal target counts
     model = bertode.BertODEForMaskedLM.from_pretrained(run_dir / "final")
@@ -813,8 +813,8 @@ def test_the_depth_curve_goes_to_the_dialled_depth_and_caps_the_perplexity():
     model.config = _Config(mode="discrete", num_hidden_layers=5, prelude_layers=1, coda_layers=1)
     model.readout = lambda hidden: hidden
     curve = DepthCurve(model, MaskedLanguageModel(None), torch.device("cpu"))
-    y = torch.tensor([[0, 1]])
-    logits = torch.tensor([[[-100.0, 100.0], [100.0, -100.0]]])  # both wrong by 200 nats
+    y = torch.tensor([[0, -100]])  # one target
+    logits = torch.tensor([[[-100.0, 100.0], [100.0, -100.0]]])  # wrong by 200 nats
     for _ in curve.batches([(y, y)]):
         with dialed(depth=4):
             curve.on_iterate(1, logits)
@@ -1057,3 +1057,49 @@ def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case
     _, _, again = _train(tmp_path / "resumed", text, *extra, "trainer.resume=auto")
     assert [(r["step"], r["loss"]) for r in again if r["kind"] == "train"] == [
         (r["step"], r["loss"]) for r in records if r["kind"] == "train"][1:]
+
+
+
+def test_evaluate_refuses_a_tokenizer_without_cls_or_sep_in_one_line(step_run, monkeypatch, capsys):
+    from bertode.training import evaluate
+
+    load = evaluate.load_tokenizer
+
+    def without_cls(folder):
+        tokenizer = load(folder)
+        tokenizer.cls_token = None
+        return tokenizer
+
+    monkeypatch.setattr(evaluate, "load_tokenizer", without_cls)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _evaluate(step_run, "split=eval")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: checkpoint={str(step_run[0] / 'final')!r} is invalid for bertode.evaluate: its tokenizer has no "
+        "[CLS]/[SEP] tokens, which every packed row starts and ends with; allowed: a checkpoint with a BERT-style "
+        "tokenizer (a bertode.train run's final/)")
+
+
+def test_evaluate_scores_a_causal_lm_by_its_next_tokens(tmp_path, text):
+    """A CLM checkpoint is evaluated as one: each position's logits against the next token."""
+    import torch.nn.functional as F
+
+    from bertode.training.corpus import prepare
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import make_objective
+
+    cfg, _, _ = _train(tmp_path, text, "objective=clm", "trainer.max_steps=1", "trainer.eval_every=100")
+    result, _ = _evaluate((tmp_path, cfg), "split=eval")
+    corpus = prepare(cfg.data)
+    model = bertode.BertODEForCausalLM.from_pretrained(tmp_path / "final").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in fixed_eval_batches(corpus.eval, make_objective("clm", corpus.tokenizer), 5, 2, 3):
+            logits = model(input_ids=inputs).logits[:, :-1].double()
+            targets = labels[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum",
+                                     ignore_index=-100).item()
+            count += int((targets != -100).sum())
+    assert result["objective"] == "clm" and result["target_tokens"] == count
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)
