@@ -360,3 +360,64 @@ def test_from_pretrained_on_a_bert_directory_passes_conversion_fields_to_from_be
 def _save(folder):
     transformers.RobertaModel(transformers.RobertaConfig(**SIZES, pad_token_id=1)).save_pretrained(folder)
     return folder
+
+
+DEBERTA = dict(SIZES, relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=4,
+               position_biased_input=False)
+
+
+def _refusal(convert) -> str:
+    with pytest.raises(ValueError) as error:
+        convert()
+    return str(error.value)
+
+
+def test_each_family_s_refusal_is_its_whole_line():
+    from bertode.families import family_of, supported, target_class
+
+    relative = transformers.BertConfig(**SIZES, position_embedding_type="relative_key")
+    assert _refusal(lambda: FAMILIES["bert"].config(relative)) == (
+        "from_bert: position_embedding_type='relative_key' (bert) is not supported; allowed: 'absolute'")
+    unset = transformers.BertConfig(**SIZES)
+    unset.position_embedding_type = None  # an older config: absolute
+    assert FAMILIES["bert"].config(unset)["hidden_size"] == 32
+    groups = transformers.AlbertConfig(**SIZES, num_hidden_groups=2)
+    assert _refusal(lambda: FAMILIES["albert"].config(groups)) == (
+        "from_bert: ALBERT with num_hidden_groups=2, inner_group_num=1 is not supported; allowed: 1 and 1 (one shared "
+        "layer)")
+    assert _refusal(lambda: family_of("t5")) == (
+        f"from_bert: model_type='t5' is not supported; allowed: {supported()} (BERT-layer encoders, and GPT-2)")
+    assert _refusal(lambda: target_class(FAMILIES["bert"], "GPT2Model")).startswith(  # "Model" after 4 characters
+        "from_bert: architecture 'GPT2Model' is not supported; allowed: BertModel, BertForMaskedLM, ")
+    gpt2 = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=40)
+    for fields, line in ((dict(add_cross_attention=True), "add_cross_attention=True is not supported; allowed: False"),
+                         (dict(embd_pdrop=0.2), "embd_pdrop=0.2 is not supported; allowed: 0.1 (resid_pdrop: one "
+                                                "hidden dropout)"),
+                         (dict(scale_attn_weights=False), "scale_attn_weights=False is not supported; allowed: True")):
+        hf = transformers.GPT2Config(**gpt2, **fields)
+        assert _refusal(lambda: FAMILIES["gpt2"].config(hf)) == f"from_bert: GPT-2 with {line}", fields
+
+
+@pytest.mark.parametrize("fields,tail", [
+    (dict(relative_attention=False, pos_att_type=[], position_biased_input=False),
+     "position_biased_input=False is not supported; allowed: True without relative_attention"),
+    (dict(z_steps=2), "z_steps=2 is not supported; allowed: 0 or 1"),
+    (dict(conv_kernel_size=1), "conv_kernel_size=1 is not supported; allowed: 0 (no ConvLayer)")])
+def test_deberta_refusals_at_their_boundaries(fields, tail):
+    hf = transformers.DebertaV2Config(**{**DEBERTA, **fields})
+    assert _refusal(lambda: FAMILIES["deberta-v2"].config(hf)) == f"from_bert: DeBERTa-v2 with {tail}"
+
+
+def test_deberta_fields_read_the_classifier_dropout_the_head_layout_and_v2_s_norm_list():
+    def fields(v2=True, **extra):
+        hf = (transformers.DebertaV2Config if v2 else transformers.DebertaConfig)(**{**DEBERTA, **extra})
+        return FAMILIES["deberta-v2" if v2 else "deberta"].config(hf)
+
+    assert fields(z_steps=1)["classifier_dropout"] is None  # z_steps=1 passes; no cls_dropout: None
+    assert fields(cls_dropout=0.14)["classifier_dropout"] == 0.14
+    assert fields(legacy=False, tie_word_embeddings=False)["tie_word_embeddings"] is True  # the decoder is tied
+    assert fields(legacy=True, tie_word_embeddings=False)["tie_word_embeddings"] is False
+    # transformers' DeBERTa-v2 splits norm_rel_ebd at "|"; v1 reads none of the v2 fields
+    assert fields(norm_rel_ebd="layer_norm|position")["norm_rel_ebd"] == "layer_norm"
+    stray = fields(v2=False, norm_rel_ebd="layer_norm", position_buckets=4, share_att_key=True)
+    assert (stray["norm_rel_ebd"], stray["position_buckets"], stray["share_att_key"]) == (None, -1, False)
