@@ -24,7 +24,7 @@ from bertode.solve import observe
 from bertode.solve.host_syncs import HostSyncs, count_host_syncs, sync_op_name
 from bertode.solve.observe import Observer
 from bertode.solve.stats import FixedPointRecord, SolveRecord, SolverStats, on_host
-from conftest import tiny_bert_config, tiny_ode_config
+from conftest import projection_loss, tiny_bert_config, tiny_ode_config
 
 MIN64 = torch.finfo(torch.float64).min
 
@@ -325,6 +325,32 @@ def test_a_fixed_step_model_counts_stages_times_steps_per_site(solver, stages):
         (3 * stages, 3, 0)] * 2
     assert (summary["nfe_forward"], summary["accepted_steps"], summary["solves"]) == (6 * stages, 6, 2)
 
+
+
+@pytest.mark.parametrize("fields", [dict(solver="dopri5", sensitivity="adjoint"),
+                                    dict(solver="dopri5", sensitivity="adjoint", ode_backend="torchdiffeq"),
+                                    dict(solver="rk4", steps=3)], ids=["torchdyn", "torchdiffeq", "rk4-autograd"])
+def test_each_sites_nfe_is_the_number_of_calls_its_field_gets_in_the_forward_and_in_the_backward(fields):
+    """The oracle: a forward hook on each site's vector field counts its evaluations, phase by phase."""
+    torch.manual_seed(0)
+    model = bertode.BertODEModel(tiny_ode_config(atol=1e-6, rtol=1e-6, **fields)).train()
+    calls = {}
+    for index, layer in enumerate(model.encoder.layer):
+        for kind in ("attention", "feed_forward"):
+            name = f"layer.{index}.{kind}"
+            calls[name] = [0]
+            def count(*_, n=name):
+                calls[n][0] += 1
+
+            getattr(layer, kind).field.register_forward_hook(count)
+    out = model(torch.randint(5, 64, (2, 6), generator=torch.Generator().manual_seed(9)))
+    forward = {name: count[0] for name, count in calls.items()}
+    projection_loss(out.last_hidden_state).backward()
+    rows = {row["name"]: row for row in model.solver_stats()["layers"]}
+    assert {n: (r["nfe_forward"], r["nfe_backward"]) for n, r in rows.items()} == {
+        n: (forward[n], calls[n][0] - forward[n]) for n in calls}
+    adjoint = fields.get("sensitivity") == "adjoint"
+    assert min(forward.values()) > 0 and adjoint == (out.solver_stats["nfe_backward"] > 0)
 
 # --- the observer --------------------------------------------------------------------------------------------------
 def test_an_unknown_keep_is_refused_in_one_line():
