@@ -345,19 +345,22 @@ def _one_row(f, z0, t0, t1, tab, atol, rtol):
 
 
 # per row: dz/dt = lam z + mu cos(3 t) on (2,)-vectors; row 1 stiff, row 2 f = 0 (the flat-field initial step),
-# row 3 from z0 = 0 (d0 = 0), row 4 from z0 below atol (d0 ~ 0.5), row 5 slow (d1 ~ 0.1, largest < 1)
-LAM = torch.tensor([-1.0, -30.0, 0.0, -2.0, -1.0, -1e-6], dtype=torch.float64).view(6, 1, 1)
-MU = torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64).view(6, 1, 1)
-ZS = torch.tensor([[[1.0, -0.5]], [[2.0, 1.0]], [[0.3, -0.7]], [[0.0, 0.0]], [[5e-7, -2e-7]], [[1.0, -0.5]]],
-                  dtype=torch.float64)
+# row 3 from z0 = 0 (d0 = 0), row 4 from z0 below atol (d0 ~ 0.5), row 5 slow (d1 ~ 0.1, largest < 1), row 6 flat
+# at t0 and its probe, then driven from t = 0.26 (+ nu relu(t - 0.26): the flat-start first step, then real steps)
+LAM = torch.tensor([-1.0, -30.0, 0.0, -2.0, -1.0, -1e-6, 0.0], dtype=torch.float64).view(7, 1, 1)
+MU = torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64).view(7, 1, 1)
+NU = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64).view(7, 1, 1)
+ZS = torch.tensor([[[1.0, -0.5]], [[2.0, 1.0]], [[0.3, -0.7]], [[0.0, 0.0]], [[5e-7, -2e-7]], [[1.0, -0.5]],
+                   [[0.4, 0.1]]], dtype=torch.float64)
 # adaptive Heun with its first stage evaluated twice (an all-zero row of a): the same solution, one more evaluation
 HEUN_TWICE = ([0.0, 1.0], [[0.0], [1.0, 0.0]], [0.5, 0.0, 0.5], [0.5, 0.0, -0.5])
 
 
-def _field(lam, mu):
+def _field(lam, mu, nu=0.0):
     def f(t, z):
-        t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
-        return lam * z + mu * torch.cos(3 * t)
+        # the reference's Python float t as the stepper's (batch, 1, 1) float64 tensor: the same dtype promotions
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64).view(1, 1, 1)
+        return lam * z + mu * torch.cos(3 * t) + nu * torch.relu(t - 0.26)
     return f
 
 
@@ -374,13 +377,14 @@ def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
     lam = LAM.clone().requires_grad_()
     z0 = ZS.clone().requires_grad_()
     stepper = PerSequenceSolve(tab, atol, rtol, name="probe")
-    z1 = stepper(_field(lam, MU), z0, t0, t1, torch.float64)
+    z1 = stepper(_field(lam, MU, NU), z0, t0, t1, torch.float64)
     weights = torch.linspace(-1.0, 2.0, z1.numel(), dtype=torch.float64).view_as(z1)
     (weights * z1).sum().backward()
     for row in range(len(ZS)):
         lam_row = LAM[row:row + 1].clone().requires_grad_()
         z0_row = ZS[row:row + 1].clone().requires_grad_()
-        z, accepted, rejected, nfe, _ = _one_row(_field(lam_row, MU[row:row + 1]), z0_row, t0, t1, tab, atol, rtol)
+        field = _field(lam_row, MU[row:row + 1], NU[row:row + 1])
+        z, accepted, rejected, nfe, _ = _one_row(field, z0_row, t0, t1, tab, atol, rtol)
         torch.testing.assert_close(z1[row:row + 1], z, rtol=1e-12, atol=1e-14)
         assert (stepper.accepted[row].item(), stepper.rejected[row].item(), stepper.nfe[row].item()) == (
             accepted, rejected, nfe), row
@@ -392,12 +396,12 @@ def test_each_row_steps_as_the_one_row_reference(name, atol, rtol):
 
 
 def test_a_step_reaching_t1_exactly_is_the_last_and_a_half_precision_state_keeps_its_dtype():
-    """dz/dt = -1e-5 z at loose tolerances: the first step is the whole span (h1 > 1), taken once."""
+    """dz/dt = -1e-5 z at loose tolerances from t0 < 0: the first step is the whole span (h1 > 1), taken once."""
     tab = embedded_tableau(get_solver("dopri5"))
     stepper = PerSequenceSolve(tab, 1e-2, 1e-2)
     assert stepper.accepted is None and stepper.rejected is None and stepper.nfe is None
     with torch.no_grad():
-        z1 = stepper(lambda t, z: -1e-5 * z, ZS[:1], 0.0, 1.0, torch.float64)
+        z1 = stepper(lambda t, z: -1e-5 * z, ZS[:1], -0.5, 0.5, torch.float64)
     assert (stepper.accepted.tolist(), stepper.rejected.tolist(), stepper.nfe.tolist()) == ([1], [0], [8])
     torch.testing.assert_close(z1, ZS[:1] * math.exp(-1e-5), rtol=1e-12, atol=0)
     seen = []
@@ -433,3 +437,28 @@ def test_the_step_bound_and_a_non_finite_error_name_the_sequences():
         PerSequenceSolve(tab, 1e-6, 1e-6, name="probe")(blows_up, ZS[:2], 0.0, 1.0, torch.float64)
     assert str(error.value) == ("per-sequence solve 'probe': the error norm is not finite on sequence(s) [1]; allowed: "
                                 "finite dynamics (lower the learning rate or the weights' scale)")
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_a_float32_state_is_controlled_in_the_time_dtype(row):
+    """A float32 state with float64 time: the initial step and the controller work in float64 (as the
+    one-row reference, whose t and h are Python floats), so the field is evaluated at the same times."""
+    tab = embedded_tableau(get_solver("dopri5"))
+    ours, reference = [], []
+
+    def spy(times, lam, mu):
+        field = _field(lam, mu)
+
+        def f(t, z):
+            times.append(float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t)
+            return field(t, z).to(z.dtype)
+        return f
+
+    z0 = ZS[row:row + 1].float()
+    with torch.no_grad():
+        z1 = PerSequenceSolve(tab, 1e-5, 1e-4)(spy(ours, LAM[row].float(), MU[row].float()), z0, 0.25, 1.5,
+                                              torch.float64)
+        z, *_ = _one_row(spy(reference, LAM[row].float(), MU[row].float()), z0, 0.25, 1.5, tab, 1e-5, 1e-4)
+    assert z1.dtype == torch.float32 and len(ours) == len(reference) > 10
+    assert max(abs(x - y) for x, y in zip(ours, reference)) <= 1e-13
+    torch.testing.assert_close(z1, z, rtol=1e-6, atol=1e-7)
