@@ -1035,13 +1035,14 @@ def test_each_step_runs_at_the_depth_drawn_for_it(tmp_path, text):
     assert depths == [drawn.draw(1, step) for step in (1, 2, 3, 4)] and len(set(depths)) > 1
 
 
-@pytest.mark.parametrize("case", ["clm_saved_before_configs_named_it", "stream"])
+@pytest.mark.parametrize("case", ["clm_saved_before_configs_named_it", "stream", "memory"])
 def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case):
     """A causal LM whose checkpoint's config names no objective (state.pt's says clm), and a
     streamed run (state.pt holds the stream's position): step 2 resumed is step 2 uninterrupted."""
     import shutil
 
-    extra = (["objective=clm"] if case.startswith("clm") else ["data.streaming=true"]) + [
+    extra = {"stream": ["data.streaming=true"], "memory": ["objective=clm", "model.position_scheme=transformer_xl",
+                                                           "model.mem_len=8"]}.get(case, ["objective=clm"]) + [
         "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=100"]
     _, _, records = _train(tmp_path / "whole", text, *extra)
     target = tmp_path / "resumed" / "checkpoints" / "step_00000001"
@@ -1052,8 +1053,8 @@ def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case
         (target / "config.json").write_text(json.dumps(config))
         (target / "manifest.json").unlink()
         checkpoint.seal(target)
-    else:
-        assert torch.load(target / "state.pt", weights_only=True)["data"] is not None
+    else:  # the stream's position, or the segment memory carried into step 2
+        assert torch.load(target / "state.pt", weights_only=True)["data" if case == "stream" else "memory"] is not None
     _, _, again = _train(tmp_path / "resumed", text, *extra, "trainer.resume=auto")
     assert [(r["step"], r["loss"]) for r in again if r["kind"] == "train"] == [
         (r["step"], r["loss"]) for r in records if r["kind"] == "train"][1:]
@@ -1103,3 +1104,23 @@ def test_evaluate_scores_a_causal_lm_by_its_next_tokens(tmp_path, text):
             count += int((targets != -100).sum())
     assert result["objective"] == "clm" and result["target_tokens"] == count
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+
+def test_trainer_compile_hands_its_scope_and_options_to_compile_model(tmp_path, text, monkeypatch):
+    from bertode.training import loop
+
+    calls = []
+
+    def compiled(model, scope, **options):  # torch.compile itself is compile.py's to test
+        calls.append((scope, options))
+        return model
+
+    monkeypatch.setattr(loop, "compile_model", compiled)
+    quick = ("trainer.max_steps=1", "trainer.eval_every=100", "trainer.checkpoint_every=100",
+             "trainer.compile_backend=inductor", "trainer.compile_mode=max-autotune")
+    for setting, scope in (("true", "auto"), ("model", "model")):
+        _train(tmp_path / setting, text, *quick, f"trainer.compile={setting}")
+        assert calls.pop() == (scope, {"backend": "inductor", "mode": "max-autotune"})
+    _train(tmp_path / "false", text, *quick, "trainer.compile=false")
+    assert calls == []
