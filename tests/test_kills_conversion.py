@@ -177,14 +177,16 @@ def test_conversion_refusals_are_one_line_naming_the_value(tmp_path):
         (lambda: bertode.from_bert(tmp_path / "empty"), ValueError,
          f"from_bert: {str(tmp_path / 'empty')!r} holds no readable config.json ("),
         (lambda: bertode.from_bert(torch.nn.Linear(2, 2)), TypeError,
-         "from_bert(model_or_path=Linear) is not supported; allowed: a transformers BERT-family model (bert, roberta, "),
+         "from_bert(model_or_path=Linear) is not supported; allowed: a transformers BERT-family model "
+         "(bert, roberta, "),
         (lambda: bertode.from_bert(_bert(num_hidden_layers=2), weight_tying=True), ValueError,
          "from_bert(weight_tying=True) needs a 1-layer source, got num_hidden_layers=2; allowed: weight_tying=False "
          "for a multi-layer BERT"),
         (lambda: bertode.from_bert(_bert(), num_hidden_layers=2), ValueError,
          "from_bert(num_hidden_layers=2) differs from the source's 1 layers; allowed: the source's count, or "
          "weight_tying=True with a 1-layer source"),
-        (lambda: bertode.from_bert(_bert(transformers.BertForSequenceClassification, num_labels=3), id2label={0: "a", 1: "b"},
+        (lambda: bertode.from_bert(_bert(transformers.BertForSequenceClassification, num_labels=3),
+                                   id2label={0: "a", 1: "b"},
                                    label2id={"a": 0, "b": 1}),
          ValueError, "from_bert: size mismatch for classifier.weight: copying a param with shape torch.Size([3, 32])"),
         (lambda: bertode.from_bert(transformers.BertModel(transformers.BertConfig(**SIZES), add_pooling_layer=False)),
@@ -256,7 +258,8 @@ def test_more_refusals_name_the_source_s_scheme_the_tied_core_and_the_first_five
     with pytest.raises(ValueError) as error:
         bertode.from_bert(_bert(), weight_tying=True, core_from="mean")
     assert str(error.value) == ("from_bert(core_from='mean') is invalid without a weight-tied core between a prelude "
-                                "and a coda; allowed: 'first' (or weight_tying=True with prelude_layers or coda_layers)")
+                                "and a coda; allowed: 'first' (or weight_tying=True with prelude_layers or "
+                                "coda_layers)")
     extra = _bert()
     for index in range(7):
         extra.register_parameter(f"extra{index}", torch.nn.Parameter(torch.zeros(1)))
@@ -270,15 +273,16 @@ def test_more_refusals_name_the_source_s_scheme_the_tied_core_and_the_first_five
     with pytest.raises(ValueError) as error:
         bertode.from_bert(holed)
     branch = "encoder.layer.0.attention.branch"
-    assert str(error.value) == ("from_bert: the source lacks parameters bertode needs: "
-                                f"{[f'{branch}.{n}.{p}' for n in ('query', 'key', 'value') for p in ('weight', 'bias')][:5]}")
+    needed = [f"{branch}.{name}.{kind}" for name in ("query", "key", "value") for kind in ("weight", "bias")]
+    assert str(error.value) == f"from_bert: the source lacks parameters bertode needs: {needed[:5]}"
     (tmp_path / "empty").mkdir()
     with pytest.raises((OSError, ValueError)) as loading:
         transformers.AutoConfig.from_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError) as error:
         bertode.from_bert(tmp_path / "empty")
     assert str(error.value) == (f"from_bert: {str(tmp_path / 'empty')!r} holds no readable config.json "
-                                f"({str(loading.value).splitlines()[0]}); allowed: a directory written by save_pretrained")
+                                f"({str(loading.value).splitlines()[0]}); allowed: a directory written by "
+                                "save_pretrained")
 
 
 def test_bertode_s_own_parameters_need_no_source_and_a_deq_without_weight_norm_keeps_plain_weights():
@@ -323,7 +327,8 @@ def test_rename_bert_key_gives_bertode_s_site_names():
                                              "bert.encoder.layer.2.intermediate.dense.weight",
                                              "bert.encoder.layer.3.output.dense.bias", "cls.predictions.bias")] == [
         "bert.encoder.layer.0.attention.branch.query.weight", "encoder.layer.1.attention.norm.bias",
-        "bert.encoder.layer.2.feed_forward.branch.intermediate.weight", "bert.encoder.layer.3.feed_forward.branch.dense.bias",
+        "bert.encoder.layer.2.feed_forward.branch.intermediate.weight",
+        "bert.encoder.layer.3.feed_forward.branch.dense.bias",
         "cls.predictions.bias"]
 
 
@@ -351,7 +356,8 @@ def test_from_pretrained_on_a_bert_directory_passes_conversion_fields_to_from_be
     with pytest.raises(ValueError) as error:
         bertode.BertODEForCausalLM.from_pretrained(_save(tmp_path / "roberta"))
     assert str(error.value) == ("BertODEForCausalLM.from_pretrained: a 'roberta' checkpoint has no BertODEForCausalLM "
-                                "conversion; allowed: BertODEModel, BertODEForMaskedLM, BertODEForSequenceClassification, "
+                                "conversion; allowed: BertODEModel, BertODEForMaskedLM, "
+                                "BertODEForSequenceClassification, "
                                 "BertODEForTokenClassification, BertODEForQuestionAnswering, BertODEForMultipleChoice")
     bertode.BertODEModel(bertode.BertODEConfig(**SIZES)).save_pretrained(tmp_path / "ours")
     assert type(bertode.BertODEModel.from_pretrained(tmp_path / "ours")) is bertode.BertODEModel  # not converted
