@@ -534,6 +534,7 @@ def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_a
         assert saved["step"] == step + 1 and saved["tokens"] == record["tokens"] and saved["objective"] == "mlm"
         assert saved["elapsed"] == pytest.approx(record["elapsed"]) and saved["data"] is None
         assert saved["memory"] is None and sorted(saved["rng"]) == ["python", "torch"]
+    _check_the_runs_records_evaluations_files_and_prints(step_run)
 
 
 def _hand_eval(model, batches):
@@ -552,7 +553,9 @@ def _hand_eval(model, batches):
     return total / count, right / count, count
 
 
-def test_the_run_logs_evaluates_saves_and_prints_what_it_computed(step_run):
+def _check_the_runs_records_evaluations_files_and_prints(step_run):
+    """(Called by the step test, which builds ``step_run``: mutmut maps a module-scoped fixture's
+    work to the first test that uses it, and runs only that test against the loop's mutants.)"""
     from safetensors.torch import load_file
 
     from bertode.training.corpus import prepare, unigram_cross_entropy
