@@ -74,23 +74,27 @@ def test_the_field_is_counted_and_in_the_states_dtype():
 
 
 def test_a_step_is_classical_rk4_with_float64_times_and_coefficients():
-    """One rk4 step from t = 0.1 (not a float32 number) on dz/dt = a z + t, written out."""
-    field, z0, t, h = Field(-0.7), _z0()[0], 0.1, 0.3
-    problem = ODEProblem(ODESolve("rk4"), z0, field, [], 0.0, 1.0, SolveRecord(name="probe"))
+    """One rk4 step from t = 0.1 (not a float32 number) on dz/dt = -0.7 z + t z^2, written out; the
+    state's zero stays zero at every stage (a tableau zero times a stage, never divided by one)."""
+    z0, t, h = torch.tensor([[0.5, -1.0, 0.0]], dtype=F64), 0.1, 0.3
+    problem = ODEProblem(ODESolve("rk4"), z0, None, [], 0.0, 1.0, SolveRecord(name="probe"))
     seen = []
+
+    def f(t, z):
+        return -0.7 * z + t * z * z
 
     def counted(t, z):
         seen.append(t.dtype)
-        return field(t, z)
+        return f(t, z)
 
     problem.dynamics = counted
     with torch.no_grad():
         got = problem.step(z0, t, h)
-    f = lambda t, z: -0.7 * z + t  # noqa: E731
     k1 = f(t, z0)
     k2 = f(t + h / 2, z0 + h / 2 * k1)
     k3 = f(t + h / 2, z0 + h / 2 * k2)
     k4 = f(t + h, z0 + h * k3)
+    assert got[0, 2] == 0
     torch.testing.assert_close(got, z0 + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), rtol=1e-15, atol=1e-15)
     assert seen == [F64] * 4
 
@@ -339,7 +343,7 @@ def test_rk4_steps_from_a_given_first_stage():
 
     x, t, h = _z0()[0], torch.tensor(0.1, dtype=F64), 0.3
     f = lambda t, z: -0.7 * z + t  # noqa: E731
-    k1 = torch.tensor([[0.25, -0.5, 1.0]], dtype=F64)  # not f(t, x)
+    k1 = torch.tensor([[0.25, -0.5, 0.0]], dtype=F64)  # not f(t, x); a zero stage is never divided by
     got = RungeKutta4(F64).step(f, x, t, h, k1=k1)
     k2 = f(t + h / 2, x + h / 2 * k1)
     k3 = f(t + h / 2, x + h / 2 * k2)
