@@ -409,7 +409,7 @@ def text(tmp_path_factory):
     draw = random.Random(0)
     lines = [" ".join(draw.choice(WORDS) for _ in range(12 + i % 7)) for i in range(60)]
     (folder / "train.txt").write_text("\n".join(lines))
-    (folder / "eval.txt").write_text("\n".join(lines[:10]))
+    (folder / "eval.txt").write_text("\n".join(lines[-10:][::-1]))  # rows unlike the train split's first ones
     return folder
 
 
@@ -755,12 +755,17 @@ def test_the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_
     tied_run = (tmp_path, *step_run[1:])
     result, out = _evaluate(tied_run, "curve=true")
     assert [point["depth"] for point in result["curve"]] == [1, 2, 3]
+    assert (result["mode"], result["steps"], result["deq_max_iter"], result["depth"]) == ("discrete", None, None, None)
     for point in result["curve"]:
         alone, _ = _evaluate(tied_run, f"depth.steps={point['depth']}")
+        assert alone["depth"] == point["depth"]
         assert point["loss"] == pytest.approx(alone["loss"], rel=1e-5), point
         assert point["accuracy"] == pytest.approx(alone["accuracy"]) and point["perplexity"] == pytest.approx(
             alone["perplexity"], rel=1e-5)
     assert result["curve"][-1]["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    exiting, _ = _evaluate(tied_run, "exit=latent_diff", "exit.threshold=0.5")
+    assert (exiting["exit"], exiting["exit_threshold"], exiting["depth"]) == ("latent_diff", 0.5, None)
+    assert exiting["exit_depth_mean"] < 3  # tokens exit before the third application
 
 
 class _Config:
