@@ -185,7 +185,52 @@ TESTS_BY_MODULE = {
         "tests/test_oracles_training.py::test_evaluate_is_the_total_cross_entropy_over_the_total_targets",
         "tests/test_segment_memory_training.py::test_the_ordered_evaluation_is_the_loss_of_each_slice_read_as_one_text",
         "tests/test_clm.py::test_clm_targets_are_the_text_tokens_of_each_row_and_the_loss_is_their_mean_cross_entropy"],
-    "bertode/training/evaluate.py": ["tests/test_oracles_training.py", "tests/test_train.py"],
+    # evaluate: its in-process tests (node ids; test_train's and test_depth_curve's runs take 10-60 s per mutant)
+    "bertode/training/evaluate.py": [f"tests/test_kills_training.py::test_{name}" for name in (
+        "evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_of_unequal_counts",
+        "an_evaluation_with_another_solve_says_so",
+        "the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_depth",
+        "the_depth_curve_repeats_a_converged_solves_last_iterate_and_reduces_as_the_loss",
+        "the_depth_curve_goes_to_the_dialled_depth_and_caps_the_perplexity",
+        "the_configured_depth_is_a_deqs_iterations_or_the_cores_applications",
+        "curve_needs_an_iterated_depth_in_one_line", "the_rows_must_fit_the_checkpoints_positions",
+        "the_objective_is_the_checkpoints_or_one_with_its_attention",
+        "a_checkpoint_folder_is_read_or_refused_in_one_line", "evaluate_refuses_a_split_it_cannot_read_in_one_line",
+        "evaluate_refuses_a_tokenizer_without_cls_or_sep_in_one_line", "evaluate_scores_a_causal_lm_by_its_next_tokens")],
+    # deq: the DEQ's unit tests and its dial, exit, cache, memory and trajectory paths (node ids), not its training runs
+    "bertode/layers/deq.py": [f"tests/test_deq.py::test_{name}" for name in (
+        "solvers_reach_tolerance_and_agree", "qkv_injection_enters_attention_only", "anderson_matches_torchdeq",
+        "forward_stats_and_model_residual", "ift_gradient_matches_finite_differences_and_unrolled",
+        "phantom_gradient_is_aligned_with_ift", "bf16_autocast_forward_converges_like_fp32",
+        "nan_in_the_layer_raises_a_named_error", "nan_batch_is_skipped_and_counted_when_configured",
+        "non_converging_solve_is_counted_and_training_continues", "hutchinson_penalty_estimates_the_jacobian_frobenius_norm",
+        "jacobian_penalty_is_added_to_the_loss", "jacobian_weight_grows_by_a_tenth_every_increment_period",
+        "pretraining_runs_the_layer_unrolled_first", "weight_norm_keeps_the_function_and_round_trips",
+        "spectral_radius_is_reported_at_eval", "broyden_restarts_instead_of_overflowing")] + [
+        "tests/test_depth_dial.py::test_the_dialled_depth_is_what_each_encoder_iterates",
+        "tests/test_depth_dial.py::test_an_exited_token_keeps_its_state_and_the_others_go_on[deq]",
+        "tests/test_depth_dial.py::test_an_exited_token_keeps_its_state_and_the_others_go_on[deq_qkv]",
+        "tests/test_depth_dial.py::test_exit_while_training_is_refused_in_one_line",
+        "tests/test_inspect.py::test_a_deq_trajectory_is_its_iterates",
+        "tests/test_kv_cache.py::test_the_deq_cache_is_exact_to_the_solves_tolerance",
+        "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
+        "once_per_layer[deq_qkv-transformer_xl]",
+        "tests/test_kills_deq_site.py"],
+    # site: HF at Euler-1, a pre-LN layer written out, Macaron's spans, the adjoint of norm-using fields, the active
+    # rows of per-token exit, a DEQ's reused dropout masks and the regularisers' augmented state (node ids)
+    "bertode/layers/site.py": ["tests/test_equivalence.py",
+        "tests/test_pre_ln.py::test_discrete_and_euler_1_equal_a_hand_written_pre_ln_transformer",
+        "tests/test_pre_ln.py::test_euler_1_has_the_discrete_gradients_and_the_adjoint_differentiates_the_branch_norm",
+        "tests/test_macaron.py::test_block_strang_is_the_macaron_layer",
+        "tests/test_macaron.py::test_in_ode_mode_the_halves_solve_over_their_half_of_the_layers_interval",
+        "tests/test_oracles_solve.py::test_adjoint_gradients_of_norm_using_fields_equal_autograd",
+        "tests/test_depth_dial.py::test_a_layer_on_the_active_rows_equals_the_dense_layer_there_and_leaves_the_rest",
+        "tests/test_regularizers.py::test_the_penalty_is_in_the_loss_and_its_gradient",
+        "tests/test_inspect.py::test_trajectories_have_monotone_times_and_end_at_the_layer_output",
+        "tests/test_inspect.py::test_attentions_equal_hf_eager_attentions_at_euler1",
+        "tests/test_deberta.py::test_an_adjoint_differentiates_the_shared_table",
+        "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
+        "once_per_layer[discrete-transformer_xl]", "tests/test_kills_deq_site.py"],
     # checkpoint: its in-process unit tests (the files' training runs take seconds to minutes per mutant)
     "bertode/training/checkpoint.py": ["tests/test_kills_training.py", "tests/test_legacy.py"],
     # segments: its unit tests only (node ids: a -k here would replace setup.cfg's); the file's training runs
@@ -213,6 +258,34 @@ TESTS_BY_MODULE = {
         "tests/test_positions.py::test_scores_depend_on_i_minus_j_only",
         "tests/test_positions.py::test_per_token_exit_queries_see_their_own_positions",
         "tests/test_positions.py::test_the_cached_decoder_equals_one_forward"],
+    # positions: the schemes' oracles (the paper's equations, Llama's RoPE, the cached decoder without a DEQ)
+    "bertode/layers/positions.py": [f"tests/test_positions.py::test_{name}" for name in (
+        "transformer_xl_scores_and_attention_equal_the_papers_equations", "rotary_equals_a_pairwise_rotation_and_llamas",
+        "rotary_attention_equals_softmax_of_rotated_queries_and_keys_under_a_cache", "scores_depend_on_i_minus_j_only",
+        "rotary_scores_do_not_change_when_the_absolute_start_shifts", "per_token_exit_queries_see_their_own_positions",
+        "the_cached_decoder_equals_one_forward[discrete-rotary]",
+        "the_cached_decoder_equals_one_forward[discrete-transformer_xl]",
+        "the_cached_decoder_equals_one_forward[rk4-2-steps-rotary]",
+        "the_cached_decoder_equals_one_forward[rk4-2-steps-transformer_xl]",
+        "from_bert_refuses_to_drop_the_sources_absolute_positions",
+        "unknown_schemes_and_a_stray_rope_theta_are_one_line")] + ["tests/test_kills_positions_cache.py"],
+    # kv_cache: one forward against cached decoding per mode (one DEQ: its prelude, qkv map and coda), HF's cached
+    # BERT decoder, cross-attention's cache, the refusals; not the other DEQ cases (4-9 s each) nor generate's process
+    "bertode/layers/kv_cache.py": [f"tests/test_kv_cache.py::test_{name}" for name in (
+        *(f"a_sequence_fed_through_the_cache_has_the_logits_of_one_forward[{mode}]" for mode in (
+            "discrete", "euler-1", "rk4-2-steps", "midpoint-time_weights", "rk2-block", "rk2_gated-ode-block",
+            "weight-tied-injected", "deq-qkv-prelude-coda")),
+        "the_cache_holds_one_slot_per_attention_evaluation",
+        "greedy_and_beam_search_give_the_same_tokens_with_and_without_the_cache[discrete]",
+        "greedy_and_beam_search_give_the_same_tokens_with_and_without_the_cache[weight-tied-injected]",
+        "cached_logits_equal_hf_bert_decoders_with_their_own_cache", "positions_after_padding_continue_after_the_cache",
+        "adaptive_solvers_generate_without_a_cache_and_refuse_one_in_one_line",
+        "calls_that_disagree_with_the_cache_are_refused_in_one_line", "per_token_exit_refuses_a_cache",
+        "fixed_length_caches_are_refused_in_one_line")] + [
+        "tests/test_cross_attention.py::test_the_cache_reads_the_encoder_once_and_generation_equals_no_cache",
+        "tests/test_causal_lm_conventions.py::test_generate_returns_every_steps_attentions_and_hidden_states_as_hf",
+        "tests/test_kills_positions_cache.py"],
+    "bertode/layers/adaptive.py": ["tests/test_adaptive_head.py", "tests/test_kills_positions_cache.py"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants
