@@ -297,3 +297,39 @@ def test_an_ode_site_solves_with_the_configured_method_backend_and_loop():
     assert (solve.ode_backend, solve.fixed_step_loop) == ("torchdiffeq", "neural_ode")
     model(**inputs()).last_hidden_state.square().sum().backward()
     assert model.solver_stats()["nfe_backward"] > 0  # the adjoint's backward solve evaluates the field
+
+
+def test_a_looped_core_exiting_in_train_mode_draws_a_fresh_dropout_mask_for_its_active_rows():
+    """Train mode without gradients, per-token exit of a looped core (no DEQ masks): each site draws F.dropout
+    on the whole update while every token runs, on the active rows' update afterwards; written out densely."""
+    import torch.nn.functional as F
+
+    p = 0.3
+    model = perturb(build(mode="discrete", weight_tying=True, hidden_dropout_prob=p).double()).train()
+    batch = inputs()
+    for threshold in (1.0, 0.6, 0.4, 0.3, 0.2, 0.1):  # fresh masks keep every iterate moving
+        torch.manual_seed(5)
+        with torch.no_grad(), bertode.dialed(depth=10, exit=bertode.make_exit_criterion("latent_diff", threshold)):
+            out = model(**batch)
+        depths = model.encoder.last_stats.exit_depths
+        if len(set(depths[batch["attention_mask"].bool()].tolist())) > 1:
+            break
+    else:
+        pytest.fail(f"no threshold gave tokens different exit depths: {depths.tolist()}")
+    mask = sdpa_mask(batch["attention_mask"])
+    layer = model.encoder.layer[0]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        z = model.embeddings(input_ids=batch["input_ids"])
+        for k in range(model.encoder.last_stats.counters["depth"]):
+            active = depths > k
+            x = z
+            for site in (layer.attention, layer.feed_forward):
+                update = site.branch(x, mask) if site is layer.attention else site.branch(x)
+                if bool(active.all()):
+                    x = site.norm(x + F.dropout(update, p, True))
+                else:
+                    x = x.clone()
+                    x[active] = site.norm(x[active] + F.dropout(update[active], p, True))
+            z = torch.where(active[..., None], x, z)
+    torch.testing.assert_close(out.last_hidden_state, z, rtol=0, atol=1e-12)
