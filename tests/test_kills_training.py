@@ -1134,3 +1134,20 @@ def test_trainer_compile_hands_its_scope_and_options_to_compile_model(tmp_path, 
         assert calls.pop() == (scope, {"backend": "inductor", "mode": "max-autotune"})
     _train(tmp_path / "false", text, *quick, "trainer.compile=false", "logger=tensorboard")
     assert calls == [] and any((tmp_path / "false" / "tensorboard").iterdir())  # the logger chosen
+
+
+def test_a_model_the_trained_vocabulary_cannot_hold_is_refused_and_its_cache_entry_dropped(tmp_path, text, capsys):
+    """The vocabulary trained on this text has 73 tokens, under data.vocab_size=100: cutoffs at 90 pass the
+    config's check and are refused once the tokenizer is known, leaving no cache entry behind."""
+    from bertode.train import compose, train
+
+    overrides = [o for o in _overrides(text) if not o.startswith("data.cache_dir=")]
+    cfg = compose([*overrides, f"data.cache_dir={tmp_path / 'cache'}", "model.lm_head_type=adaptive",
+                   "model.adaptive_cutoffs=[40,90]", "trainer.max_steps=1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(cfg, tmp_path / "run")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "error: model.adaptive_cutoffs=[40, 90] is invalid with data.vocab_size=73; allowed: a list of increasing")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
