@@ -230,7 +230,11 @@ TESTS_BY_MODULE = {
         "tests/test_inspect.py::test_attentions_equal_hf_eager_attentions_at_euler1",
         "tests/test_deberta.py::test_an_adjoint_differentiates_the_shared_table",
         "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
-        "once_per_layer[discrete-transformer_xl]", "tests/test_kills_deq_site.py"],
+        "once_per_layer[discrete-transformer_xl]",
+        "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
+        "once_per_layer[deq_qkv-transformer_xl]",
+        "tests/test_regularizers.py::test_the_hutchinson_jacobian_term_averages_to_the_dense_frobenius_norm",
+        "tests/test_kills_deq_site.py"],
     # checkpoint: its in-process unit tests (the files' training runs take seconds to minutes per mutant)
     "bertode/training/checkpoint.py": ["tests/test_kills_training.py", "tests/test_legacy.py"],
     # segments: its unit tests only (node ids: a -k here would replace setup.cfg's); the file's training runs
