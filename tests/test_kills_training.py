@@ -740,9 +740,11 @@ def test_an_evaluation_with_another_solve_says_so(step_run, capsys):
     result, _ = _evaluate(step_run, "solver.steps=2")
     assert result["overrides"] == {"steps": 2} and result["steps"] == 2 and result["nfe_forward"] == 4
     assert capsys.readouterr().out.splitlines()[-1].endswith(", nfe_forward 4 with {'steps': 2}")
+    again, _ = _evaluate(step_run, "solver.steps=2")  # into the same run directory: it is overwritten
+    assert again["loss"] == result["loss"]
 
 
-def test_the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_depth(step_run, tmp_path):
+def test_the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_depth(step_run, tmp_path, capsys):
     """A weight-tied discrete core of 3 applications: curve point n equals the evaluation at depth.steps=n."""
     import shutil
 
@@ -753,8 +755,12 @@ def test_the_curve_of_a_looped_core_is_the_loss_of_separate_evaluations_at_each_
     config.update(mode="discrete", weight_tying=True, num_hidden_layers=3, solver=None, steps=None, sensitivity=None)
     (tied / "config.json").write_text(json.dumps(config))
     tied_run = (tmp_path, *step_run[1:])
+    capsys.readouterr()
     result, out = _evaluate(tied_run, "curve=true")
     assert [point["depth"] for point in result["curve"]] == [1, 2, 3]
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        f"  depth {p['depth']}: loss {p['loss']:.4f}, perplexity {p['perplexity']:.2f}, accuracy {p['accuracy']:.3f}"
+        for p in result["curve"]]
     assert (result["mode"], result["steps"], result["deq_max_iter"], result["depth"]) == ("discrete", None, None, None)
     for point in result["curve"]:
         alone, _ = _evaluate(tied_run, f"depth.steps={point['depth']}")
