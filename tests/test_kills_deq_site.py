@@ -381,3 +381,73 @@ def test_a_regularised_adjoint_differentiates_the_sites_parameters_as_autograd()
                                         for n, p in model.named_parameters() if "encoder.layer.0" in n])
     error = (grads["adjoint"] - grads["autograd"]).norm() / grads["autograd"].norm()
     assert error <= 1e-2, error.item()
+
+
+def test_the_forward_solve_takes_the_configured_rel_stop_mode_too():
+    model = build(mode="deq", deq_solver="anderson", deq_stop_mode="rel", deq_damping=0.6, deq_memory=2)
+    generator = torch.Generator().manual_seed(0)
+    a = 0.5 * torch.randn(12, 12, generator=generator, dtype=torch.float64) / 12 ** 0.5
+    f = lambda z: z @ a.T + 10 * torch.ones(3, 12, dtype=torch.float64)
+    z0 = torch.zeros(3, 12, dtype=torch.float64)
+    ours, info = model.encoder._solve(f, z0, "anderson", 40, 1e-6, "x")
+    with checking_every(model.config.deq_check_every):
+        absolute, abs_info = FIXED_POINT_SOLVERS["anderson"](f, z0, 40, 1e-6, stop_mode="abs", damping=0.6, memory=2)
+        relative, rel_info = FIXED_POINT_SOLVERS["anderson"](f, z0, 40, 1e-6, stop_mode="rel", damping=0.6, memory=2)
+    assert torch.equal(ours, relative) and info.iterations == rel_info.iterations != abs_info.iterations
+
+
+def test_a_deq_reports_its_iterates_trajectory_and_the_solves_statistics():
+    """Under ift: every iterate to the dial's on_iterate (1..n, the last one the output), the trajectory named
+    deq.forward at iterations 0..n, and the forward and (non-converging) backward solves' SolveInfo in the
+    statistics and counters (plain ints)."""
+    model = build(mode="deq", deq_tol=1e-5, deq_max_iter=60, deq_backward_max_iter=2, deq_backward_tol=1e-12,
+                  initializer_range=0.02)
+    reported = {}
+    with bertode.dialed(on_iterate=lambda n, z: reported.__setitem__(n, z.detach().clone())):
+        out = model(**inputs(), output_trajectory=True)
+    info = model.encoder.last_forward_info
+    assert sorted(reported) == list(range(1, info.iterations + 1))
+    (solve,) = out.trajectory
+    assert solve["name"] == "deq.forward" and solve["times"].tolist() == list(range(info.iterations + 1))
+    stats = model.solver_stats()
+    assert stats["nfe_forward"] == stats["forward_iterations"] == info.iterations
+    assert stats["forward_converged_at"] == info.converged_at and stats["forward_abs_residual"] == info.worst_abs_residual
+    out.last_hidden_state.square().sum().backward()
+    backward = model.encoder.last_backward_info
+    assert backward is not None and backward.iterations == 2 and backward.converged_fraction < 1
+    stats = model.solver_stats()
+    assert stats["nfe_backward"] == stats["backward_iterations"] == 2
+    assert stats["backward_converged_at"] == backward.converged_at
+    assert model.encoder.counters() == dict(training_forwards=1, skipped_batches=0, nonconverged_solves=1)
+    assert all(type(value) is int for value in model.encoder.counters().values())
+
+
+def test_exit_with_truncated_backprop_keeps_the_graph_of_the_last_iteration_only():
+    """Eval mode with gradients, exit at threshold 0 (no token leaves), backprop=1 of 4 iterations: the
+    gradient of the first iterates is cut, so the parameters' gradient is that of one damped step from the
+    third iterate (computed without a graph)."""
+    model = perturb(build(mode="deq", deq_damping=0.8, initializer_range=0.1).double()).eval()
+    batch = inputs()
+    with bertode.dialed(depth=4, backprop=1, exit=bertode.make_exit_criterion("latent_diff", 0.0)):
+        model(**batch).last_hidden_state.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    encoder, mask = model.encoder, sdpa_mask(batch["attention_mask"])
+    embeddings = model.embeddings(input_ids=batch["input_ids"])
+    add = encoder.injection(embeddings)
+
+    def layers(z):
+        hidden = z + add
+        for index, layer in enumerate(encoder.layer):
+            hidden, _ = layer(hidden, mask, Pass(index))
+        return 0.2 * z + 0.8 * hidden
+
+    z = torch.zeros_like(embeddings)
+    with torch.no_grad():
+        for _ in range(3):
+            z = layers(z)
+    layers(z).square().sum().backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
