@@ -451,3 +451,24 @@ def test_exit_with_truncated_backprop_keeps_the_graph_of_the_last_iteration_only
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_bf16_deq_exits_with_an_fp32_state_and_bf16_layers():
+    """A bf16 model: the state iterates in fp32 (z_{k+1} = 0.2 z_k + 0.8 Layers(z_k + U e) with the layers in
+    bf16, cast up), the dial sees and the model returns bf16."""
+    model = build(mode="deq", deq_damping=0.8).to(torch.bfloat16).eval()
+    batch, reported = inputs(), []
+    with torch.no_grad(), bertode.dialed(depth=4, exit=bertode.make_exit_criterion("latent_diff", 0.0),
+                                         on_iterate=lambda n, z: reported.append(z.dtype)):
+        out = model(**batch)
+    assert out.last_hidden_state.dtype == torch.bfloat16 and reported == [torch.bfloat16] * 4
+    encoder, mask = model.encoder, sdpa_mask(batch["attention_mask"])
+    with torch.no_grad():
+        embeddings = model.embeddings(input_ids=batch["input_ids"])
+        add, z = encoder.injection(embeddings), torch.zeros(embeddings.shape)
+        for _ in range(4):
+            hidden = z.to(torch.bfloat16) + add
+            for index, layer in enumerate(encoder.layer):
+                hidden, _ = layer(hidden, mask, Pass(index))
+            z = 0.2 * z + 0.8 * hidden.float()
+    torch.testing.assert_close(out.last_hidden_state, z.to(torch.bfloat16), rtol=0, atol=0)
