@@ -472,3 +472,13 @@ def test_a_bf16_deq_exits_with_an_fp32_state_and_bf16_layers():
                 hidden, _ = layer(hidden, mask, Pass(index))
             z = 0.2 * z + 0.8 * hidden.float()
     torch.testing.assert_close(out.last_hidden_state, z.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_an_ode_sites_dropout_mask_takes_the_autocast_dtype():
+    from bertode.layers.site import _in_compute_dtype
+
+    mask = torch.full((2, 3), 2.0)
+    assert _in_compute_dtype(mask).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _in_compute_dtype(mask).dtype == torch.bfloat16
+        assert torch.equal(_in_compute_dtype(mask).float(), mask)
