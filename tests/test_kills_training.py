@@ -730,7 +730,7 @@ def test_evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_o
                     overrides={}, mode="ode", solver="euler", steps=1, deq_max_iter=None, depth=None,
                     exit="none", exit_threshold=None)
     assert {k: result[k] for k in expected} == expected and 0 < result["seconds"] < 60
-    assert json.loads((out / "evaluation.json").read_text()) == result
+    assert (out / "evaluation.json").read_text() == json.dumps(result, indent=2)
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"{run_dir / 'final'} [{split}]: MLM loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} per "
         f"token, accuracy {result['accuracy']:.3f} over {count} target tokens, nfe_forward 2")
@@ -978,6 +978,7 @@ def test_evaluate_refuses_a_split_it_cannot_read_in_one_line(step_run):
 
     final = step_run[0] / "final"
     for extra, expected in [(["split=test"], "split='test' is invalid; allowed: 'eval', 'train'"),
+                            (["batch_size=0"], "batch_size=0 is invalid; allowed: an integer >= 1"),
                             (["split=train", "data.streaming=true"], "split='train' is invalid with data.streaming=true "
                              "(a stream has no fixed train rows); allowed: split=eval, or data.streaming=false")]:
         with pytest.raises(ValueError) as error:
