@@ -419,6 +419,11 @@ def test_a_deq_reports_its_iterates_trajectory_and_the_solves_statistics():
     assert stats["nfe_backward"] == stats["backward_iterations"] == 2
     assert stats["backward_converged_at"] == backward.converged_at
     assert model.encoder.counters() == dict(training_forwards=1, skipped_batches=0, nonconverged_solves=1)
+    model.config.deq_backward_max_iter, model.config.deq_backward_tol = 100, 1e-4
+    model.encoder.sensitivity = bertode.solve.sensitivities.build_sensitivity(model.config)
+    model(**inputs()).last_hidden_state.square().sum().backward()
+    backward = model.encoder.last_backward_info
+    assert backward.converged_at is not None and model.solver_stats()["backward_converged_at"] == backward.converged_at
     assert all(type(value) is int for value in model.encoder.counters().values())
 
 
@@ -462,6 +467,7 @@ def test_a_bf16_deq_exits_with_an_fp32_state_and_bf16_layers():
                                          on_iterate=lambda n, z: reported.append(z.dtype)):
         out = model(**batch)
     assert out.last_hidden_state.dtype == torch.bfloat16 and reported == [torch.bfloat16] * 4
+    assert out.hidden_states is None  # not asked for
     encoder, mask = model.encoder, sdpa_mask(batch["attention_mask"])
     with torch.no_grad():
         embeddings = model.embeddings(input_ids=batch["input_ids"])
@@ -482,3 +488,12 @@ def test_an_ode_sites_dropout_mask_takes_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _in_compute_dtype(mask).dtype == torch.bfloat16
         assert torch.equal(_in_compute_dtype(mask).float(), mask)
+
+
+def test_a_bf16_deq_reads_its_kl_exit_through_the_bf16_head():
+    model = build(BertODEForMaskedLM, mode="deq").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        plain = model(**inputs()).logits
+        with bertode.dialed(depth=model.config.deq_max_iter, exit=bertode.make_exit_criterion("kl", 0.0)):
+            exited = model(**inputs()).logits
+    assert exited.dtype == torch.bfloat16 and exited.shape == plain.shape
