@@ -4,6 +4,7 @@
     python scripts/mutation.py bertode/layers/losses.py --tests tests/test_sparse_prediction.py
     python scripts/mutation.py bertode/solve/dial.py --jobs 1 --keep
     python scripts/mutation.py bertode/solve/dial.py --again     # after new tests: the survivors only
+    python scripts/mutation.py --all --jobs 2                    # every module below in turn (hours), the table
 
 mutmut (the ``mutation`` extra: ``pip install -e .[mutation]``) writes its mutants into a
 ``mutants/`` folder beside the code it mutates and chdirs there, so this script never runs
@@ -235,6 +236,7 @@ TESTS_BY_MODULE = {
         "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"
         "once_per_layer[deq_qkv-transformer_xl]",
         "tests/test_regularizers.py::test_the_hutchinson_jacobian_term_averages_to_the_dense_frobenius_norm",
+        "tests/test_depth_dial.py::test_truncated_ode_gradient_equals_the_hand_written_truncated_euler_recursion",
         "tests/test_kills_deq_site.py"],
     # checkpoint: its in-process unit tests (the files' training runs take seconds to minutes per mutant)
     "bertode/training/checkpoint.py": ["tests/test_kills_training.py", "tests/test_legacy.py"],
@@ -318,7 +320,9 @@ STATUS_BY_EXIT_CODE = {  # mutmut 3's codes (mutmut/stats.py), kept here so the 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("module", help="a .py file of bertode, relative to the repository root")
+    parser.add_argument("module", nargs="?", help="a .py file of bertode, relative to the repository root")
+    parser.add_argument("--all", action="store_true",
+                        help="every module of TESTS_BY_MODULE in turn (hours), then the kill-rate table")
     parser.add_argument("--tests", nargs="+", help="test files or node ids (default: TESTS_BY_MODULE[module])")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (mutmut --max-children)")
     parser.add_argument("--scratch", type=Path, help="scratch copy (default /tmp/mut-<module>)")
@@ -326,6 +330,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for --again, `mutmut show/browse`)")
     parser.add_argument("--again", action="store_true", help="re-test the kept copy's survivors with today's tests/")
     args = parser.parse_args(argv)
+    if args.all:
+        given = [f"--{name}" for name in ("tests", "scratch", "out") if getattr(args, name)]
+        given += ["module"] * bool(args.module) + ["--again"] * args.again
+        if given:
+            parser.error(f"--all with {', '.join(given)} is invalid; allowed with --all: --jobs, --keep")
+        return args
+    if args.module is None:
+        parser.error("module is missing; allowed: a file bertode/**/*.py of this repository, or --all")
     module = Path(args.module).as_posix()
     if not module.startswith("bertode/") or not module.endswith(".py") or not (REPO / module).is_file():
         parser.error(f"module={args.module!r} is invalid; allowed: a file bertode/**/*.py of this repository")
@@ -415,8 +427,31 @@ def read_results(scratch: Path, module: str) -> dict:
     )
 
 
+def table() -> str:
+    """The kill rates recorded in results/mutation/ (docs/testing.md's table adds the equivalent mutants)."""
+    lines = ["| module | mutants | killed | survivors | kill rate |", "| --- | ---: | ---: | ---: | ---: |"]
+    for path in sorted((REPO / "results" / "mutation").glob("*.json")):
+        record = json.loads(path.read_text())
+        killed = record["killed"] + record["timeout"]
+        lines.append(f"| {record['module']} | {record['mutants']} | {killed} | {record['mutants'] - killed} | "
+                     f"{killed / record['mutants']:.1%} |")
+    return "\n".join(lines)
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Each module of TESTS_BY_MODULE with its default tests, one after another; the table at the end."""
+    options = ["--jobs", str(args.jobs)] + ["--keep"] * args.keep
+    failed = [module for module in TESTS_BY_MODULE if main([module, *options])]
+    print("\n" + table())
+    if failed:
+        print(f"mutmut wrote no results for {len(failed)} modules: {', '.join(failed)}", file=sys.stderr)
+    return int(bool(failed))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.all:
+        return run_all(args)
     names = []
     if args.again:
         names = refresh_tests(args.scratch, args.module, args.tests)
