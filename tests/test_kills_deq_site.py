@@ -497,3 +497,19 @@ def test_a_bf16_deq_reads_its_kl_exit_through_the_bf16_head():
         with bertode.dialed(depth=model.config.deq_max_iter, exit=bertode.make_exit_criterion("kl", 0.0)):
             exited = model(**inputs()).logits
     assert exited.dtype == torch.bfloat16 and exited.shape == plain.shape
+
+
+def test_a_sites_trajectory_outputs_are_its_norm_of_each_state_and_the_dialled_steps_count():
+    """output_trajectory: a post-LN site's outputs are LN(z(t)) at each state, the last its output; at the
+    dialled depth every site takes that many Euler steps (no regulariser)."""
+    model = perturb(build(mode="ode", solver="euler", steps=2, vector_field="residual").double()).eval()
+    with torch.no_grad(), bertode.dialed(depth=3):
+        out = model(**inputs(), output_trajectory=True)
+    assert out.solver_stats["nfe_forward"] == 3 * 4
+    for index, solve in enumerate(out.trajectory):
+        layer = model.encoder.layer[index // 2]
+        site = layer.attention if index % 2 == 0 else layer.feed_forward
+        assert len(solve["times"]) == 4
+        with torch.no_grad():
+            torch.testing.assert_close(solve["outputs"], site.norm(solve["states"]), rtol=0, atol=1e-12)
+    build(mode="ode", vector_field="time_weights")  # the field binds its site's branch (its linear maps)
