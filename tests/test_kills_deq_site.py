@@ -513,3 +513,28 @@ def test_a_sites_trajectory_outputs_are_its_norm_of_each_state_and_the_dialled_s
         with torch.no_grad():
             torch.testing.assert_close(solve["outputs"], site.norm(solve["states"]), rtol=0, atol=1e-12)
     build(mode="ode", vector_field="time_weights")  # the field binds its site's branch (its linear maps)
+
+
+def test_pretraining_forwards_ignore_the_exit_and_later_ones_take_it():
+    model = build(mode="deq", deq_pretrain_steps=1, deq_pretrain_depth=2).train()
+    exit_dial = dict(depth=6, exit=bertode.make_exit_criterion("latent_diff", 0.0))
+    with torch.no_grad(), bertode.dialed(**exit_dial):
+        model(**inputs())  # the first training forward: unrolled warm-up, no exit
+        stats = model.encoder.last_stats
+        assert stats.records[0].extra.get("pretrain") is True and stats.exit_depths is None
+        model(**inputs())  # the second: past the warm-up, the exit runs
+        assert model.encoder.last_stats.exit_depths is not None
+    fresh = build(mode="deq", deq_pretrain_steps=5).eval()  # at eval the warm-up never applies
+    with torch.no_grad(), bertode.dialed(**exit_dial):
+        fresh(**inputs())
+    assert fresh.encoder.last_stats.exit_depths is not None
+
+
+def test_a_deq_takes_a_batch_of_one_sequence():
+    model = build(mode="deq").eval()
+    one = {name: value[:1] for name, value in inputs().items()}
+    with torch.no_grad():
+        alone = model(**one).last_hidden_state
+        both = model(**inputs()).last_hidden_state
+    assert alone.shape == (1, 9, 32)
+    torch.testing.assert_close(alone, both[:1], rtol=0, atol=1e-3)  # each row's own fixed point, to the tolerance
