@@ -213,6 +213,7 @@ TESTS_BY_MODULE = {
         "tests/test_depth_dial.py::test_an_exited_token_keeps_its_state_and_the_others_go_on[deq_qkv]",
         "tests/test_depth_dial.py::test_exit_while_training_is_refused_in_one_line",
         "tests/test_depth_dial.py::test_threshold_zero_gives_outputs_identical_to_no_exit[kl-deq]",
+        "tests/test_depth_dial.py::test_phantom_takes_the_dialled_k_as_its_steps",
         "tests/test_inspect.py::test_a_deq_trajectory_is_its_iterates",
         "tests/test_kv_cache.py::test_the_deq_cache_is_exact_to_the_solves_tolerance",
         "tests/test_segment_memory.py::test_reading_by_segments_equals_the_whole_text_where_attention_is_evaluated_"

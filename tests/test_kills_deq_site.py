@@ -538,3 +538,26 @@ def test_a_deq_takes_a_batch_of_one_sequence():
         both = model(**inputs()).last_hidden_state
     assert alone.shape == (1, 9, 32)
     torch.testing.assert_close(alone, both[:1], rtol=0, atol=1e-3)  # each row's own fixed point, to the tolerance
+
+
+def test_a_skipped_implicit_backward_rolls_every_gradient_back():
+    """A NaN cotangent makes the implicit backward's solve non-finite: with ``skip`` the batch is counted and
+    every parameter's gradient is what it was before this batch (here: ones)."""
+    model = build(mode="deq", deq_on_nonfinite="skip").train()
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    out = model(**inputs()).last_hidden_state
+    out.register_hook(lambda grad: grad * float("nan"))
+    out.sum().backward()
+    assert model.encoder.skipped_batches.item() == 1
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize("sensitivity", ["unrolled", "ift"])
+def test_a_deq_reports_every_iterate_in_its_dtype_and_names_its_record(sensitivity):
+    model = build(mode="deq", sensitivity=sensitivity, deq_tol=1e-30, deq_max_iter=5).to(torch.bfloat16).eval()
+    reported = []
+    with torch.no_grad(), bertode.dialed(on_iterate=lambda n, z: reported.append((n, z.dtype))):
+        model(**inputs())
+    assert reported == [(n, torch.bfloat16) for n in range(1, 6)]
+    assert model.encoder.last_stats.records[0].name == "deq"
