@@ -561,3 +561,22 @@ def test_a_deq_reports_every_iterate_in_its_dtype_and_names_its_record(sensitivi
         model(**inputs())
     assert reported == [(n, torch.bfloat16) for n in range(1, 6)]
     assert model.encoder.last_stats.records[0].name == "deq"
+
+
+def test_an_ode_site_differentiates_only_the_dialled_last_step():
+    """Euler, 4 steps of h = 1/4, backprop=1: the first three steps pass the input's gradient on unchanged
+    (z3 + x - x.detach()), the last is differentiated; out = LN(z4). Written out with the site's field."""
+    model = perturb(build(mode="ode", solver="euler", steps=4, vector_field="residual").double()).eval()
+    site = model.encoder.layer[0].feed_forward
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, 32, dtype=torch.float64)
+    out, _ = site(x, None, Pass(0, steps=4, backprop=1))
+    (got,) = torch.autograd.grad((out * weights).sum(), x)
+    with torch.no_grad():
+        z = x.detach()
+        for _ in range(3):
+            z = z + 0.25 * site.branch(z)
+    z = z + x - x.detach()
+    z = z + 0.25 * site.branch(z)
+    (expected,) = torch.autograd.grad((site.norm(z) * weights).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
