@@ -169,3 +169,168 @@ def test_the_embeddings_gradient_is_transformer_xls_written_per_token():
         assert (ours - expected).abs().max() <= 1e-12
     for ours, expected in zip([p.weight.grad for p in embedding.projections], projection_grads):
         assert (ours - expected).abs().max() <= 1e-12
+
+
+# --- kv_cache.py --------------------------------------------------------------------------------------------------
+def _decoder(**fields):
+    from bertode.causal_lm import BertODEForCausalLM
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    config = bertode.BertODEConfig(**{**TINY, "mode": "discrete", **fields}, is_decoder=True, initializer_range=0.3)
+    return BertODEForCausalLM(config).eval()
+
+
+def _ids(length, seed=1):
+    return torch.randint(5, 64, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_one_layer_decoders_cache_and_a_given_cache_with_use_cache_unset_continue_one_forward():
+    """A cache of one slot (one attention evaluation) reads its past from that slot; a cache passed with
+    ``use_cache`` unset is read and extended even where the config says ``use_cache=False`` (HF BERT's rule)."""
+    from transformers.cache_utils import DynamicCache
+
+    ids = _ids(7)
+    for model in (_decoder(num_hidden_layers=1), _decoder(use_cache=False)):
+        with torch.no_grad():
+            whole = model(ids, use_cache=False).logits
+            cache = DynamicCache()
+            first = model(ids[:, :4], cache=cache).logits
+            rest = model(ids[:, 4:], cache=cache).logits
+        assert cache.get_seq_length() == 7
+        assert (torch.cat([first, rest], dim=1) - whole).abs().max() <= 1e-5
+
+
+def test_the_cache_is_dropped_with_a_warning_only_while_training_with_checkpointing_and_no_deprecated_alias_read():
+    import logging
+    import warnings
+
+    from transformers.testing_utils import CaptureLogger
+
+    from bertode.layers import kv_cache
+
+    model, ids = _decoder(), _ids(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecated `is_gradient_checkpointing`
+        assert model(ids, use_cache=True).cache is not None
+        model.train()
+        assert model(ids, use_cache=True).cache is not None  # training alone keeps the cache
+        model.gradient_checkpointing_enable()
+        logging.Logger.warning_once.cache_clear()
+        with CaptureLogger(kv_cache.logger) as captured:
+            assert model(ids, use_cache=True).cache is None
+        assert captured.out == "use_cache=True is incompatible with activation checkpointing; using no cache\n"
+        model.eval()
+        assert model(ids, use_cache=True).cache is not None  # checkpointing saves nothing at eval
+
+
+def test_calls_that_disagree_with_the_cache_are_refused_in_the_whole_line():
+    model, ids = _decoder(mode="ode", solver="euler", steps=2), _ids(6)
+    with torch.no_grad():
+        cache = model(ids[:, :4], use_cache=True).cache
+        with bertode.dialed(depth=1):
+            with pytest.raises(ValueError) as error:
+                model(ids[:, 4:5], cache=cache)
+    assert str(error.value) == ("cache holds the keys and values of 4 attention evaluations, but this forward ran 2; "
+                                "allowed: the same depth, solver, steps and block in every call that shares a cache "
+                                "(or a new cache)")
+
+
+def test_fixed_length_and_too_short_caches_are_refused_in_their_whole_lines():
+    from transformers import StaticCache
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache, StaticLayer
+
+    from bertode.layers.kv_cache import CacheSession
+
+    model, ids = _decoder(), _ids(3)
+    tail = ("have a fixed length; allowed: a DynamicCache (generate's default, one growing slot per attention "
+            "evaluation), or an EncoderDecoderCache of two")
+    cross = EncoderDecoderCache(DynamicCache(), StaticCache(config=model.config, max_cache_len=8))
+    with pytest.raises(ValueError) as error:
+        CacheSession(cross)
+    assert str(error.value) == f"cache=EncoderDecoderCache is invalid: its layers (StaticLayer) {tail}"
+    with pytest.raises(ValueError) as error:
+        CacheSession(Cache(layers=[DynamicLayer(), StaticLayer(max_cache_len=8)]))
+    assert str(error.value) == f"cache=Cache is invalid: its layers (StaticLayer) {tail}"
+    with torch.no_grad(), pytest.raises(ValueError) as error:
+        model(ids, cache=Cache(layers=[DynamicLayer()]), use_cache=True)
+    assert str(error.value) == ("cache=Cache is invalid: it has 1 layers and this model evaluates attention more "
+                                "often per forward; allowed: a DynamicCache")
+
+
+def test_a_slot_holds_a_cache_only_with_positions_in_it():
+    from transformers.cache_utils import DynamicCache
+
+    from bertode.layers.kv_cache import CacheSession
+
+    one = DynamicCache()
+    one.update(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), 0)  # one position of one element
+    session = CacheSession(one)
+    assert (session.past, session.filled) == (1, 1)
+    emptied = DynamicCache()
+    emptied.update(torch.ones(2, 4, 3, 8), torch.ones(2, 4, 3, 8), 0)
+    layer = emptied.layers[0]
+    layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]  # initialised, no positions
+    session = CacheSession(emptied)
+    assert (session.past, session.filled) == (0, 0)
+
+
+def test_cross_attention_slots_are_counted_one_per_evaluation_flagged_as_hf_does_and_read_after():
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    from bertode.layers.kv_cache import CacheSession, new_cache
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    encoded = [(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)) for _ in range(2)]
+    session = CacheSession(cache)
+    for keys, values in encoded:
+        got = session.cross_keys_values(lambda: (keys, values))
+        assert torch.equal(got[0], keys) and torch.equal(got[1], values)
+    assert cache.is_updated == {0: True, 1: True}  # as HF's cross-attention marks a filled layer
+    assert len(cache.cross_attention_cache.layers) == 2
+
+    def refuse():
+        raise AssertionError("the encoder's keys are in the cache")
+
+    later = CacheSession(cache)
+    for keys, values in encoded:
+        got = later.cross_keys_values(refuse)
+        assert torch.equal(got[0], keys) and torch.equal(got[1], values)
+    made = new_cache(True)
+    assert isinstance(made, EncoderDecoderCache) and made.self_attention_cache is not made.cross_attention_cache
+    assert type(made.self_attention_cache) is type(made.cross_attention_cache) is DynamicCache
+    assert type(new_cache(False)) is DynamicCache
+
+
+def test_config_refusal_names_a_segment_memory_or_an_adaptive_solver_and_passes_tableaus_and_other_modes():
+    from bertode.layers.kv_cache import config_refusal
+    from bertode.solve.solvers import HEUN
+
+    assert config_refusal(SimpleNamespace(mem_len=8, mode="discrete")) == (
+        "mem_len=8 (a segment memory; pass the output's mems instead)")
+    assert config_refusal(SimpleNamespace(mode="discrete")) is None  # a config without the field: no memory
+    assert config_refusal(SimpleNamespace(mode="ode", solver="dopri5")) == (
+        "solver='dopri5' (adaptive: its step grid depends on the whole sequence)")
+    assert config_refusal(SimpleNamespace(mode="ode", solver="rk4")) is None
+    assert config_refusal(SimpleNamespace(mode="ode", solver=HEUN)) is None  # a tableau given as an object
+
+
+def test_an_adaptive_solvers_cache_is_refused_in_the_whole_line():
+    model = _decoder(mode="ode", solver="dopri5")
+    with pytest.raises(ValueError) as error:
+        model(_ids(3), use_cache=True)
+    assert str(error.value) == (
+        "use_cache=True is invalid with solver='dopri5' (adaptive: its step grid depends on the whole sequence); "
+        "allowed: use_cache=False, or a fixed-step solver without per-token exit (a key/value cache must see the "
+        "same evaluations at every call)")
+
+
+def test_a_new_cache_holds_the_encoders_keys_apart_only_when_the_forward_has_encoder_states():
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    model, ids = _decoder(add_cross_attention=True), _ids(4)
+    states = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert type(model(ids, encoder_hidden_states=states, use_cache=True).cache) is EncoderDecoderCache
+        assert type(model(ids, use_cache=True).cache) is DynamicCache
+        assert type(_decoder()(ids, use_cache=True).cache) is DynamicCache
