@@ -204,7 +204,8 @@ TESTS_BY_MODULE = {
         "forward_stats_and_model_residual", "ift_gradient_matches_finite_differences_and_unrolled",
         "phantom_gradient_is_aligned_with_ift", "bf16_autocast_forward_converges_like_fp32",
         "nan_in_the_layer_raises_a_named_error", "nan_batch_is_skipped_and_counted_when_configured",
-        "non_converging_solve_is_counted_and_training_continues", "hutchinson_penalty_estimates_the_jacobian_frobenius_norm",
+        "non_converging_solve_is_counted_and_training_continues",
+        "hutchinson_penalty_estimates_the_jacobian_frobenius_norm",
         "jacobian_penalty_is_added_to_the_loss", "jacobian_weight_grows_by_a_tenth_every_increment_period",
         "pretraining_runs_the_layer_unrolled_first", "weight_norm_keeps_the_function_and_round_trips",
         "spectral_radius_is_reported_at_eval", "broyden_restarts_instead_of_overflowing")] + [

@@ -411,7 +411,8 @@ def test_a_deq_reports_its_iterates_trajectory_and_the_solves_statistics():
     assert solve["name"] == "deq.forward" and solve["times"].tolist() == list(range(info.iterations + 1))
     stats = model.solver_stats()
     assert stats["nfe_forward"] == stats["forward_iterations"] == info.iterations
-    assert stats["forward_converged_at"] == info.converged_at and stats["forward_abs_residual"] == info.worst_abs_residual
+    assert stats["forward_converged_at"] == info.converged_at
+    assert stats["forward_abs_residual"] == info.worst_abs_residual
     out.last_hidden_state.square().sum().backward()
     backward = model.encoder.last_backward_info
     assert backward is not None and backward.iterations == 2 and backward.converged_fraction < 1
