@@ -48,8 +48,9 @@ def test_a_checkpoint_round_trip_keeps_every_tensor_and_counter_and_its_manifest
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "state.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]  # no staging, no temporary
     manifest = json.loads((target / "manifest.json").read_text())
-    assert manifest == {"step": 3, "files": {name: {"bytes": (target / name).stat().st_size, "sha256": _sha(target / name)}
-                                             for name in ("model.safetensors", "state.pt", "config.json")}}
+    assert manifest == {"step": 3, "files": {
+        name: {"bytes": (target / name).stat().st_size, "sha256": _sha(target / name)}
+        for name in ("model.safetensors", "state.pt", "config.json")}}
     assert list(manifest["files"]) == ["model.safetensors", "state.pt", "config.json"]
     assert (target / "manifest.json").read_text() == json.dumps(manifest, indent=1)
     assert checkpoint.saved_config(target) == json.loads(model.config.to_json_string(use_diff=False))
@@ -115,8 +116,8 @@ def test_a_failed_write_names_the_path_and_cause_and_keeps_the_previous(tmp_path
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(CheckpointError) as error:
         checkpoint.save(tmp_path, 2, model, {"step": 2})
-    assert str(error.value) == (f"checkpoint {str(tmp_path / 'step_00000002')!r} could not be written: No space left on "
-                                "device (OSError); the previous checkpoints are kept")
+    assert str(error.value) == (f"checkpoint {str(tmp_path / 'step_00000002')!r} could not be written: No space "
+                                "left on device (OSError); the previous checkpoints are kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]  # the staging is removed
     assert (tmp_path / "latest").read_text() == "step_00000001"
     monkeypatch.undo()
@@ -129,7 +130,8 @@ def test_a_failed_write_names_the_path_and_cause_and_keeps_the_previous(tmp_path
         checkpoint.save(tmp_path, 2, model, {"step": 2})
     monkeypatch.undo()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError, match=r"'.*file/step_00000001' could not be written: .*\((FileExists|NotADirectory)"):
+    refused = r"'.*file/step_00000001' could not be written: .*\((FileExists|NotADirectory)"
+    with pytest.raises(CheckpointError, match=refused):
         checkpoint.save(tmp_path / "file", 1, model, {"step": 1})
 
 
@@ -156,7 +158,8 @@ def test_verify_names_the_missing_or_damaged_file_in_one_line(tmp_path):
     (target / "state.pt").write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as error:
         checkpoint.verify(target)
-    assert str(error.value) == f"checkpoint {name}: state.pt is damaged ({size} bytes, checksum differs from manifest.json)"
+    assert str(error.value) == (f"checkpoint {name}: state.pt is damaged ({size} bytes, checksum differs from "
+                                "manifest.json)")
     (target / "state.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"state.pt is damaged \(0 bytes, checksum differs"):
         checkpoint.verify(target)
@@ -226,7 +229,8 @@ def test_saved_config_is_the_models_config_or_one_line(tmp_path):
     target = _saved(tmp_path)
     assert checkpoint.saved_config(str(target))["hidden_size"] == 16
     (target / "config.json").write_text("{oops")
-    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(repr(str(target)))}: config.json is damaged \("):
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(repr(str(target)))}: config.json is damaged "
+                                              r"\("):
         checkpoint.saved_config(target)
 
 
@@ -325,7 +329,8 @@ def test_temporaries_lie_beside_their_targets_named_for_them(tmp_path, monkeypat
     renamed = []
     for name in ("replace", "rename"):
         original = getattr(checkpoint.os, name)
-        monkeypatch.setattr(checkpoint.os, name, lambda a, b, original=original: (renamed.append((a, b)), original(a, b))[1])
+        monkeypatch.setattr(checkpoint.os, name,
+                            lambda a, b, original=original: (renamed.append((a, b)), original(a, b))[1])
     checkpoint._write_text(tmp_path / "a.txt", "one")
     (source, target), = renamed
     assert source.startswith(str(tmp_path / ".a.txt-")) and target == tmp_path / "a.txt"
@@ -388,7 +393,8 @@ def test_the_cuda_rng_state_is_saved_and_restored_where_cuda_is(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
     state = checkpoint.rng_state()
-    assert sorted(state) == ["cuda", "python", "torch"] and torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
+    assert sorted(state) == ["cuda", "python", "torch"]
+    assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
     checkpoint.set_rng_state(state)
     assert len(restored) == 1 and restored[0] is state["cuda"]
     checkpoint.set_rng_state({"torch": state["torch"], "python": state["python"]})  # saved on a machine without
@@ -432,7 +438,8 @@ def _train(run_dir, text, *extra):
 
 
 STEP_RUN = ("trainer.max_steps=3", "trainer.grad_accumulation=2", "trainer.warmup_steps=2", "trainer.lr=0.02",
-            "trainer.grad_clip=0.05", "trainer.weight_decay=0.3", "trainer.betas=[0.8,0.9]", "trainer.min_lr_ratio=0.25",
+            "trainer.grad_clip=0.05", "trainer.weight_decay=0.3", "trainer.betas=[0.8,0.9]",
+            "trainer.min_lr_ratio=0.25",
             "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=2", "seed=3",
             "data.mlm_probability=0.3")
 
@@ -563,7 +570,8 @@ def _check_the_runs_records_evaluations_files_and_prints(step_run):
     from bertode.training.objective import make_objective
 
     run_dir, cfg, result, records = step_run
-    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
     base = {"step", "kind", "loss", "accuracy", "lr", "grad_norm", "tokens", "elapsed", "nfe_forward", "nfe_backward",
             "depth"}
     assert {k for k in records[0] if k not in ("tokens_per_s", "peak_memory_mb")} >= base
@@ -681,12 +689,13 @@ def test_the_loop_refuses_settings_it_cannot_run_in_one_line(text):
     from bertode.training.loop import validate
 
     for extra, expected in [
-            (["depth=uniform", "depth.low=1", "depth.high=2", "trainer.compile=true"], "trainer.compile=True is invalid with depth='uniform'"),
+            (["depth=uniform", "depth.low=1", "depth.high=2", "trainer.compile=true"],
+             "trainer.compile=True is invalid with depth='uniform'"),
             (["model=bert", "trainer.dynamics_every=2"], "trainer.dynamics_every=2 is invalid with mode='discrete' and "
                                                           "untied layers (no flow, no iterated map to read); allowed: 0, "
                                                           "or an ODE, DEQ or weight-tied model"),
-            (["objective=clm", "model.position_scheme=transformer_xl", "model.mem_len=4", "data.streaming=true"], "data.streaming=true is invalid with "
-                                                                           "model.mem_len=4"),
+            (["objective=clm", "model.position_scheme=transformer_xl", "model.mem_len=4", "data.streaming=true"],
+             "data.streaming=true is invalid with model.mem_len=4"),
             (["data.seq_len=20"], "data.seq_len=20 is invalid; allowed: <= model.max_position_embeddings=16")]:
         with pytest.raises(ValueError) as error:
             validate(compose(_overrides(text, "model.max_position_embeddings=16", *extra)))
@@ -710,7 +719,8 @@ def _evaluate(step_run, *extra):
 
 
 @pytest.mark.parametrize("split", ["eval", "train"])
-def test_evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_of_unequal_counts(step_run, split, capsys):
+def test_evaluate_is_the_total_cross_entropy_over_the_total_targets_of_batches_of_unequal_counts(step_run, split,
+                                                                                                 capsys):
     from bertode.training.corpus import prepare
     from bertode.training.lm import fixed_eval_batches
     from bertode.training.objective import make_objective
@@ -1124,7 +1134,8 @@ def test_evaluate_scores_a_causal_lm_by_its_next_tokens(tmp_path, text):
 
 
 
-def test_the_trainers_graph_scope_and_backend_options_are_handed_on_and_its_logger_chosen(tmp_path, text, monkeypatch):
+def test_the_trainers_graph_scope_and_backend_options_are_handed_on_and_its_logger_chosen(tmp_path, text,
+                                                                                          monkeypatch):
     """trainer.compile's scope and options reach `compile_model` (faked; the name avoids "compile", which the
     mutation script deselects: real torch.compile recompiles mutmut's trampolines)."""
     from bertode.training import loop
