@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| (bertode/\S+\.py) \| (\d+)(?: \((\d+) run\))? \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) %"
                  r"( of those run)? \|")
 # whole runs below the target (docs/testing.md says which mutants are left and why)
-BELOW_TARGET: dict = {}
+BELOW_TARGET = {
+    "bertode/training/loop.py": "217 survivors of its whole run, of which only the first (partial) run's 23 "
+                                "equivalent are sorted; 141 are in _train",
+}
 
 
 def _table() -> dict:
