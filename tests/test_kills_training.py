@@ -1015,6 +1015,8 @@ def test_the_optimizer_decays_matrices_but_not_vectors_or_norms():
     assert decay["params"] == [model.dense.weight] and decay["weight_decay"] == 0.3
     assert no_decay["params"] == [model.dense.bias, model.NormScale.weight] and no_decay["weight_decay"] == 0.0
     assert decay["betas"] == (0.8, 0.9) and decay["lr"] == 0.02
+    assert optimizer.defaults["fused"] is False  # the fused kernel on CUDA only (the CPU's is slower here)
+    assert _optimizer(model, trainer, torch.device("cuda")).defaults["fused"] is True
     assert _numeric_stats({"a": 1, "b": 2.5, "c": True, "d": "x", "e": None}) == {"a": 1, "b": 2.5}
 
 
@@ -1171,3 +1173,201 @@ def test_a_model_the_trained_vocabulary_cannot_hold_is_refused_and_its_cache_ent
     assert capsys.readouterr().err.strip().startswith(
         "error: model.adaptive_cutoffs=[40, 90] is invalid with data.vocab_size=73; allowed: a list of increasing")
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_peak_memory_is_the_processes_resident_peak_in_mib_or_cudas_allocated_peak(monkeypatch):
+    import resource
+
+    from bertode.training import loop
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    measured = loop._peak_memory_mb(torch.device("cpu"))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert before / 1024 <= measured <= after / 1024
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2**20 + 2**19)
+    assert loop._peak_memory_mb(torch.device("cuda", 1)) == 3.5 and asked == [torch.device("cuda", 1)]
+
+
+def test_validate_refuses_each_setting_in_its_own_line(text, tmp_path, monkeypatch):
+    """Every refusal of `loop.validate`, word for word; the settings next to each refusal pass."""
+    from bertode.train import compose
+    from bertode.training.loop import validate
+
+    def check(*extra, world=1):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        overrides = _overrides(text, "model.max_position_embeddings=16", *extra)
+        adaptive = "solver=dopri5" in extra  # no steps to set
+        return validate(compose([o for o in overrides if not (adaptive and o.startswith(("solver=euler", "solver.st")))]))
+
+    for extra, world, expected in [
+            (["depth=uniform", "depth.low=1", "depth.high=2", "trainer.compile=true"], 1,
+             "trainer.compile=True is invalid with depth='uniform': each drawn depth compiles a graph of its own, and "
+             "torch.compile falls back to eager after 8; allowed: trainer.compile=false, or depth=fixed"),
+            (["objective=clm", "model.position_scheme=transformer_xl", "model.mem_len=4", "data.streaming=true"], 1,
+             "data.streaming=true is invalid with model.mem_len=4 (a segment memory reads each batch row's text in "
+             "order, from packed rows); allowed: data.streaming=false"),
+            (["data.streaming=true", "data.stream_shards=3"], 2,
+             "data.stream_shards=3 is invalid with 2 processes; allowed: a multiple of the process count (each rank "
+             "packs its own shards)"),
+            ([], 3, "trainer.batch_size=4 is invalid; allowed: a multiple of grad_accumulation x processes = 3"),
+            (["trainer.eval_mem_len=8"], 1,
+             "trainer.eval_mem_len=8 is invalid with model.mem_len=0; allowed: null, or an integer >= 0 for a model "
+             "trained with a segment memory (model.mem_len > 0)"),
+            (["trainer.compile=bogus"], 1,
+             "trainer.compile='bogus' is invalid; allowed: true, false, 'auto', 'model', 'fields'"),
+            (["model=bert", "trainer.compile=fields"], 1,
+             "trainer.compile='fields' is invalid for a discrete model (no ODE sites or DEQ map); allowed: 'model' or "
+             "'auto'"),
+            (["solver=dopri5", "depth=uniform", "depth.low=1", "depth.high=2"], 1,
+             "depth='uniform' is invalid with solver='dopri5': an adaptive solver chooses its own steps"),
+            (["data.seq_len=17"], 1, "data.seq_len=17 is invalid; allowed: <= model.max_position_embeddings=16")]:
+        with pytest.raises(ValueError) as error:
+            check(*extra, world=world)
+        assert str(error.value).startswith(expected), (extra, str(error.value))
+    # what sits next to each refusal passes: 2 shards over 2 processes, a discrete model without the probe,
+    # a row as long as the positions, the scopes that apply
+    check("data.streaming=true", "data.stream_shards=2", world=2)
+    check("model=bert", "trainer.dynamics_every=0")
+    check("data.seq_len=16")
+    check("trainer.compile=model")
+    assert check("solver=rk4", "depth=uniform", "depth.low=1", "depth.high=2").solver == "rk4"
+
+
+def test_validate_reads_the_sources_unless_told_and_setup_leaves_them_to_prepare(text, tmp_path, monkeypatch):
+    from bertode.train import compose
+    from bertode.training import loop
+    from bertode.training.distributed import Distributed
+    from bertode.training.sources import DataError
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cfg = compose(_overrides(text, f"data.files=[{tmp_path / 'empty.txt'}]"))
+    with pytest.raises(DataError, match=r"^data.files: \[.*empty.txt'\] contain no text$"):
+        loop.validate(cfg)
+    assert loop.validate(cfg, read_sources=False).hidden_size == 16
+    read = []
+    monkeypatch.setattr(loop, "check_sources", lambda data: read.append(data))
+    corpus, config, resume_from = loop.setup(compose(_overrides(text)), tmp_path / "run", Distributed("cpu"))
+    assert read == [] and resume_from is None  # prepare() reads (and checks) the text once
+    assert (config.vocab_size, config.pad_token_id) == (len(corpus.tokenizer), corpus.tokenizer.pad_token_id)
+
+
+def test_a_plugin_is_imported_and_the_objectives_own_head_checked_before_any_data(text, tmp_path, monkeypatch,
+                                                                                   request):
+    """``plugins=`` is imported by validate, and the head of the objective it registers is built on
+    the meta device: its own refusal stops the run before any data is read."""
+    import sys
+
+    from bertode.train import compose
+    from bertode.training import loop
+    from bertode.training.objective import OBJECTIVES
+
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))
+    request.addfinalizer(lambda: sys.modules.pop("refusing_head_plugin", None))
+    (tmp_path / "refusing_head_plugin.py").write_text(
+        "import bertode\n"
+        "from bertode.training.objective import MaskedLanguageModel, register_objective\n\n\n"
+        "class RefusingHead(bertode.BertODEForMaskedLM):\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__(config)\n"
+        "        if next(self.parameters()).device.type == 'meta':\n"
+        "            raise ValueError(f'refusing_head: hidden_size={config.hidden_size} is refused on the meta device')\n\n\n"
+        "@register_objective('refusing_head')\n"
+        "class Refusing(MaskedLanguageModel):\n"
+        "    model_class = RefusingHead\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    read = []
+    monkeypatch.setattr(loop, "check_sources", lambda data: read.append(data))
+    with pytest.raises(ValueError, match=r"^refusing_head: hidden_size=16 is refused on the meta device$"):
+        loop.validate(compose(_overrides(text, "plugins=[refusing_head_plugin]", "objective=refusing_head")))
+    assert read == []
+
+
+class _Clock:
+    """loop.py's clock in the tests below: each reading one second after the last, from 100."""
+
+    def __init__(self):
+        self.now = 99.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def _fake_wandb(monkeypatch):
+    """A stand-in for the ``wandb`` package (not installed here): what the run hands it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda scalars, step: calls.append(("log", step, scalars)),
+                                finish=lambda: calls.append(("finish",)))
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.init = lambda **kwargs: calls.append(("init", kwargs)) or run
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_a_clocked_run_logs_its_elapsed_time_throughput_probe_and_evaluations(tmp_path, text, monkeypatch, capsys):
+    """On a clock that reads 100, 101, 102, ... the loop's times are known: started at the first
+    reading, throughput over the log window's readings, elapsed carried across a resume; the
+    dynamics probe is the Lyapunov exponent of the model after its step, on that step's first row;
+    wandb receives the project and the resolved config; the last step's evaluation is not repeated."""
+    import shutil
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from bertode.analysis import dynamics_probe
+    from bertode.training import loop
+    from bertode.training.corpus import prepare
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.objective import make_objective
+    from bertode.training.schedule import lr_factor
+
+    calls = _fake_wandb(monkeypatch)
+    monkeypatch.setattr(loop, "time", _Clock())
+    run = ("trainer.max_steps=3", "trainer.log_every=3", "trainer.eval_every=3", "trainer.checkpoint_every=1",
+           "trainer.keep_checkpoints=0", "trainer.grad_clip=0", "trainer.dynamics_every=2", "seed=4",
+           "logger=wandb", "logger.project=run-${seed}")
+    cfg, result, records = _train(tmp_path / "whole", text, *run)
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    train = records[:3]
+    assert [r["elapsed"] for r in train] == [2.0, 4.0, 5.0]
+    assert train[0]["tokens_per_s"] == 48 / 2 and train[2]["tokens_per_s"] == 96 / 3  # 2 steps over readings 103-106
+    assert "tokens_per_s" not in train[1] and train[0]["peak_memory_mb"] > 1
+    stats = ["accepted_steps", "nfe_backward", "nfe_forward", "rejected_steps", "solves"]  # the solves' summary
+    assert sorted(train[0]) == sorted(["accuracy", "depth", "elapsed", "grad_norm", "kind", "loss", "lr",
+                                       "peak_memory_mb", "step", "tokens", "tokens_per_s", *stats])
+    assert sorted(train[1]) == sorted(["accuracy", "depth", "dynamics_lyapunov_max", "elapsed", "grad_norm", "kind",
+                                       "loss", "lr", "step", "tokens", *stats])
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, cfg.data.mlm_probability)
+    inputs = BatchOrder(corpus.train, 4, 4).local_batch(1, objective.make_batch)[0]  # step 2's micro-batch
+    model = bertode.BertODEForMaskedLM.from_pretrained(tmp_path / "whole" / "final")
+    weights = load_file(tmp_path / "whole" / "checkpoints" / "step_00000002" / "model.safetensors")
+    model.load_state_dict(weights, strict=False)
+    assert train[1]["dynamics_lyapunov_max"] == pytest.approx(dynamics_probe(model, inputs[:1])["lyapunov_max"],
+                                                              rel=1e-6)
+    assert calls[0] == ("init", {"project": "run-4", "dir": str(tmp_path / "whole"),
+                                 "config": OmegaConf.to_container(cfg, resolve=True)})
+    assert calls[0][1]["config"]["logger"]["project"] == "run-4"
+    assert [c[1] for c in calls[1:-1]] == [1, 2, 3, 3] and calls[-1] == ("finish",)
+    assert calls[1][2]["train/loss"] == train[0]["loss"] and calls[4][2]["eval/loss"] == records[3]["loss"]
+    # resumed after step 1 on a fresh clock: started = 100 - 2 (its saved elapsed), so step 2 ends at 4
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_00000001",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000001")
+    monkeypatch.setattr(loop, "time", _Clock())
+    _, _, again = _train(tmp_path / "resumed", text, *run[1:], "trainer.max_steps=2", "trainer.resume=auto")
+    assert [(r["step"], r["elapsed"]) for r in again if r["kind"] == "train"] == [(2, 4.0)]
+    assert again[0]["loss"] == train[1]["loss"] and again[0]["grad_norm"] == train[1]["grad_norm"]
+    # by time: the schedule reads the elapsed seconds, and the run stops once max_time is reached
+    monkeypatch.setattr(loop, "time", _Clock())
+    cfg, result, timed = _train(tmp_path / "timed", text, "trainer.max_steps=10", "trainer.max_time=4",
+                                "trainer.eval_every=100", "trainer.checkpoint_every=100", "trainer.warmup_steps=0")
+    assert [(r["step"], r["elapsed"]) for r in timed if r["kind"] == "train"] == [(1, 2.0), (2, 4.0)]
+    assert [r["lr"] for r in timed if r["kind"] == "train"] == pytest.approx(
+        [cfg.trainer.lr * lr_factor(0, 0.0, cfg.trainer), cfg.trainer.lr * lr_factor(1, 2.0, cfg.trainer)])
+    assert lr_factor(1, 2.0, cfg.trainer) == pytest.approx(0.5 + 0.5 * cfg.trainer.min_lr_ratio)  # half-way
