@@ -439,7 +439,7 @@ def _train(run_dir, text, *extra):
 
 STEP_RUN = ("trainer.max_steps=3", "trainer.grad_accumulation=2", "trainer.warmup_steps=2", "trainer.lr=0.02",
             "trainer.grad_clip=0.05", "trainer.weight_decay=0.3", "trainer.betas=[0.8,0.9]",
-            "trainer.min_lr_ratio=0.25",
+            "trainer.min_lr_ratio=0.25", "model.hidden_dropout_prob=0.2",
             "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=2", "seed=3",
             "data.mlm_probability=0.3")
 
@@ -458,16 +458,23 @@ def step_run(tmp_path_factory, text):
     return (run_dir, *ran)
 
 
-def _hand_gradient(model, micro_batches, clip):
+def _hand_gradient(model, micro_batches, clip, noise_seeds=None):
     """The step's gradient written out: the cross-entropy summed over every micro-batch's targets
-    over the step's target count, clipped to norm ``clip``; and the unclipped norm, loss, accuracy."""
+    over the step's target count, clipped to norm ``clip``; and the unclipped norm, loss, accuracy.
+    ``noise_seeds``: each micro-batch's dropout stream (`split_invariant`, its rows 0..n-1)."""
+    import contextlib
+
     import torch.nn.functional as F
+
+    from bertode.layers.dropout import split_invariant
 
     total = sum(int((labels != -100).sum()) for _, labels in micro_batches)
     model.zero_grad(set_to_none=True)
     ce, right = 0.0, 0
-    for inputs, labels in micro_batches:
-        logits = model(input_ids=inputs).logits
+    for a, (inputs, labels) in enumerate(micro_batches):
+        rows = torch.arange(len(inputs))
+        with split_invariant(noise_seeds[a], rows, len(inputs)) if noise_seeds else contextlib.nullcontext():
+            logits = model(input_ids=inputs).logits
         flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
         (loss / total).backward()
@@ -486,6 +493,7 @@ def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_a
     from safetensors.torch import load_file
 
     from bertode.training.corpus import prepare
+    from bertode.training.depth import depth_setting
     from bertode.training.distributed import BatchOrder
     from bertode.training.objective import make_objective
 
@@ -503,7 +511,7 @@ def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_a
     moments = None
     for step in range(3):
         micro = [order.local_batch(2 * step + a, objective.make_batch) for a in range(2)]
-        grads, norm, loss, accuracy = _hand_gradient(model, micro, 0.05)
+        grads, norm, loss, accuracy = _hand_gradient(model, micro, 0.05, [order.noise_seed(2 * step + a) for a in range(2)])
         saved = torch.load(run_dir / "checkpoints" / f"step_{step + 1:08d}" / "state.pt", weights_only=True)
         names = [name for name, _ in model.named_parameters()]
         decayed = [n for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
@@ -541,6 +549,8 @@ def test_each_optimizer_step_is_the_clipped_adamw_step_of_the_mean_target_loss_a
         assert saved["step"] == step + 1 and saved["tokens"] == record["tokens"] and saved["objective"] == "mlm"
         assert saved["elapsed"] == pytest.approx(record["elapsed"]) and saved["data"] is None
         assert saved["memory"] is None and sorted(saved["rng"]) == ["python", "torch"]
+        assert sorted(saved) == ["data", "depth", "elapsed", "memory", "objective", "optimizer", "rng", "step", "tokens"]
+        assert saved["depth"] == depth_setting(cfg.get("depth")).describe
     _check_the_runs_records_evaluations_files_and_prints(step_run)
 
 
@@ -590,7 +600,9 @@ def _check_the_runs_records_evaluations_files_and_prints(step_run):
     assert final["target_tokens"] == count and final["unigram_baseline"] == pytest.approx(baseline)
     assert result == {"eval": {k: v for k, v in final.items() if k not in ("step", "kind", "unigram_baseline")},
                       "unigram_baseline": final["unigram_baseline"], "step": 3, "run_dir": str(run_dir)}
-    summary = json.loads((run_dir / "final" / "train_results.json").read_text())
+    written = (run_dir / "final" / "train_results.json").read_text()
+    summary = json.loads(written)
+    assert written == json.dumps(summary, indent=2)  # the file is for people to read too
     assert summary["step"] == 3 and summary["tokens"] == 144 and summary["eval"] == result["eval"]
     assert summary["elapsed"] == pytest.approx(records[3]["elapsed"]) and summary["unigram_baseline"] == baseline
     assert summary["solver_stats"]["nfe_forward"] == 2
@@ -1371,3 +1383,116 @@ def test_a_clocked_run_logs_its_elapsed_time_throughput_probe_and_evaluations(tm
     assert [r["lr"] for r in timed if r["kind"] == "train"] == pytest.approx(
         [cfg.trainer.lr * lr_factor(0, 0.0, cfg.trainer), cfg.trainer.lr * lr_factor(1, 2.0, cfg.trainer)])
     assert lr_factor(1, 2.0, cfg.trainer) == pytest.approx(0.5 + 0.5 * cfg.trainer.min_lr_ratio)  # half-way
+
+
+def test_a_one_target_step_of_a_discrete_model_in_bf16_is_that_targets_cross_entropy(tmp_path, text):
+    """Eight tokens and one row a step, seed 1: its step masks one target. The record's loss, accuracy
+    and gradient norm are that target's, recomputed here under the same bf16 autocast (a divisor of
+    2 for one target would halve them); the discrete model's statistics count no solve; the
+    evaluation is bf16's too (fp32's differs)."""
+    import torch.nn.functional as F
+
+    from bertode.training.corpus import prepare
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.lm import fixed_eval_batches
+    from bertode.training.objective import make_objective
+
+    cfg, result, records = _train(tmp_path, text, "model=bert", "data.seq_len=8", "data.mlm_probability=0.15",
+                                  "trainer.batch_size=1", "trainer.max_steps=1", "trainer.precision=bf16",
+                                  "trainer.checkpoint_every=100", "trainer.grad_clip=1e6", "seed=1")
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, 0.15)
+    inputs, labels = BatchOrder(corpus.train, 1, 1).local_batch(0, objective.make_batch)
+    assert int((labels != -100).sum()) == 1
+    config = bertode.BertODEConfig.from_pretrained(tmp_path / "final")
+    torch.manual_seed(1)
+    model = bertode.BertODEForMaskedLM(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=inputs).logits.float()
+    at = labels != -100
+    loss = F.cross_entropy(logits[at], labels[at])
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    step = records[0]
+    assert step["loss"] == pytest.approx(loss.item(), rel=1e-6) and step["grad_norm"] == pytest.approx(norm, rel=1e-3)
+    assert step["accuracy"] == float(logits[at].argmax(-1) == labels[at])
+    assert (step["nfe_forward"], step["nfe_backward"]) == (0, 0)  # a discrete model's statistics: no solve
+    trained = bertode.BertODEForMaskedLM.from_pretrained(tmp_path / "final").eval()
+    batches = fixed_eval_batches(corpus.eval, objective, 1, 1, cfg.data.max_eval_sequences)
+    with torch.no_grad():
+        sums = {}
+        for precision in ("bf16", "fp32"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                sums[precision] = sum(F.cross_entropy(trained(input_ids=rows).logits.float().reshape(-1, config.vocab_size),
+                                                      targets.reshape(-1), ignore_index=-100, reduction="sum").item()
+                                      for rows, targets in batches)
+    count = sum(int((targets != -100).sum()) for _, targets in batches)
+    assert result["eval"]["loss"] == pytest.approx(sums["bf16"] / count, rel=1e-6)
+    assert abs(sums["fp32"] / count - result["eval"]["loss"]) > 1e-4
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_its_reason_and_status_1(tmp_path, text, monkeypatch,
+                                                                                         capsys):
+    from bertode.training import loop
+
+    def full(folder, step, model, state, keep):
+        raise CheckpointError(f"cannot write {folder / f'step_{step:08d}'}: No space left on device")
+
+    monkeypatch.setattr(loop.checkpoint, "save", full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _train(tmp_path, text, "trainer.max_steps=3", "trainer.checkpoint_every=2", "trainer.eval_every=100")
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert err == f"error: cannot write {tmp_path / 'checkpoints' / 'step_00000002'}: No space left on device\n"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and not (tmp_path / "final").exists()
+
+
+def test_a_memory_run_carries_each_rows_memory_into_its_next_step_and_evaluates_at_eval_mem_len(tmp_path, text):
+    """A causal Transformer-XL run with a segment memory: step 2's loss is the step-1 model's on
+    micro-batch 1 read after the memory saved at step 1 (written out here: the shifted
+    cross-entropy over its targets); its evaluation reads the eval text in order
+    (`ordered_eval_batches`) with ``trainer.eval_mem_len`` positions of memory, which differs from
+    the model's own length; the model card says causal."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from bertode.training.corpus import prepare
+    from bertode.training.lm import evaluate
+    from bertode.training.objective import make_objective
+    from bertode.training.segments import SegmentOrder, memory_length, ordered_eval_batches
+
+    cfg, result, records = _train(tmp_path, text, "objective=clm", "model.position_scheme=transformer_xl",
+                                  "model.mem_len=8", "trainer.eval_mem_len=4", "trainer.max_steps=2", "+model.initializer_range=0.5",
+                                  "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=100",
+                                  "data.max_eval_sequences=8", "seed=6")
+    corpus = prepare(cfg.data)
+    objective = make_objective("clm", corpus.tokenizer, cfg.data.mlm_probability)
+    order = SegmentOrder(corpus.train, 4, 6)
+    assert not order.starts_over(1)  # step 2 continues step 1's rows
+    inputs, labels = order.local_batch(1, objective.make_batch)
+    model = bertode.BertODEForCausalLM.from_pretrained(tmp_path / "final")
+    model.load_state_dict(load_file(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors"), strict=False)
+    memory = torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt", weights_only=True)["memory"]
+    with torch.no_grad():
+        logits = model(input_ids=inputs, mems=tuple(memory["mems"])).logits
+        alone = model(input_ids=inputs).logits
+    targets = labels[:, 1:].reshape(-1)
+    count = int((targets != -100).sum())
+
+    def loss(scores):
+        return F.cross_entropy(scores[:, :-1].reshape(-1, scores.shape[-1]), targets, ignore_index=-100,
+                               reduction="sum").item() / count
+
+    assert records[1]["loss"] == pytest.approx(loss(logits), rel=1e-6, abs=0)
+    assert abs(loss(alone) - loss(logits)) > 2e-5  # the memory changes it (by 5e-5 at these first weights)
+    final = bertode.BertODEForCausalLM.from_pretrained(tmp_path / "final")
+    batches = ordered_eval_batches(corpus.eval, objective, 6, 4, 8)
+    evaluations = {}
+    for length in (4, 8):
+        with memory_length(final, length):
+            evaluations[length] = evaluate(final, batches, objective, torch.device("cpu"))["loss"]
+    assert result["eval"]["loss"] == pytest.approx(evaluations[4], rel=1e-6)
+    assert abs(evaluations[8] - evaluations[4]) > 1e-4 and final.config.mem_len == 8
+    assert "A bertode causal language model" in (tmp_path / "final" / "README.md").read_text()

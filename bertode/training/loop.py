@@ -285,7 +285,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         record = {"step": step, "kind": "train", "loss": ce_total / max(total_targets, 1),
                   "accuracy": correct_total / max(total_targets, 1), "lr": trainer.lr * factor,
                   "grad_norm": grad_norm.item(), "tokens": tokens, "elapsed": elapsed,
-                  **_numeric_stats(out.solver_stats.summary() if out.solver_stats is not None else {}),
+                  **_numeric_stats(out.solver_stats.summary()),  # every bertode model's (a discrete one's: 0 NFE)
                   "depth": drawn}  # the dialled depth (null: the model's own)
         if trainer.get("dynamics_every") and step % trainer.dynamics_every == 0 and dist.main:
             # the map's spectral radius (DEQ, looped core) or the flow's top Lyapunov exponent, on one sequence
