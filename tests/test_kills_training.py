@@ -663,7 +663,9 @@ def test_a_resume_with_another_objective_or_data_stream_is_one_line(step_run, tm
             ("clm", ["objective=mlm_twin"], "objective='mlm_twin' is invalid for resuming {target}: it was trained "
                                             "with objective='mlm'; allowed: the run's own objective"),
             ("stream", ["data.streaming=true"], "data.streaming=True is invalid for resuming {target}: it was trained "
-                                                "with data.streaming=False; allowed: the run's own setting")]:
+                                                "with data.streaming=False; allowed: the run's own setting"),
+            ("vocab", ["data.vocab_size=40"], "data.vocab_size=40 is invalid: the run being resumed ({target}) was "
+                                              "trained with 73; allowed: 73 (or a new run directory)")]:
         target = tmp_path / case / "checkpoints" / "step_00000001"
         shutil.copytree(run_dir / "checkpoints" / "step_00000001", target)
         if case == "clm":  # a config saved before configs named their objective: state.pt's is checked at load
@@ -1065,19 +1067,42 @@ def test_a_run_checks_its_config_before_reading_data(tmp_path, text, capsys):
     assert capsys.readouterr().err.strip().startswith("error: trainer.dynamics_every=2 is invalid with mode='discrete'")
 
 
-def test_each_step_runs_at_the_depth_drawn_for_it(tmp_path, text):
+def test_each_step_runs_at_the_depth_drawn_for_it(tmp_path, text, capsys):
+    """The depth drawn for each step is logged, printed, and run: step 1's loss is the first
+    model's at that depth (written out here), not at its own depth of 3."""
+    import torch.nn.functional as F
+
+    from bertode.training.corpus import prepare
     from bertode.training.depth import depth_setting
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.objective import make_objective
 
     cfg, _, records = _train(tmp_path, text, "model=bert", "model.weight_tying=true", "model.num_hidden_layers=3",
                              "depth=uniform", "depth.low=1", "depth.high=3", "trainer.max_steps=4",
-                             "trainer.eval_every=100", "trainer.checkpoint_every=100", "seed=1")
+                             "trainer.eval_every=100", "trainer.checkpoint_every=100", "seed=6")
     drawn = depth_setting(cfg.depth)
     depths = [r["depth"] for r in records if r["kind"] == "train"]
-    assert depths == [drawn.draw(1, step) for step in (1, 2, 3, 4)] and len(set(depths)) > 1
+    assert depths == [drawn.draw(6, step) for step in (1, 2, 3, 4)] and len(set(depths)) > 1
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.rsplit(" | ", 1)[1] for line in printed] == [f"depth {depths[s - 1]}" for s in (1, 2, 4)]
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, cfg.data.mlm_probability)
+    inputs, labels = BatchOrder(corpus.train, 4, 6).local_batch(0, objective.make_batch)
+    torch.manual_seed(6)
+    model = bertode.BertODEForMaskedLM(bertode.BertODEConfig.from_pretrained(tmp_path / "final"))
+    losses = {}
+    with torch.no_grad():
+        for depth in {depths[0], 3}:
+            with drawn.dial(depth):
+                logits = model(input_ids=inputs).logits
+            losses[depth] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100).item()
+    assert depths[0] != 3 and records[0]["loss"] == pytest.approx(losses[depths[0]], rel=1e-6)
+    assert abs(losses[3] - losses[depths[0]]) > 2e-5  # 8e-5 at these first weights
 
 
 @pytest.mark.parametrize("case", ["clm_saved_before_configs_named_it", "stream", "memory"])
-def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case):
+def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case, capsys):
     """A causal LM whose checkpoint's config names no objective (state.pt's says clm), and a
     streamed run (state.pt holds the stream's position): step 2 resumed is step 2 uninterrupted."""
     import shutil
@@ -1086,6 +1111,8 @@ def test_a_resumed_clm_or_stream_continues_where_it_stopped(tmp_path, text, case
                                                            "model.mem_len=8"]}.get(case, ["objective=clm"]) + [
         "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.eval_every=100"]
     _, _, records = _train(tmp_path / "whole", text, *extra)
+    rows = re.search(r"1 process\(es\) on cpu, (\w+) train rows x 12 tokens, run dir", capsys.readouterr().out)[1]
+    assert rows == "streamed" if case == "stream" else rows.isdigit()  # a stream's rows are not counted ahead
     target = tmp_path / "resumed" / "checkpoints" / "step_00000001"
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_00000001", target)
     if case.startswith("clm"):
@@ -1496,3 +1523,48 @@ def test_a_memory_run_carries_each_rows_memory_into_its_next_step_and_evaluates_
     assert result["eval"]["loss"] == pytest.approx(evaluations[4], rel=1e-6)
     assert abs(evaluations[8] - evaluations[4]) > 1e-4 and final.config.mem_len == 8
     assert "A bertode causal language model" in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_each_micro_batchs_penalty_enters_with_its_share_of_the_steps_rows(tmp_path, text):
+    """regularizer=rnode at weight 100, two micro-batches of 2 rows a step: the step's gradient is
+    that of each part's cross-entropy over the step's targets plus half (its 2 of 4 rows) of its
+    penalty, under its own noise stream, written out here; a whole penalty per part differs."""
+    from bertode.layers.dropout import split_invariant
+    from bertode.training.corpus import prepare
+    from bertode.training.distributed import BatchOrder
+    from bertode.training.objective import make_objective
+
+    cfg, _, records = _train(tmp_path, text, "regularizer=rnode", "regularizer.weight=100.0", "trainer.max_steps=1",
+                             "trainer.grad_accumulation=2", "trainer.grad_clip=1e6", "trainer.eval_every=100",
+                             "trainer.checkpoint_every=100", "seed=8")
+    corpus = prepare(cfg.data)
+    objective = make_objective("mlm", corpus.tokenizer, cfg.data.mlm_probability)
+    order = BatchOrder(corpus.train, 2, 8)
+    parts = [order.local_batch(a, objective.make_batch) for a in range(2)]
+    total = sum(int((labels != -100).sum()) for _, labels in parts)
+    config = bertode.BertODEConfig.from_pretrained(tmp_path / "final")
+
+    def gradient_norm(share):
+        torch.manual_seed(8)
+        model = bertode.BertODEForMaskedLM(config)
+        for a, (inputs, labels) in enumerate(parts):
+            with split_invariant(order.noise_seed(a), torch.arange(2), 2):
+                model(input_ids=inputs, labels=labels, num_items_in_batch=torch.tensor(float(total)),
+                      penalty_share=share).loss.backward()
+        return torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+
+    assert records[0]["grad_norm"] == pytest.approx(gradient_norm(0.5), rel=1e-5)
+    assert abs(gradient_norm(1.0) - gradient_norm(0.5)) > 1e-4 * gradient_norm(0.5)  # 7.6e-4 here
+
+
+def test_the_models_padding_id_is_the_given_tokenizers(tmp_path, text):
+    """A saved tokenizer (``data.tokenizer``) whose [PAD] is not token 0: the model trained on it
+    pads with its id."""
+    from transformers import BertTokenizerFast
+
+    words = ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "[PAD]", *sorted(set(WORDS))]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(words)}).save_pretrained(tmp_path / "tokenizer")
+    _train(tmp_path / "run", text, f"data.tokenizer={tmp_path / 'tokenizer'}", "trainer.max_steps=1",
+           "trainer.eval_every=100", "trainer.checkpoint_every=100")
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert (config["pad_token_id"], config["vocab_size"]) == (4, len(words))
