@@ -420,7 +420,7 @@ def text(tmp_path_factory):
 
 
 def _overrides(text, *extra):
-    solve = [] if "model=bert" in extra else ["solver=euler", "solver.steps=1"]
+    solve = [] if {"model=bert", "model=deq"} & set(extra) else ["solver=euler", "solver.steps=1"]
     return [*solve, "data=text", f"data.files=[{text / 'train.txt'}]", f"data.eval_files=[{text / 'eval.txt'}]",
             f"data.cache_dir={text / 'cache'}", "data.seq_len=12", "data.vocab_size=100", "data.max_eval_sequences=3",
             "model.hidden_size=16", "model.intermediate_size=32", "model.num_attention_heads=2",
@@ -1568,3 +1568,36 @@ def test_the_models_padding_id_is_the_given_tokenizers(tmp_path, text):
            "trainer.eval_every=100", "trainer.checkpoint_every=100")
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert (config["pad_token_id"], config["vocab_size"]) == (4, len(words))
+
+
+def test_a_step_with_a_skipped_deq_batch_is_skipped_whole(tmp_path, text, monkeypatch):
+    """deq.on_nonfinite=skip, two micro-batches a step, the first one's solve poisoned: step 1
+    leaves the weights at their initial values and AdamW without state (its other micro-batch's
+    gradient is dropped too); step 2 steps."""
+    from safetensors.torch import load_file
+
+    from bertode.layers.deq import BertDEQEncoder
+
+    forward, calls = BertDEQEncoder.forward, []
+
+    def poisoned_first(self, embeddings, *args, **kwargs):
+        calls.append(self.training)
+        if len(calls) == 1:
+            embeddings = torch.full_like(embeddings, float("nan"))
+        return forward(self, embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(BertDEQEncoder, "forward", poisoned_first)
+    cfg, _, records = _train(tmp_path, text, "model=deq", "deq.on_nonfinite=skip", "trainer.grad_accumulation=2",
+                             "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0",
+                             "trainer.eval_every=100", "trainer.weight_decay=0.1", "seed=9")
+    assert calls[:4] == [True] * 4
+    torch.manual_seed(9)
+    initial = bertode.BertODEForMaskedLM(bertode.BertODEConfig.from_pretrained(tmp_path / "final")).state_dict()
+    steps = [tmp_path / "checkpoints" / f"step_{s:08d}" for s in (1, 2)]
+    first, second = (load_file(folder / "model.safetensors") for folder in steps)
+    parameters = [name for name, _ in bertode.BertODEForMaskedLM(bertode.BertODEConfig.from_pretrained(
+        tmp_path / "final")).named_parameters()]
+    assert all(torch.equal(first[name], initial[name]) for name in parameters)
+    assert torch.load(steps[0] / "state.pt", weights_only=True)["optimizer"]["state"] == {}
+    assert not all(torch.equal(second[name], initial[name]) for name in parameters)
+    assert records[0]["grad_norm"] == 0.0 and records[1]["grad_norm"] > 0
