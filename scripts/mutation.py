@@ -295,6 +295,23 @@ TESTS_BY_MODULE = {
         "tests/test_causal_lm_conventions.py::test_generate_returns_every_steps_attentions_and_hidden_states_as_hf",
         "tests/test_kills_positions_cache.py"],
     "bertode/layers/adaptive.py": ["tests/test_adaptive_head.py", "tests/test_kills_positions_cache.py"],
+    # encoder: HF at Euler-1, the depth dial and looped core, prelude/coda, checkpointing and attentions, Macaron, the
+    # blocks' records, cross-attention, the caching and checkpointing refusals (node ids; no training run)
+    "bertode/layers/encoder.py": [
+        "tests/test_equivalence.py", "tests/test_depth_dial.py", "tests/test_prelude_coda.py", "tests/test_inspect.py",
+        "tests/test_macaron.py", "tests/test_blocks.py", "tests/test_kills_encoder.py",
+        "tests/test_regularizers.py::test_the_penalty_is_in_the_loss_and_its_gradient",
+        "tests/test_dtype_and_stats.py::test_fixed_step_counts",
+        "tests/test_dtype_and_stats.py::test_weight_tying_reuses_one_layer",
+        "tests/test_cross_attention.py::test_cross_attention_converts_exactly_from_hf_bert_decoders",
+        "tests/test_cross_attention.py::test_the_cache_reads_the_encoder_once_and_generation_equals_no_cache",
+        "tests/test_kv_cache.py::test_adaptive_solvers_generate_without_a_cache_and_refuse_one_in_one_line",
+        "tests/test_kv_cache.py::test_per_token_exit_refuses_a_cache",
+        "tests/test_kv_cache.py::test_a_sequence_fed_through_the_cache_has_the_logits_of_one_forward"
+        "[weight-tied-injected]",
+        "tests/test_kills_deq_site.py::test_caching_refusals_name_the_exit_first_then_training_with_gradients",
+        "tests/test_kills_deq_site.py::test_checkpointing_a_deq_is_refused_in_one_line",
+        "tests/test_kills_positions_cache.py"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants
