@@ -312,6 +312,16 @@ TESTS_BY_MODULE = {
         "tests/test_kills_deq_site.py::test_caching_refusals_name_the_exit_first_then_training_with_gradients",
         "tests/test_kills_deq_site.py::test_checkpointing_a_deq_is_refused_in_one_line",
         "tests/test_kills_positions_cache.py"],
+    # prelude_coda: the split stack against the unsplit one and HF, its looped/DEQ cores, dial, exit, checkpointing,
+    # saving, and its DEQ core's cache (node ids; no training run)
+    "bertode/layers/prelude_coda.py": [
+        "tests/test_prelude_coda.py", "tests/test_depth_dial.py", "tests/test_kills_encoder.py",
+        "tests/test_kills_prelude_coda.py",
+        "tests/test_kv_cache.py::test_a_sequence_fed_through_the_cache_has_the_logits_of_one_forward"
+        "[deq-qkv-prelude-coda]",
+        "tests/test_kills_conversion.py::test_a_prelude_without_a_coda_splits_the_stack_and_equals_the_source",
+        "tests/test_kills_conversion.py::test_from_pretrained_on_a_bert_directory_passes_conversion_fields_to_from_"
+        "bert_and_the_rest_to_the_source"],
 }
 
 # the oracle tests written to kill earlier survivors, run against every module's mutants

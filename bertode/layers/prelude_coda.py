@@ -45,8 +45,9 @@ def core_config(config):
 
 @contextlib.contextmanager
 def _observed_apart(observer, place):
-    """Run the block under a fresh observer making ``observer``'s choices; afterwards its attentions
-    go into ``observer`` under the layers ``place(layers)`` gives (a dict), its solves after ``observer``'s."""
+    """Run the block under a fresh observer making ``observer``'s choices; afterwards its attentions (a
+    decoder's cross-attentions too) go into ``observer`` under the layers ``place(layers)`` gives (a dict),
+    its solves after ``observer``'s."""
     if observer is None:
         yield None
         return
@@ -54,8 +55,11 @@ def _observed_apart(observer, place):
                              keep=observer.keep)
     with observe.observing(child):
         yield child
-    for layer, new in place(sorted(child._attentions)).items():
-        observer._attentions[new] = child._attentions[layer]
+    moved = place(sorted(child._attentions))  # a layer's cross-attention is kept under its self-attention's
+    for kept, into in ((child._attentions, observer._attentions), (child._cross, observer._cross)):
+        for layer, new in moved.items():
+            if layer in kept:
+                into[new] = kept[layer]
     observer.solves.extend(child.solves)
 
 
