@@ -23,9 +23,18 @@ runs ``mutmut run`` there, and reads the results back:
 ``--again`` (after a run with ``--keep``) re-tests only the survivors recorded in the kept
 copy, with the working tree's versions of the selected test files copied in afresh (mutmut
 collects the new tests' coverage first): the quick loop of writing a test that kills a
-survivor. It refuses when the module's source changed since the copy (then run afresh); a
+survivor. The other mutants keep their recorded results (mutmut forgets those it was not
+asked to run). It refuses when the module's source changed since the copy (then run afresh); a
 new test elsewhere that needs newer source than the copy's fails mutmut's clean run (the
 script then writes nothing: run afresh).
+
+``--processes NAME ...`` (after a run with ``--keep``) runs ``PROCESS_TESTS`` (tests that start
+processes: torchrun, the CLI) against the named survivors. mutmut maps a test to the functions
+it calls in its own process, so it never runs these against a mutant: here each mutant is
+switched on through ``MUTANT_UNDER_TEST`` with the copy's mutated package first on
+``PYTHONPATH`` (the tests' processes inherit both), after a clean run without a mutant passes.
+A failing run kills the mutant in mutmut's record; the results are then read and written again,
+the names killed this way listed under ``killed_by_process_tests``.
 
 Tests default to ``TESTS_BY_MODULE`` below (the files that test that module, chosen to
 be quick) and tests/test_mutation_kills.py; ``--tests`` overrides. mutmut runs the
@@ -327,6 +336,13 @@ TESTS_BY_MODULE = {
 # the oracle tests written to kill earlier survivors, run against every module's mutants
 KILLS = "tests/test_mutation_kills.py"
 
+# module -> tests that start processes, for ``--processes`` (one at a time: each torchrun uses a fixed port)
+PROCESS_TESTS = {
+    "bertode/training/loop.py": [  # two ranks against one process: DDP, its no_sync, rank slicing, rank 0's files
+        "tests/test_oracles_training.py::test_torchrun_with_grad_accumulation_and_rnode_matches_one_process",
+        "tests/test_segment_memory_training.py::test_two_processes_read_the_same_text_and_save_the_same_memory_as_one"],
+}
+
 # module -> function headers left unmutated in the copy (``# pragma: no mutate block``), with the reason:
 # mutmut's trampoline hides a signature from ``inspect.getfullargspec``, and torchdyn reads the field's
 # (whether forward takes t) to decide how to call it, so with a trampoline every solve through NeuralODE fails
@@ -358,9 +374,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results JSON (default results/mutation/<module>.json)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy (for --again, `mutmut show/browse`)")
     parser.add_argument("--again", action="store_true", help="re-test the kept copy's survivors with today's tests/")
+    parser.add_argument("--processes", nargs="+", metavar="NAME",
+                        help="run PROCESS_TESTS[module] against these survivors of the kept copy (mutant names)")
     args = parser.parse_args(argv)
     if args.all:
-        given = [f"--{name}" for name in ("tests", "scratch", "out") if getattr(args, name)]
+        given = [f"--{name}" for name in ("tests", "scratch", "out", "processes") if getattr(args, name)]
         given += ["module"] * bool(args.module) + ["--again"] * args.again
         if given:
             parser.error(f"--all with {', '.join(given)} is invalid; allowed with --all: --jobs, --keep")
@@ -371,6 +389,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not module.startswith("bertode/") or not module.endswith(".py") or not (REPO / module).is_file():
         parser.error(f"module={args.module!r} is invalid; allowed: a file bertode/**/*.py of this repository")
     args.module = module
+    if args.processes and (args.again or args.tests):
+        parser.error("--processes with --again or --tests is invalid; allowed: --processes alone (with --scratch, --out)")
+    if args.processes and module not in PROCESS_TESTS:
+        parser.error(f"--processes is invalid for module={module!r}: it has no PROCESS_TESTS; allowed: "
+                     f"{', '.join(sorted(PROCESS_TESTS))}")
     if args.tests is None:
         if module not in TESTS_BY_MODULE:
             parser.error(f"module={module!r} has no default tests; pass --tests (known: {sorted(TESTS_BY_MODULE)})")
@@ -421,6 +444,51 @@ def refresh_tests(scratch: Path, module: str, tests: list[str]) -> list[str]:
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     return sorted(name for name, code in codes.items()
                   if STATUS_BY_EXIT_CODE.get(code, "suspicious") in ("survived", "no tests", "suspicious"))
+
+
+def kept_codes(scratch: Path, module: str, previous: dict) -> None:
+    """After a re-run of some mutants: the others' exit codes as recorded before it (mutmut 3 sets
+    every mutant it was not asked to run to "not checked")."""
+    meta_path = scratch / "mutants" / f"{module}.meta"
+    meta = json.loads(meta_path.read_text())
+    for name, code in previous.items():
+        if meta["exit_code_by_key"].get(name) is None:
+            meta["exit_code_by_key"][name] = code
+    meta_path.write_text(json.dumps(meta))
+
+
+def kill_by_processes(args: argparse.Namespace) -> list[str]:
+    """``--processes``: the named survivors run against ``PROCESS_TESTS[module]`` in the kept copy; those
+    a failing run kills are written into mutmut's record. Returns their names."""
+    meta_path = args.scratch / "mutants" / f"{args.module}.meta"
+    survivors = refresh_tests(args.scratch, args.module, [])
+    prefix = args.module[:-len(".py")].replace("/", ".") + "."
+    names = [name if name.startswith(prefix) else prefix + name for name in args.processes]
+    for name in names:
+        if name not in survivors:
+            raise SystemExit(f"--processes {name!r} is invalid: not a survivor of {meta_path}; allowed: "
+                             f"{len(survivors)} survivors (e.g. {survivors[0] if survivors else 'none'})")
+    tests = PROCESS_TESTS[args.module]
+    for name in {test.split("::")[0] for test in tests}:
+        shutil.copy2(REPO / name, args.scratch / "mutants" / name)
+    mutants = args.scratch / "mutants"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(mutants), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests]
+    print(f"{' '.join(command)}  (in {mutants}), without a mutant first", flush=True)
+    if subprocess.run(command, cwd=mutants, env=dict(env, MUTANT_UNDER_TEST="")).returncode:
+        raise SystemExit("the process tests fail without a mutant; nothing can be concluded")
+    meta = json.loads(meta_path.read_text())
+    killed = []
+    for name in names:
+        done = subprocess.run(command, cwd=mutants, env=dict(env, MUTANT_UNDER_TEST=name), capture_output=True,
+                              text=True)
+        if done.returncode == 1:  # a test failed (not: usage error, nothing collected)
+            meta["exit_code_by_key"][name] = 1
+            killed.append(name)
+        print(f"{name}: {'killed' if done.returncode == 1 else f'survived (pytest exit {done.returncode})'}", flush=True)
+        meta_path.write_text(json.dumps(meta))
+    return killed
 
 
 def narrow_config(scratch: Path, module: str, tests: list[str]) -> None:
@@ -481,9 +549,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.all:
         return run_all(args)
-    names = []
+    if args.processes:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        killed = kill_by_processes(args)
+        recorded = json.loads(args.out.read_text()) if args.out.exists() else {}
+        results = dict(recorded, **read_results(args.scratch, args.module), process_tests=PROCESS_TESTS[args.module],
+                       killed_by_process_tests=sorted({*recorded.get("killed_by_process_tests", []), *killed}))
+        results["minutes"] = round(recorded.get("minutes", 0) + (datetime.datetime.now(datetime.timezone.utc)
+                                                                 - started).total_seconds() / 60, 1)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"{len(killed)} of {len(args.processes)} killed by the process tests -> {args.out}")
+        return 0
+    names, previous = [], {}
     if args.again:
         names = refresh_tests(args.scratch, args.module, args.tests)
+        previous = json.loads((args.scratch / "mutants" / f"{args.module}.meta").read_text())["exit_code_by_key"]
         print(f"re-testing {len(names)} survivors in {args.scratch}", flush=True)
     else:
         print(f"copying the working tree into {args.scratch}", flush=True)
@@ -499,12 +579,17 @@ def main(argv=None) -> int:
     if run.returncode or not meta.exists():
         print(f"mutmut wrote no results for {args.module} (exit code {run.returncode})", file=sys.stderr)
         return 1
+    if previous:
+        kept_codes(args.scratch, args.module, previous)
     results = dict(
         module=args.module, tool=f"mutmut {version('mutmut')}", date=started.strftime("%Y-%m-%d"),
         minutes=round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60, 1),
         tests=args.tests, retested_survivors=len(names) if args.again else None,
         **read_results(args.scratch, args.module),
     )
+    if args.again and args.out.exists():  # a kill by the process tests stays in mutmut's record, and its name here
+        recorded = json.loads(args.out.read_text())
+        results.update({key: recorded[key] for key in ("process_tests", "killed_by_process_tests") if key in recorded})
     if results["not_checked"]:
         print(f"mutmut left {results['not_checked']} of {results['mutants']} mutants unchecked (exit code "
               f"{run.returncode}; its output above says why); no results written", file=sys.stderr)

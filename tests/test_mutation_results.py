@@ -85,7 +85,7 @@ def test_every_default_selection_names_modules_and_tests_that_exist(capsys):
     spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "scripts" / "mutation.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    for module, tests in script.TESTS_BY_MODULE.items():
+    for module, tests in [*script.TESTS_BY_MODULE.items(), *script.PROCESS_TESTS.items()]:
         assert (ROOT / module).is_file(), module
         for test in tests:
             path, _, name = test.partition("::")
@@ -93,7 +93,31 @@ def test_every_default_selection_names_modules_and_tests_that_exist(capsys):
             if name:
                 assert re.search(rf"^def {re.escape(name.split('[')[0])}\(", (ROOT / path).read_text(), re.M), (module, test)
     for argv, message in ((["--all", "--again"], "--all with --again is invalid; allowed with --all: --jobs, --keep"),
-                          ([], "module is missing; allowed: a file bertode/**/*.py of this repository, or --all")):
+                          ([], "module is missing; allowed: a file bertode/**/*.py of this repository, or --all"),
+                          (["bertode/training/evaluate.py", "--processes", "x"],
+                           "--processes is invalid for module='bertode/training/evaluate.py': it has no PROCESS_TESTS; "
+                           "allowed: bertode/training/loop.py"),
+                          (["bertode/training/loop.py", "--processes", "x", "--again"],
+                           "--processes with --again or --tests is invalid; allowed: --processes alone (with --scratch, "
+                           "--out)")):
         with pytest.raises(SystemExit):
             script.parse_args(argv)
         assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {message}")
+
+
+def test_a_re_run_keeps_the_recorded_results_of_the_mutants_it_did_not_run(tmp_path):
+    """mutmut 3 marks every mutant it was not asked to run "not checked" (None): `--again` puts back what was
+    recorded for them, and keeps what the re-run found for the others."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "scripts" / "mutation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    meta = tmp_path / "mutants" / "bertode" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"m.x_f__mutmut_1": None, "m.x_f__mutmut_2": 1,
+                                                     "m.x_f__mutmut_3": 0}, "durations_by_key": {}}))
+    script.kept_codes(tmp_path, "bertode/m.py", {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": 0, "m.x_f__mutmut_3": 0})
+    record = json.loads(meta.read_text())
+    assert record["exit_code_by_key"] == {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": 1, "m.x_f__mutmut_3": 0}
+    assert record["durations_by_key"] == {}
