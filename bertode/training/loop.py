@@ -75,7 +75,7 @@ def validate(cfg: DictConfig, read_sources: bool = True):
     head = get_objective(cfg.objective)(None).model_class
     config = model_config(cfg, announced_vocab_size(cfg))  # validates the model before any data work
     drawn = depth_setting(cfg.get("depth"))
-    check_for_model(drawn, {**config.to_dict(), "solver": getattr(config, "solver", None)})
+    check_for_model(drawn, config.to_dict())
     if trainer.compile not in (False, None) and not drawn.fixed:
         raise ValueError(f"trainer.compile={trainer.compile} is invalid with depth={drawn.name!r}: each drawn depth "
                          "compiles a graph of its own, and torch.compile falls back to eager after 8; allowed: "
