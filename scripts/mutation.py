@@ -262,6 +262,12 @@ TESTS_BY_MODULE = {
     "bertode/training/schedule.py": ["tests/test_schedule.py"],
     "bertode/training/words.py": ["tests/test_word_vocabulary.py"],
     "bertode/training/distributed.py": ["tests/test_data_order.py"],
+    # stream: test_data's stream unit tests, validate's layout refusal (node ids) and rows packed by hand in
+    # test_kills_stream; not the streamed training runs nor torchrun (seconds to minutes per mutant)
+    "bertode/training/stream.py": [
+        "tests/test_data.py::test_stream_ranks_read_disjoint_shards_and_together_give_the_one_process_rows",
+        "tests/test_data.py::test_a_shard_too_small_for_one_row_is_a_data_error_and_a_resume_at_a_documents_tail_is_not",
+        "tests/test_kills_training.py::test_validate_refuses_each_setting_in_its_own_line", "tests/test_kills_stream.py"],
     "bertode/training/wordpiece.py": [  # not test_tokenizer's two fresh processes (subprocesses, seconds each)
         "tests/test_oracles_training.py::test_wordpiece_merges_in_the_documented_order_with_ties_broken_by_the_pair",
         "tests/test_oracles_training.py::test_the_default_run_trains_the_pinned_vocabulary_on_the_shipped_sample",
