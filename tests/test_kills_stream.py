@@ -247,6 +247,8 @@ def test_the_loader_is_a_per_row_dataloader_whose_workers_tokenize_alone(data, m
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
     assert (dataset.rank, dataset.world, dataset.first, dataset.shards, dataset.positions) == (1, 2, 12, 4, {})
     assert dataset.positions is order.positions and order.shards == 4 and order.next_micro_batch == 3
+    one_per_worker = OmegaConf.merge(cfg, {"stream_shards": None, "num_workers": 3})
+    assert stream.StreamOrder(one_per_worker, tokenizer, 8, 0, 1, 2).shards == made[-1][0].shards == 6
 
 
 def test_batch_order_is_the_stream_or_the_token_shards_order(data):
@@ -265,3 +267,22 @@ def test_batch_order_is_the_stream_or_the_token_shards_order(data):
     expected = BatchOrder(corpus.train, 4, 7, 1, 2)
     assert (rows.micro_batch, rows.seed, rows.rank, rows.world) == (4, 7, 1, 2)
     assert torch.equal(rows.micro_batch_rows(3), expected.micro_batch_rows(3))
+
+
+def test_a_word_tokenizer_reads_blank_lines_whatever_the_config_says(tmp_path):
+    """A word vocabulary's documents are every line (a blank one is its <eos> alone), also under a config that
+    says wordpiece (a checkpoint's or ``data.tokenizer``'s vocabulary): rows of the lines' words, <eos> after each."""
+    from bertode.training.words import EOS, train_tokenizer
+
+    lines = ["a b c", "", "d e", "", "", "f g h i", "b"]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.txt").write_text("a b\n")
+    tokenizer = train_tokenizer(lines, None)
+    cfg = OmegaConf.create(dict(source="text", files=[str(tmp_path / "train.txt")], seq_len=6, vocabulary="wordpiece",
+                                eval_files=[str(tmp_path / "eval.txt")], eval_fraction=0.05))
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    ids = [i for line in lines for i in [*tokenizer(line, add_special_tokens=False)["input_ids"], eos]]
+    assert len(ids) == 17 and ids.count(eos) == 7
+    expected = [[tokenizer.cls_token_id, *ids[n * 4:n * 4 + 4], tokenizer.sep_token_id] for n in range(4)]
+    rows_stream = stream.shard_rows(cfg, tokenizer, 0, 1, (0, 0, 0))
+    assert [next(rows_stream)[0] for _ in range(5)] == expected + expected[:1]
