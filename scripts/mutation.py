@@ -206,7 +206,8 @@ TESTS_BY_MODULE = {
         "curve_needs_an_iterated_depth_in_one_line", "the_rows_must_fit_the_checkpoints_positions",
         "the_objective_is_the_checkpoints_or_one_with_its_attention",
         "a_checkpoint_folder_is_read_or_refused_in_one_line", "evaluate_refuses_a_split_it_cannot_read_in_one_line",
-        "evaluate_refuses_a_tokenizer_without_cls_or_sep_in_one_line", "evaluate_scores_a_causal_lm_by_its_next_tokens")],
+        "evaluate_refuses_a_tokenizer_without_cls_or_sep_in_one_line", "evaluate_scores_a_causal_lm_by_its_next_tokens")]
+    + ["tests/test_kills_evaluate.py"],  # its refusals word for word, plugins, model.mem_len, a DEQ's, a word vocabulary's
     # deq: the DEQ's unit tests and its dial, exit, cache, memory and trajectory paths (node ids), not its training runs
     "bertode/layers/deq.py": [f"tests/test_deq.py::test_{name}" for name in (
         "solvers_reach_tolerance_and_agree", "qkv_injection_enters_attention_only", "anderson_matches_torchdeq",
