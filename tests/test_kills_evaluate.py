@@ -210,3 +210,34 @@ def test_a_word_vocabularys_perplexity_is_per_word(text, checkpoints, tmp_path, 
     assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-9)
     assert re.search(rf"perplexity {result['perplexity']:.2f} per word, accuracy [\d.]+ over "
                      rf"{result['target_tokens']} target words", capsys.readouterr().out)
+
+
+def test_a_plugin_objectives_own_model_class_is_the_one_checked_for_new_parameters(text, checkpoints, tmp_path,
+                                                                                    monkeypatch, request):
+    """A plugin head with one parameter per solver step: solver.steps=2 makes a model whose parameters the
+    checkpoint (steps=1) never trained, refused in one line naming it; the built-in MLM head has no such parameter."""
+    from bertode.training.corpus import load_tokenizer
+    from bertode.training.objective import OBJECTIVES
+
+    monkeypatch.setattr(OBJECTIVES, "_entries", dict(OBJECTIVES._entries))
+    request.addfinalizer(lambda: sys.modules.pop("stepped_head_plugin", None))
+    (tmp_path / "stepped_head_plugin.py").write_text(
+        "import torch\n"
+        "import bertode\n"
+        "from bertode.training.objective import MaskedLanguageModel, register_objective\n\n\n"
+        "class SteppedHead(bertode.BertODEForMaskedLM):\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__(config)\n"
+        "        self.per_step = torch.nn.Parameter(torch.zeros(config.steps))\n\n\n"
+        "@register_objective('stepped_head')\n"
+        "class Stepped(MaskedLanguageModel):\n"
+        "    model_class = SteppedHead\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import stepped_head_plugin
+
+    folder = _checkpoint(tmp_path / "stepped", load_tokenizer(checkpoints["ode"]), stepped_head_plugin.SteppedHead,
+                         solver="euler", steps=1, objective="stepped_head")
+    assert _refusal(text, folder, "plugins=[stepped_head_plugin]", "solver.steps=2") == (
+        f"solver.steps=2 is invalid for checkpoint={str(folder)!r}: the model it makes has parameters the checkpoint "
+        "never trained (per_step, 1 new, 0 dropped); allowed: choices that keep the trained parameters (solver, steps, "
+        "tolerances, deq.* iterations)")
