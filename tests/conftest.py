@@ -72,6 +72,18 @@ def restore_logging():
     root.setLevel(level)
 
 
+def write_tiny_text(folder, words, lines: int, length: int, spread: int, held_out: int):
+    """Random sentences of ``words`` (seed 0; line i has ``length + i % spread`` words) in
+    ``folder/train.txt``, and the last ``held_out`` of them reversed in ``folder/eval.txt``."""
+    import random
+
+    draw = random.Random(0)
+    text = [" ".join(draw.choice(words) for _ in range(length + i % spread)) for i in range(lines)]
+    (folder / "train.txt").write_text("\n".join(text))
+    (folder / "eval.txt").write_text("\n".join(text[-held_out:][::-1]))  # rows unlike the train split's first ones
+    return folder
+
+
 def run_command(name: str, argv: list[str]) -> int:
     """``python -m bertode.<name> <argv>`` in this process: its exit status."""
     import importlib

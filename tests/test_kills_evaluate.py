@@ -16,6 +16,7 @@ import torch
 
 import bertode
 from bertode.causal_lm import BertODEForCausalLM
+from conftest import write_tiny_text
 
 WORDS = "the a cat dog sat ran on under mat log red blue big small quick slow".split()
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
@@ -25,14 +26,7 @@ TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermed
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """Tiny train and eval text files, and a data cache for them."""
-    import random
-
-    folder = tmp_path_factory.mktemp("text")
-    draw = random.Random(0)
-    lines = [" ".join(draw.choice(WORDS) for _ in range(10 + i % 5)) for i in range(40)]
-    (folder / "train.txt").write_text("\n".join(lines))
-    (folder / "eval.txt").write_text("\n".join(lines[-12:][::-1]))
-    return folder
+    return write_tiny_text(tmp_path_factory.mktemp("text"), WORDS, lines=40, length=10, spread=5, held_out=12)
 
 
 def _data(text, *extra):

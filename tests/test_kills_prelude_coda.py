@@ -19,10 +19,11 @@ import torch
 
 import bertode
 from bertode import BertODEConfig, BertODEForMaskedLM, BertODEModel
-from bertode.layers.encoder import Encoder, EncoderOutput, Pass
+from bertode.layers.encoder import EncoderOutput, Pass
 from bertode.layers.prelude_coda import PreludeCodaEncoder
 from bertode.solve.stats import SolverStats
 from conftest import TINY
+from test_prelude_coda import StubCore
 
 IDS = torch.randint(5, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -88,13 +89,8 @@ def test_a_looped_core_dialled_past_its_layers_reports_each_application_then_the
         torch.testing.assert_close(probs, scores.softmax(-1), rtol=0, atol=1e-6)
 
 
-class FlatCore(Encoder):
+class FlatCore(StubCore):
     """A user's core whose iterates come flat, in float64, and whose readout reads a shorter window."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.layer = torch.nn.ModuleList()
-        self.skipped_batches = 0
 
     def forward(self, hidden, attn_mask, output_hidden_states=False):
         from bertode.solve.dial import current_dial

@@ -15,6 +15,7 @@ import torch
 import bertode
 from bertode.training import checkpoint
 from bertode.training.checkpoint import CheckpointError
+from conftest import write_tiny_text
 
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -411,12 +412,7 @@ WORDS = "the a whale ship sea captain boat man old white deck rope wind sail har
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """Tiny train and eval text files and a data cache for them (tokenizer: 100 tokens at most)."""
-    folder = tmp_path_factory.mktemp("text")
-    draw = random.Random(0)
-    lines = [" ".join(draw.choice(WORDS) for _ in range(12 + i % 7)) for i in range(60)]
-    (folder / "train.txt").write_text("\n".join(lines))
-    (folder / "eval.txt").write_text("\n".join(lines[-10:][::-1]))  # rows unlike the train split's first ones
-    return folder
+    return write_tiny_text(tmp_path_factory.mktemp("text"), WORDS, lines=60, length=12, spread=7, held_out=10)
 
 
 def _overrides(text, *extra):
